@@ -1,0 +1,23 @@
+//! Cryptographic primitives: the AES-256-XTS sector engine and secret types.
+//! No I/O happens here.
+
+mod secret;
+mod xts;
+
+pub use secret::{Dek, SecretBytes, DEK_LEN};
+pub use xts::XtsEngine;
+
+/// Errors of the crypto layer.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error("data key must be {DEK_LEN} bytes, got {0}")]
+    BadKeyLength(usize),
+    #[error("the two halves of the XTS data key are equal; such a key is refused (IEEE 1619)")]
+    EqualXtsHalves,
+    #[error("buffer length {len} is not a multiple of the sector size {sector_size}")]
+    Unaligned { len: usize, sector_size: usize },
+    #[error("unsupported sector size {0} (must be 512 or 4096)")]
+    BadSectorSize(usize),
+    #[error("random number generator failed: {0}")]
+    Rng(String),
+}

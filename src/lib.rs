@@ -1,0 +1,20 @@
+//! cryptvol: self-hosted encrypted block volumes served over NBD.
+//!
+//! Layers (see `docs/ARCHITECTURE.md`):
+//! - [`nbd`]: the NBD wire protocol as pure functions over bytes (no I/O, no crypto).
+//! - [`server`]: sockets, tasks, concurrency, shutdown.
+//! - [`volume`]: on-disk header, backing-file I/O, sector arithmetic.
+//! - [`crypto`]: the XTS engine and secret types (no I/O).
+//! - [`keys`]: the `KeyBackend` trait and its backends.
+//! - [`ops`]: volume lifecycle operations composed from the layers above (create, open, info).
+//! - [`cli`]: the thin clap front end.
+#![forbid(unsafe_op_in_unsafe_fn)]
+
+pub mod cli;
+pub mod crypto;
+pub mod keys;
+pub mod nbd;
+pub mod ops;
+pub mod server;
+pub mod size;
+pub mod volume;

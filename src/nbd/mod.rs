@@ -1,0 +1,39 @@
+//! The NBD protocol as pure code over bytes: no sockets, no crypto, no keys.
+//! The server drives I/O and calls these functions to parse and encode.
+//! Spec: ../shared/reference/nbd-proto.md (upstream doc/proto.md).
+
+pub mod consts;
+mod handshake;
+mod transmission;
+
+pub use handshake::{
+    parse_client_flags, parse_option_header, server_greeting, ClientFlags, HandshakeError,
+    Negotiation, Next, OptionHeader, OptionOutcome, MAX_OPTION_LEN,
+};
+pub use transmission::{
+    encode_simple_reply, parse_request, transmission_flags, validate, Command, FrameError,
+    NbdErrno, Rejection, Request, ValidRequest, MAX_PAYLOAD, REQUEST_HEADER_LEN,
+};
+
+/// What the protocol needs to know about an export. No keys, no files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportInfo {
+    pub name: String,
+    pub description: String,
+    pub size: u64,
+    pub read_only: bool,
+    /// Minimum block size (the volume's sector size; smaller requests still work via RMW,
+    /// but clients that promise to honour it get this).
+    pub min_block: u32,
+    pub preferred_block: u32,
+    /// Maximum payload (32 MiB).
+    pub max_block: u32,
+}
+
+/// The set of exports a server offers.
+pub trait ExportCatalog {
+    /// Looks an export up by name (`""` is resolved by the handshake code, not here).
+    fn lookup(&self, name: &str) -> Option<ExportInfo>;
+    /// All exports, for `NBD_OPT_LIST` and the default-export rule.
+    fn list(&self) -> Vec<ExportInfo>;
+}

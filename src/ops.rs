@@ -1,0 +1,1 @@
+//! Volume lifecycle operations composed from volume/ and keys/.

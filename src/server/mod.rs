@@ -1,0 +1,1 @@
+//! Sockets, tasks, concurrency and shutdown.

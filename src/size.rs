@@ -1,0 +1,1 @@
+//! Human size parsing (`10G`, `512M`, `4096`).

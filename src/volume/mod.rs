@@ -1,0 +1,63 @@
+//! Volumes: the on-disk header (two copies, keyslots, MAC) and encrypted
+//! backing-file I/O with sector arithmetic and read-modify-write.
+//! Knows nothing about NBD or key backends beyond the [`WrappedDek`] it stores.
+
+mod header;
+mod io;
+
+pub use header::{create, read_header, write_header, CopyStatus, Header, HeaderHealth};
+pub use io::{OpenOptions, Volume};
+
+#[allow(unused_imports)]
+use crate::keys::WrappedDek;
+
+/// Default XTS data unit / logical sector size.
+pub const DEFAULT_SECTOR_SIZE: u32 = 4096;
+/// Default (and minimum) offset of the data area.
+pub const DEFAULT_DATA_OFFSET: u64 = 1 << 20;
+/// The only cipher of format v1.
+pub const CIPHER: &str = "aes-xts-plain64";
+
+/// What a caller chooses at create time.
+#[derive(Debug, Clone)]
+pub struct VolumeSpec {
+    pub size: u64,
+    pub sector_size: u32,
+}
+
+/// Errors of the volume layer.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("{path}: not a cryptvol volume (no valid header magic)")]
+    NotAVolume { path: String },
+    #[error("{path}: file is truncated: {detail}")]
+    Truncated { path: String, detail: String },
+    #[error("{path}: both header copies are damaged ({primary}; {secondary}); restore the header from a backup")]
+    BothHeadersDamaged { path: String, primary: String, secondary: String },
+    #[error("{path}: unsupported format version {version}; this cryptvol understands version(s) {supported}")]
+    UnsupportedVersion { path: String, version: u32, supported: String },
+    #[error("{path}: volume requires unknown feature(s) {features}; upgrade cryptvol")]
+    UnsupportedFeature { path: String, features: String },
+    #[error("{path}: invalid header: {detail}")]
+    InvalidHeader { path: String, detail: String },
+    #[error("{path}: the unwrapped key does not match this volume's key check value (wrong key for this volume)")]
+    KeyCheckFailed { path: String },
+    #[error("{path}: header authentication failed: the header was modified after it was written (tampering or corruption)")]
+    HeaderMacMismatch { path: String },
+    #[error("{path} already exists; refusing to overwrite it")]
+    AlreadyExists { path: String },
+    #[error("size {size} is not a positive multiple of the sector size {sector_size}")]
+    BadSize { size: u64, sector_size: u32 },
+    #[error("sector size {0} is not supported (use 4096 or 512)")]
+    BadSectorSize(u32),
+    #[error("request [{offset}, +{len}) lies beyond the end of the volume ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("volume is read-only")]
+    ReadOnly,
+    #[error("no space left on the backing file's filesystem: {0}")]
+    NoSpace(std::io::Error),
+    #[error("I/O error on {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Crypto(#[from] crate::crypto::CryptoError),
+}
