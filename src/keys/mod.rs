@@ -78,7 +78,11 @@ pub enum KeyError {
     #[error("key {key} not found in {backend} backend")]
     NotFound { backend: String, key: String },
     #[error("access denied: {principal} may not {operation} with key {key}")]
-    AccessDenied { key: String, operation: String, principal: String },
+    AccessDenied {
+        key: String,
+        operation: String,
+        principal: String,
+    },
     #[error("key {key} is {state}; enable it (or use another key) before using it")]
     KeyUnusable { key: String, state: String },
     #[error("encryption context mismatch: this wrapped key belongs to {found}, not {expected}")]
@@ -120,6 +124,9 @@ pub trait KeyBackend: Send + Sync {
     ) -> Result<WrappedDek, KeyError>;
     /// Unwraps; fails with `ContextMismatch` if `expected` differs from the context the
     /// DEK was wrapped with, `WrongKey` if it does not authenticate.
-    async fn unwrap(&self, wrapped: &WrappedDek, expected: &EncryptionContext)
-        -> Result<Dek, KeyError>;
+    async fn unwrap(
+        &self,
+        wrapped: &WrappedDek,
+        expected: &EncryptionContext,
+    ) -> Result<Dek, KeyError>;
 }

@@ -16,7 +16,11 @@ pub struct Argon2Params {
 
 impl Default for Argon2Params {
     fn default() -> Self {
-        Argon2Params { memory_kib: 262_144, time: 3, lanes: 2 }
+        Argon2Params {
+            memory_kib: 262_144,
+            time: 3,
+            lanes: 2,
+        }
     }
 }
 

@@ -71,12 +71,31 @@ pub fn parse_request(_b: &[u8; REQUEST_HEADER_LEN]) -> Result<Request, FrameErro
 /// A request that passed validation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValidRequest {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, len: u32, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u32, fua: bool },
-    WriteZeroes { offset: u64, len: u32, fua: bool, no_hole: bool },
-    Cache { offset: u64, len: u32 },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        fua: bool,
+        no_hole: bool,
+    },
+    Cache {
+        offset: u64,
+        len: u32,
+    },
     Disc,
 }
 

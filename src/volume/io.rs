@@ -23,7 +23,12 @@ pub struct Volume {
 impl Volume {
     /// Opens the data area of `path` whose header is `header`, verifying the key check
     /// value and header MAC with `dek`. Takes ownership of the DEK (wiped on drop).
-    pub fn open(_path: &Path, _header: &Header, _dek: Dek, _opts: OpenOptions) -> Result<Volume, VolumeError> {
+    pub fn open(
+        _path: &Path,
+        _header: &Header,
+        _dek: Dek,
+        _opts: OpenOptions,
+    ) -> Result<Volume, VolumeError> {
         todo!()
     }
     pub fn size(&self) -> u64 {

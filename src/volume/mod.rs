@@ -33,9 +33,17 @@ pub enum VolumeError {
     #[error("{path}: file is truncated: {detail}")]
     Truncated { path: String, detail: String },
     #[error("{path}: both header copies are damaged ({primary}; {secondary}); restore the header from a backup")]
-    BothHeadersDamaged { path: String, primary: String, secondary: String },
+    BothHeadersDamaged {
+        path: String,
+        primary: String,
+        secondary: String,
+    },
     #[error("{path}: unsupported format version {version}; this cryptvol understands version(s) {supported}")]
-    UnsupportedVersion { path: String, version: u32, supported: String },
+    UnsupportedVersion {
+        path: String,
+        version: u32,
+        supported: String,
+    },
     #[error("{path}: volume requires unknown feature(s) {features}; upgrade cryptvol")]
     UnsupportedFeature { path: String, features: String },
     #[error("{path}: invalid header: {detail}")]
@@ -57,7 +65,10 @@ pub enum VolumeError {
     #[error("no space left on the backing file's filesystem: {0}")]
     NoSpace(std::io::Error),
     #[error("I/O error on {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Crypto(#[from] crate::crypto::CryptoError),
 }
