@@ -52,6 +52,15 @@ impl Volume {
     pub fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> Result<(), VolumeError> {
         todo!()
     }
+    /// Like `write_at`, but encrypts the caller's buffer in place (clobbering it).
+    pub fn write_at_mut(
+        &self,
+        _buf: &mut [u8],
+        _offset: u64,
+        _fua: bool,
+    ) -> Result<(), VolumeError> {
+        todo!()
+    }
     /// Writes encrypted zeros over the range (reads back as zeros).
     pub fn write_zeroes(&self, _offset: u64, _len: u64, _fua: bool) -> Result<(), VolumeError> {
         todo!()
