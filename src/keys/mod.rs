@@ -5,6 +5,7 @@
 
 mod local;
 mod passphrase;
+mod seal;
 
 pub use local::{default_keystore_dir, KeyInfo, LocalKeystore};
 pub use passphrase::{Argon2Params, PassphraseBackend, PassphraseSource};
