@@ -92,6 +92,8 @@ pub enum KeyError {
     WrongKey { key: String },
     #[error("keystore problem at {path}: {reason}")]
     Keystore { path: String, reason: String },
+    #[error("cannot read the passphrase from {source_name}: {reason}")]
+    Passphrase { source_name: String, reason: String },
     #[error("transient key backend failure (retry later): {0}")]
     Transient(String),
     #[error("unsupported: {0}")]

@@ -183,8 +183,8 @@ impl PassphraseSource {
 }
 
 fn source_err(label: &str, reason: String) -> KeyError {
-    KeyError::Keystore {
-        path: label.to_string(),
+    KeyError::Passphrase {
+        source_name: label.to_string(),
         reason,
     }
 }
