@@ -22,12 +22,17 @@ pub fn require(tool: &str) {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    assert!(found, "required peer `{tool}` is not installed; run scripts/install-deps.sh (as root)");
+    assert!(
+        found,
+        "required peer `{tool}` is not installed; run scripts/install-deps.sh (as root)"
+    );
 }
 
 /// Runs a command, asserting success; returns stdout.
 pub fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
@@ -40,7 +45,8 @@ pub fn run_ok(cmd: &mut Command) -> String {
 
 /// Runs a command and returns its full output without asserting.
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 /// A free TCP port on loopback.
@@ -56,7 +62,12 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Env {
-        Env { dir: tempfile::Builder::new().prefix("cryptvol-it-").tempdir().expect("tempdir") }
+        Env {
+            dir: tempfile::Builder::new()
+                .prefix("cryptvol-it-")
+                .tempdir()
+                .expect("tempdir"),
+        }
     }
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
@@ -67,7 +78,8 @@ impl Env {
     /// `cryptvol <args>` with this env's keystore.
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(bin());
-        c.env("CRYPTVOL_KEYSTORE", self.keystore()).env("RUST_LOG", "info");
+        c.env("CRYPTVOL_KEYSTORE", self.keystore())
+            .env("RUST_LOG", "info");
         c
     }
     /// Creates a volume with the default local key.
@@ -92,7 +104,12 @@ impl Env {
         let logf = std::fs::File::create(&log).expect("log file");
         c.stdout(Stdio::null()).stderr(logf);
         let child = c.spawn().expect("spawn cryptvol serve");
-        let mut s = Server { child: Some(child), sock, port, log };
+        let mut s = Server {
+            child: Some(child),
+            sock,
+            port,
+            log,
+        };
         s.wait_ready();
         s
     }
@@ -101,7 +118,11 @@ impl Env {
 fn rand_suffix() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A running `cryptvol serve`; killed on drop.
@@ -118,15 +139,25 @@ impl Server {
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("cryptvol serve exited early ({status}):\n{}", self.log_text());
+                    panic!(
+                        "cryptvol serve exited early ({status}):\n{}",
+                        self.log_text()
+                    );
                 }
             }
             let unix_ok = std::os::unix::net::UnixStream::connect(&self.sock).is_ok();
-            let tcp_ok = self.port.map(|p| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok()).unwrap_or(true);
+            let tcp_ok = self
+                .port
+                .map(|p| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok())
+                .unwrap_or(true);
             if unix_ok && tcp_ok {
                 return;
             }
-            assert!(Instant::now() < deadline, "cryptvol serve did not become ready:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "cryptvol serve did not become ready:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -135,7 +166,10 @@ impl Server {
         format!("nbd+unix:///{export}?socket={}", self.sock.display())
     }
     pub fn tcp_uri(&self, export: &str) -> String {
-        format!("nbd://127.0.0.1:{}/{export}", self.port.expect("server has no TCP listener"))
+        format!(
+            "nbd://127.0.0.1:{}/{export}",
+            self.port.expect("server has no TCP listener")
+        )
     }
     pub fn log_text(&self) -> String {
         let mut s = String::new();
@@ -154,17 +188,25 @@ impl Server {
     /// Sends SIGTERM and waits; asserts a clean exit.
     pub fn stop(mut self) -> String {
         let mut child = self.child.take().expect("server running");
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 let log = self.log_text();
-                assert!(status.success(), "cryptvol serve exited with {status} after SIGTERM:\n{log}");
+                assert!(
+                    status.success(),
+                    "cryptvol serve exited with {status} after SIGTERM:\n{log}"
+                );
                 return log;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("cryptvol serve did not stop within 30 s of SIGTERM:\n{}", self.log_text());
+                panic!(
+                    "cryptvol serve did not stop within 30 s of SIGTERM:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
