@@ -1,1 +1,133 @@
 //! Sockets, tasks, concurrency and shutdown.
+//!
+//! One tokio task accepts on each listener; each connection runs the handshake
+//! (driving the pure `nbd` state machine), then a reader loop that parses requests and
+//! hands each one to a blocking worker (crypto and file I/O never run on the async
+//! runtime), and a writer task that sends replies as they complete, out of order.
+//! Bytes in flight are bounded by a server-wide budget.
+
+mod conn;
+mod export;
+mod listen;
+
+pub use export::{errno_for, Export, Exports};
+pub use listen::{Listener, ListenerSpec};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Semaphore};
+
+/// Errors of the server layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("refusing to listen on {0}: it is not a loopback address and NBD traffic is not encrypted or authenticated (no TLS yet); pass --allow-remote if the network is trusted")]
+    NotLoopback(String),
+    #[error("unix socket {0} is in use by a running server; stop it or choose another path")]
+    SocketInUse(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("no listeners configured")]
+    NoListeners,
+}
+
+/// Tunables.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Bytes of request/reply payload held in memory at once, across all connections.
+    pub max_inflight_bytes: usize,
+    /// Maximum time a client may take to finish the handshake.
+    pub handshake_timeout: Duration,
+    /// Maximum simultaneous connections; further ones are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_inflight_bytes: 64 * 1024 * 1024,
+            handshake_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+        }
+    }
+}
+
+/// Shared state of a running server.
+pub(crate) struct Shared {
+    pub exports: Exports,
+    pub config: ServerConfig,
+    /// Byte budget for payloads in flight (units: bytes, at least 1 per request).
+    pub inflight: Arc<Semaphore>,
+    pub connections: Arc<Semaphore>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// A handle to request shutdown.
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<watch::Sender<bool>>);
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+/// Serves `exports` on `listeners` until shutdown is requested, then stops accepting,
+/// lets every connection finish its in-flight requests, flushes every volume and returns.
+pub async fn serve(
+    exports: Exports,
+    listeners: Vec<Listener>,
+    config: ServerConfig,
+    shutdown: ShutdownHandle,
+) -> Result<(), ServerError> {
+    if listeners.is_empty() {
+        return Err(ServerError::NoListeners);
+    }
+    let shared = Arc::new(Shared {
+        exports,
+        inflight: Arc::new(Semaphore::new(
+            config.max_inflight_bytes.max(nbd_max_payload()),
+        )),
+        connections: Arc::new(Semaphore::new(config.max_connections)),
+        config,
+        shutdown: shutdown.0.subscribe(),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in listeners {
+        tasks.spawn(listen::accept_loop(l, shared.clone()));
+    }
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = res {
+            tracing::error!("listener task failed: {e}");
+        }
+    }
+    // Every accept loop waits for its connections before returning; make everything durable.
+    for e in shared.exports.iter() {
+        let vol = e.volume.clone();
+        let name = e.info.name.clone();
+        match tokio::task::spawn_blocking(move || vol.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::error!(export = %name, "final flush failed: {err}"),
+            Err(err) => tracing::error!(export = %name, "final flush task failed: {err}"),
+        }
+    }
+    Ok(())
+}
+
+/// A fresh shutdown handle.
+pub fn shutdown_handle() -> ShutdownHandle {
+    let (tx, _rx) = watch::channel(false);
+    ShutdownHandle(Arc::new(tx))
+}
+
+fn nbd_max_payload() -> usize {
+    crate::nbd::MAX_PAYLOAD as usize
+}

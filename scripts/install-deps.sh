@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Installs the real peers the test suite runs against, when missing (Debian 12 host, as root).
+# Idempotent: does nothing when everything is present.
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have nbdkit        || need+=(nbdkit)
+have nbdinfo       || need+=(libnbd-bin)
+have nbdsh         || need+=(python3-libnbd)
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
+have nbd-client    || need+=(nbd-client)
+have fio           || need+=(fio)
+have socat         || need+=(socat)
+have qemu-img      || need+=(qemu-utils)
+have mkfs.ext4     || need+=(e2fsprogs)
+have losetup       || need+=(mount)
+have fusermount3   || need+=(fuse3)
+have jq            || need+=(jq)
+have openssl       || need+=(openssl)
+have cpio          || need+=(cpio)
+have depmod        || need+=(kmod)
+[ -x /bin/busybox ] || need+=(busybox-static)
+have systemd-analyze || need+=(systemd)
+
+apt_updated=0
+apt_update() {
+    if [ "$apt_updated" = 0 ]; then
+        apt-get update -qq
+        apt_updated=1
+    fi
+}
+
+if [ "${#need[@]}" -gt 0 ]; then
+    echo "install-deps: installing ${need[*]}" >&2
+    apt_update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# qemu-system-x86 must match the installed qemu-utils; on machines where qemu-utils comes
+# from bookworm-backports, so must qemu-system-x86.
+if ! have qemu-system-x86_64; then
+    echo "install-deps: installing qemu-system-x86" >&2
+    qver=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+    if [[ "$qver" == *bpo* ]]; then
+        if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+            echo 'deb http://deb.debian.org/debian bookworm-backports main' > /etc/apt/sources.list.d/backports.list
+            apt_updated=0
+        fi
+        apt_update
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports qemu-system-x86 >/dev/null
+    else
+        apt_update
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >/dev/null
+    fi
+fi
+echo "install-deps: all peers present" >&2

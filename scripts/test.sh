@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The project's one test command: installs the peers the tests need when missing, checks
+# formatting and lints, then runs every test (unit, property, integration against real
+# NBD peers, and the kernel VM attach test).
+#   scripts/test.sh            everything
+#   scripts/test.sh --no-vm    skip the VM test (for quick local runs; CI never passes this)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+vm=1
+for a in "$@"; do
+    case "$a" in
+        --no-vm) vm=0 ;;
+        *) echo "usage: $0 [--no-vm]" >&2; exit 2 ;;
+    esac
+done
+
+if [ "$(id -u)" = 0 ]; then
+    scripts/install-deps.sh
+else
+    echo "test.sh: not root; assuming the peers are installed (see scripts/install-deps.sh)" >&2
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --quiet -- -D warnings
+echo "== cargo build --release"
+cargo build --release --quiet
+echo "== cargo test"
+# Integration tests use the release binary (fast crypto) and fail, never skip, when a peer is missing.
+CRYPTVOL_BIN="$PWD/target/release/cryptvol" cargo test --release --quiet 2>&1 | tee target/test-output.txt
+if [ "$vm" = 1 ]; then
+    if [ -x scripts/kernel-test.sh ]; then
+        echo "== kernel VM attach test"
+        CRYPTVOL_BIN="$PWD/target/release/cryptvol" scripts/kernel-test.sh
+    fi
+fi
+echo "test.sh: all tests passed"

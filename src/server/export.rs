@@ -1,0 +1,85 @@
+//! Exports: the volumes being served, as the protocol layer sees them.
+
+use std::sync::Arc;
+
+use crate::nbd::{ExportCatalog, ExportInfo, NbdErrno, MAX_PAYLOAD};
+use crate::volume::{Volume, VolumeError};
+
+/// One served volume.
+pub struct Export {
+    pub info: ExportInfo,
+    pub volume: Arc<Volume>,
+}
+
+impl Export {
+    pub fn new(name: String, volume: Volume) -> Export {
+        let sector = volume.sector_size();
+        let info = ExportInfo {
+            description: format!(
+                "cryptvol volume {} (aes-xts-plain64, {}-byte sectors{})",
+                volume.uuid(),
+                sector,
+                if volume.read_only() {
+                    ", read-only"
+                } else {
+                    ""
+                }
+            ),
+            name,
+            size: volume.size(),
+            read_only: volume.read_only(),
+            min_block: sector,
+            preferred_block: sector.max(4096),
+            max_block: MAX_PAYLOAD,
+        };
+        Export {
+            info,
+            volume: Arc::new(volume),
+        }
+    }
+}
+
+/// The set of exports of a server.
+pub struct Exports(Vec<Export>);
+
+impl Exports {
+    pub fn new(exports: Vec<Export>) -> Exports {
+        Exports(exports)
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &Export> {
+        self.0.iter()
+    }
+    pub fn get(&self, name: &str) -> Option<&Export> {
+        self.0.iter().find(|e| e.info.name == name)
+    }
+}
+
+impl ExportCatalog for Exports {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        self.get(name).map(|e| e.info.clone())
+    }
+    fn list(&self) -> Vec<ExportInfo> {
+        self.0.iter().map(|e| e.info.clone()).collect()
+    }
+}
+
+/// The one place volume errors become NBD error values.
+pub fn errno_for(e: &VolumeError) -> NbdErrno {
+    match e {
+        VolumeError::OutOfRange { .. } => NbdErrno::Inval,
+        VolumeError::ReadOnly => NbdErrno::Perm,
+        VolumeError::NoSpace(_) => NbdErrno::NoSpc,
+        VolumeError::Io { source, .. } => NbdErrno::from_io_error(source),
+        VolumeError::Truncated { .. } | VolumeError::Crypto(_) => NbdErrno::Io,
+        VolumeError::NotAVolume { .. }
+        | VolumeError::BothHeadersDamaged { .. }
+        | VolumeError::UnsupportedVersion { .. }
+        | VolumeError::UnsupportedFeature { .. }
+        | VolumeError::InvalidHeader { .. }
+        | VolumeError::KeyCheckFailed { .. }
+        | VolumeError::HeaderMacMismatch { .. }
+        | VolumeError::AlreadyExists { .. }
+        | VolumeError::BadSize { .. }
+        | VolumeError::BadSectorSize(_) => NbdErrno::Io,
+    }
+}
