@@ -45,6 +45,7 @@
 set -euo pipefail
 
 KT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PATH="$PATH:/usr/sbin:/sbin"
 KT_HELPERS=$KT_ROOT/scripts/kernel
 KT_SERVER=${KT_SERVER:-cryptvol}
 KT_QEMU_TIMEOUT=${KT_QEMU_TIMEOUT:-300}
@@ -65,6 +66,9 @@ KT_GUEST_HOST=10.0.2.100
 KT_GPORT_RW=10809   # the read-write server under test
 KT_GPORT_RO=10810   # boot 1: read-write server of the ro volume; boot 2: --read-only server
 KT_GPORT_CTL=10900  # control answers to the guest (cat of a file, per connection)
+
+# Written into a file by the guest in boot 1; must not appear in the volume file at rest.
+KT_MARKER="kernel-test plaintext marker: hello from the guest kernel's nbd driver"
 
 KT_WORK=
 KT_QEMU_PID=
@@ -102,7 +106,7 @@ kt_debian_mirror() {
 
 # Installs what the test needs and is missing (a CI machine starts without most of it).
 kt_ensure_deps() {
-    local need=() have_cmd
+    local need=()
     have_cmd() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
     have_cmd nbd-client || need+=(nbd-client)
     have_cmd fio || need+=(fio)
@@ -133,6 +137,7 @@ kt_ensure_deps() {
         # qemu-utils on these machines comes from bookworm-backports; qemu-system-x86 must
         # match it, so take it from there too on bookworm.
         local codename
+        # shellcheck disable=SC1091
         codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
         if [ "$codename" = bookworm ]; then
             if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
@@ -293,17 +298,19 @@ NBD_TIMEOUT=60
 ATTACH_TIMEOUT=60
 FIO_TIMEOUT=150
 CTL_TRIES=240
+MARKER="$KT_MARKER"
 EOF
     (cd "$stage" && find . | cpio -o -H newc --quiet) > "$KT_WORK/base.cpio" || die "cpio failed"
 }
 
 # ------------------------------------------------------------------ servers
 
-# Prints a free TCP port on loopback.
+# Prints a free TCP port on loopback, other than the ports given as arguments.
 kt_free_port() {
-    local p hex i
-    for i in $(seq 1 200); do
+    local p hex
+    for _ in $(seq 1 200); do
         p=$((20000 + RANDOM % 40000))
+        case " $* " in *" $p "*) continue ;; esac
         hex=$(printf '%04X' "$p")
         if ! awk -v h=":$hex" 'NR > 1 && substr($2, length($2) - 4) == h { f = 1 } END { exit !f }' \
             /proc/net/tcp /proc/net/tcp6 2>/dev/null; then
@@ -358,7 +365,7 @@ kt_server_start() {
         cryptvol)
             local opts=()
             if [ "$mode" = ro ]; then opts+=(--read-only); else opts+=(--discard); fi
-            "$CRYPTVOL_BIN" serve --tcp "127.0.0.1:$port" "${opts[@]}" --keystore "$KT_WORK/keystore" "$@" \
+            NO_COLOR=1 "$CRYPTVOL_BIN" serve --tcp "127.0.0.1:$port" "${opts[@]}" --keystore "$KT_WORK/keystore" "$@" \
                 >> "$logf" 2>&1 < /dev/null &
             pid=$!
             ;;
@@ -457,8 +464,8 @@ kt_cleanup_servers() {
     done
     sleep 0.2
     for id in "${!KT_SERVER_PID[@]}"; do
-        local i
-        for i in $(seq 1 50); do kill -0 "${KT_SERVER_PID[$id]}" 2>/dev/null || break; sleep 0.1; done
+        local _
+        for _ in $(seq 1 50); do kill -0 "${KT_SERVER_PID[$id]}" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "${KT_SERVER_PID[$id]}" 2>/dev/null || true
         wait "${KT_SERVER_PID[$id]}" 2>/dev/null || true
     done
@@ -471,6 +478,19 @@ kt_result() {
     local line="KT-RESULT $1 $2 ${*:3}"
     echo "$line" >> "$KT_WORK/results"
     echo "$line"
+}
+
+# The guest wrote KT_MARKER into a file on the fs volume in boot 1: a server that encrypts
+# must not have it in the backing file; nbdkit (plain files) must, which shows the probe works.
+kt_check_at_rest() {
+    local file=$1 found=0
+    grep -qaF "$KT_MARKER" "$file" && found=1
+    case "$KT_SERVER:$found" in
+        cryptvol:0) kt_result at-rest-encrypted PASS "plaintext written by the guest is not in $(basename "$file") ($(du -h --apparent-size "$file" | cut -f1))" ;;
+        cryptvol:1) kt_result at-rest-encrypted FAIL "plaintext written by the guest found in $(basename "$file")" ;;
+        nbdkit:1) kt_result at-rest-encrypted PASS "nbdkit stores plaintext: the guest's marker found in $(basename "$file") (probe works; nothing to encrypt)" ;;
+        nbdkit:0) kt_result at-rest-encrypted FAIL "the guest's marker is not in nbdkit's plain file: the probe is broken" ;;
+    esac
 }
 
 # ------------------------------------------------------------------ boots
@@ -511,6 +531,10 @@ kt_boot() {
         n=$(wc -l < "$con")
         if [ "$n" -gt "$done_lines" ]; then
             while IFS= read -r line; do
+                # A kernel message may have been printed in front of a guest line.
+                case "$line" in
+                    ?*KT-RESULT\ * | ?*KT-REQ\ * | ?*KT-LOG\ *) line=KT-${line#*KT-} ;;
+                esac
                 case "$line" in
                     KT-RESULT\ *)
                         echo "$line" >> "$KT_WORK/results"
@@ -535,7 +559,7 @@ kt_boot() {
     KT_QEMU_PID=
     if [ "$st" = 124 ] || [ "$st" = 137 ]; then
         kt_result "boot$phase-completed" FAIL "qemu killed after the ${KT_QEMU_TIMEOUT}s timeout"
-    elif ! tr -d '\r' < "$con" | grep -q "^KT-END phase=$phase"; then
+    elif ! tr -d '\r' < "$con" | grep -q "KT-END phase=$phase"; then
         kt_result "boot$phase-completed" FAIL "guest did not finish (qemu status $st); console tail follows"
         tr -d '\r' < "$con" | tail -n 30 | sed 's/^/  console: /'
         sed 's/^/  qemu: /' "$KT_WORK/qemu$phase.log" | tail -n 10
@@ -573,8 +597,8 @@ kt_main() {
     case "$KT_SERVER" in cryptvol | nbdkit) ;; *) die "KT_SERVER must be cryptvol or nbdkit, not '$KT_SERVER'" ;; esac
     [ "$(uname -m)" = x86_64 ] || die "needs an x86_64 host (boots an amd64 kernel)"
     trap kt_cleanup EXIT
-    trap 'exit 130' INT
-    trap 'exit 143' TERM
+    trap 'log "interrupted"; exit 130' INT
+    trap 'log "terminated"; exit 143' TERM
     KT_WORK=$(mktemp -d "${TMPDIR:-/tmp}/kernel-test.XXXXXX")
     : > "$KT_WORK/results"
 
@@ -586,38 +610,37 @@ kt_main() {
     t_ready=$(now)
     log "server: $KT_SERVER${CRYPTVOL_BIN:+ ($CRYPTVOL_BIN)}; kernel $KT_KVER; initramfs $(du -h "$KT_WORK/base.cpio" | cut -f1) (setup $(elapsed "$t_start")s)"
 
-    local vols=$KT_WORK/vols
-    mkdir -p "$vols" "$KT_WORK/keystore"
+    local vdir=$KT_WORK/vols
+    mkdir -p "$vdir" "$KT_WORK/keystore"
     chmod 700 "$KT_WORK/keystore"
-    kt_volume_create "$vols/fs.vol" 256M 4096
-    kt_volume_create "$vols/raw.vol" 64M 4096
-    kt_volume_create "$vols/s512.vol" 64M 512
-    kt_volume_create "$vols/rmw.vol" 64M 4096
-    kt_volume_create "$vols/mc.vol" 64M 4096
-    kt_volume_create "$vols/ro.vol" 64M 4096
+    kt_volume_create "$vdir/fs.vol" 256M 4096
+    kt_volume_create "$vdir/raw.vol" 64M 4096
+    kt_volume_create "$vdir/s512.vol" 64M 512
+    kt_volume_create "$vdir/rmw.vol" 64M 4096
+    kt_volume_create "$vdir/mc.vol" 64M 4096
+    kt_volume_create "$vdir/ro.vol" 64M 4096
 
     local rw_port prep_port ro_port
     rw_port=$(kt_free_port)
-    prep_port=$(kt_free_port)
-    ro_port=$(kt_free_port)
-    [ "$rw_port" != "$prep_port" ] && [ "$prep_port" != "$ro_port" ] && [ "$rw_port" != "$ro_port" ] ||
-        die "port picking collided; run again"
-    kt_server_start rw "$rw_port" rw fs="$vols/fs.vol" raw="$vols/raw.vol" s512="$vols/s512.vol" \
-        rmw="$vols/rmw.vol" mc="$vols/mc.vol"
-    kt_server_start prep "$prep_port" rw ro="$vols/ro.vol"
+    prep_port=$(kt_free_port "$rw_port")
+    ro_port=$(kt_free_port "$rw_port" "$prep_port")
+    kt_server_start rw "$rw_port" rw fs="$vdir/fs.vol" raw="$vdir/raw.vol" s512="$vdir/s512.vol" \
+        rmw="$vdir/rmw.vol" mc="$vdir/mc.vol"
+    kt_server_start prep "$prep_port" rw ro="$vdir/ro.vol"
 
     # ---- boot 1
     kt_boot 1 "$prep_port"
 
     # Checksums written in boot 1, carried into boot 2.
     mkdir -p "$KT_WORK/extra/kt"
-    tr -d '\r' < "$KT_WORK/console1.log" | sed -n 's/^KT-SUM //p' > "$KT_WORK/extra/kt/expected.sums"
+    tr -d '\r' < "$KT_WORK/console1.log" | sed -n 's/^.*KT-SUM //p' > "$KT_WORK/extra/kt/expected.sums"
     (cd "$KT_WORK/extra" && find . | cpio -o -H newc --quiet) > "$KT_WORK/extra.cpio"
 
     # ---- between the boots: SIGTERM while the guest is detached (and off), restart.
     kt_server_restart rw server-idle
+    kt_check_at_rest "$vdir/fs.vol"
     if kt_server_stop prep; then :; else log "prep server stop: status $KT_STOP_STATUS"; fi
-    kt_server_start ro "$ro_port" ro ro="$vols/ro.vol"
+    kt_server_start ro "$ro_port" ro ro="$vdir/ro.vol"
 
     # ---- boot 2
     kt_boot 2 "$ro_port" "$KT_WORK/extra.cpio"
@@ -629,7 +652,7 @@ kt_main() {
     local expected=(
         boot1-setup fs-attach-mkfs fs-write fs-fio-verify fs-discard fs-reattach raw-fio-verify
         bs512-fio-verify rmw-bs512-fio-verify multiconn-fio-verify ro-prepare boot1-completed
-        server-idle-sigterm server-idle-restart
+        server-idle-sigterm server-idle-restart at-rest-encrypted
         boot2-setup restart-data-intact server-attached-sigterm server-attached-restart
         restart-while-attached ro-export-refuses-writes boot2-completed
     )
@@ -657,6 +680,9 @@ kt_main() {
         printf '  %-28s FAIL  %s\n' "$name" "$(echo "$line" | cut -d' ' -f4-)"
         fail=$((fail + 1))
     done < <(grep '^KT-RESULT [^ ]* FAIL' "$KT_WORK/results" || true)
+    local wl
+    wl=$(cat "$KT_WORK"/server-*.log | grep -cE '(^|[^A-Za-z])(WARN|ERROR)([^A-Za-z]|$)' || true)
+    echo "  (server logs: $wl WARN/ERROR line(s))"
     echo "kernel-test: $pass passed, $fail failed"
     [ "$fail" = 0 ]
 }
