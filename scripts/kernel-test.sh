@@ -214,6 +214,9 @@ kt_ensure_kernel() {
         touch "$KT_KROOT.tmp/.complete"
         mv "$KT_KROOT.tmp" "$KT_KROOT"
     fi
+    # Drop other (older) kernels from the cache.
+    find "$KT_CACHE_DIR" -maxdepth 1 \( -name 'linux-image-*.deb' ! -name "$(basename "$deb")" \
+        -o -name 'root-linux-image-*' ! -name "$(basename "$KT_KROOT")" \) -exec rm -rf {} + 2>/dev/null || true
     KT_KVER=$(ls "$KT_KROOT/lib/modules")
     KT_VMLINUZ=$KT_KROOT/boot/vmlinuz-$KT_KVER
     [ -r "$KT_VMLINUZ" ] || die "no kernel image at $KT_VMLINUZ"
