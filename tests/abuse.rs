@@ -1,0 +1,394 @@
+//! Hostile and broken clients over raw sockets, and handshake edge cases. After each
+//! scenario the same server must still be alive and serve a well-behaved client with
+//! the data written before intact.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const CLOSE: Duration = Duration::from_secs(10);
+
+/// A 16 MiB volume with 0x77 in its first MiB.
+fn setup() -> (Env, Server) {
+    let env = Env::new();
+    let vol = env.create("v.img", "16M", &[]);
+    let srv = env.serve(&[s(&vol)], &[], false);
+    qemu_io(&srv.uri("v"), &["write -P 0x77 0 1M"]);
+    (env, srv)
+}
+
+/// The server is alive, accepts a new well-behaved client, and the data is intact.
+fn still_serves(srv: &mut Server) {
+    assert!(srv.alive(), "server died:\n{}", srv.log_text());
+    qemu_io(
+        &srv.uri("v"),
+        &[
+            "read -P 0x77 0 1M",
+            "write -P 0x78 2M 64k",
+            "read -P 0x78 2M 64k",
+        ],
+    );
+    let (mut r, size, _) = Raw::open(srv, "v");
+    assert_eq!(size, 16 << 20);
+    assert_eq!(r.read(1, 4096, 4096).expect("read"), vec![0x77u8; 4096]);
+    r.disconnect();
+    assert!(srv.alive(), "server died:\n{}", srv.log_text());
+    let log = srv.log_text();
+    assert!(!log.contains("panicked"), "server panicked:\n{log}");
+}
+
+#[test]
+fn garbage_before_and_during_handshake() {
+    let (_env, mut srv) = setup();
+    // Garbage as client flags (unknown flag bits): the server must drop the connection.
+    let mut r = Raw::connect(&srv);
+    r.greeting();
+    r.send(&[0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6, 7, 8])
+        .expect("send");
+    r.expect_closed(CLOSE);
+    // An HTTP request instead of NBD, without reading the greeting.
+    let mut r = Raw::connect(&srv);
+    r.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+    r.expect_closed(CLOSE);
+    // Valid flags, then an option with bad magic.
+    let mut r = Raw::start(&srv);
+    r.send(&pattern(64, 3)).expect("send");
+    r.expect_closed(CLOSE);
+    // An unknown client flag bit alone.
+    let mut r = Raw::connect(&srv);
+    r.greeting();
+    r.send(&(1u32 | 0x80).to_be_bytes()).expect("send");
+    r.expect_closed(CLOSE);
+    // Megabytes of random garbage.
+    let mut r = Raw::connect(&srv);
+    let _ = r.s.write_all(&pattern(4 << 20, 9));
+    r.expect_closed(CLOSE);
+    still_serves(&mut srv);
+}
+
+#[test]
+fn garbage_after_handshake() {
+    let (_env, mut srv) = setup();
+    let (mut r, _, _) = Raw::open(&srv, "v");
+    r.send(&pattern(28, 5)).expect("send");
+    r.expect_closed(CLOSE);
+    // A valid request, then garbage: the first is answered, then the connection closes.
+    let (mut r, _, _) = Raw::open(&srv, "v");
+    assert_eq!(r.read(7, 0, 512).expect("read"), vec![0x77u8; 512]);
+    r.send(&pattern(1000, 6)).expect("send");
+    r.expect_closed(CLOSE);
+    still_serves(&mut srv);
+}
+
+#[test]
+fn truncated_header_then_close() {
+    let (_env, mut srv) = setup();
+    for n in [1usize, 4, 10, 27] {
+        let (mut r, _, _) = Raw::open(&srv, "v");
+        let mut h = Vec::new();
+        h.extend_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
+        h.extend_from_slice(&[0u8; 24]);
+        r.send(&h[..n]).expect("send");
+        drop(r);
+    }
+    // A truncated header kept open does not block other clients.
+    let (mut stuck, _, _) = Raw::open(&srv, "v");
+    stuck
+        .send(&proto::REQUEST_MAGIC.to_be_bytes())
+        .expect("send");
+    still_serves(&mut srv);
+    drop(stuck);
+    still_serves(&mut srv);
+}
+
+#[test]
+fn huge_lengths_close_the_connection() {
+    let (_env, mut srv) = setup();
+    // READ of 4 GiB - 1: closed, and no data is sent.
+    let (mut r, _, _) = Raw::open(&srv, "v");
+    r.request(0, proto::CMD_READ, 1, 0, u32::MAX, &[])
+        .expect("send");
+    let got = r.expect_closed(CLOSE);
+    assert!(
+        got.len() <= 16,
+        "server sent {} bytes for a 4 GiB READ",
+        got.len()
+    );
+    // WRITE of 4 GiB - 1 with the start of a payload.
+    let (mut r, _, _) = Raw::open(&srv, "v");
+    r.request(0, proto::CMD_WRITE, 2, 0, u32::MAX, &[0x99; 65536])
+        .expect("send");
+    r.expect_closed(CLOSE);
+    // Just over the 32 MiB limit.
+    let (mut r, _, _) = Raw::open(&srv, "v");
+    r.request(
+        0,
+        proto::CMD_WRITE,
+        3,
+        0,
+        32 * 1024 * 1024 + 1,
+        &[0x99; 4096],
+    )
+    .expect("send");
+    r.expect_closed(CLOSE);
+    // Exactly 32 MiB is within the limit: on this 16 MiB export it is out of range (EINVAL)
+    // and the connection stays; the whole export in one READ works.
+    let (mut r, _, _) = Raw::open(&srv, "v");
+    assert_eq!(r.read(4, 0, 32 * 1024 * 1024), Err(proto::EINVAL));
+    let all = r.read(40, 0, 16 << 20).expect("16 MiB read");
+    assert_eq!(&all[..1 << 20], &vec![0x77u8; 1 << 20][..]);
+    // TRIM and WRITE_ZEROES carry no payload: a 4 GiB length is just out of range.
+    r.request(0, 4, 5, 0, u32::MAX, &[]).expect("send trim");
+    assert_eq!(r.reply().expect("trim reply"), (proto::EINVAL, 5));
+    r.request(0, 6, 6, 0, u32::MAX, &[]).expect("send zeroes");
+    assert_eq!(r.reply().expect("zeroes reply"), (proto::ENOSPC, 6));
+    // An unknown command: EINVAL, the connection stays.
+    r.request(0, 99, 7, 0, 0, &[]).expect("send");
+    assert_eq!(
+        r.reply().expect("unknown command reply"),
+        (proto::EINVAL, 7)
+    );
+    // A refused WRITE's payload is skipped, not parsed as requests.
+    let evil = {
+        let mut v = Vec::new();
+        for _ in 0..8 {
+            v.extend_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
+            v.extend_from_slice(&[0, 0, 0, 1]); // a WRITE...
+            v.extend_from_slice(&[0u8; 20]);
+        }
+        v
+    };
+    r.request(0, proto::CMD_WRITE, 8, 16 << 20, evil.len() as u32, &evil)
+        .expect("send");
+    assert_eq!(r.reply().expect("reply"), (proto::ENOSPC, 8));
+    assert_eq!(r.read(9, 0, 4096).expect("read after"), vec![0x77u8; 4096]);
+    r.disconnect();
+    still_serves(&mut srv);
+}
+
+#[test]
+fn disconnect_in_the_middle_of_a_write_payload() {
+    let (_env, mut srv) = setup();
+    for partial in [0usize, 1, 4095, 100_000] {
+        let (mut r, _, _) = Raw::open(&srv, "v");
+        r.request(0, proto::CMD_WRITE, 1, 0, 1 << 20, &vec![0x55; partial])
+            .expect("send");
+        drop(r);
+    }
+    // Give the server a moment to notice, then the first MiB must be untouched.
+    std::thread::sleep(Duration::from_millis(200));
+    qemu_io(&srv.uri("v"), &["read -P 0x77 0 1M"]);
+    still_serves(&mut srv);
+}
+
+#[test]
+fn a_thousand_connections_dropped_at_every_stage() {
+    let (_env, mut srv) = setup();
+    let start = Instant::now();
+    std::thread::scope(|sc| {
+        for t in 0..8u64 {
+            let srv = &srv;
+            sc.spawn(move || {
+                for i in 0..125u64 {
+                    match (t * 125 + i) % 6 {
+                        // Connect and drop.
+                        0 => drop(Raw::connect(srv)),
+                        // Read the greeting, drop.
+                        1 => {
+                            let mut r = Raw::connect(srv);
+                            r.greeting();
+                        }
+                        // Flags, then drop.
+                        2 => drop(Raw::start(srv)),
+                        // Half an option.
+                        3 => {
+                            let mut r = Raw::start(srv);
+                            let _ = r.send(&proto::IHAVEOPT.to_be_bytes()[..5]);
+                        }
+                        // A full handshake, then drop without NBD_CMD_DISC.
+                        4 => drop(Raw::open(srv, "v")),
+                        // A handshake and a request whose reply is never read.
+                        _ => {
+                            let (mut r, _, _) = Raw::open(srv, "v");
+                            let _ = r.request(0, proto::CMD_READ, 1, 0, 1 << 20, &[]);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(60),
+        "1000 connections took {took:?}"
+    );
+    still_serves(&mut srv);
+    // The connection slots were released: 100 more simultaneous connections are served.
+    let mut open: Vec<Raw> = (0..100).map(|_| Raw::open(&srv, "v").0).collect();
+    for (i, r) in open.iter_mut().enumerate() {
+        assert_eq!(r.read(i as u64, 0, 512).expect("read"), vec![0x77u8; 512]);
+    }
+    drop(open);
+    still_serves(&mut srv);
+}
+
+#[test]
+fn idle_half_open_connections_do_not_block_others() {
+    let (_env, mut srv) = setup();
+    let mut idle = Vec::new();
+    for i in 0..50 {
+        let mut r = Raw::connect(&srv);
+        if i % 2 == 0 {
+            r.greeting();
+        }
+        idle.push(r);
+    }
+    still_serves(&mut srv);
+    drop(idle);
+    still_serves(&mut srv);
+}
+
+#[test]
+fn pipelined_requests_all_answered() {
+    let (_env, mut srv) = setup();
+    let (mut r, _, _) = Raw::open(&srv, "v");
+    let mut w = Raw {
+        s: r.s.try_clone().expect("clone"),
+    };
+    let n = 256u64;
+    let writer = std::thread::spawn(move || {
+        for i in 0..n {
+            let data = pattern(8192, i);
+            w.request(
+                0,
+                proto::CMD_WRITE,
+                1000 + i,
+                (4 << 20) + i * 8192,
+                8192,
+                &data,
+            )
+            .expect("send");
+        }
+    });
+    let mut cookies: Vec<u64> = (0..n)
+        .map(|_| {
+            let (err, c) = r.reply().expect("reply");
+            assert_eq!(err, 0, "write {c} failed");
+            c
+        })
+        .collect();
+    writer.join().expect("writer");
+    cookies.sort_unstable();
+    assert_eq!(
+        cookies,
+        (1000..1000 + n).collect::<Vec<_>>(),
+        "each cookie answered exactly once"
+    );
+    for i in (0..n).step_by(17) {
+        assert_eq!(
+            r.read(5000 + i, (4 << 20) + i * 8192, 8192).expect("read"),
+            pattern(8192, i)
+        );
+    }
+    r.disconnect();
+    still_serves(&mut srv);
+}
+
+#[test]
+fn handshake_options() {
+    let (_env, mut srv) = setup();
+    let mut r = Raw::start(&srv);
+    // Unknown option with a payload: ERR_UNSUP, payload skipped, negotiation continues.
+    r.option(0x00ab_cdef, &pattern(300, 1)).expect("send");
+    let rep = r.opt_reply().expect("reply");
+    assert_eq!(
+        (rep.option, rep.kind),
+        (0x00ab_cdef, proto::REP_ERR_UNSUP),
+        "{rep:?}"
+    );
+    // An option longer than the server reads: answered with an error, stream stays in sync.
+    r.option(0x0000_0077, &vec![0x41; 200_000]).expect("send");
+    let rep = r.opt_reply().expect("reply");
+    assert_eq!(rep.option, 0x77);
+    assert!(
+        rep.kind & (1 << 31) != 0,
+        "oversized option not refused: {rep:?}"
+    );
+    // NBD_OPT_LIST: one SERVER reply per export, then ACK.
+    r.option(proto::OPT_LIST, &[]).expect("send");
+    let mut names = Vec::new();
+    loop {
+        let rep = r.opt_reply().expect("reply");
+        assert_eq!(rep.option, proto::OPT_LIST);
+        match rep.kind {
+            proto::REP_SERVER => {
+                let len = be32(&rep.data) as usize;
+                names.push(String::from_utf8(rep.data[4..4 + len].to_vec()).expect("utf8"));
+            }
+            proto::REP_ACK => break,
+            k => panic!("unexpected reply {k:#x} to NBD_OPT_LIST"),
+        }
+    }
+    assert_eq!(names, vec!["v".to_string()]);
+    // NBD_OPT_INFO on the export: INFO_EXPORT with the size, then ACK; still negotiating.
+    let mut d = Vec::new();
+    d.extend_from_slice(&1u32.to_be_bytes());
+    d.push(b'v');
+    d.extend_from_slice(&0u16.to_be_bytes());
+    r.option(proto::OPT_INFO, &d).expect("send");
+    let mut size = None;
+    loop {
+        let rep = r.opt_reply().expect("reply");
+        match rep.kind {
+            proto::REP_INFO
+                if u16::from_be_bytes([rep.data[0], rep.data[1]]) == proto::INFO_EXPORT =>
+            {
+                size = Some(be64(&rep.data[2..10]));
+            }
+            proto::REP_INFO => {}
+            proto::REP_ACK => break,
+            k => panic!("unexpected reply {k:#x} to NBD_OPT_INFO"),
+        }
+    }
+    assert_eq!(size, Some(16 << 20));
+    // Then GO and transmission.
+    let (size, flags) = r.go("v").expect("GO");
+    assert_eq!(size, 16 << 20);
+    assert_eq!(flags & 1, 1, "HAS_FLAGS");
+    assert_eq!(flags & proto::TFLAG_READ_ONLY, 0);
+    assert_eq!(r.read(1, 0, 4096).expect("read"), vec![0x77u8; 4096]);
+    r.disconnect();
+
+    // NBD_OPT_ABORT: ACK, then the server closes.
+    let mut r = Raw::start(&srv);
+    r.option(proto::OPT_ABORT, &[]).expect("send");
+    let rep = r.opt_reply().expect("abort reply");
+    assert_eq!((rep.option, rep.kind), (proto::OPT_ABORT, proto::REP_ACK));
+    r.expect_closed(CLOSE);
+
+    // NBD_OPT_EXPORT_NAME (old clients) without NO_ZEROES: size, flags, 124 zero bytes.
+    let mut r = Raw::connect(&srv);
+    r.greeting();
+    r.send(&1u32.to_be_bytes()).expect("flags");
+    r.option(proto::OPT_EXPORT_NAME, b"v").expect("send");
+    let b = r.recv(8 + 2 + 124).expect("EXPORT_NAME reply");
+    assert_eq!(be64(&b[0..8]), 16 << 20);
+    assert!(b[10..].iter().all(|&x| x == 0));
+    assert_eq!(r.read(2, 4096, 4096).expect("read"), vec![0x77u8; 4096]);
+    r.disconnect();
+    // With NO_ZEROES: no padding.
+    let mut r = Raw::start(&srv);
+    r.option(proto::OPT_EXPORT_NAME, b"v").expect("send");
+    let b = r.recv(10).expect("EXPORT_NAME reply");
+    assert_eq!(be64(&b[0..8]), 16 << 20);
+    assert_eq!(r.read(3, 8192, 512).expect("read"), vec![0x77u8; 512]);
+    r.disconnect();
+    // EXPORT_NAME of an unknown export: the server closes (it cannot send an error).
+    let mut r = Raw::start(&srv);
+    r.option(proto::OPT_EXPORT_NAME, b"nope").expect("send");
+    r.expect_closed(CLOSE);
+    still_serves(&mut srv);
+}
