@@ -1,7 +1,7 @@
 //! The clap front end: parses arguments, sets up logging and the runtime, and calls
 //! into `ops` and `server`. No logic of its own beyond presentation.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -262,6 +262,7 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }

@@ -5,6 +5,7 @@
 
 mod local;
 mod passphrase;
+mod seal;
 
 pub use local::{default_keystore_dir, KeyInfo, LocalKeystore};
 pub use passphrase::{Argon2Params, PassphraseBackend, PassphraseSource};
@@ -91,6 +92,8 @@ pub enum KeyError {
     WrongKey { key: String },
     #[error("keystore problem at {path}: {reason}")]
     Keystore { path: String, reason: String },
+    #[error("cannot read the passphrase from {source_name}: {reason}")]
+    Passphrase { source_name: String, reason: String },
     #[error("transient key backend failure (retry later): {0}")]
     Transient(String),
     #[error("unsupported: {0}")]

@@ -1,9 +1,38 @@
 //! Fixed-newstyle handshake (server side).
+//!
+//! The caller reads the client flags and then, for each option, the 16-byte header and the
+//! option data (or discards data longer than [`MAX_OPTION_LEN`]), hands them to a
+//! [`Negotiation`] and writes the returned bytes. No I/O happens here.
+//!
+//! Every option reply this module produces has a payload of at most [`MAX_REPLY_PAYLOAD`]
+//! bytes: nbd-client (since 2023) refuses option replies of 4096 bytes or more and then loses
+//! sync with the stream.
 
+use std::fmt::Write as _;
+
+use super::consts::*;
+use super::transmission::{transmission_flags, MAX_PAYLOAD};
+use super::wire::Reader;
 use super::{ExportCatalog, ExportInfo};
 
 /// Largest option payload the server reads; larger ones are skipped and answered with an error.
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
+
+/// Largest payload of any option reply this server sends (nbd-client needs `< 4096`).
+pub const MAX_REPLY_PAYLOAD: usize = 4095;
+
+/// Longest human-readable string (error message, export description) this server sends.
+/// The spec says strings SHOULD be at most 256 bytes.
+pub const MAX_HUMAN_STRING: usize = 256;
+
+/// Longest export name the spec allows (strings MUST be at most 4096 bytes).
+pub const MAX_NAME_LEN: usize = 4096;
+
+/// How much of a client-supplied name is echoed back in an error message.
+const ECHOED_NAME_LEN: usize = 64;
+
+/// Length of the zero padding after an `NBD_OPT_EXPORT_NAME` reply without `NO_ZEROES`.
+const EXPORT_NAME_PADDING: usize = 124;
 
 /// Handshake failures that end the connection.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -27,16 +56,48 @@ pub struct OptionHeader {
 }
 
 /// The 18 bytes the server sends first: NBDMAGIC, IHAVEOPT, handshake flags.
+///
+/// The handshake flags are `FIXED_NEWSTYLE | NO_ZEROES`.
 pub fn server_greeting() -> [u8; 18] {
-    todo!()
+    let mut out = [0u8; 18];
+    let (magic, rest) = out.split_at_mut(8);
+    magic.copy_from_slice(&NBDMAGIC.to_be_bytes());
+    let (opt, flags) = rest.split_at_mut(8);
+    opt.copy_from_slice(&IHAVEOPT.to_be_bytes());
+    flags.copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    out
 }
 
-pub fn parse_client_flags(_b: [u8; 4]) -> Result<ClientFlags, HandshakeError> {
-    todo!()
+/// Parses the client's 32-bit flags.
+///
+/// Any bit other than `C_FIXED_NEWSTYLE` and `C_NO_ZEROES` (both of which the server
+/// advertises) is an error: the spec says the server MUST then drop the connection.
+///
+/// A client that does not set `C_FIXED_NEWSTYLE` is accepted as a plain (non-fixed)
+/// newstyle client: [`Negotiation`] then allows only `NBD_OPT_EXPORT_NAME` and closes the
+/// connection on any other option, because a non-fixed client cannot parse option replies.
+/// Every current client (nbd-client, libnbd, qemu) sets the bit.
+pub fn parse_client_flags(b: [u8; 4]) -> Result<ClientFlags, HandshakeError> {
+    let flags = u32::from_be_bytes(b);
+    if flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        return Err(HandshakeError::BadClientFlags(flags));
+    }
+    Ok(ClientFlags {
+        fixed_newstyle: flags & FLAG_C_FIXED_NEWSTYLE != 0,
+        no_zeroes: flags & FLAG_C_NO_ZEROES != 0,
+    })
 }
 
-pub fn parse_option_header(_b: &[u8; 16]) -> Result<OptionHeader, HandshakeError> {
-    todo!()
+/// Parses a 16-byte option header: `IHAVEOPT`, u32 option, u32 data length.
+pub fn parse_option_header(b: &[u8; 16]) -> Result<OptionHeader, HandshakeError> {
+    let mut r = Reader(b);
+    let magic = r.u64().unwrap_or_default();
+    let option = r.u32().unwrap_or_default();
+    let len = r.u32().unwrap_or_default();
+    if magic != IHAVEOPT {
+        return Err(HandshakeError::BadOptionMagic(magic));
+    }
+    Ok(OptionHeader { option, len })
 }
 
 /// What to do after an option.
@@ -57,30 +118,434 @@ pub struct OptionOutcome {
     pub next: Next,
 }
 
+impl OptionOutcome {
+    fn cont(reply: Vec<u8>) -> OptionOutcome {
+        OptionOutcome {
+            reply,
+            next: Next::Continue,
+        }
+    }
+
+    fn close(reply: Vec<u8>) -> OptionOutcome {
+        OptionOutcome {
+            reply,
+            next: Next::Close,
+        }
+    }
+
+    /// One error reply, then keep negotiating.
+    fn error(option: u32, reply_type: u32, message: &str) -> OptionOutcome {
+        let mut reply = Vec::new();
+        push_error(&mut reply, option, reply_type, message);
+        OptionOutcome::cont(reply)
+    }
+}
+
 /// Negotiation state for one connection.
 pub struct Negotiation {
-    _p: (),
+    client: ClientFlags,
+    /// Set once an outcome with `Next::Transmit` or `Next::Close` was returned; any later
+    /// call answers `Next::Close` with nothing to send.
+    finished: bool,
 }
 
 impl Negotiation {
-    pub fn new(_client: ClientFlags) -> Negotiation {
-        todo!()
+    pub fn new(client: ClientFlags) -> Negotiation {
+        Negotiation {
+            client,
+            finished: false,
+        }
     }
+
     /// Handles one option whose full payload is `data` (`data.len() == hdr.len`).
     pub fn handle_option(
         &mut self,
-        _hdr: &OptionHeader,
-        _data: &[u8],
-        _catalog: &dyn ExportCatalog,
+        hdr: &OptionHeader,
+        data: &[u8],
+        catalog: &dyn ExportCatalog,
     ) -> OptionOutcome {
-        todo!()
+        let outcome = self.dispatch(hdr.option, data, catalog);
+        self.finish_if_final(outcome)
     }
+
     /// Handles an option whose payload exceeded [`MAX_OPTION_LEN`] (the caller discarded it).
-    pub fn handle_oversized(&mut self, _hdr: &OptionHeader) -> OptionOutcome {
-        todo!()
+    ///
+    /// Replies `NBD_REP_ERR_TOO_BIG` and keeps negotiating, except: `NBD_OPT_EXPORT_NAME`
+    /// cannot carry an error, so the connection closes; `NBD_OPT_ABORT` must be acknowledged
+    /// whatever its (ignored) data; a non-fixed-newstyle client cannot parse replies, so the
+    /// connection closes.
+    pub fn handle_oversized(&mut self, hdr: &OptionHeader) -> OptionOutcome {
+        let outcome =
+            if self.finished || hdr.option == OPT_EXPORT_NAME || !self.client.fixed_newstyle {
+                OptionOutcome::close(Vec::new())
+            } else if hdr.option == OPT_ABORT {
+                abort(hdr.option)
+            } else {
+                let msg = format!(
+                    "{} data of {} bytes exceeds this server's {MAX_OPTION_LEN}-byte limit",
+                    option_name(hdr.option),
+                    hdr.len
+                );
+                OptionOutcome::error(hdr.option, REP_ERR_TOO_BIG, &msg)
+            };
+        self.finish_if_final(outcome)
     }
+
     /// Whether the client negotiated structured replies.
+    ///
+    /// Always false for now: `NBD_OPT_STRUCTURED_REPLY` is answered `NBD_REP_ERR_UNSUP`.
     pub fn structured_replies(&self) -> bool {
-        todo!()
+        false
+    }
+
+    fn dispatch(&self, option: u32, data: &[u8], catalog: &dyn ExportCatalog) -> OptionOutcome {
+        if self.finished {
+            return OptionOutcome::close(Vec::new());
+        }
+        if option == OPT_EXPORT_NAME {
+            return export_name(data, self.client, catalog);
+        }
+        if !self.client.fixed_newstyle {
+            // Plain newstyle knows only EXPORT_NAME and has no option replies.
+            return OptionOutcome::close(Vec::new());
+        }
+        match option {
+            OPT_ABORT => abort(option),
+            OPT_LIST => list(data, catalog),
+            OPT_INFO | OPT_GO => info_or_go(option, data, catalog),
+            OPT_STRUCTURED_REPLY => OptionOutcome::error(
+                option,
+                REP_ERR_UNSUP,
+                "structured replies are not supported; this server uses simple replies",
+            ),
+            OPT_STARTTLS => OptionOutcome::error(
+                option,
+                REP_ERR_UNSUP,
+                "TLS is not supported by this server; use a Unix socket or a trusted network",
+            ),
+            _ => {
+                let msg = format!(
+                    "option {option} ({}) is not supported by this server",
+                    option_name(option)
+                );
+                OptionOutcome::error(option, REP_ERR_UNSUP, &msg)
+            }
+        }
+    }
+
+    fn finish_if_final(&mut self, outcome: OptionOutcome) -> OptionOutcome {
+        if outcome.next != Next::Continue {
+            self.finished = true;
+        }
+        outcome
     }
 }
+
+// ----- Option handlers -----
+
+/// `NBD_OPT_EXPORT_NAME`: the whole payload is the name. No error reply is possible, so any
+/// failure closes the connection without sending anything.
+fn export_name(data: &[u8], client: ClientFlags, catalog: &dyn ExportCatalog) -> OptionOutcome {
+    let export = match check_name(data)
+        .ok()
+        .and_then(|name| resolve_export(name, catalog).ok())
+    {
+        Some(export) => export,
+        None => return OptionOutcome::close(Vec::new()),
+    };
+    let flags = transmission_flags(&export);
+    let mut reply = Vec::with_capacity(10 + EXPORT_NAME_PADDING);
+    reply.extend_from_slice(&export.size.to_be_bytes());
+    reply.extend_from_slice(&flags.to_be_bytes());
+    if !client.no_zeroes {
+        reply.resize(reply.len() + EXPORT_NAME_PADDING, 0);
+    }
+    OptionOutcome {
+        reply,
+        next: Next::Transmit { export, flags },
+    }
+}
+
+/// `NBD_OPT_ABORT`: acknowledge (any data is ignored, as the spec recommends), then close.
+fn abort(option: u32) -> OptionOutcome {
+    let mut reply = Vec::new();
+    push_reply(&mut reply, option, REP_ACK, &[]);
+    OptionOutcome::close(reply)
+}
+
+/// `NBD_OPT_LIST`: one `NBD_REP_SERVER` per export, then `NBD_REP_ACK`.
+///
+/// An export whose name alone would not fit in a reply payload under 4096 bytes is left
+/// out (names cannot be truncated); descriptions are truncated to [`MAX_HUMAN_STRING`].
+fn list(data: &[u8], catalog: &dyn ExportCatalog) -> OptionOutcome {
+    if !data.is_empty() {
+        let msg = format!(
+            "NBD_OPT_LIST takes no data, but {} bytes were sent",
+            data.len()
+        );
+        return OptionOutcome::error(OPT_LIST, REP_ERR_INVALID, &msg);
+    }
+    let mut reply = Vec::new();
+    for export in catalog.list() {
+        let name = export.name.as_bytes();
+        let Some(room) = MAX_REPLY_PAYLOAD.checked_sub(4 + name.len()) else {
+            continue;
+        };
+        let Ok(name_len) = u32::try_from(name.len()) else {
+            continue;
+        };
+        let desc = truncate_utf8(&export.description, room.min(MAX_HUMAN_STRING));
+        let mut payload = Vec::with_capacity(4 + name.len() + desc.len());
+        payload.extend_from_slice(&name_len.to_be_bytes());
+        payload.extend_from_slice(name);
+        payload.extend_from_slice(desc.as_bytes());
+        push_reply(&mut reply, OPT_LIST, REP_SERVER, &payload);
+    }
+    push_reply(&mut reply, OPT_LIST, REP_ACK, &[]);
+    OptionOutcome::cont(reply)
+}
+
+/// `NBD_OPT_INFO` / `NBD_OPT_GO`.
+///
+/// On success: `NBD_INFO_EXPORT`, `NBD_INFO_NAME` and `NBD_INFO_DESCRIPTION` when requested
+/// (the name is omitted if it would not fit; the description if it is empty),
+/// `NBD_INFO_BLOCK_SIZE` always (see [`block_size_info`]), then `NBD_REP_ACK`. `GO` then
+/// enters transmission. Malformed data gives `NBD_REP_ERR_INVALID`, an unknown export
+/// `NBD_REP_ERR_UNKNOWN`; negotiation continues in both cases. Block size negotiation is
+/// never required (no `NBD_REP_ERR_BLOCK_SIZE_REQD`): nbd-client never asks for it.
+fn info_or_go(option: u32, data: &[u8], catalog: &dyn ExportCatalog) -> OptionOutcome {
+    let request = match parse_info_request(data) {
+        Ok(request) => request,
+        Err(msg) => {
+            let msg = format!("malformed {} request: {msg}", option_name(option));
+            return OptionOutcome::error(option, REP_ERR_INVALID, &msg);
+        }
+    };
+    let export = match resolve_export(request.name, catalog) {
+        Ok(export) => export,
+        Err(msg) => return OptionOutcome::error(option, REP_ERR_UNKNOWN, &msg),
+    };
+    let flags = transmission_flags(&export);
+    let wants = |info: u16| request.infos.contains(&info);
+    let mut reply = Vec::new();
+
+    let mut payload = Vec::with_capacity(12);
+    payload.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+    payload.extend_from_slice(&export.size.to_be_bytes());
+    payload.extend_from_slice(&flags.to_be_bytes());
+    push_reply(&mut reply, option, REP_INFO, &payload);
+
+    if wants(INFO_NAME) && 2 + export.name.len() <= MAX_REPLY_PAYLOAD {
+        push_info_string(&mut reply, option, INFO_NAME, &export.name);
+    }
+    if wants(INFO_DESCRIPTION) && !export.description.is_empty() {
+        let desc = truncate_utf8(&export.description, MAX_HUMAN_STRING);
+        push_info_string(&mut reply, option, INFO_DESCRIPTION, desc);
+    }
+
+    let (min, preferred, max) = block_size_info(&export, wants(INFO_BLOCK_SIZE));
+    let mut payload = Vec::with_capacity(14);
+    payload.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+    payload.extend_from_slice(&min.to_be_bytes());
+    payload.extend_from_slice(&preferred.to_be_bytes());
+    payload.extend_from_slice(&max.to_be_bytes());
+    push_reply(&mut reply, option, REP_INFO, &payload);
+
+    push_reply(&mut reply, option, REP_ACK, &[]);
+    let next = if option == OPT_GO {
+        Next::Transmit { export, flags }
+    } else {
+        Next::Continue
+    };
+    OptionOutcome { reply, next }
+}
+
+/// The `NBD_INFO_BLOCK_SIZE` values `(minimum, preferred, maximum payload)` for an export.
+///
+/// The spec ("Size constraints") lets a server assume its advertised constraints are
+/// honoured only by a client that sent `NBD_OPT_GO` *with* an `NBD_INFO_BLOCK_SIZE` request.
+/// Every other client must be served under the default constraints, whose minimum block
+/// size is 1. This server serves unaligned requests correctly (read-modify-write), so:
+///
+/// - if the client requested `NBD_INFO_BLOCK_SIZE`, the minimum is the export's
+///   `min_block` (its sector size), so cooperative clients (libnbd, qemu) align to it and
+///   avoid read-modify-write;
+/// - otherwise the minimum is 1: that is the constraint actually in force for that client,
+///   and the spec says a server MUST NOT assume an unrequested info is understood.
+///
+/// The same rule applies to `NBD_OPT_INFO`, because the spec requires an `NBD_OPT_GO` with
+/// the same parameters right after a successful `NBD_OPT_INFO` to get the same answer.
+///
+/// Preferred is the export's `preferred_block`, max its `max_block`, capped at
+/// [`MAX_PAYLOAD`] (larger READ/WRITE requests end the connection). Values that break the
+/// spec's rules (min a power of two ≤ 64 KiB; preferred a power of two ≥ max(min, 512);
+/// max ≥ preferred) are replaced by safe ones rather than sent: libnbd ignores bogus
+/// constraints entirely.
+pub fn block_size_info(export: &ExportInfo, client_requested: bool) -> (u32, u32, u32) {
+    let min = if client_requested
+        && export.min_block.is_power_of_two()
+        && export.min_block <= 64 * 1024
+    {
+        export.min_block
+    } else {
+        1
+    };
+    let floor = min.max(512);
+    let preferred = if export.preferred_block.is_power_of_two()
+        && export.preferred_block >= floor
+        && export.preferred_block <= MAX_PAYLOAD
+    {
+        export.preferred_block
+    } else {
+        floor.max(4096)
+    };
+    let max = export.max_block.min(MAX_PAYLOAD).max(preferred);
+    (min, preferred, max)
+}
+
+// ----- Parsing helpers -----
+
+/// The data of an `NBD_OPT_INFO` / `NBD_OPT_GO` request.
+#[derive(Debug)]
+struct InfoRequest<'a> {
+    name: &'a str,
+    infos: Vec<u16>,
+}
+
+/// Parses `u32 namelen, name, u16 n, n × u16`, requiring the lengths to add up exactly.
+fn parse_info_request(data: &[u8]) -> Result<InfoRequest<'_>, String> {
+    if data.len() < 6 {
+        return Err(format!("{} bytes of data, need at least 6", data.len()));
+    }
+    let mut r = Reader(data);
+    let name_len = r.u32().unwrap_or_default();
+    let name = usize::try_from(name_len)
+        .ok()
+        .filter(|&n| n <= data.len() - 6)
+        .and_then(|n| r.take(n))
+        .ok_or_else(|| {
+            format!(
+                "export name length {name_len} does not fit in {} bytes of data",
+                data.len()
+            )
+        })?;
+    let count = r.u16().unwrap_or_default();
+    if r.remaining() != usize::from(count) * 2 {
+        return Err(format!(
+            "{count} information requests announced but {} bytes follow",
+            r.remaining()
+        ));
+    }
+    let mut infos = Vec::with_capacity(usize::from(count));
+    while let Some(info) = r.u16() {
+        infos.push(info);
+    }
+    let name = check_name(name)?;
+    Ok(InfoRequest { name, infos })
+}
+
+/// An export name must be UTF-8 without NUL and at most [`MAX_NAME_LEN`] bytes.
+fn check_name(name: &[u8]) -> Result<&str, String> {
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "export name is {} bytes, the limit is {MAX_NAME_LEN}",
+            name.len()
+        ));
+    }
+    let name = std::str::from_utf8(name).map_err(|_| "export name is not valid UTF-8")?;
+    if name.contains('\0') {
+        return Err("export name contains a NUL character".to_owned());
+    }
+    Ok(name)
+}
+
+/// Finds the export a client asked for; `""` is the default export, which exists only when
+/// the catalog holds exactly one export. The error is a message for the client.
+fn resolve_export(name: &str, catalog: &dyn ExportCatalog) -> Result<ExportInfo, String> {
+    if !name.is_empty() {
+        return catalog.lookup(name).ok_or_else(|| {
+            let shown = truncate_utf8(name, ECHOED_NAME_LEN);
+            let mut msg = format!("unknown export {shown:?}");
+            append_available(&mut msg, &catalog.list());
+            msg
+        });
+    }
+    let mut all = catalog.list();
+    if all.len() == 1 {
+        if let Some(only) = all.pop() {
+            return Ok(only);
+        }
+    }
+    let mut msg = format!(
+        "no export name given and there is no default export ({} exports); \
+         choose one by name (e.g. nbd-client -N NAME)",
+        all.len()
+    );
+    append_available(&mut msg, &all);
+    Err(msg)
+}
+
+/// Appends `"; available: a, b"` (or a note that there are none), stopping once the
+/// message is longer than any reply will carry.
+fn append_available(msg: &mut String, exports: &[ExportInfo]) {
+    if exports.is_empty() {
+        msg.push_str("; this server has no exports");
+        return;
+    }
+    msg.push_str("; available: ");
+    for (i, export) in exports.iter().enumerate() {
+        if msg.len() > MAX_HUMAN_STRING {
+            break;
+        }
+        if i > 0 {
+            msg.push_str(", ");
+        }
+        let _ = write!(msg, "{}", truncate_utf8(&export.name, ECHOED_NAME_LEN));
+    }
+}
+
+// ----- Encoding helpers -----
+
+/// The longest prefix of `s` that is at most `max` bytes and ends on a char boundary.
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or_default()
+}
+
+/// Appends one option reply: magic, echoed option, type, length, payload. The payload is
+/// cut to [`MAX_REPLY_PAYLOAD`] as a last line of defence; callers size it correctly.
+fn push_reply(out: &mut Vec<u8>, option: u32, reply_type: u32, payload: &[u8]) {
+    debug_assert!(payload.len() <= MAX_REPLY_PAYLOAD);
+    let payload = payload.get(..MAX_REPLY_PAYLOAD).unwrap_or(payload);
+    let len = u32::try_from(payload.len()).unwrap_or(0);
+    out.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&reply_type.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Appends an error reply carrying `message`, cut to [`MAX_HUMAN_STRING`] bytes.
+fn push_error(out: &mut Vec<u8>, option: u32, reply_type: u32, message: &str) {
+    debug_assert!(reply_type & REP_FLAG_ERROR != 0);
+    let message = if message.len() > MAX_HUMAN_STRING {
+        format!("{}...", truncate_utf8(message, MAX_HUMAN_STRING - 3))
+    } else {
+        message.to_owned()
+    };
+    push_reply(out, option, reply_type, message.as_bytes());
+}
+
+/// Appends an `NBD_REP_INFO` whose payload is an info type followed by a string.
+fn push_info_string(out: &mut Vec<u8>, option: u32, info: u16, s: &str) {
+    let mut payload = Vec::with_capacity(2 + s.len());
+    payload.extend_from_slice(&info.to_be_bytes());
+    payload.extend_from_slice(s.as_bytes());
+    push_reply(out, option, REP_INFO, &payload);
+}
+
+#[cfg(test)]
+mod tests;

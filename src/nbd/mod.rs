@@ -1,18 +1,30 @@
 //! The NBD protocol as pure code over bytes: no sockets, no crypto, no keys.
 //! The server drives I/O and calls these functions to parse and encode.
 //! Spec: ../shared/reference/nbd-proto.md (upstream doc/proto.md).
+//!
+//! What this server speaks: fixed newstyle (plain newstyle clients may only use
+//! `NBD_OPT_EXPORT_NAME`), `NBD_OPT_GO`/`INFO`/`EXPORT_NAME`/`LIST`/`ABORT`; every other
+//! option gets `NBD_REP_ERR_UNSUP`. No TLS, no structured replies, no metadata contexts, no
+//! extended headers. Transmission uses compact requests and simple replies only. Option
+//! reply payloads always stay below 4096 bytes (nbd-client refuses larger ones).
+//!
+//! [`client`] holds client-side encoders/decoders for tests, fuzzers and tools.
 
+pub mod client;
 pub mod consts;
 mod handshake;
 mod transmission;
+mod wire;
 
 pub use handshake::{
-    parse_client_flags, parse_option_header, server_greeting, ClientFlags, HandshakeError,
-    Negotiation, Next, OptionHeader, OptionOutcome, MAX_OPTION_LEN,
+    block_size_info, parse_client_flags, parse_option_header, server_greeting, ClientFlags,
+    HandshakeError, Negotiation, Next, OptionHeader, OptionOutcome, MAX_HUMAN_STRING, MAX_NAME_LEN,
+    MAX_OPTION_LEN, MAX_REPLY_PAYLOAD,
 };
 pub use transmission::{
-    encode_simple_reply, parse_request, transmission_flags, validate, Command, FrameError,
-    NbdErrno, Rejection, Request, ValidRequest, MAX_PAYLOAD, REQUEST_HEADER_LEN,
+    decode_simple_reply, encode_request, encode_simple_reply, parse_request, transmission_flags,
+    validate, Command, FrameError, NbdErrno, Rejection, Request, SimpleReply, ValidRequest,
+    MAX_PAYLOAD, REQUEST_HEADER_LEN, SIMPLE_REPLY_LEN,
 };
 
 /// What the protocol needs to know about an export. No keys, no files.

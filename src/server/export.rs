@@ -69,9 +69,8 @@ pub fn errno_for(e: &VolumeError) -> NbdErrno {
         VolumeError::OutOfRange { .. } => NbdErrno::Inval,
         VolumeError::ReadOnly => NbdErrno::Perm,
         VolumeError::NoSpace(_) => NbdErrno::NoSpc,
-        VolumeError::Io { .. } | VolumeError::Truncated { .. } | VolumeError::Crypto(_) => {
-            NbdErrno::Io
-        }
+        VolumeError::Io { source, .. } => NbdErrno::from_io_error(source),
+        VolumeError::Truncated { .. } | VolumeError::Crypto(_) => NbdErrno::Io,
         VolumeError::NotAVolume { .. }
         | VolumeError::BothHeadersDamaged { .. }
         | VolumeError::UnsupportedVersion { .. }

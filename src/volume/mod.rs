@@ -4,12 +4,14 @@
 
 mod header;
 mod io;
+mod rangelock;
+mod sectors;
 
-pub use header::{create, read_header, write_header, CopyStatus, Header, HeaderHealth};
-pub use io::{OpenOptions, Volume};
-
-#[allow(unused_imports)]
-use crate::keys::WrappedDek;
+pub use header::{
+    create, read_header, write_header, CopyStatus, Header, HeaderHealth, FORMAT_VERSION,
+    HEADER_COPY_SIZE, KNOWN_REQUIRED_FEATURES, MAX_KEYSLOTS,
+};
+pub use io::{OpenOptions, Volume, WRITE_CHUNK};
 
 /// Default XTS data unit / logical sector size.
 pub const DEFAULT_SECTOR_SIZE: u32 = 4096;

@@ -1,0 +1,788 @@
+//! Unit and property tests for the handshake.
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::nbd::client::{decode_option_replies, encode_info_data, OptionReply};
+
+const MIB: u32 = 1024 * 1024;
+
+struct Catalog(Vec<ExportInfo>);
+
+impl ExportCatalog for Catalog {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        self.0.iter().find(|e| e.name == name).cloned()
+    }
+    fn list(&self) -> Vec<ExportInfo> {
+        self.0.clone()
+    }
+}
+
+fn export(name: &str, size: u64) -> ExportInfo {
+    ExportInfo {
+        name: name.to_owned(),
+        description: String::new(),
+        size,
+        read_only: false,
+        min_block: 4096,
+        preferred_block: 4096,
+        max_block: 32 * MIB,
+    }
+}
+
+fn described(name: &str, description: &str) -> ExportInfo {
+    ExportInfo {
+        description: description.to_owned(),
+        ..export(name, 1 << 20)
+    }
+}
+
+const FIXED: ClientFlags = ClientFlags {
+    fixed_newstyle: true,
+    no_zeroes: true,
+};
+const FIXED_WITH_ZEROES: ClientFlags = ClientFlags {
+    fixed_newstyle: true,
+    no_zeroes: false,
+};
+const PLAIN: ClientFlags = ClientFlags {
+    fixed_newstyle: false,
+    no_zeroes: false,
+};
+
+/// Transmission flags of a writable export: HAS_FLAGS, SEND_FLUSH, SEND_FUA, SEND_TRIM,
+/// SEND_WRITE_ZEROES, CAN_MULTI_CONN, SEND_CACHE.
+const RW_FLAGS: u16 = 0x0001 | 0x0004 | 0x0008 | 0x0020 | 0x0040 | 0x0100 | 0x0400;
+
+fn run(client: ClientFlags, option: u32, data: &[u8], catalog: &Catalog) -> OptionOutcome {
+    let hdr = OptionHeader {
+        option,
+        len: u32::try_from(data.len()).unwrap(),
+    };
+    Negotiation::new(client).handle_option(&hdr, data, catalog)
+}
+
+fn go_data(name: &str, infos: &[u16]) -> Vec<u8> {
+    encode_info_data(name.as_bytes(), infos).unwrap()
+}
+
+fn replies(outcome: &OptionOutcome) -> Vec<OptionReply> {
+    decode_option_replies(&outcome.reply).unwrap()
+}
+
+/// Builds the bytes of one option reply independently of the code under test.
+fn rep(option: u32, reply_type: u32, payload: &[u8]) -> Vec<u8> {
+    let mut v = vec![0, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9];
+    v.extend_from_slice(&option.to_be_bytes());
+    v.extend_from_slice(&reply_type.to_be_bytes());
+    v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+fn message(reply: &OptionReply) -> &str {
+    std::str::from_utf8(&reply.payload).unwrap()
+}
+
+// ----- Greeting, client flags, option headers -----
+
+#[test]
+fn greeting_is_nbdmagic_ihaveopt_and_flags() {
+    let mut expected = b"NBDMAGICIHAVEOPT".to_vec();
+    expected.extend_from_slice(&[0x00, 0x03]);
+    assert_eq!(server_greeting().to_vec(), expected);
+}
+
+#[test]
+fn client_flags_accept_advertised_bits_only() {
+    assert_eq!(parse_client_flags([0, 0, 0, 3]), Ok(FIXED));
+    assert_eq!(parse_client_flags([0, 0, 0, 1]), Ok(FIXED_WITH_ZEROES));
+    assert_eq!(parse_client_flags([0, 0, 0, 0]), Ok(PLAIN));
+    assert_eq!(
+        parse_client_flags([0, 0, 0, 2]),
+        Ok(ClientFlags {
+            fixed_newstyle: false,
+            no_zeroes: true
+        })
+    );
+    assert_eq!(
+        parse_client_flags([0, 0, 0, 7]),
+        Err(HandshakeError::BadClientFlags(7))
+    );
+    assert_eq!(
+        parse_client_flags([0x80, 0, 0, 1]),
+        Err(HandshakeError::BadClientFlags(0x8000_0001))
+    );
+}
+
+#[test]
+fn option_header_checks_magic() {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(b"IHAVEOPT");
+    b[8..12].copy_from_slice(&7u32.to_be_bytes());
+    b[12..].copy_from_slice(&0x0102_0304u32.to_be_bytes());
+    assert_eq!(
+        parse_option_header(&b),
+        Ok(OptionHeader {
+            option: 7,
+            len: 0x0102_0304
+        })
+    );
+    b[0] = b'i';
+    assert_eq!(
+        parse_option_header(&b),
+        Err(HandshakeError::BadOptionMagic(0x6948_4156_454F_5054))
+    );
+}
+
+// ----- GO / INFO -----
+
+#[test]
+fn go_without_info_requests_is_byte_exact() {
+    let catalog = Catalog(vec![export("disk", 0x4000_0000)]);
+    let out = run(FIXED, OPT_GO, &go_data("disk", &[]), &catalog);
+    #[rustfmt::skip]
+    let expected: Vec<u8> = vec![
+        // NBD_REP_INFO, NBD_INFO_EXPORT: size 1 GiB, flags 0x056d
+        0x00, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 7, 0, 0, 0, 3, 0, 0, 0, 12,
+        0, 0, 0, 0, 0, 0, 0x40, 0, 0, 0, 0x05, 0x6d,
+        // NBD_REP_INFO, NBD_INFO_BLOCK_SIZE: min 1 (not requested), preferred 4096, max 32 MiB
+        0x00, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 7, 0, 0, 0, 3, 0, 0, 0, 14,
+        0, 3, 0, 0, 0, 1, 0, 0, 0x10, 0, 0x02, 0, 0, 0,
+        // NBD_REP_ACK
+        0x00, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 7, 0, 0, 0, 1, 0, 0, 0, 0,
+    ];
+    assert_eq!(out.reply, expected);
+    assert_eq!(
+        out.next,
+        Next::Transmit {
+            export: export("disk", 0x4000_0000),
+            flags: RW_FLAGS
+        }
+    );
+    assert_eq!(RW_FLAGS, 0x056d);
+}
+
+#[test]
+fn go_with_all_info_requests() {
+    let catalog = Catalog(vec![described("vol", "encrypted volume")]);
+    let data = go_data(
+        "vol",
+        &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE, 0x7777],
+    );
+    let out = run(FIXED, OPT_GO, &data, &catalog);
+    let mut expected = rep(
+        OPT_GO,
+        REP_INFO,
+        &[0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0x05, 0x6d],
+    );
+    expected.extend(rep(OPT_GO, REP_INFO, b"\x00\x01vol"));
+    expected.extend(rep(OPT_GO, REP_INFO, b"\x00\x02encrypted volume"));
+    expected.extend(rep(
+        OPT_GO,
+        REP_INFO,
+        &[0, 3, 0, 0, 0x10, 0, 0, 0, 0x10, 0, 0x02, 0, 0, 0],
+    ));
+    expected.extend(rep(OPT_GO, REP_ACK, &[]));
+    assert_eq!(out.reply, expected);
+    assert!(matches!(out.next, Next::Transmit { .. }));
+}
+
+#[test]
+fn empty_description_is_omitted_even_when_requested() {
+    let catalog = Catalog(vec![export("vol", 1 << 20)]);
+    let out = run(
+        FIXED,
+        OPT_GO,
+        &go_data("vol", &[INFO_DESCRIPTION]),
+        &catalog,
+    );
+    let infos: Vec<u16> = replies(&out)
+        .iter()
+        .filter(|r| r.reply_type == REP_INFO)
+        .map(|r| u16::from_be_bytes([r.payload[0], r.payload[1]]))
+        .collect();
+    assert_eq!(infos, [INFO_EXPORT, INFO_BLOCK_SIZE]);
+}
+
+#[test]
+fn info_is_go_without_entering_transmission() {
+    let catalog = Catalog(vec![described("vol", "d")]);
+    let data = go_data("vol", &[INFO_BLOCK_SIZE, INFO_NAME]);
+    let info = run(FIXED, OPT_INFO, &data, &catalog);
+    let go = run(FIXED, OPT_GO, &data, &catalog);
+    assert_eq!(info.next, Next::Continue);
+    assert!(matches!(go.next, Next::Transmit { .. }));
+    // Same information, only the echoed option differs (the spec requires this for a GO
+    // that follows a successful INFO with the same parameters).
+    let strip = |o: &OptionOutcome| -> Vec<(u32, Vec<u8>)> {
+        replies(o)
+            .into_iter()
+            .map(|r| (r.reply_type, r.payload))
+            .collect()
+    };
+    assert_eq!(strip(&info), strip(&go));
+    assert!(replies(&info).iter().all(|r| r.option == OPT_INFO));
+    // Block size requested: the minimum is the sector size.
+    let bs = replies(&info)
+        .into_iter()
+        .find(|r| r.payload.starts_with(&[0, 3]))
+        .unwrap();
+    assert_eq!(
+        bs.payload,
+        [0, 3, 0, 0, 0x10, 0, 0, 0, 0x10, 0, 0x02, 0, 0, 0]
+    );
+}
+
+#[test]
+fn go_on_read_only_export_advertises_read_only() {
+    let ro = ExportInfo {
+        read_only: true,
+        ..export("ro", 512)
+    };
+    let catalog = Catalog(vec![ro.clone()]);
+    let out = run(FIXED, OPT_GO, &go_data("ro", &[]), &catalog);
+    let flags = 0x0001 | 0x0002 | 0x0004 | 0x0008 | 0x0100 | 0x0400;
+    assert_eq!(out.next, Next::Transmit { export: ro, flags });
+    assert_eq!(replies(&out)[0].payload[10..], u16::to_be_bytes(flags));
+}
+
+#[test]
+fn go_for_unknown_export_lists_available_and_continues() {
+    let catalog = Catalog(vec![export("a", 1), export("b", 2)]);
+    let out = run(FIXED, OPT_GO, &go_data("foo", &[]), &catalog);
+    assert_eq!(
+        out.reply,
+        rep(
+            OPT_GO,
+            REP_ERR_UNKNOWN,
+            b"unknown export \"foo\"; available: a, b"
+        )
+    );
+    assert_eq!(out.next, Next::Continue);
+
+    let out = run(FIXED, OPT_INFO, &go_data("x", &[]), &Catalog(vec![]));
+    let r = replies(&out);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].reply_type, REP_ERR_UNKNOWN);
+    assert_eq!(
+        message(&r[0]),
+        "unknown export \"x\"; this server has no exports"
+    );
+}
+
+#[test]
+fn empty_name_is_the_default_export_only_when_there_is_exactly_one() {
+    let one = Catalog(vec![export("only", 4096)]);
+    let out = run(FIXED, OPT_GO, &go_data("", &[]), &one);
+    assert_eq!(
+        out.next,
+        Next::Transmit {
+            export: export("only", 4096),
+            flags: RW_FLAGS
+        }
+    );
+
+    let two = Catalog(vec![export("a", 1), export("b", 1)]);
+    let out = run(FIXED, OPT_GO, &go_data("", &[]), &two);
+    assert_eq!(out.next, Next::Continue);
+    let r = replies(&out);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].reply_type, REP_ERR_UNKNOWN);
+    let msg = message(&r[0]);
+    assert!(msg.contains("no default export"), "{msg}");
+    assert!(msg.ends_with("available: a, b"), "{msg}");
+
+    let out = run(FIXED, OPT_GO, &go_data("", &[]), &Catalog(vec![]));
+    assert!(message(&replies(&out)[0]).ends_with("this server has no exports"));
+}
+
+#[test]
+fn malformed_go_and_info_get_err_invalid_and_continue() {
+    let catalog = Catalog(vec![export("a", 1)]);
+    let mut name_too_long = go_data("a", &[]);
+    name_too_long[3] = 2; // namelen 2, but only "a" and the count follow
+    let mut huge_namelen = go_data("a", &[]);
+    huge_namelen[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+    let mut missing_info = go_data("a", &[INFO_NAME]);
+    missing_info.pop();
+    let mut extra_byte = go_data("a", &[INFO_NAME]);
+    extra_byte.push(0);
+    let mut count_too_small = go_data("a", &[INFO_NAME, INFO_BLOCK_SIZE]);
+    count_too_small[6] = 1; // announces one info request, two follow
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", vec![]),
+        ("five bytes", vec![0, 0, 0, 0, 0]),
+        ("namelen past end", name_too_long),
+        ("namelen u32::MAX", huge_namelen),
+        ("missing info byte", missing_info),
+        ("extra byte", extra_byte),
+        ("count too small", count_too_small),
+        ("not utf-8", encode_info_data(b"\xff\xfe", &[]).unwrap()),
+        ("NUL in name", encode_info_data(b"a\0b", &[]).unwrap()),
+        (
+            "name over 4096",
+            encode_info_data(&[b'n'; 4097], &[]).unwrap(),
+        ),
+    ];
+    for (what, data) in cases {
+        for option in [OPT_GO, OPT_INFO] {
+            let out = run(FIXED, option, &data, &catalog);
+            assert_eq!(out.next, Next::Continue, "{what}");
+            let r = replies(&out);
+            assert_eq!(r.len(), 1, "{what}");
+            assert_eq!(r[0].option, option, "{what}");
+            assert_eq!(r[0].reply_type, REP_ERR_INVALID, "{what}");
+            assert!(message(&r[0]).starts_with("malformed NBD_OPT_"), "{what}");
+        }
+    }
+}
+
+#[test]
+fn a_name_of_exactly_4096_bytes_is_well_formed() {
+    let name = "n".repeat(MAX_NAME_LEN);
+    let out = run(FIXED, OPT_INFO, &go_data(&name, &[]), &Catalog(vec![]));
+    assert_eq!(replies(&out)[0].reply_type, REP_ERR_UNKNOWN);
+}
+
+// ----- Block size -----
+
+#[test]
+fn block_size_minimum_depends_on_the_request() {
+    let e = ExportInfo {
+        min_block: 512,
+        preferred_block: 4096,
+        max_block: 32 * MIB,
+        ..export("e", 1 << 30)
+    };
+    assert_eq!(block_size_info(&e, true), (512, 4096, 32 * MIB));
+    assert_eq!(block_size_info(&e, false), (1, 4096, 32 * MIB));
+}
+
+#[test]
+fn block_size_values_are_always_spec_valid() {
+    let bad = ExportInfo {
+        min_block: 3000,      // not a power of two
+        preferred_block: 256, // below 512
+        max_block: u32::MAX,  // above what parse_request accepts
+        ..export("e", 1 << 30)
+    };
+    assert_eq!(block_size_info(&bad, true), (1, 4096, 32 * MIB));
+    let big_min = ExportInfo {
+        min_block: 1 << 17, // above 64 KiB
+        ..bad.clone()
+    };
+    assert_eq!(block_size_info(&big_min, true).0, 1);
+    let small_max = ExportInfo {
+        min_block: 65536,
+        preferred_block: 4096, // below min
+        max_block: 100,        // below preferred
+        ..bad
+    };
+    assert_eq!(block_size_info(&small_max, true), (65536, 65536, 65536));
+}
+
+// ----- EXPORT_NAME -----
+
+#[test]
+fn export_name_with_no_zeroes_is_size_and_flags() {
+    let catalog = Catalog(vec![export("disk", 0x0102_0304_0506_0708)]);
+    let out = run(FIXED, OPT_EXPORT_NAME, b"disk", &catalog);
+    assert_eq!(out.reply, [1, 2, 3, 4, 5, 6, 7, 8, 0x05, 0x6d]);
+    assert_eq!(
+        out.next,
+        Next::Transmit {
+            export: export("disk", 0x0102_0304_0506_0708),
+            flags: RW_FLAGS
+        }
+    );
+}
+
+#[test]
+fn export_name_without_no_zeroes_pads_124_zero_bytes() {
+    let catalog = Catalog(vec![export("disk", 512)]);
+    let out = run(FIXED_WITH_ZEROES, OPT_EXPORT_NAME, b"disk", &catalog);
+    let mut expected = vec![0, 0, 0, 0, 0, 0, 2, 0, 0x05, 0x6d];
+    expected.extend_from_slice(&[0u8; 124]);
+    assert_eq!(out.reply, expected);
+    assert_eq!(out.reply.len(), 134);
+    assert!(matches!(out.next, Next::Transmit { .. }));
+}
+
+#[test]
+fn export_name_failures_close_without_a_reply() {
+    let two = Catalog(vec![export("a", 1), export("b", 1)]);
+    for name in [&b"nope"[..], b"", b"\xff"] {
+        let out = run(FIXED, OPT_EXPORT_NAME, name, &two);
+        assert_eq!(
+            out,
+            OptionOutcome {
+                reply: vec![],
+                next: Next::Close
+            }
+        );
+    }
+    let one = Catalog(vec![export("a", 1)]);
+    let out = run(FIXED, OPT_EXPORT_NAME, b"", &one);
+    assert!(matches!(out.next, Next::Transmit { .. }));
+}
+
+#[test]
+fn plain_newstyle_client_may_only_use_export_name() {
+    let catalog = Catalog(vec![export("a", 1)]);
+    let out = run(PLAIN, OPT_GO, &go_data("a", &[]), &catalog);
+    assert_eq!(out.next, Next::Close);
+    assert!(out.reply.is_empty());
+    let out = run(PLAIN, OPT_EXPORT_NAME, b"a", &catalog);
+    assert_eq!(out.reply.len(), 134);
+    assert!(matches!(out.next, Next::Transmit { .. }));
+}
+
+// ----- LIST, ABORT, unsupported options -----
+
+#[test]
+fn list_is_byte_exact() {
+    let catalog = Catalog(vec![described("a", "first"), export("bb", 1)]);
+    let out = run(FIXED, OPT_LIST, &[], &catalog);
+    let mut expected = rep(OPT_LIST, REP_SERVER, b"\x00\x00\x00\x01afirst");
+    expected.extend(rep(OPT_LIST, REP_SERVER, b"\x00\x00\x00\x02bb"));
+    expected.extend(rep(OPT_LIST, REP_ACK, &[]));
+    assert_eq!(out.reply, expected);
+    assert_eq!(out.next, Next::Continue);
+
+    let out = run(FIXED, OPT_LIST, &[], &Catalog(vec![]));
+    assert_eq!(out.reply, rep(OPT_LIST, REP_ACK, &[]));
+}
+
+#[test]
+fn list_with_data_is_invalid() {
+    let out = run(FIXED, OPT_LIST, b"xy", &Catalog(vec![export("a", 1)]));
+    assert_eq!(
+        out.reply,
+        rep(
+            OPT_LIST,
+            REP_ERR_INVALID,
+            b"NBD_OPT_LIST takes no data, but 2 bytes were sent"
+        )
+    );
+    assert_eq!(out.next, Next::Continue);
+}
+
+#[test]
+fn abort_acks_then_closes() {
+    let catalog = Catalog(vec![]);
+    for data in [&b""[..], b"ignored"] {
+        let out = run(FIXED, OPT_ABORT, data, &catalog);
+        assert_eq!(
+            out.reply,
+            [0x00, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 0]
+        );
+        assert_eq!(out.next, Next::Close);
+    }
+}
+
+#[test]
+fn unknown_option_is_unsup_byte_exact() {
+    let out = run(FIXED, 999, b"whatever", &Catalog(vec![]));
+    assert_eq!(
+        out.reply,
+        rep(
+            999,
+            REP_ERR_UNSUP,
+            b"option 999 (unknown option) is not supported by this server"
+        )
+    );
+    assert_eq!(out.next, Next::Continue);
+}
+
+#[test]
+fn unimplemented_known_options_are_unsup() {
+    let catalog = Catalog(vec![export("a", 1)]);
+    for option in [
+        OPT_PEEK_EXPORT,
+        OPT_STARTTLS,
+        OPT_STRUCTURED_REPLY,
+        OPT_LIST_META_CONTEXT,
+        OPT_SET_META_CONTEXT,
+        OPT_EXTENDED_HEADERS,
+        0,
+        u32::MAX,
+    ] {
+        let mut n = Negotiation::new(FIXED);
+        let hdr = OptionHeader { option, len: 0 };
+        let out = n.handle_option(&hdr, &[], &catalog);
+        assert_eq!(out.next, Next::Continue, "option {option}");
+        let r = replies(&out);
+        assert_eq!(r.len(), 1);
+        assert_eq!((r[0].option, r[0].reply_type), (option, REP_ERR_UNSUP));
+        assert!(!r[0].payload.is_empty());
+        assert!(!n.structured_replies());
+    }
+}
+
+// ----- Oversized options and state -----
+
+#[test]
+fn oversized_options() {
+    let mut n = Negotiation::new(FIXED);
+    let hdr = OptionHeader {
+        option: OPT_GO,
+        len: MAX_OPTION_LEN + 1,
+    };
+    let out = n.handle_oversized(&hdr);
+    assert_eq!(
+        out.reply,
+        rep(
+            OPT_GO,
+            REP_ERR_TOO_BIG,
+            b"NBD_OPT_GO data of 65537 bytes exceeds this server's 65536-byte limit"
+        )
+    );
+    assert_eq!(out.next, Next::Continue);
+
+    let hdr = OptionHeader {
+        option: OPT_ABORT,
+        len: u32::MAX,
+    };
+    let out = n.handle_oversized(&hdr);
+    assert_eq!(out.reply, rep(OPT_ABORT, REP_ACK, &[]));
+    assert_eq!(out.next, Next::Close);
+
+    for client in [FIXED, PLAIN] {
+        let hdr = OptionHeader {
+            option: OPT_EXPORT_NAME,
+            len: u32::MAX,
+        };
+        let out = Negotiation::new(client).handle_oversized(&hdr);
+        assert_eq!(out.next, Next::Close);
+        assert!(out.reply.is_empty());
+    }
+    let hdr = OptionHeader {
+        option: 4242,
+        len: u32::MAX,
+    };
+    let out = Negotiation::new(PLAIN).handle_oversized(&hdr);
+    assert_eq!((out.reply.len(), out.next), (0, Next::Close));
+}
+
+#[test]
+fn negotiation_keeps_going_until_a_final_outcome_then_refuses() {
+    let catalog = Catalog(vec![export("a", 1)]);
+    let mut n = Negotiation::new(FIXED);
+    let list = OptionHeader {
+        option: OPT_LIST,
+        len: 0,
+    };
+    assert_eq!(n.handle_option(&list, &[], &catalog).next, Next::Continue);
+    let data = go_data("a", &[]);
+    let go = OptionHeader {
+        option: OPT_GO,
+        len: data.len() as u32,
+    };
+    assert!(matches!(
+        n.handle_option(&go, &data, &catalog).next,
+        Next::Transmit { .. }
+    ));
+    // Nothing more is accepted on this negotiation.
+    let out = n.handle_option(&list, &[], &catalog);
+    assert_eq!((out.reply.len(), out.next), (0, Next::Close));
+    let out = n.handle_oversized(&go);
+    assert_eq!((out.reply.len(), out.next), (0, Next::Close));
+}
+
+// ----- Reply size limits -----
+
+fn assert_all_replies_small(out: &OptionOutcome) {
+    for r in replies(out) {
+        assert!(r.payload.len() < 4096, "reply payload {}", r.payload.len());
+        if r.is_error() {
+            assert!(r.payload.len() <= MAX_HUMAN_STRING);
+            assert!(std::str::from_utf8(&r.payload).is_ok());
+        }
+    }
+}
+
+#[test]
+fn every_reply_stays_under_4096_bytes() {
+    let long_desc = "€".repeat(5000); // 15000 bytes, 3-byte characters
+    let mut exports: Vec<ExportInfo> = (0..1000)
+        .map(|i| described(&format!("export-{i}-{}", "x".repeat(200)), &long_desc))
+        .collect();
+    exports.push(described(&"n".repeat(4091), &long_desc)); // name fits, no room for text
+    exports.push(described(&"m".repeat(4092), "")); // 4 + 4092 > 4095: left out of LIST
+    exports.push(described(&"k".repeat(4094), &long_desc)); // INFO_NAME would be 4096
+    let catalog = Catalog(exports.clone());
+
+    let list = run(FIXED, OPT_LIST, &[], &catalog);
+    assert_all_replies_small(&list);
+    let servers = replies(&list)
+        .into_iter()
+        .filter(|r| r.reply_type == REP_SERVER)
+        .collect::<Vec<_>>();
+    assert_eq!(servers.len(), 1001);
+    // Descriptions were cut on a character boundary.
+    let first = &servers[0].payload;
+    let name_len = u32::from_be_bytes(first[..4].try_into().unwrap()) as usize;
+    let desc = std::str::from_utf8(&first[4 + name_len..]).unwrap();
+    assert!(!desc.is_empty() && desc.len() <= MAX_HUMAN_STRING);
+    assert_eq!(servers[1000].payload.len(), 4095);
+
+    let all_infos = [INFO_EXPORT, INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE];
+    for e in &exports {
+        for option in [OPT_GO, OPT_INFO] {
+            let out = run(FIXED, option, &go_data(&e.name, &all_infos), &catalog);
+            assert_all_replies_small(&out);
+            assert_eq!(replies(&out).last().unwrap().reply_type, REP_ACK);
+        }
+    }
+    let big = run(
+        FIXED,
+        OPT_GO,
+        &go_data(&"k".repeat(4094), &all_infos),
+        &catalog,
+    );
+    assert!(!replies(&big)
+        .iter()
+        .any(|r| r.payload.starts_with(&INFO_NAME.to_be_bytes())));
+
+    // Error messages that list exports or echo huge names stay short.
+    for name in ["", "nope", &"q".repeat(4096)] {
+        let out = run(FIXED, OPT_GO, &go_data(name, &[]), &catalog);
+        assert_all_replies_small(&out);
+        assert!(replies(&out)[0].payload.ends_with(b"..."));
+    }
+    let out = Negotiation::new(FIXED).handle_oversized(&OptionHeader {
+        option: u32::MAX,
+        len: u32::MAX,
+    });
+    assert_all_replies_small(&out);
+}
+
+// ----- Properties -----
+
+/// Checks the framing of an outcome: a sequence of option replies that echo the option,
+/// have consistent lengths, stay under 4096 bytes, and end with exactly one final reply.
+fn check_well_formed(option: u32, client: ClientFlags, out: &OptionOutcome) {
+    if out.reply.is_empty() {
+        // Only closing (EXPORT_NAME failure, non-fixed client, finished) sends nothing.
+        assert_eq!(out.next, Next::Close);
+        return;
+    }
+    if option == OPT_EXPORT_NAME {
+        let Next::Transmit { export, flags } = &out.next else {
+            panic!("EXPORT_NAME with a reply must transmit");
+        };
+        let expected_len = if client.no_zeroes { 10 } else { 134 };
+        assert_eq!(out.reply.len(), expected_len);
+        assert_eq!(out.reply[..8], export.size.to_be_bytes());
+        assert_eq!(out.reply[8..10], flags.to_be_bytes());
+        assert!(out.reply[10..].iter().all(|&b| b == 0));
+        return;
+    }
+    let r = decode_option_replies(&out.reply).expect("replies must decode");
+    let (last, rest) = r.split_last().unwrap();
+    for reply in &r {
+        assert_eq!(reply.option, option);
+        assert!(reply.payload.len() <= MAX_REPLY_PAYLOAD);
+    }
+    for reply in rest {
+        assert!(matches!(reply.reply_type, REP_SERVER | REP_INFO));
+    }
+    assert!(last.reply_type == REP_ACK || last.is_error());
+    if last.reply_type == REP_ACK {
+        assert!(last.payload.is_empty());
+    }
+    for reply in r.iter().filter(|r| r.reply_type == REP_INFO) {
+        match u16::from_be_bytes([reply.payload[0], reply.payload[1]]) {
+            INFO_EXPORT => assert_eq!(reply.payload.len(), 12),
+            INFO_BLOCK_SIZE => assert_eq!(reply.payload.len(), 14),
+            _ => {}
+        }
+    }
+    match &out.next {
+        Next::Transmit { .. } => {
+            assert_eq!(option, OPT_GO);
+            assert_eq!(last.reply_type, REP_ACK);
+            assert!(r
+                .iter()
+                .any(|r| r.payload.starts_with(&INFO_EXPORT.to_be_bytes())));
+        }
+        Next::Close => assert_eq!(option, OPT_ABORT),
+        Next::Continue => assert!(!(option == OPT_GO && last.reply_type == REP_ACK)),
+    }
+}
+
+fn arb_client() -> impl Strategy<Value = ClientFlags> {
+    (any::<bool>(), any::<bool>()).prop_map(|(fixed_newstyle, no_zeroes)| ClientFlags {
+        fixed_newstyle,
+        no_zeroes,
+    })
+}
+
+fn arb_option() -> impl Strategy<Value = u32> {
+    prop_oneof![0u32..16, any::<u32>()]
+}
+
+fn prop_catalog() -> Catalog {
+    Catalog(vec![
+        described("alpha", "first volume"),
+        ExportInfo {
+            read_only: true,
+            ..export("beta", 1 << 40)
+        },
+        export("", 0),
+    ])
+}
+
+proptest! {
+    #[test]
+    fn handle_option_never_panics_and_frames_replies(
+        client in arb_client(),
+        option in arb_option(),
+        data in proptest::collection::vec(any::<u8>(), 0..300),
+    ) {
+        let catalog = prop_catalog();
+        let out = run(client, option, &data, &catalog);
+        check_well_formed(option, client, &out);
+    }
+
+    #[test]
+    fn info_and_go_with_structured_data_are_well_formed(
+        client in arb_client(),
+        go in any::<bool>(),
+        name in prop_oneof![
+            Just("alpha".to_owned()),
+            Just("beta".to_owned()),
+            Just(String::new()),
+            ".{0,40}",
+        ],
+        infos in proptest::collection::vec(prop_oneof![0u16..5, any::<u16>()], 0..8),
+        junk in proptest::collection::vec(any::<u8>(), 0..3),
+        single in any::<bool>(),
+    ) {
+        let catalog = if single { Catalog(vec![export("alpha", 4096)]) } else { prop_catalog() };
+        let option = if go { OPT_GO } else { OPT_INFO };
+        let mut data = go_data(&name, &infos);
+        data.extend_from_slice(&junk);
+        let out = run(client, option, &data, &catalog);
+        check_well_formed(option, client, &out);
+        if client.fixed_newstyle && junk.is_empty() {
+            let found = if name.is_empty() { single } else { catalog.lookup(&name).is_some() };
+            let last = replies(&out).pop().unwrap();
+            prop_assert_eq!(last.reply_type == REP_ACK, found);
+        }
+    }
+
+    #[test]
+    fn oversized_never_panics_and_frames_replies(
+        client in arb_client(),
+        option in arb_option(),
+        extra in 1u32..=(u32::MAX - MAX_OPTION_LEN),
+    ) {
+        let hdr = OptionHeader { option, len: MAX_OPTION_LEN + extra };
+        let out = Negotiation::new(client).handle_oversized(&hdr);
+        check_well_formed(option, client, &out);
+        let transmits = matches!(out.next, Next::Transmit { .. });
+        prop_assert!(!transmits);
+    }
+}
