@@ -32,7 +32,7 @@ fn still_serves(srv: &mut Server) {
         ],
     );
     let (mut r, size, _) = Raw::open(srv, "v");
-    assert_eq!(size, 16 << 20);
+    assert!(size >= 16 << 20, "export size {size}");
     assert_eq!(r.read(1, 4096, 4096).expect("read"), vec![0x77u8; 4096]);
     r.disconnect();
     assert!(srv.alive(), "server died:\n{}", srv.log_text());
@@ -390,5 +390,159 @@ fn handshake_options() {
     let mut r = Raw::start(&srv);
     r.option(proto::OPT_EXPORT_NAME, b"nope").expect("send");
     r.expect_closed(CLOSE);
+    still_serves(&mut srv);
+}
+
+#[test]
+fn offsets_near_u64_max_are_refused_without_overflow() {
+    let (_env, mut srv) = setup();
+    let (mut r, _, _) = Raw::open(&srv, "v");
+    let high = [
+        u64::MAX,
+        u64::MAX - 4095,
+        u64::MAX - 511,
+        1u64 << 63,
+        u64::MAX - (16 << 20) + 1,
+    ];
+    let mut cookie = 100;
+    for &off in &high {
+        // (command, expected errno) for a 4 KiB range at `off`.
+        for (cmd, want) in [
+            (0u16, proto::EINVAL),
+            (1, proto::ENOSPC),
+            (4, proto::EINVAL),
+            (5, proto::EINVAL),
+            (6, proto::ENOSPC),
+        ] {
+            cookie += 1;
+            let payload = if cmd == proto::CMD_WRITE {
+                vec![0x66u8; 4096]
+            } else {
+                Vec::new()
+            };
+            r.request(0, cmd, cookie, off, 4096, &payload)
+                .expect("send");
+            let (err, c) = r.reply().expect("reply");
+            assert_eq!(c, cookie);
+            assert_eq!(
+                err, want,
+                "command {cmd} at offset {off:#x}: errno {err}, want {want}"
+            );
+        }
+    }
+    assert_eq!(r.read(1, 0, 4096).expect("read"), vec![0x77u8; 4096]);
+    r.disconnect();
+    still_serves(&mut srv);
+}
+
+#[test]
+fn disc_after_pipelined_writes_completes_them() {
+    let (_env, mut srv) = setup();
+    let (mut r, _, _) = Raw::open(&srv, "v");
+    // 64 writes and a DISC in one burst, without reading any reply first.
+    let mut burst = Vec::new();
+    for i in 0..64u64 {
+        let data = pattern(16384, 500 + i);
+        let mut h = Vec::new();
+        h.extend_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
+        h.extend_from_slice(&0u16.to_be_bytes());
+        h.extend_from_slice(&proto::CMD_WRITE.to_be_bytes());
+        h.extend_from_slice(&i.to_be_bytes());
+        h.extend_from_slice(&((8 << 20) + i * 16384).to_be_bytes());
+        h.extend_from_slice(&16384u32.to_be_bytes());
+        burst.extend_from_slice(&h);
+        burst.extend_from_slice(&data);
+    }
+    let mut disc = Vec::new();
+    disc.extend_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
+    disc.extend_from_slice(&0u16.to_be_bytes());
+    disc.extend_from_slice(&proto::CMD_DISC.to_be_bytes());
+    disc.extend_from_slice(&[0u8; 20]);
+    burst.extend_from_slice(&disc);
+    let mut w = Raw {
+        s: r.s.try_clone().expect("clone"),
+    };
+    let writer = std::thread::spawn(move || w.send(&burst));
+    // The server answers every write sent before DISC, then closes.
+    let tail = r.expect_closed(CLOSE);
+    writer.join().expect("writer").expect("send burst");
+    assert_eq!(
+        tail.len(),
+        64 * 16,
+        "expected 64 simple replies before the close"
+    );
+    for rep in tail.chunks(16) {
+        assert_eq!(be32(&rep[0..4]), proto::SIMPLE_REPLY_MAGIC);
+        assert_eq!(be32(&rep[4..8]), 0, "a write before DISC failed");
+    }
+    let (mut r, _, _) = Raw::open(&srv, "v");
+    for i in 0..64u64 {
+        let got = r.read(i, (8 << 20) + i * 16384, 16384).expect("read");
+        assert!(
+            got == pattern(16384, 500 + i),
+            "write {i} sent before DISC was lost"
+        );
+    }
+    r.disconnect();
+    still_serves(&mut srv);
+}
+
+#[test]
+fn multi_conn_coherence() {
+    let (_env, mut srv) = setup();
+    let (mut a, _, fa) = Raw::open(&srv, "v");
+    let (mut b, _, _) = Raw::open(&srv, "v");
+    assert!(fa & (1 << 8) != 0, "CAN_MULTI_CONN not advertised");
+    for i in 0..32u64 {
+        let data = pattern(4096 + (i as usize) * 100, 900 + i);
+        let off = (3 << 20) + i * 20000 + 3;
+        assert_eq!(a.write(i, off, &data), 0);
+        // Visible to the other connection as soon as the write is acknowledged.
+        assert!(
+            b.read(i, off, data.len() as u32).expect("read") == data,
+            "connection B saw stale data"
+        );
+        // And after a FLUSH on B, still.
+        b.request(0, proto::CMD_FLUSH, 1000 + i, 0, 0, &[])
+            .expect("flush");
+        assert_eq!(b.reply().expect("flush reply"), (0, 1000 + i));
+    }
+    a.disconnect();
+    b.disconnect();
+    still_serves(&mut srv);
+}
+
+#[test]
+fn max_size_requests_under_a_small_budget() {
+    let env = Env::new();
+    let vol = env.create("v.img", "64M", &[]);
+    let mut srv = env.serve(&[s(&vol)], &["--max-inflight", "1M"], false);
+    qemu_io(&srv.uri("v"), &["write -P 0x77 0 1M"]);
+    let big = pattern(32 << 20, 1);
+    std::thread::scope(|sc| {
+        for t in 0..3u64 {
+            let srv = &srv;
+            let big = &big;
+            sc.spawn(move || {
+                let (mut r, _, _) = Raw::open(srv, "v");
+                // Each thread its own 8 MiB region (unaligned start), all larger than the budget.
+                let off = (16 << 20) + t * ((8 << 20) + 4096) + 512;
+                let mine = &big[(t as usize) << 20..((t as usize) << 20) + (8 << 20)];
+                assert_eq!(r.write(1, off, mine), 0, "8 MiB write");
+                assert!(
+                    r.read(2, off, 8 << 20).expect("8 MiB read") == mine,
+                    "8 MiB read back"
+                );
+                assert!(r.read(3, 0, 32 << 20).expect("32 MiB read").len() == 32 << 20);
+                r.disconnect();
+            });
+        }
+    });
+    let (mut r, _, _) = Raw::open(&srv, "v");
+    assert_eq!(r.write(9, 0, &big), 0, "32 MiB write");
+    assert!(r.read(10, 0, 32 << 20).expect("read") == big);
+    r.disconnect();
+    assert!(srv.alive());
+    qemu_io(&srv.uri("v"), &["write -P 0x77 0 1M"]);
     still_serves(&mut srv);
 }

@@ -247,9 +247,17 @@ pub fn read(p: &Path) -> Vec<u8> {
 }
 
 /// Runs a Python snippet under nbdsh (python3-libnbd); `h` is a connected handle when `uri` is given.
+/// nbdsh runs `python3 -m nbd` from PATH; /usr/bin comes first so that the distribution's
+/// Python (which has the bindings) is used even when a pyenv/venv python3 shadows it.
 pub fn nbdsh(uri: &str, script: &str) -> Output {
     require("nbdsh");
-    run(Command::new("nbdsh").args(["-u", uri, "-c", script]))
+    let path = format!(
+        "/usr/bin:/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    run(Command::new("nbdsh")
+        .env("PATH", path)
+        .args(["-u", uri, "-c", script]))
 }
 
 // ---------------------------------------------------------------------------------------------
