@@ -546,3 +546,49 @@ fn max_size_requests_under_a_small_budget() {
     qemu_io(&srv.uri("v"), &["write -P 0x77 0 1M"]);
     still_serves(&mut srv);
 }
+
+#[test]
+fn malformed_options_are_refused_and_negotiation_continues() {
+    let (_env, mut srv) = setup();
+    let mut r = Raw::start(&srv);
+    let go = |name_len: u32, name: &[u8], n_info: u16, infos: &[u8]| {
+        let mut d = Vec::new();
+        d.extend_from_slice(&name_len.to_be_bytes());
+        d.extend_from_slice(name);
+        d.extend_from_slice(&n_info.to_be_bytes());
+        d.extend_from_slice(infos);
+        d
+    };
+    let cases: Vec<(u32, Vec<u8>, &str)> = vec![
+        (proto::OPT_GO, go(u32::MAX, b"v", 0, &[]), "name length beyond the option"),
+        (proto::OPT_GO, go(1, b"v", 5, &[0, 3]), "info count beyond the option"),
+        (proto::OPT_GO, go(1, b"v", 1, &[0, 3, 9]), "trailing byte"),
+        (proto::OPT_GO, vec![0, 0], "shorter than a name length"),
+        (proto::OPT_INFO, go(2, b"\xff\xfe", 0, &[]), "name not UTF-8"),
+        (proto::OPT_GO, go(5000, &[b'x'; 5000], 0, &[]), "5000-byte unknown name"),
+        (proto::OPT_LIST, b"junk".to_vec(), "LIST with data"),
+        (5, Vec::new(), "STARTTLS (no TLS configured)"),
+        (10, go(1, b"v", 0, &[]), "SET_META_CONTEXT (malformed)"),
+        (11, b"x".to_vec(), "EXTENDED_HEADERS with data"),
+    ];
+    for (opt, data, what) in &cases {
+        r.option(*opt, data).expect("send");
+        // Any number of informational replies, then exactly one final error reply.
+        loop {
+            let rep = r.opt_reply().unwrap_or_else(|e| panic!("{what}: no reply ({e})"));
+            assert_eq!(rep.option, *opt, "{what}: reply does not echo the option");
+            if rep.kind == proto::REP_INFO || rep.kind == proto::REP_SERVER {
+                continue;
+            }
+            assert!(rep.kind & (1 << 31) != 0, "{what}: accepted ({:#x})", rep.kind);
+            assert!(rep.data.len() < 4096, "{what}: error message of {} bytes", rep.data.len());
+            break;
+        }
+    }
+    // Negotiation still works after all of that.
+    let (size, _) = r.go("v").expect("GO after malformed options");
+    assert_eq!(size, 16 << 20);
+    assert_eq!(r.read(1, 0, 4096).expect("read"), vec![0x77u8; 4096]);
+    r.disconnect();
+    still_serves(&mut srv);
+}
