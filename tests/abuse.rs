@@ -560,12 +560,28 @@ fn malformed_options_are_refused_and_negotiation_continues() {
         d
     };
     let cases: Vec<(u32, Vec<u8>, &str)> = vec![
-        (proto::OPT_GO, go(u32::MAX, b"v", 0, &[]), "name length beyond the option"),
-        (proto::OPT_GO, go(1, b"v", 5, &[0, 3]), "info count beyond the option"),
+        (
+            proto::OPT_GO,
+            go(u32::MAX, b"v", 0, &[]),
+            "name length beyond the option",
+        ),
+        (
+            proto::OPT_GO,
+            go(1, b"v", 5, &[0, 3]),
+            "info count beyond the option",
+        ),
         (proto::OPT_GO, go(1, b"v", 1, &[0, 3, 9]), "trailing byte"),
         (proto::OPT_GO, vec![0, 0], "shorter than a name length"),
-        (proto::OPT_INFO, go(2, b"\xff\xfe", 0, &[]), "name not UTF-8"),
-        (proto::OPT_GO, go(5000, &[b'x'; 5000], 0, &[]), "5000-byte unknown name"),
+        (
+            proto::OPT_INFO,
+            go(2, b"\xff\xfe", 0, &[]),
+            "name not UTF-8",
+        ),
+        (
+            proto::OPT_GO,
+            go(5000, &[b'x'; 5000], 0, &[]),
+            "5000-byte unknown name",
+        ),
         (proto::OPT_LIST, b"junk".to_vec(), "LIST with data"),
         (5, Vec::new(), "STARTTLS (no TLS configured)"),
         (10, go(1, b"v", 0, &[]), "SET_META_CONTEXT (malformed)"),
@@ -575,13 +591,23 @@ fn malformed_options_are_refused_and_negotiation_continues() {
         r.option(*opt, data).expect("send");
         // Any number of informational replies, then exactly one final error reply.
         loop {
-            let rep = r.opt_reply().unwrap_or_else(|e| panic!("{what}: no reply ({e})"));
+            let rep = r
+                .opt_reply()
+                .unwrap_or_else(|e| panic!("{what}: no reply ({e})"));
             assert_eq!(rep.option, *opt, "{what}: reply does not echo the option");
             if rep.kind == proto::REP_INFO || rep.kind == proto::REP_SERVER {
                 continue;
             }
-            assert!(rep.kind & (1 << 31) != 0, "{what}: accepted ({:#x})", rep.kind);
-            assert!(rep.data.len() < 4096, "{what}: error message of {} bytes", rep.data.len());
+            assert!(
+                rep.kind & (1 << 31) != 0,
+                "{what}: accepted ({:#x})",
+                rep.kind
+            );
+            assert!(
+                rep.data.len() < 4096,
+                "{what}: error message of {} bytes",
+                rep.data.len()
+            );
             break;
         }
     }

@@ -140,3 +140,48 @@ fn shutdown_after_qemu_io_leaves_data_durable() {
         );
     }
 }
+
+#[test]
+fn sigint_is_graceful_too() {
+    let env = Env::new();
+    let vol = env.create("v.img", "8M", &[]);
+    let srv = env.serve(&[s(&vol)], &[], false);
+    qemu_io(&srv.uri("v"), &["write -P 0x41 4096 8192"]);
+    srv.signal("INT");
+    let st = srv.wait_exit(Duration::from_secs(30));
+    assert!(st.success(), "exit after SIGINT: {st}");
+    let srv = env.serve(&[s(&vol)], &[], false);
+    qemu_io(&srv.uri("v"), &["read -P 0x41 4096 8192"]);
+}
+
+#[test]
+fn restart_after_sigkill_on_the_same_socket() {
+    let env = Env::new();
+    let vol = env.create("v.img", "8M", &[]);
+    let sock = env.path("fixed.sock");
+    let srv = env.serve_on(&sock, &[s(&vol)], &[], false);
+    qemu_io(&srv.uri("v"), &["write -P 0x42 0 64k", "flush"]);
+    // A second server on the same live socket is refused, and the first keeps serving.
+    let out = run(env.cmd().args(["serve", "--unix", s(&sock), s(&vol)]));
+    assert!(
+        !out.status.success(),
+        "a second server took over a live socket"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in use"),
+        "unclear error for a socket in use: {err}"
+    );
+    qemu_io(&srv.uri("v"), &["read -P 0x42 0 64k"]);
+    // A crash leaves a stale socket file behind; the next server replaces it.
+    srv.signal("KILL");
+    let st = srv.wait_exit(Duration::from_secs(10));
+    assert!(!st.success());
+    assert!(sock.exists(), "expected a stale socket file after SIGKILL");
+    let srv = env.serve_on(&sock, &[s(&vol)], &[], false);
+    qemu_io(&srv.uri("v"), &["read -P 0x42 0 64k"]);
+    let info = info_json(&env, &vol);
+    assert_eq!(info["header"]["healthy"], true, "{info}");
+    srv.stop();
+    assert!(!sock.exists(), "socket file left behind after a clean stop");
+}

@@ -93,6 +93,11 @@ impl Env {
     /// Starts `cryptvol serve` on a Unix socket (and a TCP port when `tcp`), waits until it accepts.
     pub fn serve(&self, volumes: &[&str], extra: &[&str], tcp: bool) -> Server {
         let sock = self.path(&format!("nbd-{}.sock", rand_suffix()));
+        self.serve_on(&sock, volumes, extra, tcp)
+    }
+    /// Like [`Env::serve`], on a given Unix socket path.
+    pub fn serve_on(&self, sock: &Path, volumes: &[&str], extra: &[&str], tcp: bool) -> Server {
+        let sock = sock.to_path_buf();
         let port = if tcp { Some(free_port()) } else { None };
         let log = self.path(&format!("serve-{}.log", rand_suffix()));
         let mut c = self.cmd();
@@ -347,6 +352,32 @@ pub fn read_at(p: &Path, offset: u64, len: usize) -> Vec<u8> {
 }
 
 impl Server {
+    /// Sends a signal (e.g. "KILL", "INT") without waiting.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.pid();
+        let _ = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status();
+    }
+    /// Waits for the process to exit (after a signal); returns its status.
+    pub fn wait_exit(mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "cryptvol serve did not exit within {timeout:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     /// Sends SIGTERM without waiting.
     pub fn term(&self) {
         let pid = self.pid();
