@@ -208,3 +208,40 @@ fn ext4_over_nbdfuse_and_loop_4096() {
 fn ext4_over_nbdfuse_and_loop_512() {
     ext4_round_trip("512");
 }
+
+#[test]
+fn backing_filesystem_full_gives_enospc_and_the_server_survives() {
+    require("mount");
+    let env = Env::new();
+    let dir = env.path("small");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let mut c = Cleanup::default();
+    sh_ok(&["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", s(&dir)]);
+    c.mounts.push(dir.clone());
+    // A 64 MiB sparse volume on a 4 MiB filesystem.
+    let vol = dir.join("v.img");
+    run_ok(env.cmd().args(["create", "--size", "64M"]).arg(&vol));
+    let srv = env.serve(&[s(&vol)], &[], false);
+    qemu_io(&srv.uri("v"), &["write -P 0x61 0 1M"]);
+    let out = run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x62 8M 8M",
+        &srv.uri("v"),
+    ]));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("No space left on device"),
+        "a write beyond the backing filesystem's space did not fail with ENOSPC:\n{text}"
+    );
+    // Earlier data intact, server alive and serving.
+    qemu_io(&srv.uri("v"), &["read -P 0x61 0 1M"]);
+    let log = srv.stop();
+    assert!(!log.contains("panicked"), "{log}");
+    c.finish();
+}
