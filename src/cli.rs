@@ -5,12 +5,14 @@ use std::io::{IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::{self, CliOverrides, ExportSpec};
 use crate::keys::{Argon2Params, KeyInfo, PassphraseSource};
 use crate::ops::{self, KeyOptions, NewKey};
-use crate::server::{self, Export, Exports, Listener, ListenerSpec, ServerConfig};
+use crate::server::systemd::{self, ActivatedSocket};
+use crate::server::{self, Export, Exports, Listener, ListenerSpec, ServerConfig, ServerError};
 use crate::size::{format_size, parse_size};
 use crate::volume::{OpenOptions, VolumeSpec, DEFAULT_SECTOR_SIZE};
 
@@ -142,17 +144,30 @@ struct InfoArgs {
     file: PathBuf,
 }
 
+const SERVE_AFTER_HELP: &str = "\
+With --config FILE (TOML, see systemd/cryptvol.toml.example): VOLUME arguments are added to
+the file's exports; --read-only/--discard apply to all exports; any --tcp/--unix replaces the
+file's listeners; other flags override the file. Sockets passed by systemd socket activation
+(LISTEN_FDS) replace all configured listeners. With NOTIFY_SOCKET set, READY=1 is sent once
+every volume is unlocked and the listeners are open, STOPPING=1 on SIGTERM/SIGINT.";
+
 #[derive(Args)]
+#[command(after_help = SERVE_AFTER_HELP)]
 struct ServeArgs {
-    /// Listen on TCP HOST:PORT (repeatable) [default: 127.0.0.1:10809 when no --unix is given].
+    /// Read listeners, exports, keystore and limits from a TOML file (the systemd unit uses
+    /// /etc/cryptvol/cryptvol.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Listen on TCP HOST:PORT (repeatable) [default: 127.0.0.1:10809 when no listener is
+    /// configured].
     #[arg(long, value_name = "HOST:PORT")]
     tcp: Vec<String>,
     /// Listen on a Unix socket at PATH (repeatable).
     #[arg(long, value_name = "PATH")]
     unix: Vec<PathBuf>,
-    /// Permissions of Unix sockets (octal).
-    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
-    socket_mode: u32,
+    /// Permissions of Unix sockets (octal) [default: 0600].
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    socket_mode: Option<u32>,
     /// Allow TCP listeners on non-loopback addresses (NBD has no TLS here: anyone on the
     /// network can read and write the volume).
     #[arg(long)]
@@ -164,15 +179,15 @@ struct ServeArgs {
     /// (like dm-crypt's allow_discards); discarded blocks read back as garbage.
     #[arg(long)]
     discard: bool,
-    /// Bytes of request payload held in memory at once, across all connections.
-    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size_arg)]
-    max_inflight: u64,
+    /// Bytes of request payload held in memory at once, across all connections [default: 64M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    max_inflight: Option<u64>,
     #[command(flatten)]
     keystore: KeystoreArgs,
     #[command(flatten)]
     pass: PassphraseArgs,
     /// Volumes to serve: FILE (export name = file stem) or NAME=FILE.
-    #[arg(value_name = "VOLUME", required = true)]
+    #[arg(value_name = "VOLUME", required_unless_present = "config")]
     volumes: Vec<String>,
 }
 
@@ -225,16 +240,19 @@ fn parse_sector_size(s: &str) -> Result<u32, String> {
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
-    u32::from_str_radix(s.trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|m| *m <= 0o777)
-        .ok_or_else(|| format!("invalid mode {s:?}: expected octal like 0600"))
+    config::parse_mode(s)
 }
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    // Socket activation: adopt the sockets systemd passed while this process still has a
+    // single thread (the LISTEN_* variables are removed from the environment).
+    let activated = match cli.command {
+        Command::Serve(_) => systemd::take_listen_fds(),
+        _ => Ok(Vec::new()),
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(64)
@@ -247,7 +265,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    match rt.block_on(run(cli, activated)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cryptvol: error: {e:#}");
@@ -267,11 +285,11 @@ fn init_logging() {
         .try_init();
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli, activated: Result<Vec<ActivatedSocket>, ServerError>) -> Result<()> {
     match cli.command {
         Command::Create(a) => create(a).await,
         Command::Info(a) => info(a),
-        Command::Serve(a) => serve(a).await,
+        Command::Serve(a) => serve(a, activated?).await,
         Command::Key(k) => key(k),
         Command::Demo(a) => demo(a).await,
     }
@@ -411,72 +429,60 @@ fn aliases_suffix(k: &KeyInfo) -> String {
     }
 }
 
-/// Splits `NAME=FILE` or `FILE` into export name and path.
-fn parse_volume_arg(s: &str) -> Result<(String, PathBuf)> {
-    if let Some((name, file)) = s.split_once('=') {
-        if name.is_empty() || file.is_empty() {
-            bail!("invalid volume {s:?}: expected FILE or NAME=FILE");
-        }
-        return Ok((name.to_string(), PathBuf::from(file)));
-    }
-    let path = PathBuf::from(s);
-    let stem = path
-        .file_stem()
-        .and_then(|x| x.to_str())
-        .filter(|x| !x.is_empty())
-        .with_context(|| format!("cannot derive an export name from {s:?}; use NAME=FILE"))?
-        .to_string();
-    Ok((stem, path))
-}
-
-fn parse_tcp(s: &str) -> Result<std::net::SocketAddr> {
-    use std::net::ToSocketAddrs;
-    s.to_socket_addrs()
-        .with_context(|| format!("invalid TCP address {s:?}: expected HOST:PORT"))?
-        .next()
-        .with_context(|| format!("{s:?} resolves to no address"))
-}
-
-async fn serve(a: ServeArgs) -> Result<()> {
-    let keys = key_options(&a.keystore, Some(&a.pass), Argon2Params::default());
-    let mut specs = Vec::new();
-    let tcp = if a.tcp.is_empty() && a.unix.is_empty() {
-        vec!["127.0.0.1:10809".to_string()]
-    } else {
-        a.tcp.clone()
+async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
+    let file = match &a.config {
+        Some(path) => Some((path.as_path(), config::load(path)?)),
+        None => None,
     };
-    for t in &tcp {
-        specs.push(ListenerSpec::Tcp {
-            addr: parse_tcp(t)?,
-            allow_remote: a.allow_remote,
-        });
-    }
-    for u in &a.unix {
-        specs.push(ListenerSpec::Unix {
-            path: u.clone(),
-            mode: a.socket_mode,
-        });
-    }
-    let opts = OpenOptions {
+    let overrides = CliOverrides {
+        tcp: a.tcp.clone(),
+        unix: a.unix.clone(),
+        socket_mode: a.socket_mode,
+        allow_remote: a.allow_remote,
         read_only: a.read_only,
         discard: a.discard,
+        max_inflight: a.max_inflight,
+        keystore: a.keystore.keystore.clone(),
+        passphrase: a.pass.source(),
+        volumes: a.volumes.clone(),
     };
-    let exports = open_exports(&a.volumes, &keys, opts).await?;
+    let settings = config::resolve(file, overrides)?;
+    let keys = KeyOptions {
+        keystore: settings.keystore,
+        passphrase: settings.passphrase,
+        argon2: Argon2Params::default(),
+    };
+    // Register inherited sockets first: a refused one should fail before any unlock.
+    let mut inherited = Vec::new();
+    for s in activated {
+        let desc = s.describe();
+        inherited.push(s.into_listener(settings.allow_remote)?);
+        tracing::info!("socket activation: using {desc}");
+    }
+    let exports = open_exports(&settings.exports, &keys).await?;
+    let listeners = if inherited.is_empty() {
+        bind_all(&settings.listeners).await?
+    } else {
+        if !settings.listeners.is_empty() {
+            tracing::info!(
+                "socket activation: configured listeners are not opened (systemd passed {} socket(s))",
+                inherited.len()
+            );
+        }
+        inherited
+    };
     let config = ServerConfig {
-        max_inflight_bytes: usize::try_from(a.max_inflight).unwrap_or(usize::MAX),
+        max_inflight_bytes: usize::try_from(settings.max_inflight).unwrap_or(usize::MAX),
         ..ServerConfig::default()
     };
-    run_server(exports, &specs, config).await
+    run_server(exports, listeners, config).await
 }
 
-async fn open_exports(volumes: &[String], keys: &KeyOptions, opts: OpenOptions) -> Result<Exports> {
+async fn open_exports(specs: &[ExportSpec], keys: &KeyOptions) -> Result<Exports> {
     let mut exports: Vec<Export> = Vec::new();
-    for v in volumes {
-        let (name, path) = parse_volume_arg(v)?;
-        if exports.iter().any(|e| e.info.name == name) {
-            bail!("export name {name:?} is used twice; name volumes explicitly with NAME=FILE");
-        }
-        let (vol, header, _) = ops::unlock(&path, keys, opts)
+    for spec in specs {
+        let (name, path, opts) = (&spec.name, &spec.path, spec.options);
+        let (vol, header, _) = ops::unlock(path, keys, opts)
             .await
             .with_context(|| format!("cannot open volume {} (export {name:?})", path.display()))?;
         tracing::info!(
@@ -488,23 +494,40 @@ async fn open_exports(volumes: &[String], keys: &KeyOptions, opts: OpenOptions) 
             read_only = opts.read_only,
             "export opened"
         );
-        exports.push(Export::new(name, vol));
+        exports.push(Export::new(name.clone(), vol));
     }
     Ok(Exports::new(exports))
 }
 
-async fn run_server(exports: Exports, specs: &[ListenerSpec], config: ServerConfig) -> Result<()> {
+async fn bind_all(specs: &[ListenerSpec]) -> Result<Vec<Listener>> {
     let mut listeners = Vec::new();
     for s in specs {
-        let l = Listener::bind(s).await?;
-        tracing::info!("listening on {}", l.describe());
-        listeners.push(l);
+        listeners.push(Listener::bind(s).await?);
     }
+    Ok(listeners)
+}
+
+/// Serves until SIGTERM/SIGINT. Every volume is unlocked and every listener is open here,
+/// so this is where systemd learns that the service is ready.
+async fn run_server(
+    exports: Exports,
+    listeners: Vec<Listener>,
+    config: ServerConfig,
+) -> Result<()> {
+    for l in &listeners {
+        tracing::info!("listening on {}", l.describe());
+    }
+    let n = exports.iter().count();
+    systemd::notify_ready(&format!(
+        "serving {n} export{}",
+        if n == 1 { "" } else { "s" }
+    ));
     let shutdown = server::shutdown_handle();
     let sd = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutting down: no new connections; finishing in-flight requests");
+        systemd::notify_stopping();
         sd.shutdown();
     });
     server::serve(exports, listeners, config, shutdown).await?;
@@ -555,17 +578,18 @@ async fn demo(a: DemoArgs) -> Result<()> {
             mode: 0o600,
         },
         ListenerSpec::Tcp {
-            addr: parse_tcp(&a.tcp)?,
+            addr: config::parse_tcp(&a.tcp).map_err(anyhow::Error::msg)?,
             allow_remote: false,
         },
     ];
-    let exports = open_exports(
-        &[format!("demo={}", vol.display())],
-        &keys,
-        OpenOptions::default(),
-    )
-    .await?;
-    run_server(exports, &specs, ServerConfig::default()).await
+    let export = ExportSpec {
+        name: "demo".to_string(),
+        path: vol.clone(),
+        options: OpenOptions::default(),
+    };
+    let exports = open_exports(&[export], &keys).await?;
+    let listeners = bind_all(&specs).await?;
+    run_server(exports, listeners, ServerConfig::default()).await
 }
 
 fn print_demo_help(dir: &Path, keystore: &Path, vol: &Path, sock: &Path, tcp: &str) {

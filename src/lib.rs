@@ -7,10 +7,12 @@
 //! - [`crypto`]: the XTS engine and secret types (no I/O).
 //! - [`keys`]: the `KeyBackend` trait and its backends.
 //! - [`ops`]: volume lifecycle operations composed from the layers above (create, open, info).
+//! - [`config`]: the `serve` configuration file and how it combines with the command line.
 //! - [`cli`]: the thin clap front end.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod cli;
+pub mod config;
 pub mod crypto;
 pub mod keys;
 pub mod nbd;

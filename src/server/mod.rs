@@ -9,6 +9,7 @@
 mod conn;
 mod export;
 mod listen;
+pub mod systemd;
 
 pub use export::{errno_for, Export, Exports};
 pub use listen::{Listener, ListenerSpec};
@@ -37,6 +38,8 @@ pub enum ServerError {
     },
     #[error("no listeners configured")]
     NoListeners,
+    #[error("socket activation: {0}")]
+    Activation(String),
 }
 
 /// Tunables.

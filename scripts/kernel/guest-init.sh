@@ -1,0 +1,376 @@
+#!/bin/sh
+# /init of the throw-away initramfs that scripts/kernel-test.sh boots under
+# qemu-system-x86_64. It runs under busybox ash inside the guest, uses the guest
+# kernel's own nbd driver (attached with the real nbd-client over netlink) and
+# prints one line per check on the serial console:
+#
+#   KT-RESULT <name> PASS|FAIL <detail>
+#
+# plus KT-SUM lines (checksums the host carries into the next boot), KT-LOG
+# lines (context for a failure) and KT-REQ lines (requests to the host, which
+# answers through the control port; see ctl_wait). It never exits: it powers
+# the VM off (reboot -f, qemu runs with -no-reboot) when done.
+#
+# Configuration: /kt/conf (sourced; written by the host), kt.phase=N on the
+# kernel command line, /kt/expected.sums in later boots.
+
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+umask 022
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null || true
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null || true
+mkdir -p /dev/shm /tmp /run /mnt/a /mnt/b
+mount -t tmpfs tmpfs /dev/shm
+
+# shellcheck disable=SC1091
+. /kt/conf
+
+PHASE=
+# shellcheck disable=SC2013 # words, not lines
+for w in $(cat /proc/cmdline); do
+    case "$w" in kt.phase=*) PHASE=${w#kt.phase=} ;; esac
+done
+
+LOGDIR=/tmp/kt-logs
+mkdir -p "$LOGDIR"
+
+say() { echo "$*" > /dev/console; }
+
+# result NAME PASS|FAIL DETAIL...
+result() {
+    n=$1; s=$2; shift 2
+    say "KT-RESULT $n $s $*"
+}
+
+# Print the tail of a check's log so a failure explains itself on the console.
+show_log() {
+    [ -s "$LOGDIR/$1" ] || return 0
+    tail -n 25 "$LOGDIR/$1" | while IFS= read -r l; do say "KT-LOG $1: $l"; done
+}
+
+# check NAME FUNCTION: run FUNCTION with stdout+stderr in the check's log; the
+# function writes its one-line detail to $DETAIL. A non-zero status is a FAIL.
+DETAIL=/tmp/kt-detail
+check() {
+    n=$1; f=$2
+    : > "$DETAIL"
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    if "$f" > "$LOGDIR/$n" 2>&1; then st=PASS; else st=FAIL; fi
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    d=$(head -n 1 "$DETAIL")
+    # A failure without its own detail: the last thing its log said.
+    [ -n "$d" ] || [ "$st" = PASS ] || d=$(grep -v '^+ ' "$LOGDIR/$n" | tail -n 1)
+    el=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1fs", b - a }')
+    result "$n" "$st" "${d:-no detail} ($el)"
+    if [ "$st" = FAIL ]; then
+        show_log "$n"
+        FAILED=$((FAILED + 1))
+    fi
+}
+FAILED=0
+
+detail() { echo "$*" > "$DETAIL"; }
+die() { echo "ERROR: $*"; detail "$*"; return 1; }
+
+# ---------------------------------------------------------------- helpers
+
+# attach DEV PORT EXPORT [nbd-client options...]
+# Attaches over netlink (nbd-client 3.24 wants the device named explicitly).
+attach() {
+    dev=$1; port=$2; name=$3; shift 3
+    echo "+ nbd-client $HOST $port $dev -N $name -t $NBD_TIMEOUT $*"
+    timeout "$ATTACH_TIMEOUT" nbd-client "$HOST" "$port" "$dev" -N "$name" -t "$NBD_TIMEOUT" "$@" ||
+        { echo "nbd-client attach of '$name' on $dev failed"; return 1; }
+    # The size appears when the kernel has taken the config.
+    i=0
+    while [ "$(cat /sys/block/"${dev#/dev/}"/size 2>/dev/null || echo 0)" = 0 ]; do
+        i=$((i + 1)); [ $i -gt 50 ] && { echo "$dev has size 0 after attach"; return 1; }
+        sleep 0.1
+    done
+    echo "attached $name on $dev: $(blockdev --getsize64 "$dev") bytes, lbs $(cat /sys/block/"${dev#/dev/}"/queue/logical_block_size)"
+}
+
+detach() {
+    dev=$1
+    echo "+ nbd-client -d $dev"
+    timeout "$ATTACH_TIMEOUT" nbd-client -d "$dev" || { echo "detach of $dev failed"; return 1; }
+    i=0
+    while [ "$(cat /sys/block/"${dev#/dev/}"/size 2>/dev/null || echo 0)" != 0 ]; do
+        i=$((i + 1)); [ $i -gt 50 ] && { echo "$dev still has a size after detach"; return 1; }
+        sleep 0.1
+    done
+}
+
+lbs() { cat "/sys/block/${1#/dev/}/queue/logical_block_size"; }
+
+# Server transmission flags as the kernel recorded them (debugfs), as a number.
+srv_flags() {
+    f=/sys/kernel/debug/nbd/${1#/dev/}/flags
+    [ -r "$f" ] || { echo -1; return; }
+    h=$(sed -n 's/^Hex: 0x\([0-9a-fA-F]*\).*/\1/p' "$f")
+    echo $((0x${h:-0}))
+}
+
+# Established TCP connections from this guest to HOST:PORT (the nbd sockets).
+conns_to() {
+    port_hex=$(printf '%04X' "$1")
+    # 10.0.2.100 as /proc/net/tcp prints it (little-endian u32).
+    awk -v p="6402000A:$port_hex" '$3 == p && $4 == "01" { n++ } END { print n + 0 }' /proc/net/tcp
+}
+
+# run_fio NAME ARGS...: fio with data verification; non-zero on any error.
+run_fio() {
+    fname=$1; shift
+    echo "+ fio --name=$fname $*"
+    timeout "$FIO_TIMEOUT" fio --name="$fname" --ioengine=libaio --direct=1 \
+        --verify=crc32c --do_verify=1 --verify_fatal=1 \
+        --group_reporting "$@" || { echo "fio job $fname failed (status $?)"; return 1; }
+}
+
+# ask the host for ACTION and wait until it says it is done (control port).
+ctl_wait() {
+    token=$1
+    say "KT-REQ $token"
+    i=0
+    while :; do
+        got=$(timeout 5 nc "$HOST" "$CTL_PORT" < /dev/null 2>/dev/null || true)
+        case "$got" in *"done $token"*) return 0 ;; esac
+        i=$((i + 1)); [ $i -gt "$CTL_TRIES" ] && { echo "host never answered $token"; return 1; }
+        sleep 0.5
+    done
+}
+
+# ---------------------------------------------------------------- phase 1
+
+c_fs_attach() {
+    attach /dev/nbd0 "$RW_PORT" "$EXP_FS" -b 4096 || return 1
+    [ "$(lbs /dev/nbd0)" = 4096 ] || die "logical block size $(lbs /dev/nbd0), want 4096" || return 1
+    mkfs.ext4 -F -q -b 4096 -L ktfs /dev/nbd0 || die "mkfs.ext4 failed" || return 1
+    mount -t ext4 /dev/nbd0 /mnt/a || die "mount failed" || return 1
+    detail "/dev/nbd0 -N $EXP_FS -b 4096: $(blockdev --getsize64 /dev/nbd0) bytes, flags $(printf 0x%x "$(srv_flags /dev/nbd0)"), mkfs.ext4+mount ok"
+}
+
+c_fs_write() {
+    mountpoint -q /mnt/a 2>/dev/null || grep -q ' /mnt/a ' /proc/mounts || die "fs not mounted" || return 1
+    mkdir -p /mnt/a/data/sub
+    i=0
+    while [ $i -lt 8 ]; do
+        dd if=/dev/urandom of=/mnt/a/data/f$i bs=64k count=$((i * 3 + 1)) 2>/dev/null || return 1
+        i=$((i + 1))
+    done
+    dd if=/dev/urandom of=/mnt/a/data/sub/big bs=1M count=8 2>/dev/null || return 1
+    # Odd sizes: partial blocks and a tail inside the last sector.
+    dd if=/dev/urandom of=/mnt/a/data/sub/odd bs=1 count=77777 2>/dev/null || return 1
+    echo "$MARKER" > /mnt/a/data/hello.txt
+    sync
+    (cd /mnt/a/data && find . -type f | sort | xargs sha256sum) > /tmp/fs.sums || return 1
+    sz=$(du -sk /mnt/a/data | cut -f1)
+    detail "$(wc -l < /tmp/fs.sums) files, ${sz} KiB, sha256 recorded"
+}
+
+c_fs_fio() {
+    run_fio fsverify --directory=/mnt/a --filename=fio.dat --size=8M \
+        --rw=randwrite --bsrange=4k-64k --iodepth=16 --unlink=1 || return 1
+    detail "fio randwrite 8M bs 4k-64k qd16 verify=crc32c on ext4 over nbd0: no errors"
+}
+
+c_fs_discard() {
+    # The export advertises trim (server run with --discard): fstrim goes down
+    # to the server as NBD_CMD_TRIM.
+    f=$(srv_flags /dev/nbd0)
+    [ $((f & 0x20)) -ne 0 ] || die "server did not advertise SEND_TRIM (flags $(printf 0x%x "$f"))" || return 1
+    out=$(fstrim -v /mnt/a 2>&1) || die "fstrim failed: $out" || return 1
+    (cd /mnt/a/data && sha256sum -c -s /tmp/fs.sums) || die "checksums differ after fstrim" || return 1
+    detail "SEND_TRIM advertised; $out; checksums unchanged"
+}
+
+c_fs_reattach() {
+    umount /mnt/a || die "umount failed" || return 1
+    detach /dev/nbd0 || return 1
+    attach /dev/nbd1 "$RW_PORT" "$EXP_FS" -b 4096 || return 1
+    e2fsck -fn /dev/nbd1 || die "e2fsck -fn reports problems (status $?)" || return 1
+    mount -t ext4 /dev/nbd1 /mnt/b || die "mount on nbd1 failed" || return 1
+    (cd /mnt/b/data && sha256sum -c /tmp/fs.sums) || die "checksums differ after re-attach" || return 1
+    umount /mnt/b || return 1
+    detach /dev/nbd1 || return 1
+    detail "detached nbd0, attached nbd1: e2fsck -fn clean, $(wc -l < /tmp/fs.sums) checksums equal"
+}
+
+c_raw_fio() {
+    attach /dev/nbd2 "$RW_PORT" "$EXP_RAW" -b 4096 || return 1
+    run_fio rawverify --filename=/dev/nbd2 --size=12M --offset=4M --rw=randwrite \
+        --bsrange=4k-128k --iodepth=16 || return 1
+    run_fio rawseq --filename=/dev/nbd2 --offset=32M --size=8M --rw=write --bs=1M --iodepth=4 || return 1
+    detach /dev/nbd2 || return 1
+    detail "raw /dev/nbd2 -b 4096: randwrite 12M bs 4k-128k + seq 8M bs 1M, verify=crc32c ok"
+}
+
+c_s512() {
+    attach /dev/nbd3 "$RW_PORT" "$EXP_S512" || return 1
+    l=$(lbs /dev/nbd3)
+    [ "$l" = 512 ] || die "default block size gave lbs $l, want 512" || return 1
+    run_fio s512 --filename=/dev/nbd3 --size=8M --rw=randwrite --bsrange=512-64k --iodepth=16 || return 1
+    detach /dev/nbd3 || return 1
+    detail "$EXP_SECT_S512-byte-sector volume, client default bs (lbs $l): fio randwrite bs 512-64k verify ok"
+}
+
+c_rmw() {
+    attach /dev/nbd4 "$RW_PORT" "$EXP_RMW" -b 512 || return 1
+    l=$(lbs /dev/nbd4)
+    [ "$l" = 512 ] || die "-b 512 gave lbs $l" || return 1
+    # 512-byte and unaligned-to-4096 writes into a 4096-sector volume: the
+    # server has to read-modify-write.
+    run_fio rmw --filename=/dev/nbd4 --size=256K --rw=randwrite --bs=512 --iodepth=16 || return 1
+    run_fio rmw2 --filename=/dev/nbd4 --offset=8M --size=2M --rw=randwrite --bsrange=1536-12800 \
+        --blockalign=512 --iodepth=8 || return 1
+    detach /dev/nbd4 || return 1
+    detail "$EXP_SECT_RMW-byte-sector volume with -b 512: fio randwrite 256K bs=512 + 2M bs 1.5k-12.5k (512-aligned) verify ok"
+}
+
+c_multiconn() {
+    attach /dev/nbd5 "$RW_PORT" "$EXP_MC" -b 4096 -C 4 || return 1
+    c=$(conns_to "$RW_PORT")
+    f=$(srv_flags /dev/nbd5)
+    [ "$c" -ge 4 ] || die "expected 4 connections, found $c" || return 1
+    run_fio mc --filename=/dev/nbd5 --size=4M --offset_increment=8M --numjobs=4 \
+        --rw=randwrite --bsrange=4k-64k --iodepth=16 || return 1
+    detach /dev/nbd5 || return 1
+    detail "-C 4: $c TCP connections, flags $(printf 0x%x "$f") (CAN_MULTI_CONN), 4 fio jobs x 4M verify ok"
+}
+
+c_ro_prep() {
+    attach /dev/nbd6 "$PREP_PORT" "$EXP_RO" -b 4096 || return 1
+    mkfs.ext4 -F -q -b 4096 -L ktro /dev/nbd6 || return 1
+    mount -t ext4 /dev/nbd6 /mnt/b || return 1
+    mkdir -p /mnt/b/data
+    dd if=/dev/urandom of=/mnt/b/data/ro.bin bs=64k count=40 2>/dev/null || return 1
+    echo "read-only export payload" > /mnt/b/data/readme
+    (cd /mnt/b/data && find . -type f | sort | xargs sha256sum) > /tmp/ro.sums || return 1
+    umount /mnt/b || return 1
+    detach /dev/nbd6 || return 1
+    detail "ext4 with $(wc -l < /tmp/ro.sums) files written on '$EXP_RO' through the read-write server"
+}
+
+phase1() {
+    check fs-attach-mkfs c_fs_attach
+    check fs-write c_fs_write
+    check fs-fio-verify c_fs_fio
+    check fs-discard c_fs_discard
+    check fs-reattach c_fs_reattach
+    check raw-fio-verify c_raw_fio
+    check bs512-fio-verify c_s512
+    check rmw-bs512-fio-verify c_rmw
+    check multiconn-fio-verify c_multiconn
+    check ro-prepare c_ro_prep
+    # Carry the checksums to the next boot (and the host's log).
+    sed 's/^/KT-SUM fs /' /tmp/fs.sums 2>/dev/null | while IFS= read -r l; do say "$l"; done
+    sed 's/^/KT-SUM ro /' /tmp/ro.sums 2>/dev/null | while IFS= read -r l; do say "$l"; done
+}
+
+# ---------------------------------------------------------------- phase 2
+
+expected() { # expected fs|ro > file
+    sed -n "s/^$1 //p" /kt/expected.sums
+}
+
+c_restart_verify() {
+    [ -s /kt/expected.sums ] || die "no checksums carried from boot 1" || return 1
+    expected fs > /tmp/fs.sums
+    [ -s /tmp/fs.sums ] || die "no fs checksums carried from boot 1" || return 1
+    attach /dev/nbd0 "$RW_PORT" "$EXP_FS" -b 4096 || return 1
+    e2fsck -fn /dev/nbd0 || die "e2fsck -fn after server restart reports problems" || return 1
+    mount -t ext4 /dev/nbd0 /mnt/a || return 1
+    (cd /mnt/a/data && sha256sum -c /tmp/fs.sums) || die "checksums differ after server restart" || return 1
+    umount /mnt/a || return 1
+    detail "after SIGTERM+restart of the server: fresh kernel attached, e2fsck -fn clean, $(wc -l < /tmp/fs.sums) checksums equal"
+    # stays detached? no: keep it attached for the idle-restart check.
+}
+
+c_idle_restart() {
+    # nbd0 is attached (from c_restart_verify) and idle. The host SIGTERMs the
+    # server and starts it again; the guest then drops the dead device and
+    # re-attaches.
+    ctl_wait restart-rw || return 1
+    timeout "$ATTACH_TIMEOUT" nbd-client -d /dev/nbd0 || true
+    i=0
+    while [ "$(cat /sys/block/nbd0/size)" != 0 ]; do
+        i=$((i + 1)); [ $i -gt 50 ] && { echo "nbd0 still configured"; return 1; }
+        sleep 0.1
+    done
+    attach /dev/nbd1 "$RW_PORT" "$EXP_FS" -b 4096 || return 1
+    mount -t ext4 /dev/nbd1 /mnt/a || return 1
+    (cd /mnt/a/data && sha256sum -c /tmp/fs.sums) || die "checksums differ after restart-while-attached" || return 1
+    umount /mnt/a || return 1
+    detach /dev/nbd1 || return 1
+    detail "server restarted while nbd0 was attached and idle: re-attached on nbd1, checksums equal"
+}
+
+c_ro() {
+    expected ro > /tmp/ro.sums
+    [ -s /tmp/ro.sums ] || die "no ro checksums carried from boot 1" || return 1
+    attach /dev/nbd2 "$RO_PORT" "$EXP_RO" -b 4096 || return 1
+    f=$(srv_flags /dev/nbd2)
+    ro=$(blockdev --getro /dev/nbd2)
+    [ $((f & 0x2)) -ne 0 ] || die "server did not set READ_ONLY (flags $(printf 0x%x "$f"))" || return 1
+    [ "$ro" = 1 ] || die "blockdev --getro says $ro" || return 1
+    if out=$(dd if=/dev/zero of=/dev/nbd2 bs=4096 count=1 seek=100 oflag=direct conv=fsync 2>&1); then
+        die "direct write to the read-only device succeeded" || return 1
+    fi
+    echo "dd refused: $out"
+    err=$(echo "$out" | grep -o -m1 -e 'Operation not permitted' -e 'Read-only file system' -e 'Permission denied' || echo "$out" | tail -n 1)
+    # A mount without -o ro must not come up writable (busybox mount falls back
+    # to read-only when the device refuses read-write).
+    if mount -t ext4 /dev/nbd2 /mnt/b; then
+        opts=$(awk '$2 == "/mnt/b" { print $4 }' /proc/mounts)
+        umount /mnt/b
+        case ",$opts," in *,ro,*) ;; *) die "mount without -o ro came up writable ($opts)" || return 1 ;; esac
+    fi
+    mount -t ext4 -o ro /dev/nbd2 /mnt/b || die "mount -o ro failed" || return 1
+    (cd /mnt/b/data && sha256sum -c /tmp/ro.sums) || die "checksums differ on the read-only export" || return 1
+    if touch /mnt/b/data/new 2>/dev/null; then die "created a file on the ro mount" || return 1; fi
+    umount /mnt/b || return 1
+    detach /dev/nbd2 || return 1
+    detail "flags $(printf 0x%x "$f") READ_ONLY, getro=1, dd oflag=direct refused ($err), plain mount came up ro, mount -o ro ok, $(wc -l < /tmp/ro.sums) checksums equal"
+}
+
+phase2() {
+    check restart-data-intact c_restart_verify
+    check restart-while-attached c_idle_restart
+    check ro-export-refuses-writes c_ro
+}
+
+# ---------------------------------------------------------------- main
+
+setup() {
+    while read -r m args; do
+        # shellcheck disable=SC2086 # module parameters, one word each
+        insmod "$m" $args || { echo "insmod $m $args failed"; return 1; }
+    done < /kt/modules.list
+    i=0
+    while [ ! -e /sys/class/net/eth0 ]; do
+        i=$((i + 1)); [ $i -gt 100 ] && { echo "no eth0"; return 1; }
+        sleep 0.1
+    done
+    ip link set lo up
+    ip link set eth0 up
+    ip addr add 10.0.2.15/24 dev eth0
+    [ -e /dev/nbd7 ] || die "nbd module did not create /dev/nbd0-7" || return 1
+    detail "kernel $(uname -r), $(nproc) cpus, virtio_net + nbd loaded"
+}
+
+say "KT-BOOT phase=$PHASE kernel=$(uname -r)"
+check "boot$PHASE-setup" setup
+case "$PHASE" in
+    1) phase1 ;;
+    2) phase2 ;;
+    *) result "boot-phase" FAIL "unknown phase '$PHASE'" ;;
+esac
+if [ "$FAILED" -gt 0 ]; then
+    dmesg | tail -n 40 | while IFS= read -r l; do say "KT-DMESG $l"; done
+fi
+say "KT-END phase=$PHASE failed=$FAILED"
+sync
+reboot -f
+sleep 30
