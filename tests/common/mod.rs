@@ -93,6 +93,11 @@ impl Env {
     /// Starts `cryptvol serve` on a Unix socket (and a TCP port when `tcp`), waits until it accepts.
     pub fn serve(&self, volumes: &[&str], extra: &[&str], tcp: bool) -> Server {
         let sock = self.path(&format!("nbd-{}.sock", rand_suffix()));
+        self.serve_on(&sock, volumes, extra, tcp)
+    }
+    /// Like [`Env::serve`], on a given Unix socket path.
+    pub fn serve_on(&self, sock: &Path, volumes: &[&str], extra: &[&str], tcp: bool) -> Server {
+        let sock = sock.to_path_buf();
         let port = if tcp { Some(free_port()) } else { None };
         let log = self.path(&format!("serve-{}.log", rand_suffix()));
         let mut c = self.cmd();
@@ -247,7 +252,375 @@ pub fn read(p: &Path) -> Vec<u8> {
 }
 
 /// Runs a Python snippet under nbdsh (python3-libnbd); `h` is a connected handle when `uri` is given.
+/// nbdsh runs `python3 -m nbd` from PATH; /usr/bin comes first so that the distribution's
+/// Python (which has the bindings) is used even when a pyenv/venv python3 shadows it.
 pub fn nbdsh(uri: &str, script: &str) -> Output {
     require("nbdsh");
-    run(Command::new("nbdsh").args(["-u", uri, "-c", script]))
+    let path = format!(
+        "/usr/bin:/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    run(Command::new("nbdsh")
+        .env("PATH", path)
+        .args(["-u", uri, "-c", script]))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers added for the peer, error, abuse and filesystem tests.
+
+/// A path as `&str` (test paths are always UTF-8).
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// The directory holding helper scripts (tests/nbdsh).
+pub fn scripts_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("nbdsh")
+}
+
+/// Fails the test when the Python libnbd bindings are missing.
+pub fn require_python_nbd() {
+    require("nbdsh");
+    let ok = Command::new("/usr/bin/python3")
+        .args(["-c", "import nbd"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "python3-libnbd is not installed for /usr/bin/python3; run scripts/install-deps.sh"
+    );
+}
+
+/// Runs `tests/nbdsh/semantics.py CHECK ARGS...` and asserts it passed.
+pub fn semantics(check: &str, args: &[&str]) {
+    require_python_nbd();
+    let out = run(Command::new("/usr/bin/python3")
+        .arg(scripts_dir().join("semantics.py"))
+        .arg(check)
+        .args(args));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(&format!("OK {check}")),
+        "libnbd check `{check}` failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `cryptvol info --json FILE` parsed.
+pub fn info_json(env: &Env, file: &Path) -> serde_json::Value {
+    let out = run_ok(env.cmd().args(["info", "--json"]).arg(file));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("info --json is not JSON ({e}):\n{out}"))
+}
+
+/// `qemu-io -f raw URI -c CMD...`; asserts success and no pattern mismatch; returns stdout+stderr.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    require("qemu-io");
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.arg(uri);
+    let out = run(&mut c);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success()
+            && !text.contains("Pattern verification failed")
+            && !text.contains("failed:"),
+        "qemu-io {cmds:?} on {uri} failed ({}):\n{text}",
+        out.status
+    );
+    text
+}
+
+/// Reads `len` bytes of a file at `offset`.
+pub fn read_at(p: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, offset)
+        .unwrap_or_else(|e| panic!("read {} at {offset}: {e}", p.display()));
+    buf
+}
+
+impl Server {
+    /// Sends a signal (e.g. "KILL", "INT") without waiting.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.pid();
+        let _ = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status();
+    }
+    /// Waits for the process to exit (after a signal); returns its status.
+    pub fn wait_exit(mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "cryptvol serve did not exit within {timeout:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    /// Sends SIGTERM without waiting.
+    pub fn term(&self) {
+        let pid = self.pid();
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+}
+
+/// NBD protocol constants (from the specification), for the raw-socket tests.
+pub mod proto {
+    pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+    pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+    pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+    pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+    pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+    pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
+    pub const FLAG_NO_ZEROES: u16 = 2;
+    pub const OPT_EXPORT_NAME: u32 = 1;
+    pub const OPT_ABORT: u32 = 2;
+    pub const OPT_LIST: u32 = 3;
+    pub const OPT_INFO: u32 = 6;
+    pub const OPT_GO: u32 = 7;
+    pub const OPT_STRUCTURED_REPLY: u32 = 8;
+    pub const REP_ACK: u32 = 1;
+    pub const REP_SERVER: u32 = 2;
+    pub const REP_INFO: u32 = 3;
+    pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+    pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+    pub const INFO_EXPORT: u16 = 0;
+    pub const INFO_BLOCK_SIZE: u16 = 3;
+    pub const CMD_READ: u16 = 0;
+    pub const CMD_WRITE: u16 = 1;
+    pub const CMD_DISC: u16 = 2;
+    pub const CMD_FLUSH: u16 = 3;
+    pub const CMD_FLAG_FUA: u16 = 1;
+    pub const TFLAG_READ_ONLY: u16 = 1 << 1;
+    pub const EPERM: u32 = 1;
+    pub const EINVAL: u32 = 22;
+    pub const ENOSPC: u32 = 28;
+    pub const ESHUTDOWN: u32 = 108;
+}
+
+/// One option reply.
+#[derive(Debug)]
+pub struct OptReply {
+    pub option: u32,
+    pub kind: u32,
+    pub data: Vec<u8>,
+}
+
+/// A hand-driven NBD client over a Unix socket, for protocol edge cases and abuse.
+pub struct Raw {
+    pub s: std::os::unix::net::UnixStream,
+}
+
+impl Raw {
+    /// Connects with 10 s read/write timeouts (a stuck server fails the test, never hangs it).
+    pub fn connect(server: &Server) -> Raw {
+        let s = std::os::unix::net::UnixStream::connect(&server.sock)
+            .expect("connect to the server socket");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.set_write_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        Raw { s }
+    }
+    pub fn send(&mut self, b: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        self.s.write_all(b)
+    }
+    pub fn recv(&mut self, n: usize) -> std::io::Result<Vec<u8>> {
+        let mut b = vec![0u8; n];
+        self.s.read_exact(&mut b)?;
+        Ok(b)
+    }
+    /// Reads the 18-byte greeting; returns the handshake flags.
+    pub fn greeting(&mut self) -> u16 {
+        let g = self.recv(18).expect("server greeting");
+        assert_eq!(be64(&g[0..8]), proto::NBDMAGIC, "bad NBDMAGIC");
+        assert_eq!(be64(&g[8..16]), proto::IHAVEOPT, "bad IHAVEOPT");
+        let flags = u16::from_be_bytes([g[16], g[17]]);
+        assert!(
+            flags & proto::FLAG_FIXED_NEWSTYLE != 0,
+            "server is not fixed-newstyle"
+        );
+        flags
+    }
+    /// Greeting + client flags (fixed newstyle and no-zeroes).
+    pub fn start(server: &Server) -> Raw {
+        let mut r = Raw::connect(server);
+        let f = r.greeting();
+        let cf = u32::from(f & (proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES));
+        r.send(&cf.to_be_bytes()).expect("send client flags");
+        r
+    }
+    pub fn option(&mut self, opt: u32, data: &[u8]) -> std::io::Result<()> {
+        let mut b = Vec::with_capacity(16 + data.len());
+        b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(
+            &u32::try_from(data.len())
+                .expect("option length")
+                .to_be_bytes(),
+        );
+        b.extend_from_slice(data);
+        self.send(&b)
+    }
+    pub fn opt_reply(&mut self) -> std::io::Result<OptReply> {
+        let h = self.recv(20)?;
+        assert_eq!(be64(&h[0..8]), proto::REPLY_MAGIC, "bad option reply magic");
+        let option = be32(&h[8..12]);
+        let kind = be32(&h[12..16]);
+        let len = be32(&h[16..20]);
+        assert!(len < 65536, "option reply of {len} bytes");
+        let data = self.recv(len as usize)?;
+        Ok(OptReply { option, kind, data })
+    }
+    /// NBD_OPT_GO; returns (size, transmission flags, infos) or the error reply.
+    pub fn go(&mut self, name: &str) -> Result<(u64, u16), OptReply> {
+        let mut d = Vec::new();
+        d.extend_from_slice(&u32::try_from(name.len()).expect("name").to_be_bytes());
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&1u16.to_be_bytes());
+        d.extend_from_slice(&proto::INFO_BLOCK_SIZE.to_be_bytes());
+        self.option(proto::OPT_GO, &d).expect("send OPT_GO");
+        let mut export = None;
+        loop {
+            let r = self.opt_reply().expect("OPT_GO reply");
+            assert_eq!(r.option, proto::OPT_GO, "reply does not echo the option");
+            match r.kind {
+                proto::REP_INFO => {
+                    assert!(r.data.len() >= 2, "short NBD_REP_INFO");
+                    if u16::from_be_bytes([r.data[0], r.data[1]]) == proto::INFO_EXPORT {
+                        assert_eq!(r.data.len(), 12, "NBD_INFO_EXPORT length");
+                        export = Some((
+                            be64(&r.data[2..10]),
+                            u16::from_be_bytes([r.data[10], r.data[11]]),
+                        ));
+                    }
+                }
+                proto::REP_ACK => {
+                    assert!(r.data.is_empty(), "ACK with payload");
+                    return Ok(export.expect("NBD_OPT_GO succeeded without NBD_INFO_EXPORT"));
+                }
+                k if k & (1 << 31) != 0 => return Err(r),
+                k => panic!("unexpected reply type {k:#x} to NBD_OPT_GO"),
+            }
+        }
+    }
+    /// Full handshake to `export`.
+    pub fn open(server: &Server, export: &str) -> (Raw, u64, u16) {
+        let mut r = Raw::start(server);
+        let (size, flags) = r
+            .go(export)
+            .unwrap_or_else(|e| panic!("NBD_OPT_GO {export:?} refused: {e:?}"));
+        (r, size, flags)
+    }
+    pub fn request(
+        &mut self,
+        flags: u16,
+        cmd: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> std::io::Result<()> {
+        let mut b = Vec::with_capacity(28 + payload.len());
+        b.extend_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&cmd.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(payload);
+        self.send(&b)
+    }
+    /// Reads a simple reply header: (error, cookie).
+    pub fn reply(&mut self) -> std::io::Result<(u32, u64)> {
+        let h = self.recv(16)?;
+        assert_eq!(
+            be32(&h[0..4]),
+            proto::SIMPLE_REPLY_MAGIC,
+            "bad simple reply magic"
+        );
+        Ok((be32(&h[4..8]), be64(&h[8..16])))
+    }
+    pub fn write(&mut self, cookie: u64, offset: u64, data: &[u8]) -> u32 {
+        let len = u32::try_from(data.len()).expect("len");
+        self.request(0, proto::CMD_WRITE, cookie, offset, len, data)
+            .expect("send WRITE");
+        let (err, c) = self.reply().expect("WRITE reply");
+        assert_eq!(c, cookie, "cookie");
+        err
+    }
+    pub fn read(&mut self, cookie: u64, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
+        self.request(0, proto::CMD_READ, cookie, offset, len, &[])
+            .expect("send READ");
+        let (err, c) = self.reply().expect("READ reply");
+        assert_eq!(c, cookie, "cookie");
+        if err != 0 {
+            return Err(err);
+        }
+        Ok(self.recv(len as usize).expect("READ payload"))
+    }
+    pub fn disconnect(mut self) {
+        let _ = self.request(0, proto::CMD_DISC, 0, 0, 0, &[]);
+    }
+    /// Waits until the server closes the connection (EOF or reset), draining whatever it
+    /// sends first; returns the bytes drained, or panics after `timeout`.
+    pub fn expect_closed(&mut self, timeout: Duration) -> Vec<u8> {
+        let deadline = Instant::now() + timeout;
+        let mut drained = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "server did not close the connection within {timeout:?}"
+            );
+            self.s.set_read_timeout(Some(left)).expect("timeout");
+            match self.s.read(&mut buf) {
+                Ok(0) => return drained,
+                Ok(n) => drained.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return drained,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!("server did not close the connection within {timeout:?}")
+                }
+                Err(e) => panic!("unexpected error waiting for close: {e}"),
+            }
+        }
+    }
+}
+
+pub fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().expect("4 bytes"))
+}
+
+pub fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
 }
