@@ -605,7 +605,7 @@ Use it from another terminal:
   qemu-img convert -n -O raw some-disk.raw 'nbd+unix:///demo?socket={sock}'
   # a real filesystem through FUSE and a loop device (no nbd kernel module needed):
   mkdir -p {dir}/fuse && nbdfuse {dir}/fuse/disk 'nbd+unix:///demo?socket={sock}' &
-  sudo losetup -f --show {dir}/fuse/disk     # then mkfs.ext4 / mount the printed /dev/loopN
+  sudo losetup -f --show --sector-size 4096 {dir}/fuse/disk   # then mkfs.ext4 / mount the printed /dev/loopN
   # on a host with the nbd kernel module:
   sudo modprobe nbd && sudo nbd-client {host} {port} /dev/nbd0 -N demo -b 4096
 

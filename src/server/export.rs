@@ -79,6 +79,7 @@ pub fn errno_for(e: &VolumeError) -> NbdErrno {
         | VolumeError::KeyCheckFailed { .. }
         | VolumeError::HeaderMacMismatch { .. }
         | VolumeError::AlreadyExists { .. }
+        | VolumeError::InUse { .. }
         | VolumeError::BadSize { .. }
         | VolumeError::BadSectorSize(_) => NbdErrno::Io,
     }

@@ -132,6 +132,7 @@ impl Volume {
                 source: e,
             })?;
         check_file_uuid(&file, path, header.uuid)?;
+        lock_in_use(&file, &p, opts.read_only)?;
         let len = file_len(&file).map_err(|e| VolumeError::Io {
             path: p.clone(),
             source: e,
@@ -970,5 +971,42 @@ mod tests {
         assert!(matches!(v.io_err(e), VolumeError::NoSpace(_)));
         let e = std::io::Error::from_raw_os_error(libc::EIO);
         assert!(matches!(v.io_err(e), VolumeError::Io { .. }));
+    }
+}
+
+/// Byte of the reserved area (after both header copies) that an open volume locks, so
+/// that one file is never served twice for writing, not even by the same process.
+/// The lock is an open-file-description (OFD) record lock, independent of the `flock`
+/// that header reads and writes take, so `cryptvol info` still works on a served volume.
+const IN_USE_LOCK_OFFSET: i64 = super::header::HEADER_AREA_SIZE as i64;
+
+/// Takes the in-use lock: exclusive for a writable open, shared for a read-only one.
+/// It is released when the file is closed (the volume dropped).
+fn lock_in_use(file: &File, path: &str, read_only: bool) -> Result<(), VolumeError> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let lock = libc::flock {
+        l_type: if read_only {
+            libc::F_RDLCK
+        } else {
+            libc::F_WRLCK
+        } as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: IN_USE_LOCK_OFFSET,
+        l_len: 1,
+        l_pid: 0,
+    };
+    match fcntl(file.as_raw_fd(), FcntlArg::F_OFD_SETLK(&lock)) {
+        Ok(_) => Ok(()),
+        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) => {
+            Err(VolumeError::InUse {
+                path: path.to_string(),
+            })
+        }
+        // Filesystems without record locks: open unlocked rather than refuse.
+        Err(nix::errno::Errno::ENOLCK) | Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
+        Err(e) => Err(VolumeError::Io {
+            path: path.to_string(),
+            source: std::io::Error::from(e),
+        }),
     }
 }

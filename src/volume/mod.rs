@@ -54,6 +54,8 @@ pub enum VolumeError {
     KeyCheckFailed { path: String },
     #[error("{path}: header authentication failed: the header was modified after it was written (tampering or corruption)")]
     HeaderMacMismatch { path: String },
+    #[error("{path} is already open for writing (served by this or another cryptvol process); serve each volume once, or use --read-only everywhere")]
+    InUse { path: String },
     #[error("{path} already exists; refusing to overwrite it")]
     AlreadyExists { path: String },
     #[error("size {size} is not a positive multiple of the sector size {sector_size}")]
