@@ -2,11 +2,11 @@
 //! `xts-mode` crate (the oracle), and the chunking logic at every pipeline width.
 
 use aes::cipher::{
+    array::ArraySize,
     consts::{U1, U16, U3, U30, U64, U8},
     inout::InOut,
-    array::ArraySize, BlockCipherDecBackend, BlockCipherDecClosure, BlockCipherDecrypt,
-    BlockCipherEncBackend, BlockCipherEncClosure, BlockCipherEncrypt, BlockSizeUser, KeyInit,
-    ParBlocksSizeUser,
+    BlockCipherDecBackend, BlockCipherDecClosure, BlockCipherDecrypt, BlockCipherEncBackend,
+    BlockCipherEncClosure, BlockCipherEncrypt, BlockSizeUser, KeyInit, ParBlocksSizeUser,
 };
 use aes::{Aes256, Block};
 use proptest::prelude::*;
@@ -197,7 +197,10 @@ fn ieee1619_vector_inside_a_multi_sector_buffer() {
     let mut big = vec![0u8; 130 * 512];
     big[64 * 512..65 * 512].copy_from_slice(&pt);
     engine.encrypt_sectors(&mut big, 0xff - 64).unwrap();
-    assert_eq!(&big[64 * 512..65 * 512], unhex(IEEE_VECTORS[0].2).as_slice());
+    assert_eq!(
+        &big[64 * 512..65 * 512],
+        unhex(IEEE_VECTORS[0].2).as_slice()
+    );
     engine.decrypt_sectors(&mut big, 0xff - 64).unwrap();
     assert_eq!(&big[64 * 512..65 * 512], pt.as_slice());
     assert!(big[..64 * 512].iter().all(|&b| b == 0));
@@ -208,8 +211,14 @@ fn ieee1619_vector_inside_a_multi_sector_buffer() {
 
 #[test]
 fn unaligned_lengths_are_refused_and_leave_the_buffer_alone() {
-    let dek = Dek::from_slice(&[7u8; 32].iter().chain(&[9u8; 32]).copied().collect::<Vec<_>>())
-        .unwrap();
+    let dek = Dek::from_slice(
+        &[7u8; 32]
+            .iter()
+            .chain(&[9u8; 32])
+            .copied()
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
     for (sector_size, len) in [(512, 511), (512, 513), (512, 16), (4096, 512), (4096, 4097)] {
         let engine = XtsEngine::new(&dek, sector_size).unwrap();
         let mut buf = vec![0x5au8; len];
@@ -224,7 +233,10 @@ fn unaligned_lengths_are_refused_and_leave_the_buffer_alone() {
             engine.decrypt_sectors(&mut buf, 3),
             Err(CryptoError::Unaligned { .. })
         ));
-        assert!(buf.iter().all(|&b| b == 0x5a), "refused call modified the buffer");
+        assert!(
+            buf.iter().all(|&b| b == 0x5a),
+            "refused call modified the buffer"
+        );
     }
 }
 
@@ -342,9 +354,8 @@ fn mul_alpha_reduces_with_0x87() {
 // Cross-checks against the xts-mode oracle.
 
 fn key_strategy() -> impl Strategy<Value = Vec<u8>> {
-    proptest::collection::vec(any::<u8>(), 64).prop_filter("XTS halves must differ", |k| {
-        k[..32] != k[32..]
-    })
+    proptest::collection::vec(any::<u8>(), 64)
+        .prop_filter("XTS halves must differ", |k| k[..32] != k[32..])
 }
 
 fn sector_strategy() -> impl Strategy<Value = u64> {
@@ -469,7 +480,10 @@ fn run_at_width<P: ArraySize>(key: &[u8], ss: usize, first: u64, buf: &mut [u8],
         cipher: &data,
         _width: std::marker::PhantomData,
     };
-    assert_eq!(<Width<P> as ParBlocksSizeUser>::ParBlocksSize::USIZE, P::USIZE);
+    assert_eq!(
+        <Width<P> as ParBlocksSizeUser>::ParBlocksSize::USIZE,
+        P::USIZE
+    );
     if enc {
         BlockCipherEncClosure::call(pass, &backend);
     } else {
