@@ -9,6 +9,12 @@
 //! CPU features (AES-NI, VAES-256 or VAES-512), so the XOR passes and the tweak
 //! arithmetic are compiled for them too and the AES pipeline stays full. Sector sizes
 //! are multiples of 16 bytes, so ciphertext stealing never occurs.
+//!
+//! Performance note: the `aes` crate's VAES-512 batch function is only fully inlined
+//! when this package is compiled as one codegen unit (`[profile.release.package.cryptvol]
+//! codegen-units = 1` in Cargo.toml); with several units AES throughput roughly halves.
+//! A lone 512-byte sector is shorter than the VAES-512 batch (64 blocks) and goes
+//! through the crate's block-at-a-time path, so it is the slowest case per byte.
 
 use aes::cipher::{
     consts::U16, typenum::Unsigned, BlockCipherDecBackend, BlockCipherDecClosure,
