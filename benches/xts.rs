@@ -1,13 +1,58 @@
 //! Throughput of the AES-256-XTS sector engine.
 //!
-//! `cargo bench --bench xts`. Compare with `openssl speed -evp aes-256-xts -bytes 4096`.
+//! `cargo bench --bench xts`. Compare with
+//! `openssl speed -evp aes-256-xts -bytes 4096` (and `-bytes 512`), which encrypts one
+//! data unit per call like the `xts_one_call_one_unit` group here.
+//!
+//! Time is measured as the benchmark thread's CPU time by default, like `openssl speed`
+//! (which divides by CPU user time), so that figures stay comparable on a shared,
+//! busy machine. Set `XTS_BENCH_WALL_CLOCK=1` to measure wall-clock time instead.
 
 use std::hint::black_box;
+use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
+use criterion::{BenchmarkId, Criterion, Throughput};
 use cryptvol::crypto::{Dek, XtsEngine};
 
-const BUF_LEN: usize = 1 << 20;
+/// CPU time consumed by the calling thread (`CLOCK_THREAD_CPUTIME_ID`).
+struct ThreadCpuTime;
+
+fn thread_cpu_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID is supported
+    // on Linux, and on failure `ts` simply stays zero.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+impl Measurement for ThreadCpuTime {
+    type Intermediate = Duration;
+    type Value = Duration;
+
+    fn start(&self) -> Duration {
+        thread_cpu_now()
+    }
+    fn end(&self, start: Duration) -> Duration {
+        thread_cpu_now().saturating_sub(start)
+    }
+    fn add(&self, v1: &Duration, v2: &Duration) -> Duration {
+        *v1 + *v2
+    }
+    fn zero(&self) -> Duration {
+        Duration::ZERO
+    }
+    fn to_f64(&self, value: &Duration) -> f64 {
+        value.as_nanos() as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        // Values are nanoseconds, exactly as for wall-clock time.
+        WallTime.formatter()
+    }
+}
 
 fn engine(sector_size: usize) -> XtsEngine {
     let key: Vec<u8> = (0u8..64).map(|i| i.wrapping_mul(37) ^ 0xa5).collect();
@@ -15,69 +60,52 @@ fn engine(sector_size: usize) -> XtsEngine {
     XtsEngine::new(&dek, sector_size).expect("benchmark sector size is valid")
 }
 
-fn bench_xts(c: &mut Criterion) {
-    // Large buffers: many sectors per call.
-    let mut group = c.benchmark_group("xts_1MiB");
-    group.throughput(Throughput::Bytes(BUF_LEN as u64));
+/// Encrypt and decrypt `len`-byte buffers in place, one call per buffer.
+fn group<M: Measurement>(c: &mut Criterion<M>, name: &str, len_for: impl Fn(usize) -> usize) {
+    let mut group = c.benchmark_group(name);
     for sector_size in [512usize, 4096] {
+        let len = len_for(sector_size);
+        group.throughput(Throughput::Bytes(len as u64));
         let engine = engine(sector_size);
-        let mut buf = vec![0x3cu8; BUF_LEN];
-        group.bench_with_input(
-            BenchmarkId::new("encrypt", sector_size),
-            &sector_size,
-            |b, _| {
-                b.iter(|| {
-                    engine
-                        .encrypt_sectors(black_box(&mut buf), black_box(1 << 33))
-                        .expect("aligned")
-                })
-            },
-        );
-        group.bench_with_input(
-            BenchmarkId::new("decrypt", sector_size),
-            &sector_size,
-            |b, _| {
-                b.iter(|| {
-                    engine
-                        .decrypt_sectors(black_box(&mut buf), black_box(1 << 33))
-                        .expect("aligned")
-                })
-            },
-        );
-    }
-    group.finish();
-
-    // One sector per call, as a 512-byte or 4 KiB random write would do.
-    let mut group = c.benchmark_group("xts_one_sector");
-    for sector_size in [512usize, 4096] {
-        group.throughput(Throughput::Bytes(sector_size as u64));
-        let engine = engine(sector_size);
-        let mut buf = vec![0x3cu8; sector_size];
-        group.bench_with_input(
-            BenchmarkId::new("encrypt", sector_size),
-            &sector_size,
-            |b, _| {
-                b.iter(|| {
-                    engine
-                        .encrypt_sectors(black_box(&mut buf), black_box(12345))
-                        .expect("aligned")
-                })
-            },
-        );
-        group.bench_with_input(
-            BenchmarkId::new("decrypt", sector_size),
-            &sector_size,
-            |b, _| {
-                b.iter(|| {
-                    engine
-                        .decrypt_sectors(black_box(&mut buf), black_box(12345))
-                        .expect("aligned")
-                })
-            },
-        );
+        let mut buf = vec![0x3cu8; len];
+        // Beyond 2^32 so that the upper tweak bytes are exercised too.
+        let first_sector = (1u64 << 33) + 7;
+        group.bench_function(BenchmarkId::new("encrypt", sector_size), |b| {
+            b.iter(|| {
+                engine
+                    .encrypt_sectors(black_box(&mut buf), black_box(first_sector))
+                    .expect("whole sectors")
+            })
+        });
+        group.bench_function(BenchmarkId::new("decrypt", sector_size), |b| {
+            b.iter(|| {
+                engine
+                    .decrypt_sectors(black_box(&mut buf), black_box(first_sector))
+                    .expect("whole sectors")
+            })
+        });
     }
     group.finish();
 }
 
-criterion_group!(benches, bench_xts);
-criterion_main!(benches);
+fn bench_xts<M: Measurement>(c: &mut Criterion<M>) {
+    // Large I/O: 1 MiB, many sectors per call.
+    group(c, "xts_1MiB", |_| 1 << 20);
+    // A 4 KiB NBD request: 8 sectors of 512 bytes, or one of 4096.
+    group(c, "xts_4KiB_request", |_| 4096);
+    // One data unit per call, like `openssl speed -bytes <unit>`.
+    group(c, "xts_one_call_one_unit", |sector_size| sector_size);
+}
+
+fn main() {
+    if std::env::var_os("XTS_BENCH_WALL_CLOCK").is_some() {
+        bench_xts(&mut Criterion::default().configure_from_args());
+    } else {
+        bench_xts(
+            &mut Criterion::default()
+                .with_measurement(ThreadCpuTime)
+                .configure_from_args(),
+        );
+    }
+    Criterion::default().configure_from_args().final_summary();
+}

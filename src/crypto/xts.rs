@@ -9,6 +9,12 @@
 //! CPU features (AES-NI, VAES-256 or VAES-512), so the XOR passes and the tweak
 //! arithmetic are compiled for them too and the AES pipeline stays full. Sector sizes
 //! are multiples of 16 bytes, so ciphertext stealing never occurs.
+//!
+//! Performance note: the `aes` crate's VAES-512 batch function is only fully inlined
+//! when this package is compiled as one codegen unit (`[profile.release.package.cryptvol]
+//! codegen-units = 1` in Cargo.toml); with several units AES throughput roughly halves.
+//! A lone 512-byte sector is shorter than the VAES-512 batch (64 blocks) and goes
+//! through the crate's block-at-a-time path, so it is the slowest case per byte.
 
 use aes::cipher::{
     consts::U16, typenum::Unsigned, BlockCipherDecBackend, BlockCipherDecClosure,
@@ -231,25 +237,6 @@ fn fill_tweaks(tw: &mut [Block], t: u128) -> u128 {
     next
 }
 
-/// The tweaks `t * alpha^k` for k = 0..8 as sixteen 64-bit words (low, high, ...).
-/// Word-uniform like [`step_alpha8`]: word `i` belongs to tweak `k = i / 2`; it moves
-/// up k bits, takes the k bits leaving its partner word (low words: reduced, carry-less
-/// times 0x87, as in [`mul_alpha_pow`]).
-#[inline(always)]
-fn first_lanes(t: u128) -> [u64; 2 * TWEAK_LANES] {
-    let words = [t as u64, (t >> 64) as u64];
-    let mut out = [0u64; 2 * TWEAK_LANES];
-    for i in 0..2 * TWEAK_LANES {
-        let k = (i / 2) as u32;
-        let own = words[i % 2];
-        // The top k bits of the partner word; `>> 1 >> (63 - k)` is 0 for k = 0.
-        let c = (words[(i % 2) ^ 1] >> 1) >> (63 - k);
-        let reduce = if i % 2 == 0 { u64::MAX } else { 0 };
-        out[i] = (own << k) ^ c ^ (((c << 1) ^ (c << 2) ^ (c << 7)) & reduce);
-    }
-    out
-}
-
 /// Multiplies each of the eight tweaks held in `st` (low word, high word, ...) by
 /// alpha^8: every word moves up a byte, the byte leaving a low word enters its high
 /// word, and the byte leaving a high word is reduced (carry-less times 0x87) into its
@@ -275,14 +262,15 @@ fn store_words(blocks: &mut [Block], st: &[u64; 2 * TWEAK_LANES]) {
 }
 
 /// Multiplication by alpha (x) in GF(2^128) mod x^128 + x^7 + x^2 + x + 1, on the
-/// little-endian integer view of a tweak (IEEE 1619 section 5.2). Constant time.
-#[inline(always)]
+/// little-endian integer view of a tweak (IEEE 1619 section 5.2): the reference the
+/// tests check the batched tweak derivation against.
+#[cfg(test)]
 fn mul_alpha(t: u128) -> u128 {
     let carry = 0u128.wrapping_sub(t >> 127);
     (t << 1) ^ (carry & 0x87)
 }
 
-/// Multiplication by alpha^k for k <= 8: shift by k bits and fold the k bits shifted
+/// Multiplication by alpha^k for 0 <= k <= 8: shift by k bits and fold the k bits shifted
 /// out back in as their carry-less product with 0x87 (x^7 + x^2 + x + 1), which has
 /// at most 15 bits and so needs no further reduction. Constant time.
 #[inline(always)]
