@@ -431,6 +431,43 @@ fn file_len(file: &File) -> std::io::Result<u64> {
     Ok(meta.len())
 }
 
+/// Byte of the reserved area (after both header copies) that an open volume locks, so
+/// that one file is never served twice for writing, not even by the same process.
+/// The lock is an open-file-description (OFD) record lock, independent of the `flock`
+/// that header reads and writes take, so `cryptvol info` still works on a served volume.
+const IN_USE_LOCK_OFFSET: i64 = super::header::HEADER_AREA_SIZE as i64;
+
+/// Takes the in-use lock: exclusive for a writable open, shared for a read-only one.
+/// It is released when the file is closed (the volume dropped).
+fn lock_in_use(file: &File, path: &str, read_only: bool) -> Result<(), VolumeError> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let lock = libc::flock {
+        l_type: if read_only {
+            libc::F_RDLCK
+        } else {
+            libc::F_WRLCK
+        } as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: IN_USE_LOCK_OFFSET,
+        l_len: 1,
+        l_pid: 0,
+    };
+    match fcntl(file.as_raw_fd(), FcntlArg::F_OFD_SETLK(&lock)) {
+        Ok(_) => Ok(()),
+        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) => {
+            Err(VolumeError::InUse {
+                path: path.to_string(),
+            })
+        }
+        // Filesystems without record locks: open unlocked rather than refuse.
+        Err(nix::errno::Errno::ENOLCK) | Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
+        Err(e) => Err(VolumeError::Io {
+            path: path.to_string(),
+            source: std::io::Error::from(e),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -577,6 +614,7 @@ mod tests {
             ro.read_at(&mut b, u64::MAX - 2),
             Err(VolumeError::OutOfRange { .. })
         ));
+        drop(ro);
         let rw = open_rw(&path, &h, &dek);
         assert!(matches!(
             rw.write_at(&b, 64 * 1024 - 9, false),
@@ -592,7 +630,7 @@ mod tests {
         ));
         // Zero-length requests at the end are fine.
         rw.write_at(&[], 64 * 1024, true).expect("empty write");
-        ro.read_at(&mut [], 64 * 1024).expect("empty read");
+        rw.read_at(&mut [], 64 * 1024).expect("empty read");
     }
 
     #[test]
@@ -709,6 +747,7 @@ mod tests {
             );
         }
         // Without the discard option, nothing happens.
+        drop(v);
         let v2 = open_rw(&path, &h, &dek);
         v2.write_at(&data, 0, true).expect("write");
         v2.discard(0, 64 * 1024).expect("no-op");
@@ -972,41 +1011,34 @@ mod tests {
         let e = std::io::Error::from_raw_os_error(libc::EIO);
         assert!(matches!(v.io_err(e), VolumeError::Io { .. }));
     }
-}
 
-/// Byte of the reserved area (after both header copies) that an open volume locks, so
-/// that one file is never served twice for writing, not even by the same process.
-/// The lock is an open-file-description (OFD) record lock, independent of the `flock`
-/// that header reads and writes take, so `cryptvol info` still works on a served volume.
-const IN_USE_LOCK_OFFSET: i64 = super::header::HEADER_AREA_SIZE as i64;
-
-/// Takes the in-use lock: exclusive for a writable open, shared for a read-only one.
-/// It is released when the file is closed (the volume dropped).
-fn lock_in_use(file: &File, path: &str, read_only: bool) -> Result<(), VolumeError> {
-    use nix::fcntl::{fcntl, FcntlArg};
-    let lock = libc::flock {
-        l_type: if read_only {
-            libc::F_RDLCK
-        } else {
-            libc::F_WRLCK
-        } as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: IN_USE_LOCK_OFFSET,
-        l_len: 1,
-        l_pid: 0,
-    };
-    match fcntl(file.as_raw_fd(), FcntlArg::F_OFD_SETLK(&lock)) {
-        Ok(_) => Ok(()),
-        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) => {
-            Err(VolumeError::InUse {
-                path: path.to_string(),
-            })
-        }
-        // Filesystems without record locks: open unlocked rather than refuse.
-        Err(nix::errno::Errno::ENOLCK) | Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
-        Err(e) => Err(VolumeError::Io {
-            path: path.to_string(),
-            source: std::io::Error::from(e),
-        }),
+    #[test]
+    fn a_volume_is_open_for_writing_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, h, dek) = new_volume(dir.path(), 64 * 1024, 4096);
+        let ro = |read_only| OpenOptions {
+            read_only,
+            discard: false,
+        };
+        let key = || Dek::from_slice(dek.expose()).expect("dek");
+        let rw = Volume::open(&path, &h, key(), ro(false)).expect("first writer");
+        assert!(matches!(
+            Volume::open(&path, &h, key(), ro(false)),
+            Err(VolumeError::InUse { .. })
+        ));
+        assert!(matches!(
+            Volume::open(&path, &h, key(), ro(true)),
+            Err(VolumeError::InUse { .. })
+        ));
+        // The header can still be read while the volume is open.
+        read_header(&path).expect("read header of an open volume");
+        drop(rw);
+        let r1 = Volume::open(&path, &h, key(), ro(true)).expect("reader 1");
+        let _r2 = Volume::open(&path, &h, key(), ro(true)).expect("readers share");
+        assert!(matches!(
+            Volume::open(&path, &h, key(), ro(false)),
+            Err(VolumeError::InUse { .. })
+        ));
+        drop(r1);
     }
 }
