@@ -161,8 +161,10 @@ fn restart_after_sigkill_on_the_same_socket() {
     let sock = env.path("fixed.sock");
     let srv = env.serve_on(&sock, &[s(&vol)], &[], false);
     qemu_io(&srv.uri("v"), &["write -P 0x42 0 64k", "flush"]);
-    // A second server on the same live socket is refused, and the first keeps serving.
-    let out = run(env.cmd().args(["serve", "--unix", s(&sock), s(&vol)]));
+    // A second server (of another volume) on the same live socket is refused, and the
+    // first keeps serving.
+    let other = env.create("w.img", "8M", &[]);
+    let out = run(env.cmd().args(["serve", "--unix", s(&sock), s(&other)]));
     assert!(
         !out.status.success(),
         "a second server took over a live socket"
