@@ -1,0 +1,733 @@
+#!/usr/bin/python3
+"""Side-by-side NBD benchmark: cryptvol against plain nbdkit, nbdkit's LUKS filter and
+qemu-nbd over LUKS, with the same fio jobs over Unix sockets.
+
+Run through scripts/bench.sh (which installs the peers and builds the release binary);
+`scripts/bench.sh --help` lists the options. Standard library only; the chart uses
+matplotlib when it is importable (scripts/bench/report.py).
+"""
+
+import argparse
+import contextlib
+import ctypes
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402  (scripts/bench/report.py)
+
+MIB = 1 << 20
+GIB = 1 << 30
+PASSPHRASE = "cryptvol-bench-throwaway-passphrase"
+
+# name, fio --rw, block size, queue depth, title
+JOBS = [
+    ("randread-4k-qd32", "randread", "4k", 32, "4k random read qd32"),
+    ("randwrite-4k-qd32", "randwrite", "4k", 32, "4k random write qd32"),
+    ("read-1m-qd8", "read", "1m", 8, "1M sequential read qd8"),
+    ("write-1m-qd8", "write", "1m", 8, "1M sequential write qd8"),
+    ("randread-4k-qd1", "randread", "4k", 1, "4k random read qd1 (latency)"),
+]
+JOB_ALIASES = {
+    "randread": "randread-4k-qd32",
+    "randwrite": "randwrite-4k-qd32",
+    "seqread": "read-1m-qd8",
+    "read": "read-1m-qd8",
+    "seqwrite": "write-1m-qd8",
+    "write": "write-1m-qd8",
+    "qd1": "randread-4k-qd1",
+    "latency": "randread-4k-qd1",
+}
+
+# qemu-nbd configurations over the same LUKS image. "qemu-nbd" is the one reported as
+# the peer; the others can be selected with --servers to re-check which is fastest.
+QEMU_VARIANTS = {
+    "qemu-nbd": ["--cache=writeback", "--aio=io_uring"],
+    "qemu-nbd-none-threads": ["--cache=none", "--aio=threads"],
+    "qemu-nbd-none-native": ["--cache=none", "--aio=native"],
+    "qemu-nbd-none-io_uring": ["--cache=none", "--aio=io_uring"],
+    "qemu-nbd-writeback-threads": ["--cache=writeback", "--aio=threads"],
+    "qemu-nbd-writeback-io_uring": ["--cache=writeback", "--aio=io_uring"],
+}
+DEFAULT_SERVERS = ["cryptvol", "nbdkit-file", "nbdkit-luks", "qemu-nbd"]
+ALL_SERVERS = ["cryptvol", "nbdkit-file", "nbdkit-luks"] + list(QEMU_VARIANTS)
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(Exception):
+    """A failure with a message that says what happened and what to do."""
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def parse_size(s):
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", s, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {s!r}: use e.g. 512M, 1G, 4G")
+    n = int(m.group(1)) * {"": 1, "K": 1 << 10, "M": MIB, "G": GIB, "T": 1 << 40}[
+        m.group(2).upper()
+    ]
+    if n < 64 * MIB or n % MIB:
+        raise argparse.ArgumentTypeError(f"size {s!r}: use a multiple of 1M, at least 64M")
+    return n
+
+
+def parse_list(s, known, aliases=None, what="item"):
+    out = []
+    for raw in s.split(","):
+        name = raw.strip()
+        if not name:
+            continue
+        name = (aliases or {}).get(name, name)
+        if name not in known:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {raw!r}; choose from {', '.join(known)}"
+            )
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise argparse.ArgumentTypeError(f"empty {what} list")
+    return out
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="scripts/bench.sh",
+        usage="scripts/bench.sh [options]  (scripts/bench.sh --help lists them)",
+        description=__doc__,
+    )
+    p.add_argument("--bin", required=True, help="the cryptvol release binary")
+    p.add_argument("--repo", required=True, help="the repository root")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--size", type=parse_size, default=None)
+    p.add_argument("--runtime", type=int, default=None)
+    p.add_argument("--ramp", type=int, default=None)
+    p.add_argument("--repeat", type=int, default=None)
+    p.add_argument("--jobs", default=None)
+    p.add_argument("--servers", default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--xts", dest="xts", action="store_true", default=None)
+    p.add_argument("--no-xts", dest="xts", action="store_false")
+    p.add_argument("--no-chart", action="store_true")
+    p.add_argument("--keep-work", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        a.jobs = parse_list(a.jobs, [j[0] for j in JOBS], JOB_ALIASES, "job") if a.jobs else [
+            j[0] for j in JOBS
+        ]
+        a.servers = parse_list(a.servers, ALL_SERVERS, None, "server") if a.servers else list(
+            DEFAULT_SERVERS
+        )
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
+    a.size = a.size or GIB
+    a.runtime = a.runtime or (2 if a.quick else 5)
+    a.ramp = a.ramp if a.ramp is not None else (1 if a.quick else 2)
+    a.repeat = a.repeat or (1 if a.quick else 3)
+    if a.xts is None:
+        a.xts = not a.quick
+    if a.runtime < 1 or a.repeat < 1 or a.ramp < 0:
+        p.error("--runtime and --repeat must be at least 1, --ramp at least 0")
+    a.out = os.path.abspath(a.out or os.path.join(a.repo, "bench", "results"))
+    return a
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _set_pdeathsig():
+    """Runs in the child before exec: die with the driver even if it is SIGKILLed."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run(cmd, what, timeout=600, env=None, capture=True):
+    try:
+        r = subprocess.run(
+            cmd,
+            stdout=subprocess.PIPE if capture else None,
+            stderr=subprocess.PIPE if capture else None,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+    except FileNotFoundError:
+        raise BenchError(f"{what}: {cmd[0]} not found; run scripts/install-deps.sh as root")
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{what}: timed out after {timeout} s: {' '.join(cmd)}")
+    if r.returncode != 0:
+        detail = (r.stderr or "").strip()[-2000:] if capture else ""
+        raise BenchError(f"{what} failed (exit {r.returncode}): {' '.join(cmd)}\n{detail}")
+    return r.stdout if capture else ""
+
+
+def proc_cpu_seconds(pid):
+    """utime + stime of the whole process (all threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    # rest[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+
+def proc_status_kib(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def reset_peak_rss(pid):
+    """Resets VmHWM to the current RSS (Linux >= 4.0). False when not permitted."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class Server:
+    """One NBD server process on a Unix socket; stopped on exit whatever happens."""
+
+    live = []
+
+    def __init__(self, name, cmd, sock, logpath, backing):
+        self.name, self.cmd, self.sock, self.logpath, self.backing = (
+            name,
+            cmd,
+            sock,
+            logpath,
+            backing,
+        )
+        self.proc = None
+
+    def start(self, timeout=60):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.sock)
+        logf = open(self.logpath, "ab")
+        logf.write(f"\n=== {time.strftime('%H:%M:%S')} {' '.join(self.cmd)}\n".encode())
+        logf.flush()
+        try:
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_set_pdeathsig,
+            )
+        except FileNotFoundError:
+            raise BenchError(f"{self.name}: {self.cmd[0]} not found; run scripts/install-deps.sh")
+        finally:
+            logf.close()
+        Server.live.append(self)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(
+                    f"{self.name} exited at start (status {self.proc.returncode}); "
+                    f"its log {self.logpath} says:\n{tail(self.logpath)}"
+                )
+            if os.path.exists(self.sock):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    s.connect(self.sock)
+                    # Read the NBD greeting so the server is really serving.
+                    s.settimeout(5)
+                    if s.recv(8) == b"NBDMAGIC":
+                        return
+                except OSError:
+                    pass
+                finally:
+                    s.close()
+            time.sleep(0.05)
+        raise BenchError(
+            f"{self.name} did not accept NBD connections on {self.sock} within {timeout} s; "
+            f"log {self.logpath}:\n{tail(self.logpath)}"
+        )
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self):
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name} (pid {self.proc.pid}) ignored SIGTERM for 15 s; killing it")
+                self.proc.kill()
+                self.proc.wait()
+        if self in Server.live:
+            Server.live.remove(self)
+        self.proc = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.sock)
+
+    @classmethod
+    def stop_all(cls):
+        for s in list(cls.live):
+            with contextlib.suppress(Exception):
+                s.stop()
+
+
+def tail(path, n=20):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+# ---------------------------------------------------------------- setup
+
+
+class Work:
+    """The scratch directory: keystore, images, sockets, logs."""
+
+    def __init__(self, root, logs):
+        self.root = root
+        os.makedirs(root, exist_ok=True)
+        self.keystore = os.path.join(root, "keystore")
+        self.vol = os.path.join(root, "vol.img")
+        self.plain = os.path.join(root, "plain.img")
+        self.luks = os.path.join(root, "luks.img")
+        self.passfile = os.path.join(root, "luks.pass")
+        self.logs = logs
+        os.makedirs(self.logs, exist_ok=True)
+
+    def sock(self, name):
+        return os.path.join(self.root, f"{name}.sock")
+
+
+def server_for(name, a, w):
+    sock = w.sock(name)
+    logpath = os.path.join(w.logs, f"{name}.log")
+    if name == "cryptvol":
+        cmd = [a.bin, "serve", "--unix", sock, "--keystore", w.keystore, f"vol={w.vol}"]
+        backing = w.vol
+    elif name == "nbdkit-file":
+        cmd = ["nbdkit", "-f", "--exit-with-parent", "--unix", sock, "file", w.plain]
+        backing = w.plain
+    elif name == "nbdkit-luks":
+        cmd = [
+            "nbdkit", "-f", "--exit-with-parent", "--unix", sock,
+            "--filter=luks", "file", w.luks, f"passphrase=+{w.passfile}",
+        ]
+        backing = w.luks
+    elif name in QEMU_VARIANTS:
+        cmd = (
+            ["qemu-nbd", "-t", "-e", "16", "-k", sock]
+            + QEMU_VARIANTS[name]
+            + [
+                "--object", f"secret,id=sec0,file={w.passfile}",
+                "--image-opts", f"driver=luks,key-secret=sec0,file.filename={w.luks}",
+            ]
+        )
+        backing = w.luks
+    else:
+        raise BenchError(f"unknown server {name}")
+    return Server(name, cmd, sock, logpath, backing)
+
+
+def uri(sock):
+    return f"nbd+unix:///?socket={sock}"
+
+
+def fill_random(path, size):
+    """Writes `size` random bytes to a new file (the plain image, and the prefill source)."""
+    chunk = 8 * MIB
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(chunk, left)
+            f.write(os.urandom(n))
+            left -= n
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_luks_image(path):
+    with open(path, "rb") as f:
+        hdr = f.read(208)
+    if hdr[:6] != b"LUKS\xba\xbe" or int.from_bytes(hdr[6:8], "big") != 1:
+        raise BenchError(f"{path} is not a LUKSv1 image (nbdkit's luks filter needs LUKSv1)")
+    cipher = hdr[8:40].rstrip(b"\0").decode()
+    mode = hdr[40:72].rstrip(b"\0").decode()
+    key_bytes = int.from_bytes(hdr[108:112], "big")
+    spec = f"{cipher}-{mode}"
+    if spec != "aes-xts-plain64" or key_bytes != 64:
+        raise BenchError(
+            f"{path}: cipher {spec} with a {key_bytes * 8}-bit key, expected "
+            f"aes-xts-plain64 with 512 bits (aes-256-xts-plain64)"
+        )
+    return f"LUKS1 {spec}, {key_bytes * 8}-bit key (AES-256-XTS), 512-byte IV sectors"
+
+
+def prepare(a, w, need):
+    """Creates and prefills the images the selected servers need."""
+    t0 = time.monotonic()
+    size = a.size
+    info = {}
+    if "cryptvol" in need:
+        os.makedirs(w.keystore, mode=0o700, exist_ok=True)
+        os.chmod(w.keystore, 0o700)
+        run(
+            [a.bin, "create", "--size", f"{size // MIB}M", "--keystore", w.keystore, w.vol],
+            "cryptvol create",
+        )
+        info["cryptvol"] = "cryptvol v1, AES-256-XTS, 4096-byte sectors, local keystore"
+    if "luks" in need:
+        with open(w.passfile, "w") as f:
+            f.write(PASSPHRASE)
+        os.chmod(w.passfile, 0o600)
+        # iter-time only sets the PBKDF2 cost of unlocking (kept short so servers start
+        # fast); it has no effect on the data path.
+        run(
+            [
+                "qemu-img", "create", "-q", "-f", "luks",
+                "--object", f"secret,id=sec0,file={w.passfile}",
+                "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,"
+                "ivgen-alg=plain64,hash-alg=sha256,iter-time=100",
+                w.luks, str(size),
+            ],
+            "qemu-img create -f luks",
+        )
+        info["luks"] = check_luks_image(w.luks)
+    log(f"writing {size // MIB} MiB of random data to {w.plain}")
+    fill_random(w.plain, size)
+    # Prefill the encrypted images through their servers so the data areas hold real
+    # ciphertext of random plaintext (nothing sparse, nothing that reads as zeros).
+    for name, key in (("cryptvol", "cryptvol"), ("nbdkit-luks", "luks")):
+        if key not in need:
+            continue
+        srv = server_for(name, a, w)
+        log(f"prefilling {name} with the random data (nbdcopy)")
+        try:
+            srv.start()
+            run(["nbdcopy", "--flush", w.plain, uri(srv.sock)], f"nbdcopy into {name}")
+        finally:
+            srv.stop()
+    if "nbdkit-file" not in a.servers:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(w.plain)
+    log(f"images ready in {time.monotonic() - t0:.1f} s")
+    return info
+
+
+def sync_file(path):
+    """Writes back a backing file's dirty pages between jobs (outside any measurement),
+    so one job's writeback does not steal CPU from the next."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- one fio job
+
+
+def run_job(a, w, srv, job, rep):
+    name, rw, bs, qd, _title = job
+    fio_dir = os.path.join(a.run_dir, "fio")
+    os.makedirs(fio_dir, exist_ok=True)
+    out = os.path.join(fio_dir, f"{srv.name}-{name}-{rep}.json")
+    cmd = [
+        "fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri(srv.sock)}",
+        f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", "--numjobs=1",
+        "--time_based", f"--runtime={a.runtime}", f"--ramp_time={a.ramp}",
+        "--norandommap", "--randrepeat=0", "--lat_percentiles=1",
+        "--percentile_list=50:99:99.9", "--output-format=json", f"--output={out}",
+    ]
+    rss_reset = reset_peak_rss(srv.pid)
+    load = os.getloadavg()[0]
+    t_start = time.monotonic()
+    fio = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=_set_pdeathsig)
+    # Server CPU is sampled over fio's measured window (after the ramp) and scaled to
+    # the runtime fio reports, so ramp and setup do not count.
+    try:
+        if a.ramp:
+            time.sleep(a.ramp)
+        cpu0, t0 = proc_cpu_seconds(srv.pid), time.monotonic()
+        _, err = fio.communicate(timeout=a.ramp + a.runtime + 120)
+    except subprocess.TimeoutExpired:
+        fio.kill()
+        fio.communicate()
+        raise BenchError(f"fio {name} against {srv.name} hung (> {a.runtime + 120} s)")
+    except BaseException:
+        fio.kill()
+        fio.wait()
+        raise
+    cpu1, t1 = proc_cpu_seconds(srv.pid), time.monotonic()
+    peak_rss = proc_status_kib(srv.pid, "VmHWM")
+    if not srv.alive():
+        raise BenchError(f"{srv.name} died during {name}; log {srv.logpath}:\n{tail(srv.logpath)}")
+    if fio.returncode != 0:
+        raise BenchError(
+            f"fio {name} against {srv.name} failed (exit {fio.returncode}):\n{err.strip()[-2000:]}"
+        )
+    try:
+        with open(out) as f:
+            text = f.read()
+        # fio may print notes before the JSON document.
+        d = json.loads(text[text.index("{"):])
+        j = d["jobs"][0]
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise BenchError(f"fio {name} against {srv.name}: unreadable JSON output {out}: {e}")
+    if j.get("error"):
+        raise BenchError(f"fio {name} against {srv.name} reported error {j['error']}")
+    side = j["write"] if rw in ("write", "randwrite") else j["read"]
+    runtime_s = side["runtime"] / 1000.0
+    if runtime_s <= 0 or side["io_bytes"] <= 0:
+        raise BenchError(f"fio {name} against {srv.name} moved no data")
+    lat = side.get("lat_ns", {})
+    pct = lat.get("percentile") or side.get("clat_ns", {}).get("percentile") or {}
+
+    def p(key):
+        v = pct.get(key)
+        return v / 1000.0 if v is not None else None
+
+    wall = max(t1 - t0, 1e-6)
+    cpu_rate = (cpu1 - cpu0) / wall  # server cores busy, on average
+    gib_per_s = side["io_bytes"] / GIB / runtime_s
+    return {
+        "server": srv.name,
+        "job": name,
+        "repeat": rep,
+        "iops": side["iops"],
+        "bw_bytes": side["bw_bytes"],
+        "io_bytes": side["io_bytes"],
+        "runtime_s": runtime_s,
+        "lat_mean_us": lat.get("mean", 0) / 1000.0,
+        "lat_p50_us": p("50.000000"),
+        "lat_p99_us": p("99.000000"),
+        "lat_p999_us": p("99.900000"),
+        "server_cpu_s": cpu1 - cpu0,
+        "server_cpu_wall_s": wall,
+        "server_cpu_cores": cpu_rate,
+        "cpu_s_per_gib": cpu_rate / gib_per_s,
+        "peak_rss_kib": peak_rss,
+        "peak_rss_scope": "job" if rss_reset else "since server start",
+        "fio_usr_cpu_pct": j.get("usr_cpu"),
+        "fio_sys_cpu_pct": j.get("sys_cpu"),
+        "loadavg_1m_before": load,
+        "elapsed_s": time.monotonic() - t_start,
+    }
+
+
+# ---------------------------------------------------------------- XTS vs openssl
+
+
+def xts_check(a):
+    log("XTS: openssl speed -evp aes-256-xts -bytes 4096 -seconds 3 (encrypt, then decrypt)")
+    res = {}
+    for direction, extra in (("encrypt", []), ("decrypt", ["-decrypt"])):
+        out = run(
+            ["openssl", "speed", "-evp", "aes-256-xts", "-bytes", "4096", "-seconds", "3"]
+            + extra,
+            "openssl speed",
+            timeout=120,
+        )
+        m = re.search(r"^aes-256-xts\s+([\d.]+)k\s*$", out, re.IGNORECASE | re.MULTILINE)
+        if not m:
+            raise BenchError(f"cannot read the figure from openssl speed's output:\n{out[-800:]}")
+        res[f"openssl_{direction}_bytes_per_s"] = float(m.group(1)) * 1000.0
+    crit_home = os.path.join(a.run_dir, "criterion")
+    log("XTS: cargo bench --bench datapath -- '^xts/' (builds the bench on first use)")
+    env = dict(os.environ, CRITERION_HOME=crit_home)
+    run(
+        ["cargo", "bench", "--quiet", "--bench", "datapath", "--",
+         "--warm-up-time", "1", "--measurement-time", "3", "^xts/"],
+        "cargo bench --bench datapath",
+        timeout=3600,
+        env=env,
+    )
+    for direction in ("encrypt", "decrypt"):
+        est = os.path.join(crit_home, "xts", f"{direction}_4096B_sectors_1MiB", "new",
+                           "estimates.json")
+        try:
+            with open(est) as f:
+                e = json.load(f)
+            ns = e["median"]["point_estimate"]
+        except (OSError, ValueError, KeyError) as err:
+            raise BenchError(f"cannot read criterion's result {est}: {err}")
+        res[f"cryptvol_{direction}_bytes_per_s"] = MIB / (ns / 1e9)
+    for direction in ("encrypt", "decrypt"):
+        res[f"{direction}_ratio"] = (
+            res[f"cryptvol_{direction}_bytes_per_s"] / res[f"openssl_{direction}_bytes_per_s"]
+        )
+    return res
+
+
+# ---------------------------------------------------------------- main
+
+
+def environment(a):
+    def first_line(cmd):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+            return (r.stdout or r.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return None
+
+    cpu = None
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    rev = first_line(["git", "-C", a.repo, "describe", "--always", "--dirty"])
+    return {
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "nproc": os.cpu_count(),
+        "loadavg_at_start": os.getloadavg(),
+        "cryptvol": first_line([a.bin, "--version"]),
+        "git": rev,
+        "fio": first_line(["fio", "--version"]),
+        "nbdkit": first_line(["nbdkit", "--version"]),
+        "qemu-nbd": first_line(["qemu-nbd", "--version"]),
+        "openssl": first_line(["openssl", "version"]),
+    }
+
+
+def main(argv):
+    a = parse_args(argv)
+    ts = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    a.run_dir = os.path.join(a.out, ts)
+    os.makedirs(a.run_dir, exist_ok=True)
+    # Images and sockets go in work/ (removed at the end); server logs stay in logs/.
+    w = Work(os.path.join(a.run_dir, "work"), os.path.join(a.run_dir, "logs"))
+    jobs = [j for j in JOBS if j[0] in a.jobs]
+    need = set()
+    for s in a.servers:
+        if s == "cryptvol":
+            need.add("cryptvol")
+        elif s == "nbdkit-luks" or s.startswith("qemu-nbd"):
+            need.add("luks")
+    if "luks" in need:
+        need.add("nbdkit-luks")  # the LUKS image is prefilled through nbdkit-luks
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # Explicitly, also for SIGINT: a shell starts background jobs with SIGINT ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+    started = time.monotonic()
+    results = {
+        "version": 1,
+        "timestamp": ts,
+        "options": {
+            "quick": a.quick, "size_bytes": a.size, "runtime_s": a.runtime, "ramp_s": a.ramp,
+            "repeat": a.repeat, "jobs": a.jobs, "servers": a.servers,
+        },
+        "environment": environment(a),
+        "jobs": {j[0]: {"rw": j[1], "bs": j[2], "iodepth": j[3], "title": j[4]} for j in jobs},
+        "runs": [],
+    }
+    try:
+        log(f"results in {a.run_dir}; {len(a.servers)} servers x {len(jobs)} jobs x "
+            f"{a.repeat} repeat(s), {a.ramp} s ramp + {a.runtime} s each")
+        results["images"] = prepare(a, w, need)
+        results["servers"] = {s: " ".join(server_for(s, a, w).cmd) for s in a.servers}
+        # Repeats are the outer loop so that a burst of load from elsewhere on the
+        # machine spreads over all servers rather than hitting one.
+        for rep in range(1, a.repeat + 1):
+            for sname in a.servers:
+                srv = server_for(sname, a, w)
+                srv.start()
+                try:
+                    for job in jobs:
+                        r = run_job(a, w, srv, job, rep)
+                        results["runs"].append(r)
+                        log(f"[{rep}/{a.repeat}] {sname:<14} {job[0]:<18} "
+                            f"{r['iops']:>10.0f} IOPS {r['bw_bytes'] / 1e6:>8.1f} MB/s "
+                            f"p50 {r['lat_p50_us'] or 0:>8.1f} us  "
+                            f"cpu {r['cpu_s_per_gib']:.2f} s/GiB  load {r['loadavg_1m_before']:.1f}")
+                        ts0 = time.monotonic()
+                        sync_file(srv.backing)
+                        if time.monotonic() - ts0 > 1:
+                            log(f"  (writeback of {os.path.basename(srv.backing)} took "
+                                f"{time.monotonic() - ts0:.1f} s, outside the measurement)")
+                finally:
+                    srv.stop()
+        if a.xts:
+            try:
+                results["xts"] = xts_check(a)
+            except BenchError as e:
+                log(f"XTS comparison failed: {e}")
+                results["xts"] = {"error": str(e)}
+        else:
+            results["xts"] = {"skipped": "--quick (pass --xts to include it)"}
+    except KeyboardInterrupt:
+        log("interrupted; stopping servers")
+        Server.stop_all()
+        return 130
+    except BenchError as e:
+        Server.stop_all()
+        log(f"error: {e}")
+        save(a, results, partial=True)
+        return 1
+    finally:
+        Server.stop_all()
+        if not a.keep_work:
+            shutil.rmtree(w.root, ignore_errors=True)
+    results["elapsed_s"] = time.monotonic() - started
+    report.summarise(results)
+    print(report.render_text(results))
+    save(a, results)
+    if not a.no_chart:
+        png = os.path.join(a.run_dir, "chart.png")
+        err = report.chart(results, png)
+        if err:
+            log(f"no chart: {err}")
+        else:
+            print(f"chart:   {png}")
+    print(f"results: {os.path.join(a.run_dir, 'results.json')}")
+    log(f"done in {results['elapsed_s']:.0f} s")
+    return 0
+
+
+def save(a, results, partial=False):
+    path = os.path.join(a.run_dir, "results.json")
+    if partial:
+        results["partial"] = True
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    if not partial:
+        latest = os.path.join(a.out, "latest")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(latest)
+        os.symlink(os.path.basename(a.run_dir), latest)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
