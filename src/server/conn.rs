@@ -1,19 +1,32 @@
-//! One client connection: handshake, then transmission with concurrent requests
-//! and out-of-order replies.
+//! One client connection: the handshake on the async runtime, then transmission on a
+//! small set of dedicated threads.
+//!
+//! Transmission follows the model nbdkit uses: each transmission thread takes the
+//! connection's read lock, reads one request (and its payload), releases the lock,
+//! performs the request (file I/O and XTS) and writes its reply under the write lock.
+//! A request is thus read, served and answered by the same thread, with no hand-off
+//! between threads, and replies go out in completion order. Threads are started lazily
+//! (one at first, another whenever no thread is left waiting to read) up to
+//! `ServerConfig::threads_per_connection`. Crypto and file I/O never run on the async
+//! runtime.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::io::{BufReader, IoSlice, Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
 
-use super::export::{errno_for, Export};
+use super::budget::{BudgetGuard, ByteBudget};
+use super::export::errno_for;
 use super::Shared;
 use crate::nbd::{
     self, encode_simple_reply, parse_client_flags, parse_option_header, parse_request,
-    server_greeting, validate, FrameError, NbdErrno, Negotiation, Next, ValidRequest,
-    MAX_OPTION_LEN, REQUEST_HEADER_LEN,
+    server_greeting, validate, NbdErrno, Negotiation, Next, ValidRequest, MAX_OPTION_LEN,
+    REQUEST_HEADER_LEN,
 };
+use crate::volume::Volume;
 
 /// Why a connection ended before transmission.
 #[derive(Debug, thiserror::Error)]
@@ -30,17 +43,85 @@ enum HandshakeFailure {
     Shutdown,
 }
 
+/// A socket that can leave the async runtime for blocking transmission threads.
+pub(crate) trait IntoBlocking: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn into_blocking(self) -> std::io::Result<BlockingStream>;
+}
+
+impl IntoBlocking for tokio::net::TcpStream {
+    fn into_blocking(self) -> std::io::Result<BlockingStream> {
+        let s = self.into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(BlockingStream::Tcp(s))
+    }
+}
+
+impl IntoBlocking for tokio::net::UnixStream {
+    fn into_blocking(self) -> std::io::Result<BlockingStream> {
+        let s = self.into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(BlockingStream::Unix(s))
+    }
+}
+
+/// A blocking TCP or Unix stream.
+pub(crate) enum BlockingStream {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl BlockingStream {
+    fn try_clone(&self) -> std::io::Result<BlockingStream> {
+        Ok(match self {
+            BlockingStream::Tcp(s) => BlockingStream::Tcp(s.try_clone()?),
+            BlockingStream::Unix(s) => BlockingStream::Unix(s.try_clone()?),
+        })
+    }
+    fn shutdown(&self, how: Shutdown) {
+        let _ = match self {
+            BlockingStream::Tcp(s) => s.shutdown(how),
+            BlockingStream::Unix(s) => s.shutdown(how),
+        };
+    }
+}
+
+impl Read for BlockingStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            BlockingStream::Tcp(s) => s.read(buf),
+            BlockingStream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for BlockingStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            BlockingStream::Tcp(s) => s.write(buf),
+            BlockingStream::Unix(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            BlockingStream::Tcp(s) => s.write_vectored(bufs),
+            BlockingStream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Runs one connection to completion. Never panics on client input.
-pub(crate) async fn run<S>(stream: S, peer: String, id: u64, shared: Arc<Shared>)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (rd, wr) = tokio::io::split(stream);
-    let mut rd = BufReader::with_capacity(64 * 1024, rd);
-    let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+pub(crate) async fn run<S: IntoBlocking>(
+    mut stream: S,
+    peer: String,
+    id: u64,
+    shared: Arc<Shared>,
+) {
     let mut shutdown = shared.shutdown.clone();
     let negotiated = tokio::select! {
-        r = tokio::time::timeout(shared.config.handshake_timeout, handshake(&mut rd, &mut wr, &shared)) => {
+        r = tokio::time::timeout(shared.config.handshake_timeout, handshake(&mut stream, &shared)) => {
             match r {
                 Ok(r) => r,
                 Err(_) => Err(HandshakeFailure::Timeout),
@@ -62,41 +143,79 @@ where
     let Some(exp) = shared.exports.get(&export) else {
         return;
     };
+    let (stream, control) = match stream
+        .into_blocking()
+        .and_then(|s| s.try_clone().map(|c| (s, c)))
+    {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(conn = id, peer = %peer, "cannot start transmission: {e}");
+            return;
+        }
+    };
     tracing::info!(conn = id, peer = %peer, export = %export, "client connected");
-    let stats = transmission(rd, wr, exp, &shared, id).await;
+    let conn = match Conn::new(
+        stream,
+        exp.volume.clone(),
+        exp.info.clone(),
+        shared.budget.clone(),
+        id,
+        shared.config.threads_per_connection,
+    ) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            tracing::warn!(conn = id, peer = %peer, "cannot start transmission: {e}");
+            return;
+        }
+    };
+    let (done_tx, mut done_rx) = oneshot::channel();
+    *conn.done.lock().unwrap_or_else(PoisonError::into_inner) = Some(done_tx);
+    if let Err(e) = Conn::spawn_worker(&conn) {
+        tracing::warn!(conn = id, peer = %peer, "cannot start a transmission thread: {e}");
+        return;
+    }
+    let stopping = tokio::select! {
+        _ = &mut done_rx => false,
+        r = shutdown.wait_for(|s| *s) => r.is_ok(),
+    };
+    if stopping {
+        // Stop reading new requests; in-flight ones finish and are answered.
+        conn.close("server shutting down");
+        control.shutdown(Shutdown::Read);
+        let _ = done_rx.await;
+    }
+    let reason = conn
+        .reason
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
     tracing::info!(
         conn = id,
         peer = %peer,
         export = %export,
-        requests = stats.requests,
-        bytes_read = stats.bytes_read,
-        bytes_written = stats.bytes_written,
+        requests = conn.requests.load(Ordering::Relaxed),
+        bytes_read = conn.bytes_read.load(Ordering::Relaxed),
+        bytes_written = conn.bytes_written.load(Ordering::Relaxed),
         "client disconnected{}",
-        stats.reason.map(|r| format!(": {r}")).unwrap_or_default()
+        reason.map(|r| format!(": {r}")).unwrap_or_default()
     );
 }
 
-async fn handshake<R, W>(
-    rd: &mut R,
-    wr: &mut W,
-    shared: &Shared,
-) -> Result<String, HandshakeFailure>
+async fn handshake<S>(s: &mut S, shared: &Shared) -> Result<String, HandshakeFailure>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    wr.write_all(&server_greeting()).await?;
-    wr.flush().await?;
+    s.write_all(&server_greeting()).await?;
     let mut flags = [0u8; 4];
-    read_or_closed(rd, &mut flags).await?;
+    read_or_closed(s, &mut flags).await?;
     let client = parse_client_flags(flags)?;
     let mut neg = Negotiation::new(client);
     loop {
         let mut hdr = [0u8; 16];
-        read_or_closed(rd, &mut hdr).await?;
+        read_or_closed(s, &mut hdr).await?;
         let hdr = parse_option_header(&hdr)?;
         let outcome = if hdr.len > MAX_OPTION_LEN {
-            let mut limited = (&mut *rd).take(u64::from(hdr.len));
+            let mut limited = (&mut *s).take(u64::from(hdr.len));
             let skipped = tokio::io::copy(&mut limited, &mut tokio::io::sink()).await?;
             if skipped != u64::from(hdr.len) {
                 return Err(HandshakeFailure::Closed);
@@ -104,11 +223,10 @@ where
             neg.handle_oversized(&hdr)
         } else {
             let mut data = vec![0u8; hdr.len as usize];
-            read_or_closed(rd, &mut data).await?;
+            read_or_closed(s, &mut data).await?;
             neg.handle_option(&hdr, &data, &shared.exports)
         };
-        wr.write_all(&outcome.reply).await?;
-        wr.flush().await?;
+        s.write_all(&outcome.reply).await?;
         match outcome.next {
             Next::Continue => {}
             Next::Transmit { export, .. } => return Ok(export.name),
@@ -128,205 +246,288 @@ async fn read_or_closed<R: AsyncRead + Unpin>(
     }
 }
 
-/// A reply ready to be written: header, optional READ payload, and the byte budget it holds.
-struct Reply {
-    header: [u8; 16],
-    data: Option<Vec<u8>>,
-    _permit: Option<OwnedSemaphorePermit>,
-}
+/// Idle per-thread buffers larger than this are freed after use.
+const KEEP_BUFFER: usize = 4 << 20;
 
-#[derive(Default)]
-struct Stats {
-    requests: u64,
-    bytes_read: u64,
-    bytes_written: u64,
-    reason: Option<String>,
-}
-
-async fn transmission<R, W>(
-    mut rd: BufReader<R>,
-    wr: BufWriter<W>,
-    exp: &Export,
-    shared: &Shared,
+/// The transmission state of one connection, shared by its threads.
+struct Conn {
+    reader: Mutex<BufReader<BlockingStream>>,
+    writer: Mutex<BlockingStream>,
+    volume: Arc<Volume>,
+    info: nbd::ExportInfo,
+    budget: Arc<ByteBudget>,
     id: u64,
-) -> Stats
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let write_failed = Arc::new(AtomicU64::new(0));
-    let writer = tokio::spawn(write_replies(wr, rx, write_failed.clone()));
-    let mut stats = Stats::default();
-    let mut shutdown = shared.shutdown.clone();
-    loop {
-        if write_failed.load(Ordering::Relaxed) != 0 {
-            stats.reason = Some("reply could not be sent (client went away)".into());
-            break;
+    max_threads: usize,
+    /// Set once no further request may be read (DISC, EOF, error, shutdown).
+    closing: AtomicBool,
+    /// Threads alive / threads waiting to read a request.
+    threads: AtomicUsize,
+    waiting: AtomicUsize,
+    requests: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    reason: Mutex<Option<String>>,
+    done: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+/// What the reading thread got.
+enum Incoming {
+    /// Serve this request; the payload (WRITE) is in the thread's buffer.
+    Serve(u64, ValidRequest, Option<BudgetGuard>),
+    /// Answer this error (the payload, if any, was discarded).
+    Reject(u64, NbdErrno),
+    /// Stop reading.
+    Stop,
+}
+
+impl Conn {
+    fn new(
+        stream: BlockingStream,
+        volume: Arc<Volume>,
+        info: nbd::ExportInfo,
+        budget: Arc<ByteBudget>,
+        id: u64,
+        max_threads: usize,
+    ) -> std::io::Result<Conn> {
+        let writer = stream.try_clone()?;
+        Ok(Conn {
+            reader: Mutex::new(BufReader::with_capacity(64 * 1024, stream)),
+            writer: Mutex::new(writer),
+            volume,
+            info,
+            budget,
+            id,
+            max_threads: max_threads.max(1),
+            closing: AtomicBool::new(false),
+            threads: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+            reason: Mutex::new(None),
+            done: Mutex::new(None),
+        })
+    }
+
+    /// Marks the connection as closing, keeping the first reason.
+    fn close(&self, reason: &str) {
+        self.closing.store(true, Ordering::SeqCst);
+        let mut r = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
+        if r.is_none() {
+            *r = Some(reason.to_string());
+        }
+    }
+
+    fn spawn_worker(conn: &Arc<Conn>) -> std::io::Result<()> {
+        conn.threads.fetch_add(1, Ordering::SeqCst);
+        let c = conn.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("cryptvol-conn{}", conn.id))
+            .spawn(move || {
+                c.worker();
+                c.thread_exit();
+            });
+        if let Err(e) = spawned {
+            conn.thread_exit();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn thread_exit(&self) {
+        if self.threads.fetch_sub(1, Ordering::SeqCst) == 1 {
+            if let Some(tx) = self
+                .done
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+            {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// The loop of one transmission thread.
+    fn worker(self: &Arc<Self>) {
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let incoming = self.next_request(&mut buf);
+            let still_waiting = self.waiting.fetch_sub(1, Ordering::SeqCst) - 1;
+            match incoming {
+                Incoming::Stop => return,
+                Incoming::Reject(cookie, errno) => {
+                    if !self.send(&encode_simple_reply(cookie, Some(errno)), &[]) {
+                        return;
+                    }
+                }
+                Incoming::Serve(cookie, req, guard) => {
+                    // Keep one thread ready to read while this one works.
+                    if still_waiting == 0
+                        && !self.closing.load(Ordering::SeqCst)
+                        && self.threads.load(Ordering::SeqCst) < self.max_threads
+                    {
+                        if let Err(e) = Conn::spawn_worker(self) {
+                            tracing::warn!(
+                                conn = self.id,
+                                "cannot start another transmission thread: {e}"
+                            );
+                        }
+                    }
+                    let ok = self.serve(cookie, req, &mut buf);
+                    drop(guard);
+                    if buf.capacity() > KEEP_BUFFER {
+                        buf = Vec::new();
+                    }
+                    if !ok {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the next request under the read lock. A WRITE's payload lands in `buf`.
+    fn next_request(&self, buf: &mut Vec<u8>) -> Incoming {
+        let mut rd = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.closing.load(Ordering::SeqCst) {
+            return Incoming::Stop;
         }
         let mut hdr = [0u8; REQUEST_HEADER_LEN];
-        let read = tokio::select! {
-            biased;
-            _ = shutdown.wait_for(|s| *s) => {
-                stats.reason = Some("server shutting down".into());
-                break;
-            }
-            r = rd.read_exact(&mut hdr) => r,
-        };
-        if let Err(e) = read {
-            if e.kind() != std::io::ErrorKind::UnexpectedEof {
-                stats.reason = Some(format!("read error: {e}"));
+        if let Err(e) = rd.read_exact(&mut hdr) {
+            self.close(&if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                "client closed the connection without NBD_CMD_DISC".to_string()
             } else {
-                stats.reason = Some("client closed the connection without NBD_CMD_DISC".into());
-            }
-            break;
+                format!("read error: {e}")
+            });
+            return Incoming::Stop;
         }
         let req = match parse_request(&hdr) {
             Ok(r) => r,
-            Err(e @ (FrameError::BadMagic(_) | FrameError::TooLarge(_))) => {
-                tracing::warn!(conn = id, "closing connection: {e}");
-                stats.reason = Some(e.to_string());
-                break;
+            Err(e) => {
+                tracing::warn!(conn = self.id, "closing connection: {e}");
+                self.close(&e.to_string());
+                return Incoming::Stop;
             }
         };
-        stats.requests += 1;
-        let cookie = req.cookie;
-        let valid = match validate(&req, &exp.info) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let valid = match validate(&req, &self.info) {
             Ok(v) => v,
             Err(rej) => {
                 let payload = u64::from(req.payload_len());
                 if payload > 0 {
-                    let mut limited = (&mut rd).take(payload);
-                    match tokio::io::copy(&mut limited, &mut tokio::io::sink()).await {
+                    match std::io::copy(&mut (&mut *rd).take(payload), &mut std::io::sink()) {
                         Ok(n) if n == payload => {}
                         _ => {
-                            stats.reason = Some("client closed during a write payload".into());
-                            break;
+                            self.close("client closed during a write payload");
+                            return Incoming::Stop;
                         }
                     }
                 }
-                tracing::debug!(conn = id, ?req, errno = ?rej.errno, "request rejected");
-                let _ = tx.send(Reply {
-                    header: encode_simple_reply(cookie, Some(rej.errno)),
-                    data: None,
-                    _permit: None,
-                });
-                continue;
+                tracing::debug!(conn = self.id, ?req, errno = ?rej.errno, "request rejected");
+                return Incoming::Reject(req.cookie, rej.errno);
             }
         };
-        if let ValidRequest::Disc = valid {
-            stats.reason = Some("client sent NBD_CMD_DISC".into());
-            break;
-        }
-        // Reserve the byte budget before reading or allocating any payload.
-        let cost = match valid {
-            ValidRequest::Read { len, .. } | ValidRequest::Write { len, .. } => len.max(1),
-            _ => 1,
-        };
-        let permit = match shared.inflight.clone().acquire_many_owned(cost).await {
-            Ok(p) => p,
-            Err(_) => break,
-        };
-        let mut payload = Vec::new();
-        if let ValidRequest::Write { len, .. } = valid {
-            payload = vec![0u8; len as usize];
-            if let Err(e) = rd.read_exact(&mut payload).await {
-                stats.reason = Some(format!("client closed during a write payload: {e}"));
-                break;
+        match valid {
+            ValidRequest::Disc => {
+                self.close("client sent NBD_CMD_DISC");
+                Incoming::Stop
             }
-            stats.bytes_written += u64::from(len);
+            ValidRequest::Write { len, .. } => {
+                let guard = self.budget_for(len);
+                let len = len as usize;
+                if buf.len() < len {
+                    buf.resize(len, 0);
+                }
+                if let Err(e) = rd.read_exact(&mut buf[..len]) {
+                    self.close(&format!("client closed during a write payload: {e}"));
+                    return Incoming::Stop;
+                }
+                self.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
+                Incoming::Serve(req.cookie, valid, Some(guard))
+            }
+            ValidRequest::Read { len, .. } => {
+                let guard = self.budget_for(len);
+                self.bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
+                Incoming::Serve(req.cookie, valid, Some(guard))
+            }
+            _ => Incoming::Serve(req.cookie, valid, None),
         }
-        if let ValidRequest::Read { len, .. } = valid {
-            stats.bytes_read += u64::from(len);
-        }
-        let vol = exp.volume.clone();
-        let tx = tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let (result, data) = execute(&vol, valid, payload);
-            let header = encode_simple_reply(cookie, result.err());
-            let data = if result.is_ok() { data } else { None };
-            let _ = tx.send(Reply {
-                header,
-                data,
-                _permit: Some(permit),
-            });
+    }
+
+    /// Takes `len` bytes of the server-wide budget (blocks while it is exhausted).
+    fn budget_for(&self, len: u32) -> BudgetGuard {
+        self.budget.acquire(len as usize)
+    }
+
+    /// Performs a request and sends its reply. Returns false once the connection is unusable.
+    fn serve(&self, cookie: u64, req: ValidRequest, buf: &mut Vec<u8>) -> bool {
+        let vol = &*self.volume;
+        let result = match req {
+            ValidRequest::Read { offset, len } => {
+                let len = len as usize;
+                if buf.len() < len {
+                    buf.resize(len, 0);
+                }
+                match vol.read_at(&mut buf[..len], offset) {
+                    Ok(()) => return self.send(&encode_simple_reply(cookie, None), &buf[..len]),
+                    Err(e) => Err(e),
+                }
+            }
+            ValidRequest::Write { offset, len, fua } => {
+                vol.write_at_mut(&mut buf[..len as usize], offset, fua)
+            }
+            ValidRequest::Flush => vol.flush(),
+            ValidRequest::Trim { offset, len, fua } => vol
+                .discard(offset, u64::from(len))
+                .and_then(|()| if fua { vol.flush() } else { Ok(()) }),
+            ValidRequest::WriteZeroes {
+                offset, len, fua, ..
+            } => vol.write_zeroes(offset, u64::from(len), fua),
+            ValidRequest::Cache { .. } | ValidRequest::Disc => Ok(()),
+        };
+        let errno = result.err().map(|e| {
+            let errno = errno_for(&e);
+            tracing::warn!(conn = self.id, "{req:?} failed ({errno:?}): {e}");
+            errno
         });
+        self.send(&encode_simple_reply(cookie, errno), &[])
     }
-    // Let in-flight requests finish and their replies go out, then close.
-    drop(tx);
-    let _ = writer.await;
-    stats
-}
 
-/// Performs one validated request on the volume (on a blocking thread).
-fn execute(
-    vol: &crate::volume::Volume,
-    req: ValidRequest,
-    mut payload: Vec<u8>,
-) -> (Result<(), NbdErrno>, Option<Vec<u8>>) {
-    let r = match req {
-        ValidRequest::Read { offset, len } => {
-            let mut buf = vec![0u8; len as usize];
-            return match vol.read_at(&mut buf, offset) {
-                Ok(()) => (Ok(()), Some(buf)),
-                Err(e) => (Err(log_err("read", errno_for(&e), &e)), None),
-            };
-        }
-        ValidRequest::Write { offset, fua, .. } => vol.write_at_mut(&mut payload, offset, fua),
-        ValidRequest::Flush => vol.flush(),
-        ValidRequest::Trim { offset, len, fua } => vol
-            .discard(offset, u64::from(len))
-            .and_then(|()| if fua { vol.flush() } else { Ok(()) }),
-        ValidRequest::WriteZeroes {
-            offset, len, fua, ..
-        } => vol.write_zeroes(offset, u64::from(len), fua),
-        ValidRequest::Cache { .. } => Ok(()),
-        ValidRequest::Disc => Ok(()),
-    };
-    (r.map_err(|e| log_err("request", errno_for(&e), &e)), None)
-}
-
-fn log_err(what: &str, errno: NbdErrno, e: &crate::volume::VolumeError) -> NbdErrno {
-    tracing::warn!("{what} failed ({errno:?}): {e}");
-    errno
-}
-
-async fn write_replies<W>(
-    mut wr: BufWriter<W>,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
-    failed: Arc<AtomicU64>,
-) where
-    W: AsyncWrite + Unpin,
-{
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        // Batch every reply that is already waiting into one flush.
-        while let Some(reply) = next {
-            if write_one(&mut wr, &reply).await.is_err() {
-                failed.store(1, Ordering::Relaxed);
-                // Keep draining so that blocked senders and permits are released.
-                while rx.recv().await.is_some() {}
-                return;
+    /// Writes one whole reply under the write lock (replies never interleave).
+    fn send(&self, header: &[u8], data: &[u8]) -> bool {
+        let mut w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        match write_all_vectored(&mut *w, header, data) {
+            Ok(()) => true,
+            Err(e) => {
+                drop(w);
+                self.close(&format!("reply could not be sent (client went away): {e}"));
+                // Wake a thread blocked reading this dead connection.
+                if let Ok(r) = self.reader.try_lock() {
+                    r.get_ref().shutdown(Shutdown::Read);
+                }
+                false
             }
-            next = rx.try_recv().ok();
-        }
-        if wr.flush().await.is_err() {
-            failed.store(1, Ordering::Relaxed);
-            while rx.recv().await.is_some() {}
-            return;
         }
     }
-    let _ = wr.flush().await;
-    let _ = wr.shutdown().await;
 }
 
-async fn write_one<W: AsyncWrite + Unpin>(
-    wr: &mut BufWriter<W>,
-    reply: &Reply,
-) -> std::io::Result<()> {
-    wr.write_all(&reply.header).await?;
-    if let Some(d) = &reply.data {
-        wr.write_all(d).await?;
+/// Writes `header` then `data` with as few system calls as possible.
+fn write_all_vectored<W: Write>(w: &mut W, header: &[u8], data: &[u8]) -> std::io::Result<()> {
+    let total = header.len() + data.len();
+    let mut done = 0usize;
+    while done < total {
+        let n = if done < header.len() {
+            w.write_vectored(&[IoSlice::new(&header[done..]), IoSlice::new(data)])
+        } else {
+            w.write(&data[done - header.len()..])
+        };
+        match n {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }

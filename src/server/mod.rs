@@ -6,6 +6,7 @@
 //! runtime), and a writer task that sends replies as they complete, out of order.
 //! Bytes in flight are bounded by a server-wide budget.
 
+mod budget;
 mod conn;
 mod export;
 mod listen;
@@ -51,6 +52,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Maximum simultaneous connections; further ones are closed at once.
     pub max_connections: usize,
+    /// Transmission threads per connection (started as requests overlap).
+    pub threads_per_connection: usize,
 }
 
 impl Default for ServerConfig {
@@ -59,6 +62,7 @@ impl Default for ServerConfig {
             max_inflight_bytes: 64 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(30),
             max_connections: 1024,
+            threads_per_connection: 4,
         }
     }
 }
@@ -68,7 +72,7 @@ pub(crate) struct Shared {
     pub exports: Exports,
     pub config: ServerConfig,
     /// Byte budget for payloads in flight (units: bytes, at least 1 per request).
-    pub inflight: Arc<Semaphore>,
+    pub budget: Arc<budget::ByteBudget>,
     pub connections: Arc<Semaphore>,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -96,7 +100,7 @@ pub async fn serve(
     }
     let shared = Arc::new(Shared {
         exports,
-        inflight: Arc::new(Semaphore::new(
+        budget: Arc::new(budget::ByteBudget::new(
             config.max_inflight_bytes.max(nbd_max_payload()),
         )),
         connections: Arc::new(Semaphore::new(config.max_connections)),
