@@ -182,6 +182,9 @@ struct ServeArgs {
     /// Bytes of request payload held in memory at once, across all connections [default: 64M].
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
     max_inflight: Option<u64>,
+    /// Transmission threads per connection: requests of one connection served at once.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
     #[command(flatten)]
     keystore: KeystoreArgs,
     #[command(flatten)]
@@ -473,6 +476,7 @@ async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
     };
     let config = ServerConfig {
         max_inflight_bytes: usize::try_from(settings.max_inflight).unwrap_or(usize::MAX),
+        threads_per_connection: usize::from(a.threads),
         ..ServerConfig::default()
     };
     run_server(exports, listeners, config).await
