@@ -706,6 +706,12 @@ impl LocalKeystore {
         let writer = self.audit.open()?;
         let mut key_label = label(Some(key));
         let result = (|| {
+            // Checked before locking too: a principal who may only read the keystore gets
+            // "access denied", not a lock error.
+            let id = self.resolve_existing(key)?;
+            key_label = id.clone();
+            let meta = self.load_key(&id, false)?.meta;
+            self.authorize(&meta, Permission::Administer, operation)?;
             let _lock = self.lock()?;
             let id = self.resolve_existing(key)?;
             key_label = id.clone();
@@ -974,6 +980,12 @@ impl LocalKeystore {
         let writer = self.audit.open()?;
         let mut key_label = key.map(|k| label(Some(k))).unwrap_or_default();
         let result = (|| {
+            if let Some(k) = key {
+                // Checked before locking too (see `admin`).
+                let id = self.resolve_existing(k)?;
+                let meta = self.load_key(&id, false)?.meta;
+                self.authorize(&meta, Permission::Administer, operation)?;
+            }
             let _lock = self.lock()?;
             let mut index = self.load_index()?;
             let current = index.aliases.get(alias).cloned();

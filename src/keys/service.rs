@@ -78,29 +78,43 @@ impl KeyService {
     /// a registered exec backend.
     pub fn set_default_key(&self, reference: Option<&KeyRef>) -> Result<(), KeyError> {
         let ks = self.local(true)?;
-        match reference {
-            Some(KeyRef::AwsKms(k)) => {
-                return Err(aws_kms_unsupported(&format!("aws-kms:{k}")));
-            }
-            Some(KeyRef::Exec { name, .. }) => {
-                ks.exec_backend(name)?;
-            }
+        let refused = match reference {
+            Some(r @ KeyRef::AwsKms(_)) => Some(aws_kms_unsupported(&r.to_string())),
+            Some(KeyRef::Exec { name, .. }) => ks.exec_backend(name).err(),
             Some(KeyRef::Local(None)) => return ks.set_default_key_ref(None),
-            _ => {}
+            _ => None,
+        };
+        if let Some(e) = refused {
+            let writer = self.audit.open()?;
+            let label = reference.map(KeyRef::to_string).unwrap_or_default();
+            let _ = writer.write(&AuditEvent {
+                operation: "set-default",
+                backend: reference.map(KeyRef::backend).unwrap_or(LOCAL),
+                key_id: &label,
+                context: None,
+                principal: &self.principal,
+                outcome: Err(&e),
+                detail: None,
+            });
+            return Err(e);
         }
         ks.set_default_key_ref(reference)
     }
 
     /// The exec backend registered as `name`.
     pub fn exec(&self, name: &str) -> Result<ExecBackend, KeyError> {
-        self.local(false)
-            .map_err(|e| KeyError::NotFound {
+        if !self.keystore_dir.is_dir() {
+            return Err(KeyError::NotFound {
                 backend: EXEC.to_string(),
                 key: format!(
-                    "{name} (the keystore that registers exec backends cannot be opened: {e})"
+                    "{} (no exec backend is registered: there is no keystore at {}; register \
+                     one with `cryptvol key exec add NAME -- PROGRAM [ARGS...]`)",
+                    name.escape_debug(),
+                    self.keystore_dir.display()
                 ),
-            })?
-            .exec_backend(name)
+            });
+        }
+        self.local(false)?.exec_backend(name)
     }
 
     /// Destroys local keys whose deletion waiting period has passed (nothing when there

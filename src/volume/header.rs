@@ -939,11 +939,13 @@ pub fn write_header(path: &Path, header: &mut Header, dek: &Dek) -> Result<(), V
         } else {
             "header-copy-2"
         };
-        // Fault injection (tests only, see `super::crash_point`): a torn copy.
+        // Fault injection (tests only, see `super::crash_point`): a torn copy of which
+        // only the first four 512-byte sectors (the new sequence and checksum, not the
+        // new metadata) reached the disk.
         let torn = format!("{step}-torn");
         if super::crash_point_active(&torn) {
             let _ = file
-                .write_all_at(&bytes[..bytes.len() / 2], *offset)
+                .write_all_at(&bytes[..2048], *offset)
                 .and_then(|()| file.sync_data());
             super::crash_point(&torn);
         }
