@@ -363,7 +363,7 @@ impl ExecBackend {
             // A structured error answer still says best what went wrong.
             if let Ok(r) = serde_json::from_slice::<Response<'_>>(&out.stdout) {
                 if !r.ok {
-                    return Err(self.answer_error(&r, None));
+                    return Err(self.answer_error(&r, None, "its operation"));
                 }
             }
             return Err(exec_err(
@@ -462,13 +462,13 @@ impl ExecBackend {
             )
         })?;
         if !r.ok {
-            return Err(self.answer_error(&r, key));
+            return Err(self.answer_error(&r, key, op));
         }
         Ok(r)
     }
 
     /// Maps an `{"ok": false, "error": KIND, "message": ...}` answer to a typed error.
-    fn answer_error(&self, r: &Response<'_>, key: Option<&str>) -> KeyError {
+    fn answer_error(&self, r: &Response<'_>, key: Option<&str>, op: &str) -> KeyError {
         let message = r.message.as_deref().map(shown).unwrap_or_default();
         let key = self.slot_key_id(&shown(key.or(r.key_id.as_deref()).unwrap_or("(default)")));
         let kind = r.error.as_deref().unwrap_or("");
@@ -483,7 +483,11 @@ impl ExecBackend {
             },
             "access_denied" => KeyError::AccessDenied {
                 key,
-                operation: format!("the exec backend's operation ({message})"),
+                operation: if message.is_empty() {
+                    op.to_string()
+                } else {
+                    format!("{op} (exec backend {}: {message})", self.name)
+                },
                 principal: self.principal.to_string(),
             },
             "disabled" | "pending_deletion" | "unusable" => KeyError::KeyUnusable {

@@ -570,8 +570,7 @@ fn encode_material(material: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
 }
 
 fn fresh_material() -> Result<SecretBytes, KeyError> {
-    let mut material = Vec::with_capacity(MASTER_KEY_LEN);
-    material.resize(MASTER_KEY_LEN, 0);
+    let mut material = vec![0u8; MASTER_KEY_LEN];
     getrandom::fill(&mut material[..]).map_err(|e| CryptoError::Rng(e.to_string()))?;
     Ok(SecretBytes::new(material))
 }

@@ -202,7 +202,7 @@ pub struct KeyDescription {
 pub enum KeyError {
     #[error("key {key} not found in the {backend} backend")]
     NotFound { backend: String, key: String },
-    #[error("access denied: {principal} may not use key {key} for {operation}; the key policy does not allow it (see `cryptvol key describe {key}`; an administrator of the key can grant it with `cryptvol key grant`)")]
+    #[error("access denied: {principal} may not use key {key} for {operation}; the key's policy does not allow it (for a local key see `cryptvol key describe`; an administrator of the key can `cryptvol key grant` it)")]
     AccessDenied {
         key: String,
         operation: String,
