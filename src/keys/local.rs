@@ -1692,7 +1692,7 @@ impl LocalKeystore {
         };
         // Preallocated well beyond the size needed, so no reallocation copies the
         // material into memory that would not be zeroized.
-        let mut json = Zeroizing::new(Vec::with_capacity(8192 + 256 * key.materials.len()));
+        let mut json = Zeroizing::new(Vec::with_capacity(16384 + 256 * key.materials.len()));
         serde_json::to_writer_pretty(&mut *json, &out)
             .map_err(|e| ks_err(&self.dir, format!("cannot encode the key file: {e}")))?;
         json.push(b'\n');

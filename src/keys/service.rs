@@ -136,7 +136,7 @@ impl KeyService {
     ) -> Result<WrappedDek, KeyError> {
         match target {
             KeyRef::Local(key) => {
-                let ks = self.local(key.is_none())?;
+                let ks = self.local(true)?;
                 ks.wrap_as(key.as_deref(), dek, ctx, op).await
             }
             KeyRef::Exec { name, key } => {
