@@ -17,6 +17,11 @@ have mkfs.ext4     || need+=(e2fsprogs)
 have losetup       || need+=(mount)
 have fusermount3   || need+=(fuse3)
 have jq            || need+=(jq)
+# The exec backend's example program (scripts/exec-backend-example.py) and its tests.
+/usr/bin/python3 -c 'import cryptography.hazmat.primitives.ciphers.aead' 2>/dev/null || need+=(python3-cryptography)
+# The key policy test runs the daemon as a second Unix user.
+have useradd       || need+=(passwd)
+have setpriv       || need+=(util-linux)
 have openssl       || need+=(openssl)
 have cpio          || need+=(cpio)
 have depmod        || need+=(kmod)

@@ -6,11 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use crate::config::{self, CliOverrides, ExportSpec};
-use crate::keys::{Argon2Params, KeyInfo, PassphraseSource};
-use crate::ops::{self, KeyOptions, NewKey};
+use crate::keys::{
+    Argon2Params, ExecSpec, KeyError, KeyInfo, KeyRef, KeyState, LocalKeystore, PassphraseSource,
+    Permission, Principal, WrappedDek,
+};
+use crate::ops::{self, KeyOptions, KeyslotChange, NewKey};
 use crate::server::systemd::{self, ActivatedSocket};
 use crate::server::{self, Export, Exports, Listener, ListenerSpec, ServerConfig, ServerError};
 use crate::size::{format_size, parse_size};
@@ -18,11 +21,15 @@ use crate::volume::{OpenOptions, VolumeSpec, DEFAULT_SECTOR_SIZE};
 
 const AFTER_HELP: &str = "\
 Each volume has its own random 512-bit data key (AES-256-XTS). The data key is stored only
-wrapped by a master key held by a key backend: the local keystore (default) or a passphrase.
+wrapped by a master key held by a key backend: the local keystore (default), an external
+program (exec:NAME) or a passphrase. See docs/keys.md.
 
 Examples:
-  cryptvol create --size 10G vol.img              # wrapped by the default local master key
+  cryptvol create --size 10G vol.img              # wrapped by the default key
+  cryptvol create --size 10G --key alias/db db.img
   cryptvol info vol.img
+  cryptvol rekey vol.img --to-key alias/new       # rewrap the data key, data untouched
+  cryptvol keyslot add vol.img --passphrase       # add a recovery passphrase
   cryptvol serve --unix /run/cryptvol.sock vol.img
   nbdinfo 'nbd+unix:///vol?socket=/run/cryptvol.sock'
 
@@ -43,9 +50,15 @@ enum Command {
     Info(InfoArgs),
     /// Serve volumes over NBD (TCP and/or Unix sockets) until SIGTERM or SIGINT.
     Serve(ServeArgs),
-    /// Manage master keys in the local keystore.
+    /// Manage master keys: the local keystore, the default key, exec backends.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Rewrap a volume's data key under another master key (any backend to any backend),
+    /// replacing one keyslot in a crash-safe header update. The data is not touched.
+    Rekey(RekeyArgs),
+    /// Add or remove keyslots (e.g. a recovery passphrase) of a volume.
+    #[command(subcommand)]
+    Keyslot(KeyslotCommand),
     /// Create a demo volume in a scratch directory and serve it, printing how to attach it.
     Demo(DemoArgs),
 }
@@ -56,6 +69,49 @@ struct KeystoreArgs {
     /// for root, else $XDG_DATA_HOME/cryptvol/keys]
     #[arg(long, value_name = "DIR")]
     keystore: Option<PathBuf>,
+    /// Append key audit records to PATH [default: audit.jsonl in the keystore directory].
+    #[arg(long, value_name = "PATH")]
+    audit_log: Option<PathBuf>,
+}
+
+/// How to unlock a volume whose keyslots include a passphrase (rekey, keyslot).
+#[derive(Args, Clone)]
+struct UnlockArgs {
+    /// Unlock through a passphrase keyslot, reading the passphrase from FILE.
+    #[arg(long, value_name = "FILE", group = "unlock")]
+    unlock_passphrase_file: Option<PathBuf>,
+    /// Unlock through a passphrase keyslot, reading the passphrase from descriptor N.
+    #[arg(long, value_name = "N", group = "unlock")]
+    unlock_passphrase_fd: Option<i32>,
+    /// Unlock through a passphrase keyslot, prompting on the terminal.
+    #[arg(long, group = "unlock")]
+    unlock_passphrase: bool,
+}
+
+impl UnlockArgs {
+    fn source(&self) -> Option<PassphraseSource> {
+        passphrase_source(
+            &self.unlock_passphrase_file,
+            self.unlock_passphrase_fd,
+            self.unlock_passphrase,
+        )
+    }
+}
+
+fn passphrase_source(
+    file: &Option<PathBuf>,
+    fd: Option<i32>,
+    prompt: bool,
+) -> Option<PassphraseSource> {
+    if let Some(f) = file {
+        Some(PassphraseSource::File(f.clone()))
+    } else if let Some(fd) = fd {
+        Some(PassphraseSource::Fd(fd))
+    } else if prompt {
+        Some(PassphraseSource::Prompt)
+    } else {
+        None
+    }
 }
 
 #[derive(Args, Clone)]
@@ -73,15 +129,7 @@ struct PassphraseArgs {
 
 impl PassphraseArgs {
     fn source(&self) -> Option<PassphraseSource> {
-        if let Some(f) = &self.passphrase_file {
-            Some(PassphraseSource::File(f.clone()))
-        } else if let Some(fd) = self.passphrase_fd {
-            Some(PassphraseSource::Fd(fd))
-        } else if self.passphrase {
-            Some(PassphraseSource::Prompt)
-        } else {
-            None
-        }
+        passphrase_source(&self.passphrase_file, self.passphrase_fd, self.passphrase)
     }
 }
 
@@ -90,12 +138,13 @@ struct CreateArgs {
     /// Volume size, e.g. 512M, 10G, 1T (binary units); a multiple of the sector size.
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
     size: u64,
-    /// Local master key to wrap the data key: a key id or alias/NAME [default: the default key,
-    /// created on first use].
+    /// Master key to wrap the data key: a local key id (mk-…) or alias/NAME, exec:NAME[:KEY],
+    /// or an AWS KMS key (arn:aws:kms:…, aws-kms:ID, aws-kms:alias/NAME) [default: the key set
+    /// with `cryptvol key set-default`, else the local default key, created on first use].
     #[arg(
         long,
         visible_alias = "kms-key-id",
-        value_name = "KEY_ID_OR_ALIAS",
+        value_name = "KEY",
         conflicts_with = "pass"
     )]
     key: Option<String>,
@@ -196,7 +245,7 @@ struct ServeArgs {
 
 #[derive(Subcommand)]
 enum KeyCommand {
-    /// Create a new master key in the local keystore.
+    /// Create a new master key in the local keystore (you may do everything with it).
     Create {
         /// An alias for the key, written alias/NAME.
         #[arg(long, value_name = "alias/NAME")]
@@ -215,6 +264,215 @@ enum KeyCommand {
         #[command(flatten)]
         keystore: KeystoreArgs,
     },
+    /// Show a local key: state, aliases, material versions, policy.
+    Describe {
+        /// Key id or alias/NAME.
+        key: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Add, retarget or remove aliases of local keys.
+    #[command(subcommand)]
+    Alias(AliasCommand),
+    /// Enable a disabled key.
+    Enable(KeyArg),
+    /// Disable a key: volumes using it can no longer be attached (attached ones keep working).
+    Disable(KeyArg),
+    /// Schedule the destruction of a key after a waiting period; until then it is unusable.
+    ScheduleDeletion {
+        /// Key id or alias/NAME.
+        key: String,
+        /// Waiting period in days (7 to 30).
+        #[arg(long, default_value_t = crate::keys::MAX_DELETION_DAYS)]
+        days: u32,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Cancel a scheduled deletion; the key is left disabled (enable it to use it).
+    CancelDeletion(KeyArg),
+    /// Give a key new material: new wraps use it, existing keyslots still unwrap.
+    Rotate(KeyArg),
+    /// Destroy the keys whose deletion waiting period has passed (serve does this at start).
+    Purge {
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Allow a Unix user to use a key for some operations.
+    Grant(GrantArgs),
+    /// Withdraw operations from a Unix user on a key.
+    Revoke(GrantArgs),
+    /// Set the key used when `create` is given none (any backend), or --reset to the local
+    /// default key.
+    #[command(group(ArgGroup::new("what").required(true).args(["key", "reset"])))]
+    SetDefault {
+        /// Key reference (local id or alias, exec:NAME[:KEY]).
+        key: Option<String>,
+        /// Go back to the local default key (alias/cryptvol/default).
+        #[arg(long)]
+        reset: bool,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Show the key used when `create` is given none.
+    GetDefault {
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Register external programs as key backends (exec:NAME).
+    #[command(subcommand)]
+    Exec(ExecCommand),
+}
+
+#[derive(Args)]
+struct KeyArg {
+    /// Key id or alias/NAME.
+    key: String,
+    #[command(flatten)]
+    keystore: KeystoreArgs,
+}
+
+#[derive(Args)]
+struct GrantArgs {
+    /// Key id or alias/NAME.
+    key: String,
+    /// Unix user name or uid.
+    #[arg(long, value_name = "USER")]
+    principal: String,
+    /// Comma-separated: generate (or wrap), unwrap, rewrap, administer, all.
+    #[arg(long, value_name = "LIST")]
+    operations: String,
+    #[command(flatten)]
+    keystore: KeystoreArgs,
+}
+
+#[derive(Subcommand)]
+enum AliasCommand {
+    /// Create alias/NAME pointing at a key.
+    Add {
+        alias: String,
+        /// Key id or alias/NAME.
+        key: String,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Point an existing alias at another key (existing volumes keep their key).
+    Retarget {
+        alias: String,
+        /// Key id or alias/NAME.
+        key: String,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Remove an alias (the key stays).
+    Remove {
+        alias: String,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExecCommand {
+    /// Register PROGRAM (absolute path) as exec backend NAME (replaces an existing one).
+    Add {
+        /// Backend name, used in key references as exec:NAME[:KEY].
+        name: String,
+        /// Seconds the program may take per operation.
+        #[arg(long, value_name = "SECS", default_value_t = 10)]
+        timeout: u64,
+        /// The program and its fixed arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "PROGRAM [ARGS]")]
+        command: Vec<String>,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Unregister exec backend NAME.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// List registered exec backends.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+}
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("to").required(true)))]
+struct RekeyArgs {
+    /// The volume file.
+    file: PathBuf,
+    /// The new master key (local id or alias, exec:NAME[:KEY], an AWS KMS key).
+    #[arg(long, value_name = "KEY", group = "to")]
+    to_key: Option<String>,
+    /// Rewrap under a passphrase read from FILE.
+    #[arg(long, value_name = "FILE", group = "to")]
+    to_passphrase_file: Option<PathBuf>,
+    /// Rewrap under a passphrase read from descriptor N.
+    #[arg(long, value_name = "N", group = "to")]
+    to_passphrase_fd: Option<i32>,
+    /// Rewrap under a passphrase typed on the terminal (asked twice).
+    #[arg(long, group = "to")]
+    to_passphrase: bool,
+    /// The keyslot to replace [default: the only keyslot].
+    #[arg(long, value_name = "N")]
+    slot: Option<usize>,
+    #[command(flatten)]
+    unlock: UnlockArgs,
+    #[command(flatten)]
+    keystore: KeystoreArgs,
+    #[command(flatten)]
+    kdf: KdfArgs,
+}
+
+#[derive(Subcommand)]
+enum KeyslotCommand {
+    /// Add a keyslot wrapping the data key under another key or a (recovery) passphrase.
+    Add(KeyslotAddArgs),
+    /// Remove keyslot SLOT (never the last; unlocks through a keyslot that remains).
+    Remove {
+        /// The volume file.
+        file: PathBuf,
+        /// The keyslot number (see `cryptvol info`).
+        slot: usize,
+        #[command(flatten)]
+        unlock: UnlockArgs,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+}
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("new").required(true).args(["key", "passphrase_file", "passphrase_fd", "passphrase"])))]
+struct KeyslotAddArgs {
+    /// The volume file.
+    file: PathBuf,
+    /// Master key of the new keyslot (local id or alias, exec:NAME[:KEY], an AWS KMS key).
+    #[arg(long, visible_alias = "kms-key-id", value_name = "KEY")]
+    key: Option<String>,
+    /// Passphrase of the new keyslot, read from FILE.
+    #[arg(long, value_name = "FILE")]
+    passphrase_file: Option<PathBuf>,
+    /// Passphrase of the new keyslot, read from descriptor N.
+    #[arg(long, value_name = "N")]
+    passphrase_fd: Option<i32>,
+    /// Passphrase of the new keyslot, typed on the terminal (asked twice).
+    #[arg(long)]
+    passphrase: bool,
+    #[command(flatten)]
+    unlock: UnlockArgs,
+    #[command(flatten)]
+    keystore: KeystoreArgs,
+    #[command(flatten)]
+    kdf: KdfArgs,
 }
 
 #[derive(Args)]
@@ -294,6 +552,8 @@ async fn run(cli: Cli, activated: Result<Vec<ActivatedSocket>, ServerError>) -> 
         Command::Info(a) => info(a),
         Command::Serve(a) => serve(a, activated?).await,
         Command::Key(k) => key(k),
+        Command::Rekey(a) => rekey(a).await,
+        Command::Keyslot(k) => keyslot(k).await,
         Command::Demo(a) => demo(a).await,
     }
 }
@@ -307,15 +567,15 @@ fn key_options(
         keystore: keystore.keystore.clone(),
         passphrase: pass.and_then(PassphraseArgs::source),
         argon2: kdf,
+        audit_log: keystore.audit_log.clone(),
     }
 }
 
 async fn create(a: CreateArgs) -> Result<()> {
     let keys = key_options(&a.keystore, Some(&a.pass), a.kdf.params());
-    let new_key = if keys.passphrase.is_some() {
-        NewKey::Passphrase
-    } else {
-        NewKey::Local(a.key.as_deref())
+    let new_key = match &keys.passphrase {
+        Some(source) => NewKey::Passphrase(source),
+        None => NewKey::parse(a.key.as_deref())?,
     };
     let spec = VolumeSpec {
         size: a.size,
@@ -324,19 +584,32 @@ async fn create(a: CreateArgs) -> Result<()> {
     let header = ops::create_volume(&a.file, &spec, new_key, &keys)
         .await
         .with_context(|| format!("cannot create {}", a.file.display()))?;
-    let slot = header.keyslots.first();
     println!(
-        "created {} ({}, {}-byte sectors, uuid {}), data key wrapped by {}{}",
+        "created {} ({}, {}-byte sectors, uuid {}), data key wrapped by {}",
         a.file.display(),
         format_size(header.size),
         header.sector_size,
         header.uuid,
-        slot.map(|s| s.backend.as_str()).unwrap_or("?"),
-        slot.filter(|s| !s.key_id.is_empty())
-            .map(|s| format!(" key {}", s.key_id))
-            .unwrap_or_default()
+        header
+            .keyslots
+            .first()
+            .map(slot_label)
+            .unwrap_or_else(|| "?".into())
     );
     Ok(())
+}
+
+/// `local key mk-…`, `passphrase`, `exec key vault:k1`.
+fn slot_label(s: &WrappedDek) -> String {
+    if s.key_id.is_empty() {
+        s.backend.escape_debug().to_string()
+    } else {
+        format!(
+            "{} key {}",
+            s.backend.escape_debug(),
+            s.key_id.escape_debug()
+        )
+    }
 }
 
 fn info(a: InfoArgs) -> Result<()> {
@@ -381,14 +654,14 @@ fn info(a: InfoArgs) -> Result<()> {
 }
 
 fn key(k: KeyCommand) -> Result<()> {
+    let opts = |keystore: &KeystoreArgs| key_options(keystore, None, Argon2Params::default());
     match k {
         KeyCommand::Create {
             alias,
             json,
             keystore,
         } => {
-            let keys = key_options(&keystore, None, Argon2Params::default());
-            let ks = keys.local(true)?;
+            let ks = opts(&keystore).local(true)?;
             let info = ks.create_key(alias.as_deref())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
@@ -402,26 +675,329 @@ fn key(k: KeyCommand) -> Result<()> {
             }
         }
         KeyCommand::List { json, keystore } => {
-            let keys = key_options(&keystore, None, Argon2Params::default());
-            let ks = keys.local(false)?;
+            let ks = opts(&keystore).local(false)?;
             let list = ks.list_keys()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else if list.is_empty() {
                 println!("no master keys in {}", ks.dir().display());
             } else {
-                println!("{:<40} {:<22} ALIASES", "KEY ID", "CREATED");
+                println!("{:<36} {:<16} {:<21} ALIASES", "KEY ID", "STATE", "CREATED");
                 for k in &list {
                     let mut aliases = k.aliases.join(",");
                     if k.default {
-                        aliases.push_str(" (default)");
+                        aliases.push_str(" (local default)");
                     }
-                    println!("{:<40} {:<22} {}", k.key_id, k.created_at, aliases);
+                    println!(
+                        "{:<36} {:<16} {:<21} {}",
+                        k.key_id,
+                        state_label(&k.state),
+                        k.created_at,
+                        aliases
+                    );
                 }
             }
         }
+        KeyCommand::Describe {
+            key,
+            json,
+            keystore,
+        } => {
+            let ks = local_admin(&keystore, &key)?;
+            let d = ks.describe(&key)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "key id:     {}", d.key_id)?;
+                writeln!(out, "state:      {}", state_label(&d.state))?;
+                if let Some(date) = &d.deletion_date {
+                    writeln!(out, "deletion:   {date} (the material is destroyed then)")?;
+                }
+                writeln!(out, "aliases:    {}", d.aliases.join(", "))?;
+                writeln!(out, "created:    {} by {}", d.created_at, d.creator)?;
+                writeln!(
+                    out,
+                    "material:   version {} (of {}; older versions still unwrap)",
+                    d.current_material_version,
+                    d.material_versions.len()
+                )?;
+                writeln!(out, "policy:     (root may always do everything)")?;
+                for (op, who) in &d.policy {
+                    writeln!(out, "  {op:<11} {}", who.join(", "))?;
+                }
+            }
+        }
+        KeyCommand::Alias(a) => match a {
+            AliasCommand::Add {
+                alias,
+                key,
+                keystore,
+            } => {
+                let id = local_admin(&keystore, &key)?.alias_add(&alias, &key)?;
+                println!("alias {alias} now names key {id}");
+            }
+            AliasCommand::Retarget {
+                alias,
+                key,
+                keystore,
+            } => {
+                let id = local_admin(&keystore, &key)?.alias_retarget(&alias, &key)?;
+                println!("alias {alias} now names key {id} (existing volumes keep the key they were wrapped with)");
+            }
+            AliasCommand::Remove { alias, keystore } => {
+                let id = opts(&keystore).local(false)?.alias_remove(&alias)?;
+                println!("removed alias {alias} (it named key {id})");
+            }
+        },
+        KeyCommand::Enable(a) => {
+            let id = local_admin(&a.keystore, &a.key)?.enable(&a.key)?;
+            println!("key {id} is enabled");
+        }
+        KeyCommand::Disable(a) => {
+            let id = local_admin(&a.keystore, &a.key)?.disable(&a.key)?;
+            println!(
+                "key {id} is disabled: volumes wrapped by it cannot be attached until it is \
+                    enabled again (volumes already being served keep working)"
+            );
+        }
+        KeyCommand::ScheduleDeletion {
+            key,
+            days,
+            keystore,
+        } => {
+            let date = local_admin(&keystore, &key)?.schedule_deletion(&key, days)?;
+            println!(
+                "key {key} is pending deletion: its material is destroyed after {date} (by \
+                    `cryptvol key purge` or the next `cryptvol serve` start); until then \
+                    `cryptvol key cancel-deletion {key}` keeps it. Volumes wrapped only by this key \
+                    become unreadable: rekey them first (cryptvol rekey FILE --to-key KEY)."
+            );
+        }
+        KeyCommand::CancelDeletion(a) => {
+            let id = local_admin(&a.keystore, &a.key)?.cancel_deletion(&a.key)?;
+            println!("deletion of key {id} cancelled; the key is disabled: `cryptvol key enable {id}` to use it");
+        }
+        KeyCommand::Rotate(a) => {
+            let v = local_admin(&a.keystore, &a.key)?.rotate(&a.key)?;
+            println!(
+                "key {} has new material (version {v}); new wraps use it, existing keyslots still unwrap",
+                a.key
+            );
+        }
+        KeyCommand::Purge { keystore } => {
+            let deleted = ops::purge_expired_keys(&opts(&keystore))?;
+            if deleted.is_empty() {
+                println!("no key is due for deletion");
+            }
+            for id in deleted {
+                println!("destroyed key {id}");
+            }
+        }
+        KeyCommand::Grant(g) => {
+            let (ks, who, perms) = grant_parts(&g)?;
+            let id = ks.grant(&g.key, &who, &perms)?;
+            println!("{who} may now use key {id} for {}", perm_list(&perms));
+        }
+        KeyCommand::Revoke(g) => {
+            let (ks, who, perms) = grant_parts(&g)?;
+            let id = ks.revoke(&g.key, &who, &perms)?;
+            println!("{who} may no longer use key {id} for {}", perm_list(&perms));
+        }
+        KeyCommand::SetDefault {
+            key,
+            reset,
+            keystore,
+        } => {
+            let svc = opts(&keystore).service();
+            let reference = match (&key, reset) {
+                (Some(k), false) => Some(KeyRef::parse(k)?),
+                _ => None,
+            };
+            svc.set_default_key(reference.as_ref())?;
+            match reference {
+                Some(r) => println!("new volumes are wrapped by {r} unless --key is given"),
+                None => println!(
+                    "new volumes are wrapped by the local default key ({}) unless --key is given",
+                    crate::keys::DEFAULT_KEY_ALIAS
+                ),
+            }
+        }
+        KeyCommand::GetDefault { keystore } => {
+            let svc = opts(&keystore).service();
+            match svc.default_key()? {
+                KeyRef::Local(None) => println!(
+                    "{} (the local default key, created on first use)",
+                    crate::keys::DEFAULT_KEY_ALIAS
+                ),
+                r => println!("{r}"),
+            }
+        }
+        KeyCommand::Exec(e) => match e {
+            ExecCommand::Add {
+                name,
+                timeout,
+                command,
+                keystore,
+            } => {
+                let (program, args) = command
+                    .split_first()
+                    .ok_or_else(|| anyhow::anyhow!("give the program after --"))?;
+                let spec = ExecSpec {
+                    program: PathBuf::from(program),
+                    args: args.to_vec(),
+                    timeout_secs: timeout,
+                };
+                opts(&keystore).local(true)?.exec_add(&name, spec)?;
+                println!("registered exec backend {name}: use it as --key exec:{name}[:KEY]");
+            }
+            ExecCommand::Remove { name, keystore } => {
+                opts(&keystore).local(false)?.exec_remove(&name)?;
+                println!("unregistered exec backend {name}");
+            }
+            ExecCommand::List { json, keystore } => {
+                let list = opts(&keystore).local(false)?.exec_backends()?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&list)?);
+                } else if list.is_empty() {
+                    println!("no exec backends registered");
+                } else {
+                    for (name, spec) in &list {
+                        println!(
+                            "{name}: {} {} (timeout {} s)",
+                            spec.program.display(),
+                            spec.args.join(" "),
+                            spec.timeout_secs
+                        );
+                    }
+                }
+            }
+        },
     }
     Ok(())
+}
+
+fn state_label(s: &KeyState) -> &'static str {
+    match s {
+        KeyState::Enabled => "Enabled",
+        KeyState::Disabled => "Disabled",
+        KeyState::PendingDeletion => "PendingDeletion",
+    }
+}
+
+/// Opens the keystore for an administrative command on a local key reference.
+fn local_admin(keystore: &KeystoreArgs, key: &str) -> Result<LocalKeystore> {
+    match KeyRef::parse(key)? {
+        KeyRef::Local(_) => {}
+        other => {
+            return Err(KeyError::Unsupported(format!(
+                "`cryptvol key` manages local keys; {other} belongs to the {} backend, which \
+                 manages its keys itself",
+                other.backend()
+            ))
+            .into())
+        }
+    }
+    Ok(key_options(keystore, None, Argon2Params::default()).local(false)?)
+}
+
+fn grant_parts(g: &GrantArgs) -> Result<(LocalKeystore, Principal, Vec<Permission>)> {
+    let ks = local_admin(&g.keystore, &g.key)?;
+    let who = Principal::parse(&g.principal)?;
+    let perms = Permission::parse_list(&g.operations)?;
+    Ok((ks, who, perms))
+}
+
+fn perm_list(perms: &[Permission]) -> String {
+    perms
+        .iter()
+        .map(|p| p.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn rekey(a: RekeyArgs) -> Result<()> {
+    let mut keys = key_options(&a.keystore, None, a.kdf.params());
+    keys.passphrase = a.unlock.source();
+    let to_pass = passphrase_source(&a.to_passphrase_file, a.to_passphrase_fd, a.to_passphrase);
+    let target = match (&a.to_key, &to_pass) {
+        (Some(k), _) => NewKey::Key(KeyRef::parse(k)?),
+        (None, Some(source)) => NewKey::Passphrase(source),
+        (None, None) => anyhow::bail!(
+            "say which key to rewrap under: --to-key KEY or --to-passphrase-file FILE"
+        ),
+    };
+    let change = ops::rekey(&a.file, &keys, target, a.slot)
+        .await
+        .with_context(|| format!("cannot rekey {}", a.file.display()))?;
+    print_change("rekeyed", &a.file, &change);
+    Ok(())
+}
+
+async fn keyslot(k: KeyslotCommand) -> Result<()> {
+    match k {
+        KeyslotCommand::Add(a) => {
+            let mut keys = key_options(&a.keystore, None, a.kdf.params());
+            keys.passphrase = a.unlock.source();
+            let new_pass = passphrase_source(&a.passphrase_file, a.passphrase_fd, a.passphrase);
+            let target = match (&a.key, &new_pass) {
+                (Some(k), _) => NewKey::Key(KeyRef::parse(k)?),
+                (None, Some(source)) => NewKey::Passphrase(source),
+                (None, None) => anyhow::bail!(
+                    "say what the new keyslot uses: --key KEY or --passphrase-file FILE"
+                ),
+            };
+            let change = ops::keyslot_add(&a.file, &keys, target)
+                .await
+                .with_context(|| format!("cannot add a keyslot to {}", a.file.display()))?;
+            print_change("added keyslot to", &a.file, &change);
+        }
+        KeyslotCommand::Remove {
+            file,
+            slot,
+            unlock,
+            keystore,
+        } => {
+            let mut keys = key_options(&keystore, None, Argon2Params::default());
+            keys.passphrase = unlock.source();
+            let change = ops::keyslot_remove(&file, &keys, slot)
+                .await
+                .with_context(|| format!("cannot remove keyslot {slot} of {}", file.display()))?;
+            print_change("removed keyslot from", &file, &change);
+        }
+    }
+    Ok(())
+}
+
+fn print_change(what: &str, file: &Path, c: &KeyslotChange) {
+    let now = c
+        .header
+        .keyslots
+        .get(c.slot)
+        .map(slot_label)
+        .unwrap_or_else(|| "(removed)".into());
+    let was = c
+        .old
+        .as_ref()
+        .map(|o| format!(" (was {})", slot_label(o)))
+        .unwrap_or_default();
+    let slots: Vec<String> = c
+        .header
+        .keyslots
+        .iter()
+        .enumerate()
+        .map(|(i, s)| format!("{i}: {}", slot_label(s)))
+        .collect();
+    if c.old.is_some() && what.starts_with("removed") {
+        println!("{what} {}: keyslot {}{was}", file.display(), c.slot);
+    } else {
+        println!(
+            "{what} {}: keyslot {} is {now}{was}",
+            file.display(),
+            c.slot
+        );
+    }
+    println!("keyslots now: {}", slots.join("; "));
 }
 
 fn aliases_suffix(k: &KeyInfo) -> String {
@@ -446,6 +1022,7 @@ async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
         discard: a.discard,
         max_inflight: a.max_inflight,
         keystore: a.keystore.keystore.clone(),
+        audit_log: a.keystore.audit_log.clone(),
         passphrase: a.pass.source(),
         volumes: a.volumes.clone(),
     };
@@ -454,7 +1031,18 @@ async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
         keystore: settings.keystore,
         passphrase: settings.passphrase,
         argon2: Argon2Params::default(),
+        audit_log: settings.audit_log,
     };
+    // Keys whose deletion waiting period has passed are destroyed now (as KMS does on its
+    // own schedule). A daemon that may not change the keystore only warns.
+    match ops::purge_expired_keys(&keys) {
+        Ok(deleted) => {
+            for id in deleted {
+                tracing::info!(key = %id, "destroyed master key: its deletion waiting period has passed");
+            }
+        }
+        Err(e) => tracing::warn!("cannot destroy keys whose deletion is due: {e}"),
+    }
     // Register inherited sockets first: a refused one should fail before any unlock.
     let mut inherited = Vec::new();
     for s in activated {
@@ -567,13 +1155,14 @@ async fn demo(a: DemoArgs) -> Result<()> {
         keystore: Some(keystore.clone()),
         passphrase: None,
         argon2: Argon2Params::default(),
+        audit_log: None,
     };
     if !vol.exists() {
         let spec = VolumeSpec {
             size: a.size,
             sector_size: DEFAULT_SECTOR_SIZE,
         };
-        ops::create_volume(&vol, &spec, NewKey::Local(None), &keys).await?;
+        ops::create_volume(&vol, &spec, NewKey::Key(KeyRef::Local(None)), &keys).await?;
     }
     print_demo_help(&dir, &keystore, &vol, &sock, &a.tcp);
     let specs = vec![

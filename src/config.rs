@@ -9,8 +9,8 @@
 //! - listeners: any `--tcp` or `--unix` flag replaces the file's `[listen]` addresses; with
 //!   none anywhere, `127.0.0.1:10809`. Sockets passed by systemd socket activation replace
 //!   all of them (see `server::systemd`).
-//! - scalars (`--socket-mode`, `--max-inflight`, `--keystore`, a passphrase option) override
-//!   the file; `--allow-remote` is or-ed with the file's `allow_remote`.
+//! - scalars (`--socket-mode`, `--max-inflight`, `--keystore`, `--audit-log`, a passphrase
+//!   option) override the file; `--allow-remote` is or-ed with the file's `allow_remote`.
 //! - relative paths in the file are relative to the directory of the file.
 
 use std::path::{Path, PathBuf};
@@ -53,6 +53,8 @@ pub struct ConfigFile {
     pub keystore: Option<PathBuf>,
     /// File holding the passphrase for passphrase keyslots.
     pub passphrase_file: Option<PathBuf>,
+    /// Key audit log (default: `audit.jsonl` in the keystore directory).
+    pub audit_log: Option<PathBuf>,
     /// Bytes of request payload in memory at once: an integer or a size string ("64M").
     pub max_inflight: Option<toml::Value>,
     /// Where to listen.
@@ -104,6 +106,7 @@ pub struct CliOverrides {
     pub discard: bool,
     pub max_inflight: Option<u64>,
     pub keystore: Option<PathBuf>,
+    pub audit_log: Option<PathBuf>,
     pub passphrase: Option<PassphraseSource>,
     /// `FILE` or `NAME=FILE`.
     pub volumes: Vec<String>,
@@ -126,6 +129,8 @@ pub struct ServeSettings {
     pub exports: Vec<ExportSpec>,
     /// `None`: `$CRYPTVOL_KEYSTORE`, else the built-in default.
     pub keystore: Option<PathBuf>,
+    /// `None`: `audit.jsonl` in the keystore directory.
+    pub audit_log: Option<PathBuf>,
     pub passphrase: Option<PassphraseSource>,
     pub max_inflight: u64,
 }
@@ -249,6 +254,7 @@ pub fn resolve(
         allow_remote,
         exports,
         keystore: cli.keystore.or(file.keystore.map(|k| base.join(k))),
+        audit_log: cli.audit_log.or(file.audit_log.map(|k| base.join(k))),
         passphrase,
         max_inflight,
     })
@@ -348,6 +354,7 @@ mod tests {
     const FULL: &str = r#"
 keystore = "keys"
 passphrase_file = "/etc/cryptvol/pass"
+audit_log = "/var/log/cryptvol/audit.jsonl"
 max_inflight = "128M"
 
 [listen]
@@ -407,6 +414,10 @@ discard = true
             [(PathBuf::from("/run/cryptvol/nbd.sock"), 0o660)]
         );
         assert_eq!(s.keystore, Some(PathBuf::from("/etc/cryptvol/keys")));
+        assert_eq!(
+            s.audit_log,
+            Some(PathBuf::from("/var/log/cryptvol/audit.jsonl"))
+        );
         assert!(
             matches!(&s.passphrase, Some(PassphraseSource::File(p)) if p == Path::new("/etc/cryptvol/pass"))
         );
@@ -508,6 +519,7 @@ discard = true
         let cli = CliOverrides {
             max_inflight: Some(1 << 20),
             keystore: Some("/k".into()),
+            audit_log: Some("/a.jsonl".into()),
             passphrase: Some(PassphraseSource::Fd(5)),
             allow_remote: true,
             ..CliOverrides::default()
@@ -515,6 +527,7 @@ discard = true
         let s = resolve_full(cli).expect("resolves");
         assert_eq!(s.max_inflight, 1 << 20);
         assert_eq!(s.keystore, Some(PathBuf::from("/k")));
+        assert_eq!(s.audit_log, Some(PathBuf::from("/a.jsonl")));
         assert!(matches!(s.passphrase, Some(PassphraseSource::Fd(5))));
         assert!(s.allow_remote);
         assert!(s.listeners.iter().all(|l| !matches!(
@@ -535,7 +548,7 @@ discard = true
         let s = resolve(None, cli).expect("resolves");
         assert_eq!(tcp_addrs(&s), [DEFAULT_TCP]);
         assert_eq!(s.max_inflight, DEFAULT_MAX_INFLIGHT);
-        assert!(s.keystore.is_none() && s.passphrase.is_none());
+        assert!(s.keystore.is_none() && s.passphrase.is_none() && s.audit_log.is_none());
         assert_eq!(s.exports[0].name, "v");
         assert_eq!(s.exports[0].path, PathBuf::from("v.img"));
     }

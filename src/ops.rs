@@ -1,15 +1,18 @@
 //! Volume lifecycle operations composed from `volume/` and `keys/`: create a volume
-//! with a new data key, unlock one (unwrap its DEK through the right backend), describe one.
+//! with a new data key, unlock one (unwrap its DEK through the right backend), describe
+//! one, and change its keyslots without touching data (rekey, keyslot add/remove).
 //! No protocol knowledge lives here.
 
 use std::path::{Path, PathBuf};
 
+use crate::crypto::Dek;
 use crate::keys::{
-    default_keystore_dir, Argon2Params, EncryptionContext, KeyBackend, KeyError, LocalKeystore,
-    PassphraseBackend, PassphraseSource, WrappedDek,
+    default_keystore_dir, Argon2Params, EncryptionContext, KeyError, KeyOp, KeyRef, KeyService,
+    LocalKeystore, PassphraseBackend, PassphraseSource, WrappedDek,
 };
 use crate::volume::{
-    self, CopyStatus, Header, HeaderHealth, OpenOptions, Volume, VolumeError, VolumeSpec,
+    self, crash_point, CopyStatus, Header, HeaderHealth, OpenOptions, Volume, VolumeError,
+    VolumeSpec, MAX_KEYSLOTS,
 };
 
 /// Errors of lifecycle operations.
@@ -19,8 +22,14 @@ pub enum OpsError {
     Volume(#[from] VolumeError),
     #[error(transparent)]
     Key(#[from] KeyError),
-    #[error("{path}: no keyslot could be unlocked:\n{details}")]
-    NoUsableKeyslot { path: String, details: String },
+    #[error("{path} (volume {uuid}): no keyslot could be unlocked:\n{details}")]
+    NoUsableKeyslot {
+        path: String,
+        uuid: String,
+        details: String,
+    },
+    #[error("{path}: {reason}")]
+    Keyslot { path: String, reason: String },
 }
 
 /// Where keys come from, as chosen on the command line.
@@ -32,6 +41,8 @@ pub struct KeyOptions {
     pub passphrase: Option<PassphraseSource>,
     /// Argon2id cost for new passphrase keyslots.
     pub argon2: Argon2Params,
+    /// `--audit-log PATH`; `None` means `audit.jsonl` in the keystore directory.
+    pub audit_log: Option<PathBuf>,
 }
 
 impl KeyOptions {
@@ -39,18 +50,55 @@ impl KeyOptions {
     pub fn keystore_dir(&self) -> PathBuf {
         self.keystore.clone().unwrap_or_else(default_keystore_dir)
     }
-    /// Opens the local keystore (creating it when `create`).
+    /// Opens the local keystore (creating it when `create`), auditing into the log in
+    /// effect.
     pub fn local(&self, create: bool) -> Result<LocalKeystore, KeyError> {
-        LocalKeystore::open(&self.keystore_dir(), create)
+        self.service().local(create)
+    }
+    /// The key service over the keystore and audit log in effect.
+    pub fn service(&self) -> KeyService {
+        KeyService::new(&self.keystore_dir(), self.audit_log.as_deref())
     }
 }
 
-/// Which master key wraps a new volume's DEK.
+/// Which master key wraps a data key.
 pub enum NewKey<'a> {
-    /// A local master key: id, `alias/NAME`, or `None` for the default key.
-    Local(Option<&'a str>),
-    /// A passphrase (read from the source in `KeyOptions`).
-    Passphrase,
+    /// The configured default key (`cryptvol key set-default`), else the local default
+    /// key (created on first use).
+    Default,
+    /// A key reference: local id or alias, `exec:NAME[:KEY]`, an AWS KMS key.
+    Key(KeyRef),
+    /// A passphrase read from this source (asked twice when prompting).
+    Passphrase(&'a PassphraseSource),
+}
+
+impl NewKey<'_> {
+    /// A key reference as typed (`None`: the default key).
+    pub fn parse(reference: Option<&str>) -> Result<NewKey<'static>, KeyError> {
+        match reference {
+            None => Ok(NewKey::Default),
+            Some(r) => Ok(NewKey::Key(KeyRef::parse(r)?)),
+        }
+    }
+}
+
+/// Wraps `dek` under `target` for `op`.
+async fn wrap_for(
+    keys: &KeyOptions,
+    svc: &KeyService,
+    target: &NewKey<'_>,
+    dek: &Dek,
+    ctx: &EncryptionContext,
+    op: KeyOp,
+) -> Result<WrappedDek, KeyError> {
+    match target {
+        NewKey::Default => svc.wrap(&svc.default_key()?, dek, ctx, op).await,
+        NewKey::Key(r) => svc.wrap(r, dek, ctx, op).await,
+        NewKey::Passphrase(source) => {
+            let backend = PassphraseBackend::new(source.read(true)?, keys.argon2);
+            svc.wrap_passphrase(&backend, dek, ctx, op).await
+        }
+    }
 }
 
 /// Creates a new volume at `path` with a fresh random DEK wrapped by the chosen key.
@@ -69,20 +117,9 @@ pub async fn create_volume(
     }
     let uuid = uuid::Uuid::new_v4();
     let ctx = EncryptionContext::for_volume(&uuid);
-    let (dek, wrapped) = match key {
-        NewKey::Local(k) => keys.local(true)?.generate_dek(k, &ctx).await?,
-        NewKey::Passphrase => {
-            let source = keys.passphrase.as_ref().ok_or_else(|| {
-                KeyError::Unsupported(
-                    "a passphrase source is required (--passphrase-file or --passphrase-fd)".into(),
-                )
-            })?;
-            let pass = source.read(true)?;
-            PassphraseBackend::new(pass, keys.argon2)
-                .generate_dek(None, &ctx)
-                .await?
-        }
-    };
+    let dek = Dek::generate().map_err(KeyError::from)?;
+    let svc = keys.service();
+    let wrapped = wrap_for(keys, &svc, &key, &dek, &ctx, KeyOp::Generate).await?;
     Ok(volume::create(path, spec, uuid, vec![wrapped], &dek)?)
 }
 
@@ -99,6 +136,74 @@ fn validate_spec(spec: &VolumeSpec) -> Result<(), VolumeError> {
     Ok(())
 }
 
+fn warn_health(path: &Path, health: &HeaderHealth) {
+    if let CopyStatus::Damaged(reason) = &health.primary {
+        tracing::warn!(path = %path.display(), %reason, "primary header copy is damaged; opened from the secondary copy (it is repaired on the next header write)");
+    }
+    if let CopyStatus::Damaged(reason) = &health.secondary {
+        tracing::warn!(path = %path.display(), %reason, "secondary header copy is damaged (it is repaired on the next header write)");
+    }
+}
+
+/// Unwraps the DEK through the first keyslot that works (trying `order`), for `op`, and
+/// checks it against the header (key check value and header MAC). Returns the DEK and
+/// the slot that gave it.
+async fn unlock_dek(
+    path: &Path,
+    header: &Header,
+    keys: &KeyOptions,
+    op: KeyOp,
+    order: &[usize],
+) -> Result<(Dek, usize), OpsError> {
+    let ctx = EncryptionContext::for_volume(&header.uuid);
+    let svc = keys.service();
+    let mut failures = Vec::new();
+    let mut passphrase: Option<PassphraseBackend> = None;
+    for &i in order {
+        let Some(slot) = header.keyslots.get(i) else {
+            continue;
+        };
+        if slot.backend == crate::keys::PASSPHRASE && passphrase.is_none() {
+            match &keys.passphrase {
+                Some(source) => {
+                    passphrase = Some(PassphraseBackend::new(source.read(false)?, keys.argon2))
+                }
+                None => {
+                    failures.push(format!("  keyslot {i} (passphrase): no passphrase given (use --passphrase-file FILE or --passphrase-fd N)"));
+                    continue;
+                }
+            }
+        }
+        match svc.unwrap(slot, &ctx, op, passphrase.as_ref()).await {
+            Ok(dek) => match header.verify_with_dek(&dek, path) {
+                Ok(()) => {
+                    tracing::debug!(path = %path.display(), slot = i, backend = %slot.backend, "unlocked volume");
+                    return Ok((dek, i));
+                }
+                Err(VolumeError::KeyCheckFailed { .. }) => failures.push(format!(
+                    "  keyslot {i} ({}{}): it holds a data key that is not this volume's (key check failed)",
+                    slot.backend.escape_debug(),
+                    key_suffix(slot)
+                )),
+                Err(e) => return Err(e.into()),
+            },
+            Err(e) => failures.push(format!(
+                "  keyslot {i} ({}{}): {e}",
+                slot.backend.escape_debug(),
+                key_suffix(slot)
+            )),
+        }
+    }
+    if failures.is_empty() {
+        failures.push("  (no keyslot to try)".to_string());
+    }
+    Err(OpsError::NoUsableKeyslot {
+        path: path.display().to_string(),
+        uuid: header.uuid.to_string(),
+        details: failures.join("\n"),
+    })
+}
+
 /// Reads the header, unwraps the DEK through the first keyslot that works, verifies the
 /// header with it and opens the volume. The DEK is unwrapped exactly once here.
 pub async fn unlock(
@@ -107,70 +212,169 @@ pub async fn unlock(
     opts: OpenOptions,
 ) -> Result<(Volume, Header, HeaderHealth), OpsError> {
     let (header, health) = volume::read_header(path)?;
-    if let CopyStatus::Damaged(reason) = &health.primary {
-        tracing::warn!(path = %path.display(), %reason, "primary header copy is damaged; opened from the secondary copy (it is repaired on the next header write)");
-    }
-    if let CopyStatus::Damaged(reason) = &health.secondary {
-        tracing::warn!(path = %path.display(), %reason, "secondary header copy is damaged (it is repaired on the next header write)");
-    }
-    let ctx = EncryptionContext::for_volume(&header.uuid);
-    let mut failures = Vec::new();
-    let mut local: Option<LocalKeystore> = None;
-    let mut passphrase: Option<PassphraseBackend> = None;
-    for (i, slot) in header.keyslots.iter().enumerate() {
-        let result = match slot.backend.as_str() {
-            "local" => {
-                if local.is_none() {
-                    match keys.local(false) {
-                        Ok(ks) => local = Some(ks),
-                        Err(e) => {
-                            failures
-                                .push(format!("  keyslot {i} (local, key {}): {e}", slot.key_id));
-                            continue;
-                        }
-                    }
-                }
-                match &local {
-                    Some(ks) => ks.unwrap(slot, &ctx).await,
-                    None => continue,
-                }
-            }
-            "passphrase" => {
-                let Some(source) = &keys.passphrase else {
-                    failures.push(format!("  keyslot {i} (passphrase): no passphrase given (use --passphrase-file FILE or --passphrase-fd N)"));
-                    continue;
-                };
-                if passphrase.is_none() {
-                    passphrase = Some(PassphraseBackend::new(source.read(false)?, keys.argon2));
-                }
-                match &passphrase {
-                    Some(b) => b.unwrap(slot, &ctx).await,
-                    None => continue,
-                }
-            }
-            other => {
-                failures.push(format!(
-                    "  keyslot {i}: backend {other:?} is not available in this build"
-                ));
-                continue;
-            }
-        };
-        match result {
-            Ok(dek) => {
-                let vol = Volume::open(path, &header, dek, opts)?;
-                tracing::debug!(path = %path.display(), slot = i, backend = %slot.backend, "unlocked volume");
-                return Ok((vol, header, health));
-            }
-            Err(e) => failures.push(format!(
-                "  keyslot {i} ({}{}): {e}",
-                slot.backend,
-                key_suffix(slot)
-            )),
-        }
-    }
-    Err(OpsError::NoUsableKeyslot {
+    warn_health(path, &health);
+    let order: Vec<usize> = (0..header.keyslots.len()).collect();
+    let (dek, _) = unlock_dek(path, &header, keys, KeyOp::Unwrap, &order).await?;
+    let vol = Volume::open(path, &header, dek, opts)?;
+    Ok((vol, header, health))
+}
+
+/// Destroys local keys whose deletion waiting period has passed (run explicitly with
+/// `cryptvol key purge`, and when `serve` starts). Returns the deleted key ids.
+pub fn purge_expired_keys(keys: &KeyOptions) -> Result<Vec<String>, KeyError> {
+    keys.service().purge_expired()
+}
+
+/// The result of a keyslot change.
+#[derive(Debug)]
+pub struct KeyslotChange {
+    /// The header as written.
+    pub header: Header,
+    /// The keyslot that was replaced, added or removed.
+    pub slot: usize,
+    /// The keyslot before the change (rekey, remove).
+    pub old: Option<WrappedDek>,
+}
+
+fn keyslot_err(path: &Path, reason: String) -> OpsError {
+    OpsError::Keyslot {
         path: path.display().to_string(),
-        details: failures.join("\n"),
+        reason,
+    }
+}
+
+fn slot_list(header: &Header) -> String {
+    header
+        .keyslots
+        .iter()
+        .enumerate()
+        .map(|(i, s)| format!("{i} ({}{})", s.backend.escape_debug(), key_suffix(s)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Rewraps the volume's DEK under `target` and replaces keyslot `slot` (default: the
+/// only keyslot) with the new wrap, in one crash-safe header update. The data area is
+/// not touched. The DEK is unlocked through any keyslot (the replaced one first).
+pub async fn rekey(
+    path: &Path,
+    keys: &KeyOptions,
+    target: NewKey<'_>,
+    slot: Option<usize>,
+) -> Result<KeyslotChange, OpsError> {
+    let (mut header, health) = volume::read_header(path)?;
+    warn_health(path, &health);
+    let n = header.keyslots.len();
+    let slot = match slot {
+        Some(s) if s < n => s,
+        Some(s) => {
+            return Err(keyslot_err(
+                path,
+                format!(
+                    "there is no keyslot {s}; the keyslots are {}",
+                    slot_list(&header)
+                ),
+            ))
+        }
+        None if n == 1 => 0,
+        None => {
+            return Err(keyslot_err(
+                path,
+                format!(
+                    "the volume has {n} keyslots ({}); say which one to rekey with --slot N",
+                    slot_list(&header)
+                ),
+            ))
+        }
+    };
+    let mut order = vec![slot];
+    order.extend((0..n).filter(|&i| i != slot));
+    let (dek, _) = unlock_dek(path, &header, keys, KeyOp::RewrapFrom, &order).await?;
+    crash_point("after-unwrap");
+    let ctx = EncryptionContext::for_volume(&header.uuid);
+    let svc = keys.service();
+    let wrapped = wrap_for(keys, &svc, &target, &dek, &ctx, KeyOp::RewrapTo).await?;
+    crash_point("after-wrap");
+    let old = std::mem::replace(&mut header.keyslots[slot], wrapped);
+    volume::write_header(path, &mut header, &dek)?;
+    Ok(KeyslotChange {
+        header,
+        slot,
+        old: Some(old),
+    })
+}
+
+/// Adds a keyslot wrapping the volume's DEK under `target` (e.g. a recovery
+/// passphrase), in one crash-safe header update.
+pub async fn keyslot_add(
+    path: &Path,
+    keys: &KeyOptions,
+    target: NewKey<'_>,
+) -> Result<KeyslotChange, OpsError> {
+    let (mut header, health) = volume::read_header(path)?;
+    warn_health(path, &health);
+    if header.keyslots.len() >= MAX_KEYSLOTS {
+        return Err(keyslot_err(
+            path,
+            format!(
+                "the volume already has the maximum of {MAX_KEYSLOTS} keyslots; remove one first"
+            ),
+        ));
+    }
+    let order: Vec<usize> = (0..header.keyslots.len()).collect();
+    let (dek, _) = unlock_dek(path, &header, keys, KeyOp::RewrapFrom, &order).await?;
+    crash_point("after-unwrap");
+    let ctx = EncryptionContext::for_volume(&header.uuid);
+    let svc = keys.service();
+    let wrapped = wrap_for(keys, &svc, &target, &dek, &ctx, KeyOp::RewrapTo).await?;
+    crash_point("after-wrap");
+    header.keyslots.push(wrapped);
+    let slot = header.keyslots.len() - 1;
+    volume::write_header(path, &mut header, &dek)?;
+    Ok(KeyslotChange {
+        header,
+        slot,
+        old: None,
+    })
+}
+
+/// Removes keyslot `slot`, in one crash-safe header update. Refuses to remove the last
+/// keyslot. The volume must be unlocked through one of the keyslots that remain, so
+/// the caller cannot lock themselves out.
+pub async fn keyslot_remove(
+    path: &Path,
+    keys: &KeyOptions,
+    slot: usize,
+) -> Result<KeyslotChange, OpsError> {
+    let (mut header, health) = volume::read_header(path)?;
+    warn_health(path, &health);
+    let n = header.keyslots.len();
+    if slot >= n {
+        return Err(keyslot_err(
+            path,
+            format!(
+                "there is no keyslot {slot}; the keyslots are {}",
+                slot_list(&header)
+            ),
+        ));
+    }
+    if n == 1 {
+        return Err(keyslot_err(
+            path,
+            "refusing to remove the last keyslot: the volume would become unreadable; add \
+                another keyslot first (cryptvol keyslot add), or use rekey to change its key"
+                .to_string(),
+        ));
+    }
+    let order: Vec<usize> = (0..n).filter(|&i| i != slot).collect();
+    let (dek, _) = unlock_dek(path, &header, keys, KeyOp::RewrapFrom, &order).await?;
+    crash_point("after-unwrap");
+    let old = header.keyslots.remove(slot);
+    volume::write_header(path, &mut header, &dek)?;
+    Ok(KeyslotChange {
+        header,
+        slot,
+        old: Some(old),
     })
 }
 
@@ -178,7 +382,7 @@ fn key_suffix(slot: &WrappedDek) -> String {
     if slot.key_id.is_empty() {
         String::new()
     } else {
-        format!(", key {}", slot.key_id)
+        format!(", key {}", slot.key_id.escape_debug())
     }
 }
 

@@ -2,13 +2,36 @@
 //!
 //! The volume layer stores a [`WrappedDek`] per keyslot; a backend turns it back
 //! into a [`Dek`] after checking the [`EncryptionContext`].
+//!
+//! - [`LocalKeystore`]: master keys in a directory, with AWS KMS-like key states,
+//!   rotation, aliases and per-key policies.
+//! - [`PassphraseBackend`]: an Argon2id-derived key.
+//! - [`ExecBackend`]: an external program speaking a JSON protocol (Vault, TPM, HSM, ...).
+//! - `aws-kms`: references parse ([`KeyRef::AwsKms`]); the backend is not built yet.
+//!
+//! [`KeyService`] dispatches a [`KeyRef`] or a keyslot to its backend and writes the
+//! [`AuditLog`]. See `docs/keys.md`.
 
+mod audit;
+mod clock;
+mod exec;
+mod keyref;
 mod local;
 mod passphrase;
+mod principal;
 mod seal;
+mod service;
 
-pub use local::{default_keystore_dir, KeyInfo, LocalKeystore};
+pub use audit::{AuditEvent, AuditLog, AuditWriter, AUDIT_FILE};
+pub use exec::{ExecBackend, ExecSpec, EXEC_PROTOCOL_VERSION};
+pub use keyref::{KeyRef, AWS_KMS, EXEC, LOCAL, PASSPHRASE};
+pub use local::{
+    default_keystore_dir, KeyDetails, KeyInfo, KeyPolicy, LocalKeystore, MaterialVersion,
+    DEFAULT_KEY_ALIAS, MAX_DELETION_DAYS, MIN_DELETION_DAYS,
+};
 pub use passphrase::{Argon2Params, PassphraseBackend, PassphraseSource};
+pub use principal::Principal;
+pub use service::KeyService;
 
 use std::collections::BTreeMap;
 
@@ -55,6 +78,107 @@ pub struct WrappedDek {
     pub params: BTreeMap<String, String>,
 }
 
+/// The permission classes of a key policy (what a principal may do with a key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Permission {
+    /// Generate a new data key, or wrap one (KMS GenerateDataKey / Encrypt).
+    Generate,
+    /// Unwrap a data key (KMS Decrypt): what attaching a volume needs.
+    Unwrap,
+    /// Move a data key from or to this key (KMS ReEncryptFrom / ReEncryptTo).
+    Rewrap,
+    /// Change the key: state, rotation, aliases, policy, deletion.
+    Administer,
+}
+
+impl Permission {
+    pub const ALL: [Permission; 4] = [
+        Permission::Generate,
+        Permission::Unwrap,
+        Permission::Rewrap,
+        Permission::Administer,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::Generate => "generate",
+            Permission::Unwrap => "unwrap",
+            Permission::Rewrap => "rewrap",
+            Permission::Administer => "administer",
+        }
+    }
+
+    /// Parses a comma-separated list (`generate` (or `wrap`), `unwrap`, `rewrap`,
+    /// `administer`, `all`).
+    pub fn parse_list(s: &str) -> Result<Vec<Permission>, KeyError> {
+        let mut out = Vec::new();
+        for item in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+            let add: &[Permission] = match item {
+                "generate" | "wrap" => &[Permission::Generate],
+                "unwrap" => &[Permission::Unwrap],
+                "rewrap" => &[Permission::Rewrap],
+                "administer" | "admin" => &[Permission::Administer],
+                "all" => &Permission::ALL,
+                other => {
+                    return Err(KeyError::Unsupported(format!(
+                        "unknown operation {:?}: use generate, unwrap, rewrap, administer or all",
+                        other.escape_debug().to_string()
+                    )))
+                }
+            };
+            for p in add {
+                if !out.contains(p) {
+                    out.push(*p);
+                }
+            }
+        }
+        if out.is_empty() {
+            return Err(KeyError::Unsupported(
+                "no operations given: use generate, unwrap, rewrap, administer or all".into(),
+            ));
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// A cryptographic use of a master key, as recorded in the audit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOp {
+    /// A new volume's data key is wrapped.
+    Generate,
+    /// An existing data key is wrapped (the `KeyBackend::wrap` API).
+    Wrap,
+    /// A data key is unwrapped to attach a volume.
+    Unwrap,
+    /// A data key is unwrapped to move it to another key or keyslot (rekey, keyslot changes).
+    RewrapFrom,
+    /// A data key is wrapped under its new key (rekey, keyslot add).
+    RewrapTo,
+}
+
+impl KeyOp {
+    /// The `operation` field of the audit record.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyOp::Generate => "generate",
+            KeyOp::Wrap => "wrap",
+            KeyOp::Unwrap => "unwrap",
+            KeyOp::RewrapFrom => "rewrap-from",
+            KeyOp::RewrapTo => "rewrap-to",
+        }
+    }
+
+    /// The policy permission the operation needs.
+    pub fn permission(self) -> Permission {
+        match self {
+            KeyOp::Generate | KeyOp::Wrap => Permission::Generate,
+            KeyOp::Unwrap => Permission::Unwrap,
+            KeyOp::RewrapFrom | KeyOp::RewrapTo => Permission::Rewrap,
+        }
+    }
+}
+
 /// State of a master key, as AWS KMS names them.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum KeyState {
@@ -76,16 +200,23 @@ pub struct KeyDescription {
 /// Typed key-backend errors.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("key {key} not found in {backend} backend")]
+    #[error("key {key} not found in the {backend} backend")]
     NotFound { backend: String, key: String },
-    #[error("access denied: {principal} may not {operation} with key {key}")]
+    #[error("access denied: {principal} may not use key {key} for {operation}; the key's policy does not allow it (for a local key see `cryptvol key describe`; an administrator of the key can `cryptvol key grant` it)")]
     AccessDenied {
         key: String,
         operation: String,
         principal: String,
     },
-    #[error("key {key} is {state}; enable it (or use another key) before using it")]
+    /// `state` says what the key is and how to make it usable again.
+    #[error("key {key} is {state}")]
     KeyUnusable { key: String, state: String },
+    #[error("key {key}: {reason}")]
+    InvalidState { key: String, reason: String },
+    #[error("audit log {path}: {reason}")]
+    Audit { path: String, reason: String },
+    #[error("exec backend {name}: {reason}")]
+    Exec { name: String, reason: String },
     #[error("encryption context mismatch: this wrapped key belongs to {found}, not {expected}")]
     ContextMismatch { expected: String, found: String },
     #[error("wrong key or passphrase: the wrapped data key did not authenticate under {key}")]
@@ -102,6 +233,28 @@ pub enum KeyError {
     Malformed(String),
     #[error(transparent)]
     Crypto(#[from] crate::crypto::CryptoError),
+}
+
+impl KeyError {
+    /// The variant name, as written in the audit log's `error` field.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            KeyError::NotFound { .. } => "NotFound",
+            KeyError::AccessDenied { .. } => "AccessDenied",
+            KeyError::KeyUnusable { .. } => "KeyUnusable",
+            KeyError::InvalidState { .. } => "InvalidState",
+            KeyError::Audit { .. } => "Audit",
+            KeyError::Exec { .. } => "Exec",
+            KeyError::ContextMismatch { .. } => "ContextMismatch",
+            KeyError::WrongKey { .. } => "WrongKey",
+            KeyError::Keystore { .. } => "Keystore",
+            KeyError::Passphrase { .. } => "Passphrase",
+            KeyError::Transient(_) => "Transient",
+            KeyError::Unsupported(_) => "Unsupported",
+            KeyError::Malformed(_) => "Malformed",
+            KeyError::Crypto(_) => "Crypto",
+        }
+    }
 }
 
 /// A pluggable master-key backend.
@@ -132,4 +285,38 @@ pub trait KeyBackend: Send + Sync {
         wrapped: &WrappedDek,
         expected: &EncryptionContext,
     ) -> Result<Dek, KeyError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permission_lists() {
+        assert_eq!(
+            Permission::parse_list("unwrap, wrap").unwrap(),
+            vec![Permission::Generate, Permission::Unwrap]
+        );
+        assert_eq!(
+            Permission::parse_list("all").unwrap(),
+            Permission::ALL.to_vec()
+        );
+        assert_eq!(
+            Permission::parse_list("admin,administer").unwrap(),
+            vec![Permission::Administer]
+        );
+        assert!(Permission::parse_list("").is_err());
+        let err = Permission::parse_list("unwrap,decrypt").err().unwrap();
+        assert!(err.to_string().contains("decrypt"), "{err}");
+    }
+
+    #[test]
+    fn key_ops_map_to_permissions() {
+        assert_eq!(KeyOp::Generate.permission(), Permission::Generate);
+        assert_eq!(KeyOp::Wrap.permission(), Permission::Generate);
+        assert_eq!(KeyOp::Unwrap.permission(), Permission::Unwrap);
+        assert_eq!(KeyOp::RewrapFrom.permission(), Permission::Rewrap);
+        assert_eq!(KeyOp::RewrapTo.permission(), Permission::Rewrap);
+        assert_eq!(KeyOp::RewrapFrom.name(), "rewrap-from");
+    }
 }

@@ -933,10 +933,26 @@ pub fn write_header(path: &Path, header: &mut Header, dek: &Dek) -> Result<(), V
     let file = flock(file, FlockArg::LockExclusive)
         .map_err(|(_, errno)| io_err(path, std::io::Error::from_raw_os_error(errno as i32)))?;
     let plan = plan_write(&file, path, header, dek)?;
-    for (offset, bytes) in &plan.writes {
+    for (i, (offset, bytes)) in plan.writes.iter().enumerate() {
+        let step = if i == 0 {
+            "header-copy-1"
+        } else {
+            "header-copy-2"
+        };
+        // Fault injection (tests only, see `super::crash_point`): a torn copy of which
+        // only the first four 512-byte sectors (the new sequence and checksum, not the
+        // new metadata) reached the disk.
+        let torn = format!("{step}-torn");
+        if super::crash_point_active(&torn) {
+            let _ = file
+                .write_all_at(&bytes[..2048], *offset)
+                .and_then(|()| file.sync_data());
+            super::crash_point(&torn);
+        }
         file.write_all_at(bytes, *offset)
             .and_then(|()| file.sync_data())
             .map_err(|e| io_err(path, e))?;
+        super::crash_point(step);
     }
     *header = plan.header;
     Ok(())

@@ -13,6 +13,25 @@ pub use header::{
 };
 pub use io::{OpenOptions, Volume, WRITE_CHUNK};
 
+/// Test-only fault injection for the crash-safety tests of header updates (rekey,
+/// keyslot add/remove). It acts only when **both** `CRYPTVOL_FAULT_INJECTION=1` and
+/// `CRYPTVOL_TEST_CRASH_AT=<step>` are set in the environment and `step` is the one
+/// named: the process then kills itself with SIGKILL on the spot (no destructors, no
+/// flushing), as `kill -9` at that instant would. Steps are listed in docs/keys.md.
+pub fn crash_point(step: &str) {
+    if crash_point_active(step) {
+        eprintln!("cryptvol: fault injection: killing the process at step {step}");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        std::process::abort();
+    }
+}
+
+/// Whether [`crash_point`] would act at `step`.
+pub fn crash_point_active(step: &str) -> bool {
+    std::env::var_os("CRYPTVOL_FAULT_INJECTION").is_some_and(|v| v == "1")
+        && std::env::var_os("CRYPTVOL_TEST_CRASH_AT").is_some_and(|s| s == step)
+}
+
 /// Default XTS data unit / logical sector size.
 pub const DEFAULT_SECTOR_SIZE: u32 = 4096;
 /// Default (and minimum) offset of the data area.

@@ -1,0 +1,310 @@
+//! The key audit log: one JSON object per line for every key operation (generate, wrap,
+//! unwrap, rewrap, state and policy changes, denials). Never key material.
+//!
+//! Each record is appended with a single `write(2)` on a descriptor opened with
+//! `O_APPEND` (so concurrent writers never interleave inside a line) and synced. The file
+//! is created with mode 0600. The format is documented in `docs/keys.md`.
+//!
+//! Auditing fails closed: when the log cannot be opened, a cryptographic operation is
+//! refused before it is attempted; when the record of a successful operation cannot be
+//! written, the operation's result is withheld (for a state change, which is already
+//! done, the error says so).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use super::{clock, EncryptionContext, KeyError, Principal};
+
+/// File name of the default audit log inside the keystore directory.
+pub const AUDIT_FILE: &str = "audit.jsonl";
+
+/// Context key holding the volume UUID.
+const VOLUME_UUID_KEY: &str = "cryptvol:volume-uuid";
+
+/// Where audit records go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditLog {
+    path: PathBuf,
+    /// The default log lives in the keystore directory and is only written when that
+    /// directory exists (cryptvol never creates a keystore just to log into it).
+    needs_dir: Option<PathBuf>,
+}
+
+/// One audit record.
+pub struct AuditEvent<'a> {
+    /// `generate`, `wrap`, `unwrap`, `rewrap-from`, `rewrap-to`, `create-key`, `enable`, ...
+    pub operation: &'a str,
+    /// Backend kind: `local`, `passphrase`, `exec`, `aws-kms`.
+    pub backend: &'a str,
+    /// The resolved key id, else the reference as given (empty for passphrases).
+    pub key_id: &'a str,
+    /// The encryption context, for operations on a volume's data key.
+    pub context: Option<&'a EncryptionContext>,
+    pub principal: &'a Principal,
+    pub outcome: Result<(), &'a KeyError>,
+    /// Operation-specific facts (e.g. `days=7`, an alias, a granted principal).
+    pub detail: Option<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    time: String,
+    principal: String,
+    uid: u32,
+    pid: u32,
+    operation: &'a str,
+    backend: &'a str,
+    key_id: &'a str,
+    volume_uuid: Option<&'a str>,
+    result: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+}
+
+/// An open audit log (or none, when the default log's keystore does not exist).
+pub struct AuditWriter {
+    file: Option<File>,
+    path: PathBuf,
+}
+
+fn audit_err(path: &Path, reason: impl Into<String>) -> KeyError {
+    KeyError::Audit {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl AuditLog {
+    /// An explicit log file (`--audit-log PATH`, `audit_log` in the serve config).
+    pub fn at(path: &Path) -> AuditLog {
+        AuditLog {
+            path: path.to_path_buf(),
+            needs_dir: None,
+        }
+    }
+
+    /// The default: `DIR/audit.jsonl`, written only when the keystore `DIR` exists.
+    pub fn in_keystore(dir: &Path) -> AuditLog {
+        AuditLog {
+            path: dir.join(AUDIT_FILE),
+            needs_dir: Some(dir.to_path_buf()),
+        }
+    }
+
+    /// `explicit` when given, else the keystore default.
+    pub fn choose(explicit: Option<&Path>, keystore_dir: &Path) -> AuditLog {
+        match explicit {
+            Some(p) => AuditLog::at(p),
+            None => AuditLog::in_keystore(keystore_dir),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens the log for appending (creating it with mode 0600).
+    pub fn open(&self) -> Result<AuditWriter, KeyError> {
+        if let Some(dir) = &self.needs_dir {
+            if !dir.is_dir() {
+                return Ok(AuditWriter {
+                    file: None,
+                    path: self.path.clone(),
+                });
+            }
+        }
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&self.path)
+            .map_err(|e| {
+                audit_err(
+                    &self.path,
+                    format!(
+                        "cannot open it for appending ({e}); key operations are refused while \
+                         they cannot be audited: fix its permissions or choose another file \
+                         with --audit-log PATH"
+                    ),
+                )
+            })?;
+        let md = file
+            .metadata()
+            .map_err(|e| audit_err(&self.path, format!("cannot inspect it: {e}")))?;
+        if !md.is_file() {
+            return Err(audit_err(&self.path, "not a regular file"));
+        }
+        Ok(AuditWriter {
+            file: Some(file),
+            path: self.path.clone(),
+        })
+    }
+
+    /// Opens the log and appends one record.
+    pub fn record(&self, event: &AuditEvent<'_>) -> Result<(), KeyError> {
+        self.open()?.write(event)
+    }
+}
+
+impl AuditWriter {
+    /// Appends one record: one line, one `write(2)`, then fdatasync.
+    pub fn write(&self, event: &AuditEvent<'_>) -> Result<(), KeyError> {
+        let Some(mut file) = self.file.as_ref() else {
+            return Ok(());
+        };
+        let line = encode(event);
+        let written = file.write(&line).and_then(|n| {
+            if n == line.len() {
+                Ok(())
+            } else {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    format!("short write ({n} of {} bytes)", line.len()),
+                ))
+            }
+        });
+        written
+            .and_then(|()| file.sync_data())
+            .map_err(|e| audit_err(&self.path, format!("cannot append a record: {e}")))
+    }
+}
+
+/// The JSON line of an event, newline-terminated.
+fn encode(event: &AuditEvent<'_>) -> Vec<u8> {
+    let (result, error, message) = match event.outcome {
+        Ok(()) => ("ok", None, None),
+        Err(e) => ("error", Some(e.kind()), Some(e.to_string())),
+    };
+    let line = Line {
+        time: clock::now_rfc3339_millis(),
+        principal: event.principal.short(),
+        uid: event.principal.uid,
+        pid: std::process::id(),
+        operation: event.operation,
+        backend: event.backend,
+        key_id: event.key_id,
+        volume_uuid: event
+            .context
+            .and_then(|c| c.0.get(VOLUME_UUID_KEY))
+            .map(String::as_str),
+        result,
+        error,
+        message,
+        detail: event.detail,
+    };
+    // Serializing plain strings and numbers cannot fail.
+    let mut out = serde_json::to_vec(&line).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn read_lines(p: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn records_are_json_lines_with_mode_0600() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a.jsonl");
+        let log = AuditLog::at(&path);
+        let me = Principal::from_uid(0);
+        let uuid = uuid::Uuid::new_v4();
+        let ctx = EncryptionContext::for_volume(&uuid);
+        log.record(&AuditEvent {
+            operation: "unwrap",
+            backend: "local",
+            key_id: "mk-1",
+            context: Some(&ctx),
+            principal: &me,
+            outcome: Ok(()),
+            detail: None,
+        })
+        .unwrap();
+        let denied = KeyError::AccessDenied {
+            key: "mk-1".into(),
+            operation: "unwrap".into(),
+            principal: "user bob (uid 1001)".into(),
+        };
+        log.record(&AuditEvent {
+            operation: "unwrap",
+            backend: "local",
+            key_id: "mk-1",
+            context: None,
+            principal: &me,
+            outcome: Err(&denied),
+            detail: Some("x=1"),
+        })
+        .unwrap();
+        let lines = read_lines(&path);
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["operation"], "unwrap");
+        assert_eq!(lines[0]["result"], "ok");
+        assert_eq!(lines[0]["volume_uuid"], uuid.to_string());
+        assert_eq!(lines[0]["principal"], "root");
+        assert_eq!(lines[0]["uid"], 0);
+        assert!(lines[0].get("error").is_none());
+        assert_eq!(lines[1]["result"], "error");
+        assert_eq!(lines[1]["error"], "AccessDenied");
+        assert_eq!(lines[1]["detail"], "x=1");
+        assert!(lines[1]["volume_uuid"].is_null());
+        assert!(lines[1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("access denied"));
+        let mode = std::fs::metadata(&path).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn default_log_needs_the_keystore_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        let log = AuditLog::in_keystore(&dir);
+        let me = Principal::from_uid(0);
+        let ev = AuditEvent {
+            operation: "generate",
+            backend: "passphrase",
+            key_id: "",
+            context: None,
+            principal: &me,
+            outcome: Ok(()),
+            detail: None,
+        };
+        log.record(&ev).unwrap();
+        assert!(!dir.exists());
+        std::fs::create_dir(&dir).unwrap();
+        log.record(&ev).unwrap();
+        assert_eq!(read_lines(&dir.join(AUDIT_FILE)).len(), 1);
+    }
+
+    #[test]
+    fn unwritable_log_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = AuditLog::at(&tmp.path().join("no/such/dir/audit.jsonl"));
+        let err = log.open().err().unwrap();
+        assert!(matches!(err, KeyError::Audit { .. }), "{err:?}");
+        assert!(err.to_string().contains("--audit-log"), "{err}");
+        // A symlink is refused.
+        let target = tmp.path().join("t");
+        std::fs::write(&target, b"").unwrap();
+        let link = tmp.path().join("l");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(AuditLog::at(&link).open().is_err());
+    }
+}

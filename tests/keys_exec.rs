@@ -1,0 +1,213 @@
+//! The exec backend end to end, against the example program
+//! scripts/exec-backend-example.py (Python 3 with python3-cryptography).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use cryptvol::keys::{EncryptionContext, KeyError, KeyOp, KeyService};
+
+fn example() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/exec-backend-example.py")
+}
+
+fn require_python_cryptography() {
+    let ok = Command::new("/usr/bin/python3")
+        .args(["-c", "import cryptography.hazmat.primitives.ciphers.aead"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "python3-cryptography is not installed for /usr/bin/python3; run scripts/install-deps.sh"
+    );
+}
+
+fn fails(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(!out.status.success(), "{cmd:?} unexpectedly succeeded");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+fn serve_fails(env: &Env, vol: &Path) -> String {
+    let out = run(Command::new("timeout")
+        .arg("30")
+        .arg(bin())
+        .env("CRYPTVOL_KEYSTORE", env.keystore())
+        .args(["serve", "--unix", s(&env.path("fail.sock"))])
+        .arg(vol));
+    assert!(
+        !out.status.success() && out.status.code() != Some(124),
+        "serve should fail ({})",
+        out.status
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `exec-backend-example.py --dir DIR ARGS...`
+fn example_admin(dir: &Path, args: &[&str]) {
+    run_ok(
+        Command::new("/usr/bin/python3")
+            .arg(example())
+            .arg("--dir")
+            .arg(dir)
+            .args(args),
+    );
+}
+
+fn slot0(env: &Env, vol: &Path) -> (String, String) {
+    let info = info_json(env, vol);
+    (
+        info["keyslots"][0]["backend"]
+            .as_str()
+            .unwrap_or("")
+            .to_string(),
+        info["keyslots"][0]["key_id"]
+            .as_str()
+            .unwrap_or("")
+            .to_string(),
+    )
+}
+
+#[tokio::test]
+async fn exec_backend_volume_lifecycle() {
+    require_python_cryptography();
+    let env = Env::new();
+    let keys = env.path("example-keys");
+    example_admin(&keys, &["create-key", "k1"]);
+    run_ok(
+        env.cmd()
+            .args(["key", "exec", "add", "example", "--timeout", "30", "--"])
+            .arg("/usr/bin/python3")
+            .arg(example())
+            .arg("--dir")
+            .arg(&keys),
+    );
+    let list = run_ok(env.cmd().args(["key", "exec", "list"]));
+    assert!(
+        list.contains("example") && list.contains("exec-backend-example.py"),
+        "{list}"
+    );
+
+    // Create, serve, write and read back through a real client.
+    let vol = env.create("x.img", "16M", &["--key", "exec:example:k1"]);
+    assert_eq!(slot0(&env, &vol), ("exec".into(), "example:k1".into()));
+    let disk = read(&vol);
+    let srv = env.serve(&[s(&vol)], &[], false);
+    qemu_io(&srv.uri("x"), &["write -P 0x6c 0 2M", "read -P 0x6c 0 2M"]);
+    srv.stop();
+    // The program's key file never appears in the volume.
+    let k1 = read(&keys.join("k1.key"));
+    assert!(!contains(&disk, &k1));
+
+    // A keyslot is bound to its volume: another context is refused, by cryptvol
+    // (stored context differs) and by the program (stored context edited to match).
+    let (header, _) = cryptvol::volume::read_header(&vol).expect("header");
+    let svc = KeyService::new(&env.keystore(), None);
+    let other = EncryptionContext::for_volume(&uuid::Uuid::new_v4());
+    let err = svc
+        .unwrap(&header.keyslots[0], &other, KeyOp::Unwrap, None)
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(err, KeyError::ContextMismatch { .. }), "{err:?}");
+    let mut forged = header.keyslots[0].clone();
+    forged.context = other.clone();
+    let err = svc
+        .unwrap(&forged, &other, KeyOp::Unwrap, None)
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(err, KeyError::WrongKey { .. }), "{err:?}");
+    let right = EncryptionContext::for_volume(&header.uuid);
+    assert!(svc
+        .unwrap(&header.keyslots[0], &right, KeyOp::Unwrap, None)
+        .await
+        .is_ok());
+
+    // A key the program reports disabled: attach refused, naming the volume and the key.
+    example_admin(&keys, &["disable-key", "k1"]);
+    let err = serve_fails(&env, &vol);
+    assert!(
+        err.contains(s(&vol)) && err.contains("example:k1") && err.contains("disabled"),
+        "{err}"
+    );
+    example_admin(&keys, &["enable-key", "k1"]);
+
+    // Rekey exec -> local -> exec (the program's default key), data intact.
+    run_ok(env.cmd().args(["key", "create", "--alias", "alias/l"]));
+    run_ok(env.cmd().args(["rekey", s(&vol), "--to-key", "alias/l"]));
+    assert_eq!(slot0(&env, &vol).0, "local");
+    let srv = env.serve(&[s(&vol)], &[], false);
+    qemu_io(&srv.uri("x"), &["read -P 0x6c 0 2M"]);
+    srv.stop();
+    run_ok(
+        env.cmd()
+            .args(["rekey", s(&vol), "--to-key", "exec:example"]),
+    );
+    assert_eq!(slot0(&env, &vol), ("exec".into(), "example:default".into()));
+    run_ok(env.cmd().args(["key", "disable", "alias/l"]));
+    let srv = env.serve(&[s(&vol)], &[], false);
+    qemu_io(&srv.uri("x"), &["read -P 0x6c 0 2M"]);
+    srv.stop();
+
+    // The exec backend as the configured default key.
+    run_ok(env.cmd().args(["key", "set-default", "exec:example:k1"]));
+    let v2 = env.create("y.img", "4M", &[]);
+    assert_eq!(slot0(&env, &v2), ("exec".into(), "example:k1".into()));
+
+    // Unregistered: its volumes cannot be attached, with a clear message.
+    run_ok(env.cmd().args(["key", "exec", "remove", "example"]));
+    let err = serve_fails(&env, &vol);
+    assert!(err.contains("example") && err.contains("exec add"), "{err}");
+    let err = fails(
+        env.cmd()
+            .args(["key", "exec", "add", "rel", "--", "python3"]),
+    );
+    assert!(err.contains("absolute path"), "{err}");
+
+    // Every exec operation is in the audit log, with the volume UUID.
+    let log = std::fs::read_to_string(env.keystore().join("audit.jsonl")).expect("log");
+    let exec: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|r| r["backend"] == "exec")
+        .collect();
+    let summary: Vec<String> = exec
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {}",
+                r["operation"].as_str().unwrap_or(""),
+                r["key_id"].as_str().unwrap_or(""),
+                r["error"].as_str().unwrap_or("ok")
+            )
+        })
+        .collect();
+    for want in [
+        "exec-add example ok",
+        "generate example:k1 ok",
+        "unwrap example:k1 ok",
+        "unwrap example:k1 ContextMismatch",
+        "unwrap example:k1 WrongKey",
+        "unwrap example:k1 KeyUnusable",
+        "rewrap-from example:k1 ok",
+        "rewrap-to example:default ok",
+        "unwrap example:default ok",
+        "exec-remove example ok",
+        "unwrap example:default NotFound",
+    ] {
+        assert!(
+            summary.iter().any(|s| s == want),
+            "{want} missing: {summary:#?}"
+        );
+    }
+    assert!(exec
+        .iter()
+        .filter(|r| r["operation"] == "generate")
+        .all(|r| r["volume_uuid"].as_str().is_some()));
+}
