@@ -6,19 +6,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use common::{run, run_ok, Env};
+use common::{fails, run_ok, Env};
 use cryptvol::keys::{EncryptionContext, KeyBackend, KeyError, LocalKeystore};
 
 fn sha(p: &Path) -> Vec<u8> {
     use sha2::Digest;
     sha2::Sha256::digest(std::fs::read(p).expect("read")).to_vec()
-}
-
-/// Runs a cryptvol command expected to fail; returns its stderr.
-fn fails(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(!out.status.success(), "{cmd:?} unexpectedly succeeded");
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn corrupt(p: &Path, offset: u64) {

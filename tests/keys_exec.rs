@@ -25,29 +25,6 @@ fn require_python_cryptography() {
     );
 }
 
-fn fails(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(!out.status.success(), "{cmd:?} unexpectedly succeeded");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
-
-fn serve_fails(env: &Env, vol: &Path) -> String {
-    let out = run(Command::new("timeout")
-        .arg("30")
-        .arg(bin())
-        .env("CRYPTVOL_KEYSTORE", env.keystore())
-        .args(["serve", "--unix", s(&env.path("fail.sock"))])
-        .arg(vol));
-    assert!(
-        !out.status.success() && out.status.code() != Some(124),
-        "serve should fail ({})",
-        out.status
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 /// `exec-backend-example.py --dir DIR ARGS...`
 fn example_admin(dir: &Path, args: &[&str]) {
     run_ok(

@@ -7,7 +7,6 @@ mod common;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -16,14 +15,6 @@ use cryptvol::ops::{self, KeyOptions};
 use cryptvol::volume::OpenOptions;
 
 const FAST_KDF: [&str; 4] = ["--pbkdf-memory", "8192", "--pbkdf-time", "1"];
-
-fn fails(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(!out.status.success(), "{cmd:?} unexpectedly succeeded");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
 
 fn key_create(env: &Env, alias: &str) -> String {
     let out = run_ok(

@@ -8,32 +8,6 @@ use std::process::Command;
 
 use common::*;
 
-/// Runs a cryptvol command expected to fail; returns its stderr.
-fn fails(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(!out.status.success(), "{cmd:?} unexpectedly succeeded");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
-
-/// `cryptvol serve` expected to fail at startup (bounded, so a wrong start cannot hang).
-fn serve_fails(env: &Env, vol: &Path) -> String {
-    let out = run(Command::new("timeout")
-        .arg("30")
-        .arg(bin())
-        .env("CRYPTVOL_KEYSTORE", env.keystore())
-        .args(["serve", "--unix", s(&env.path("fail.sock"))])
-        .arg(vol));
-    assert!(
-        !out.status.success() && out.status.code() != Some(124),
-        "serve {} should fail at startup ({})",
-        vol.display(),
-        out.status
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 fn key_create(env: &Env, alias: &str) -> String {
     let out = run_ok(
         env.cmd()

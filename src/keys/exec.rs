@@ -623,16 +623,6 @@ impl KeyBackend for ExecBackend {
         })
     }
 
-    async fn generate_dek(
-        &self,
-        key: Option<&str>,
-        ctx: &EncryptionContext,
-    ) -> Result<(Dek, WrappedDek), KeyError> {
-        let dek = Dek::generate()?;
-        let wrapped = self.wrap(key, &dek, ctx).await?;
-        Ok((dek, wrapped))
-    }
-
     async fn wrap(
         &self,
         key: Option<&str>,

@@ -265,12 +265,18 @@ pub trait KeyBackend: Send + Sync {
     /// Resolves a key reference (id or `alias/NAME`; `None` = the backend's default key)
     /// and describes it.
     async fn describe_key(&self, key: Option<&str>) -> Result<KeyDescription, KeyError>;
-    /// A fresh random DEK and its wrapped form under `key`, bound to `ctx`.
+    /// A fresh random DEK and its wrapped form under `key`, bound to `ctx`. The default
+    /// draws the DEK from the OS RNG and wraps it; a key service that generates data keys
+    /// itself (as KMS `GenerateDataKey`) overrides it.
     async fn generate_dek(
         &self,
         key: Option<&str>,
         ctx: &EncryptionContext,
-    ) -> Result<(Dek, WrappedDek), KeyError>;
+    ) -> Result<(Dek, WrappedDek), KeyError> {
+        let dek = Dek::generate()?;
+        let wrapped = self.wrap(key, &dek, ctx).await?;
+        Ok((dek, wrapped))
+    }
     /// Wraps a DEK we already hold under `key`, bound to `ctx`.
     async fn wrap(
         &self,

@@ -624,3 +624,33 @@ pub fn be32(b: &[u8]) -> u32 {
 pub fn be64(b: &[u8]) -> u64 {
     u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
 }
+
+/// Runs a cryptvol command expected to fail; returns its stderr (which must not be a panic).
+pub fn fails(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(!out.status.success(), "{cmd:?} unexpectedly succeeded");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+/// `cryptvol serve VOLUME` expected to fail at startup (bounded, so a wrong start cannot
+/// hang); returns its stderr.
+pub fn serve_fails(env: &Env, vol: &Path) -> String {
+    let sock = env.path("fail.sock");
+    let out = run(Command::new("timeout")
+        .arg("30")
+        .arg(bin())
+        .env("CRYPTVOL_KEYSTORE", env.keystore())
+        .arg("serve")
+        .arg("--unix")
+        .arg(&sock)
+        .arg(vol));
+    assert!(
+        !out.status.success() && out.status.code() != Some(124),
+        "serve {} should fail at startup ({})",
+        vol.display(),
+        out.status
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
