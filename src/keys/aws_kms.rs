@@ -465,6 +465,74 @@ mod tests {
         assert!(check_slot(&empty, &a).is_err());
     }
 
+    fn service_error(
+        status: u16,
+        code: &str,
+        message: &str,
+    ) -> SdkError<
+        aws_sdk_kms::operation::decrypt::DecryptError,
+        aws_sdk_kms::config::http::HttpResponse,
+    > {
+        let meta = aws_sdk_kms::error::ErrorMetadata::builder()
+            .code(code)
+            .message(message)
+            .build();
+        let raw = aws_sdk_kms::config::http::HttpResponse::new(
+            status.try_into().expect("status"),
+            "{}".into(),
+        );
+        SdkError::service_error(
+            aws_sdk_kms::operation::decrypt::DecryptError::generic(meta),
+            raw,
+        )
+    }
+
+    #[test]
+    fn kms_errors_map_to_typed_errors() {
+        let k = "arn:aws:kms:us-east-1:1:key/x";
+        let e = map_err(service_error(400, "NotFoundException", "gone"), k, "unwrap");
+        assert!(matches!(e, KeyError::NotFound { .. }), "{e:?}");
+        let e = map_err(
+            service_error(
+                400,
+                "AccessDeniedException",
+                "User: arn:aws:iam::1:user/bob is not authorized to perform: kms:Decrypt",
+            ),
+            k,
+            "unwrap",
+        );
+        match &e {
+            KeyError::AccessDenied {
+                key,
+                operation,
+                principal,
+            } => {
+                assert_eq!(key, k);
+                assert!(operation.starts_with("unwrap"), "{operation}");
+                assert_eq!(principal, "arn:aws:iam::1:user/bob");
+            }
+            other => panic!("{other:?}"),
+        }
+        for code in ["DisabledException", "KMSInvalidStateException"] {
+            let e = map_err(service_error(400, code, "no"), k, "unwrap");
+            assert!(matches!(e, KeyError::KeyUnusable { .. }), "{e:?}");
+        }
+        for code in ["InvalidCiphertextException", "IncorrectKeyException"] {
+            let e = map_err(service_error(400, code, ""), k, "unwrap");
+            assert!(matches!(e, KeyError::WrongKey { .. }), "{e:?}");
+        }
+        let e = map_err(service_error(400, "ThrottlingException", ""), k, "unwrap");
+        assert!(matches!(e, KeyError::Transient(_)), "{e:?}");
+        let e = map_err(service_error(503, "SomethingNew", ""), k, "unwrap");
+        assert!(matches!(e, KeyError::Transient(_)), "{e:?}");
+        let e = map_err(
+            service_error(400, "ValidationException", "bad"),
+            k,
+            "unwrap",
+        );
+        assert!(matches!(e, KeyError::Unsupported(_)), "{e:?}");
+    }
+
     #[test]
     fn plaintext_of_the_wrong_length_is_refused() {
         let err = take_dek(Some(Blob::new(vec![1u8; 32])), "k").err().unwrap();
