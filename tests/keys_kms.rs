@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use cryptvol::keys::{EncryptionContext, KeyError, KeyOp, KeyService};
+use cryptvol::keys::{
+    AwsKmsBackend, EncryptionContext, KeyBackend, KeyError, KeyOp, KeyService, KeyState,
+};
 
 /// A running moto_server; killed on drop.
 struct Moto {
@@ -150,6 +152,18 @@ async fn aws_kms_volume_lifecycle() {
         .expect("arn 2")
         .to_string();
 
+    // The backend describes keys through aliases.
+    let backend = AwsKmsBackend::connect().await.expect("connect");
+    let d = backend
+        .describe_key(Some("alias/cv-test"))
+        .await
+        .expect("describe");
+    assert_eq!(
+        (d.key_id.as_str(), d.state),
+        (arn.as_str(), KeyState::Enabled)
+    );
+    assert!(backend.describe_key(None).await.is_err());
+
     // Create with --kms-key-id ARN and with --key aws-kms:alias/NAME: the keyslot holds
     // the key ARN, never the alias.
     let vol = env.create("a.img", "16M", &["--kms-key-id", &arn]);
@@ -228,6 +242,8 @@ async fn aws_kms_volume_lifecycle() {
         .send()
         .await
         .expect("DisableKey");
+    let d = backend.describe_key(Some(&arn)).await.expect("describe");
+    assert_eq!(d.state, KeyState::Disabled);
     let err = serve_fails(&env, &vol2);
     assert!(
         err.contains(s(&vol2)) && err.contains(&arn) && err.contains("disabled"),

@@ -30,7 +30,7 @@ use aws_sdk_kms::types::KeyState as AwsKeyState;
 use zeroize::Zeroize;
 
 use super::keyref::AWS_KMS;
-use super::{EncryptionContext, KeyDescription, KeyError, KeyState, WrappedDek};
+use super::{EncryptionContext, KeyBackend, KeyDescription, KeyError, KeyState, WrappedDek};
 use crate::crypto::{Dek, DEK_LEN};
 
 /// Attempts per call (first try + retries).
@@ -49,7 +49,6 @@ pub struct AwsKmsBackend {
 /// What `DescribeKey` told about a usable key.
 struct Resolved {
     arn: String,
-    created_at: String,
 }
 
 fn shown(s: &str) -> String {
@@ -199,12 +198,8 @@ impl AwsKmsBackend {
             ))
         })?;
         let arn = meta.arn().unwrap_or(meta.key_id()).to_string();
-        let created_at = meta
-            .creation_date()
-            .map(|d| d.to_string())
-            .unwrap_or_default();
         match meta.key_state() {
-            Some(AwsKeyState::Enabled) => Ok(Resolved { arn, created_at }),
+            Some(AwsKeyState::Enabled) => Ok(Resolved { arn }),
             Some(AwsKeyState::Disabled) => Err(KeyError::KeyUnusable {
                 key: shown(&arn),
                 state: "disabled in AWS KMS; enable it (aws kms enable-key --key-id ...) to use it"
@@ -387,7 +382,6 @@ impl AwsKmsBackend {
     }
 
     fn slot(&self, r: &Resolved, blob: Vec<u8>, ctx: &EncryptionContext) -> WrappedDek {
-        let _ = &r.created_at;
         WrappedDek {
             backend: AWS_KMS.into(),
             key_id: r.arn.clone(),
@@ -395,6 +389,46 @@ impl AwsKmsBackend {
             context: ctx.clone(),
             params: Default::default(),
         }
+    }
+}
+
+fn need_key(key: Option<&str>) -> Result<&str, KeyError> {
+    key.ok_or_else(|| {
+        KeyError::Unsupported(
+            "the aws-kms backend needs a key (an ARN, aws-kms:KEY_ID or aws-kms:alias/NAME)".into(),
+        )
+    })
+}
+
+#[async_trait::async_trait]
+impl KeyBackend for AwsKmsBackend {
+    fn kind(&self) -> &'static str {
+        AWS_KMS
+    }
+    async fn describe_key(&self, key: Option<&str>) -> Result<KeyDescription, KeyError> {
+        self.describe(need_key(key)?).await
+    }
+    async fn generate_dek(
+        &self,
+        key: Option<&str>,
+        ctx: &EncryptionContext,
+    ) -> Result<(Dek, WrappedDek), KeyError> {
+        AwsKmsBackend::generate_dek(self, need_key(key)?, ctx).await
+    }
+    async fn wrap(
+        &self,
+        key: Option<&str>,
+        dek: &Dek,
+        ctx: &EncryptionContext,
+    ) -> Result<WrappedDek, KeyError> {
+        AwsKmsBackend::wrap(self, need_key(key)?, dek, ctx).await
+    }
+    async fn unwrap(
+        &self,
+        wrapped: &WrappedDek,
+        expected: &EncryptionContext,
+    ) -> Result<Dek, KeyError> {
+        AwsKmsBackend::unwrap(self, wrapped, expected).await
     }
 }
 
