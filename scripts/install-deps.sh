@@ -59,4 +59,15 @@ if ! have qemu-system-x86_64; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >/dev/null
     fi
 fi
+# The aws-kms backend's tests run moto_server (PyPI `moto[server]`) with the `python3` on PATH.
+if ! python3 -c 'import moto.server, flask' 2>/dev/null; then
+    echo "install-deps: installing moto[server] from PyPI" >&2
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        apt_update
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+    fi
+    # Debian's system Python refuses plain `pip install` (PEP 668) unless told otherwise.
+    python3 -m pip install -q 'moto[server]' 2>/dev/null \
+        || python3 -m pip install -q --break-system-packages 'moto[server]'
+fi
 echo "install-deps: all peers present" >&2

@@ -1009,6 +1009,10 @@ fn aliases_suffix(k: &KeyInfo) -> String {
 }
 
 async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
+    // Before any data key exists: no core dumps, no ptrace by same-uid processes.
+    if let Err(e) = crate::crypto::harden_process() {
+        tracing::warn!("could not harden the process against core dumps: {e}");
+    }
     let file = match &a.config {
         Some(path) => Some((path.as_path(), config::load(path)?)),
         None => None,
@@ -1145,6 +1149,10 @@ async fn wait_for_signal() {
 }
 
 async fn demo(a: DemoArgs) -> Result<()> {
+    // Before any data key exists: no core dumps, no ptrace by same-uid processes.
+    if let Err(e) = crate::crypto::harden_process() {
+        tracing::warn!("could not harden the process against core dumps: {e}");
+    }
     std::fs::create_dir_all(&a.dir)
         .with_context(|| format!("cannot create {}", a.dir.display()))?;
     let dir = std::fs::canonicalize(&a.dir)?;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::crypto::Dek;
 use crate::keys::{
     default_keystore_dir, Argon2Params, EncryptionContext, KeyError, KeyOp, KeyRef, KeyService,
-    LocalKeystore, PassphraseBackend, PassphraseSource, WrappedDek,
+    LocalKeystore, PassphraseBackend, PassphraseSource, WrappedDek, AWS_KMS,
 };
 use crate::volume::{
     self, crash_point, CopyStatus, Header, HeaderHealth, OpenOptions, Volume, VolumeError,
@@ -117,9 +117,16 @@ pub async fn create_volume(
     }
     let uuid = uuid::Uuid::new_v4();
     let ctx = EncryptionContext::for_volume(&uuid);
-    let dek = Dek::generate().map_err(KeyError::from)?;
     let svc = keys.service();
-    let wrapped = wrap_for(keys, &svc, &key, &dek, &ctx, KeyOp::Generate).await?;
+    let (dek, wrapped) = match &key {
+        NewKey::Default => svc.generate(&svc.default_key()?, &ctx).await?,
+        NewKey::Key(r) => svc.generate(r, &ctx).await?,
+        NewKey::Passphrase(_) => {
+            let dek = Dek::generate().map_err(KeyError::from)?;
+            let wrapped = wrap_for(keys, &svc, &key, &dek, &ctx, KeyOp::Generate).await?;
+            (dek, wrapped)
+        }
+    };
     Ok(volume::create(path, spec, uuid, vec![wrapped], &dek)?)
 }
 
@@ -293,7 +300,13 @@ pub async fn rekey(
     crash_point("after-unwrap");
     let ctx = EncryptionContext::for_volume(&header.uuid);
     let svc = keys.service();
-    let wrapped = wrap_for(keys, &svc, &target, &dek, &ctx, KeyOp::RewrapTo).await?;
+    let wrapped = match &target {
+        // Between two AWS KMS keys the data key is moved inside KMS (ReEncrypt).
+        NewKey::Key(KeyRef::AwsKms(to)) if header.keyslots[slot].backend == AWS_KMS => {
+            svc.reencrypt_aws(&header.keyslots[slot], &ctx, to).await?
+        }
+        _ => wrap_for(keys, &svc, &target, &dek, &ctx, KeyOp::RewrapTo).await?,
+    };
     crash_point("after-wrap");
     let old = std::mem::replace(&mut header.keyslots[slot], wrapped);
     volume::write_header(path, &mut header, &dek)?;

@@ -264,9 +264,11 @@ fn the_configured_default_key() {
     // An explicit --key still wins.
     let v = env.create("c.img", "4M", &["--kms-key-id", &local_default]);
     assert_eq!(slot_key(&env, &v, 0), local_default);
+    // An AWS KMS default is accepted without contacting AWS (checked at the next create).
+    run_ok(env.cmd().args(["key", "set-default", "aws-kms:alias/ebs"]));
+    let out = run_ok(env.cmd().args(["key", "get-default"]));
+    assert_eq!(out.trim(), "aws-kms:alias/ebs");
     // Not settable to an unusable backend.
-    let err = fails(env.cmd().args(["key", "set-default", "aws-kms:alias/ebs"]));
-    assert!(err.contains("aws-kms backend is not built yet"), "{err}");
     let err = fails(env.cmd().args(["key", "set-default", "exec:nope"]));
     assert!(err.contains("nope") && err.contains("exec add"), "{err}");
     let err = fails(env.cmd().args(["key", "set-default", "alias/none"]));
@@ -283,6 +285,28 @@ fn the_configured_default_key() {
     );
 }
 
+/// A command that sees no AWS configuration at all (and no instance metadata service).
+fn no_aws(cmd: &mut Command) -> &mut Command {
+    for v in [
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_PROFILE",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_KMS",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd.env("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/aws-credentials",
+        )
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+}
+
 #[test]
 fn key_references_of_other_backends() {
     let env = Env::new();
@@ -292,14 +316,28 @@ fn key_references_of_other_backends() {
         "aws-kms:alias/ebs",
         "aws-kms:1234abcd-12ab-34cd-56ef-1234567890ab",
     ] {
+        // No region configured anywhere: a clear refusal, no volume.
         let target = env.path("aws.img");
         let err = fails(
-            env.cmd()
+            no_aws(&mut env.cmd())
                 .args(["create", "--size", "4M", "--kms-key-id", key])
                 .arg(&target),
         );
+        assert!(err.contains("no AWS region is configured"), "{key}: {err}");
+        assert!(!target.exists(), "a volume was created for {key}");
+        // KMS unreachable: a transient failure naming the key, no volume.
+        let err = fails(
+            no_aws(&mut env.cmd())
+                .env("AWS_REGION", "us-east-1")
+                .env("AWS_ACCESS_KEY_ID", "testing")
+                .env("AWS_SECRET_ACCESS_KEY", "testing")
+                .env("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+                .args(["create", "--size", "4M", "--kms-key-id", key])
+                .arg(&target),
+        );
+        let shown = key.strip_prefix("aws-kms:").unwrap_or(key);
         assert!(
-            err.contains("aws-kms backend is not built yet"),
+            err.contains("transient") && err.contains(shown) && err.contains("AWS_ENDPOINT_URL"),
             "{key}: {err}"
         );
         assert!(!target.exists(), "a volume was created for {key}");

@@ -1,9 +1,11 @@
 //! Cryptographic primitives: the AES-256-XTS sector engine and secret types.
 //! No I/O happens here.
 
+mod locked;
 mod secret;
 mod xts;
 
+pub use locked::harden_process;
 pub use secret::{Dek, SecretBytes, DEK_LEN};
 pub use xts::XtsEngine;
 
@@ -20,4 +22,6 @@ pub enum CryptoError {
     BadSectorSize(usize),
     #[error("random number generator failed: {0}")]
     Rng(String),
+    #[error("could not allocate memory for key material: {0}")]
+    Memory(String),
 }

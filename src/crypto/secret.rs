@@ -3,14 +3,16 @@
 
 use zeroize::{Zeroize, Zeroizing};
 
+use super::locked::Locked;
 use super::CryptoError;
 
 /// Length of an AES-256-XTS data key: two 256-bit AES keys.
 pub const DEK_LEN: usize = 64;
 
-/// A volume data encryption key (512 bits for AES-256-XTS).
+/// A volume data encryption key (512 bits for AES-256-XTS). The bytes live in their own
+/// locked, non-dumpable page (see `crypto::locked`) and are wiped on drop.
 pub struct Dek {
-    bytes: Box<Zeroizing<[u8; DEK_LEN]>>,
+    bytes: Locked<Zeroizing<[u8; DEK_LEN]>>,
 }
 
 impl Dek {
@@ -19,7 +21,7 @@ impl Dek {
         if bytes.len() != DEK_LEN {
             return Err(CryptoError::BadKeyLength(bytes.len()));
         }
-        let mut boxed = Box::new(Zeroizing::new([0u8; DEK_LEN]));
+        let mut boxed = Locked::try_new_with(|| Ok(Zeroizing::new([0u8; DEK_LEN])))?;
         boxed.copy_from_slice(bytes);
         if boxed[..32] == boxed[32..] {
             return Err(CryptoError::EqualXtsHalves);
@@ -42,6 +44,11 @@ impl Dek {
     /// The raw key bytes. Callers must not copy them into non-zeroizing storage.
     pub fn expose(&self) -> &[u8; DEK_LEN] {
         &self.bytes
+    }
+
+    /// Whether the key's page is locked in RAM (false when `mlock` was refused).
+    pub fn is_memory_locked(&self) -> bool {
+        self.bytes.is_locked()
     }
 }
 

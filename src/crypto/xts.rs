@@ -24,6 +24,7 @@ use aes::cipher::{
 use aes::{Aes256, Aes256Enc, Block};
 use zeroize::Zeroize;
 
+use super::locked::Locked;
 use super::{CryptoError, Dek};
 
 /// AES block length in bytes.
@@ -37,11 +38,17 @@ const TWEAK_LANES: usize = 8;
 
 /// An XTS engine keyed with one volume's DEK. Cheap to share between threads (`Sync`).
 pub struct XtsEngine {
+    /// The expanded AES key schedules, in their own locked, non-dumpable page.
+    pub(super) keys: Locked<Keys>,
+    sector_size: usize,
+}
+
+/// The two key schedules (zeroized on drop by the `aes` crate's `zeroize` feature).
+pub(super) struct Keys {
     /// Key 1 (DEK bytes 0..32): encrypts and decrypts the data blocks.
     data: Aes256,
     /// Key 2 (DEK bytes 32..64): encrypts the sector tweaks.
     tweak: Aes256Enc,
-    sector_size: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -58,14 +65,14 @@ impl XtsEngine {
         }
         let k = dek.expose();
         let (k1, k2) = k.split_at(32);
-        let data = Aes256::new_from_slice(k1).map_err(|_| CryptoError::BadKeyLength(k.len()))?;
-        let tweak =
-            Aes256Enc::new_from_slice(k2).map_err(|_| CryptoError::BadKeyLength(k.len()))?;
-        Ok(XtsEngine {
-            data,
-            tweak,
-            sector_size,
-        })
+        let keys = Locked::try_new_with(|| {
+            Ok(Keys {
+                data: Aes256::new_from_slice(k1).map_err(|_| CryptoError::BadKeyLength(k.len()))?,
+                tweak: Aes256Enc::new_from_slice(k2)
+                    .map_err(|_| CryptoError::BadKeyLength(k.len()))?,
+            })
+        })?;
+        Ok(XtsEngine { keys, sector_size })
     }
 
     pub fn sector_size(&self) -> usize {
@@ -114,15 +121,15 @@ impl XtsEngine {
                 *t = Block::from(sector.to_le_bytes());
                 sector += 1;
             }
-            self.tweak.encrypt_blocks(sector_tweaks);
+            self.keys.tweak.encrypt_blocks(sector_tweaks);
             let pass = Pass {
                 blocks: group,
                 sector_tweaks,
                 blocks_per_sector,
             };
             match dir {
-                Direction::Encrypt => self.data.encrypt_with_backend(pass),
-                Direction::Decrypt => self.data.decrypt_with_backend(pass),
+                Direction::Encrypt => self.keys.data.encrypt_with_backend(pass),
+                Direction::Decrypt => self.keys.data.decrypt_with_backend(pass),
             }
         }
         Block::slice_as_flattened_mut(&mut tweaks[..used]).zeroize();

@@ -7,12 +7,14 @@
 //!   rotation, aliases and per-key policies.
 //! - [`PassphraseBackend`]: an Argon2id-derived key.
 //! - [`ExecBackend`]: an external program speaking a JSON protocol (Vault, TPM, HSM, ...).
-//! - `aws-kms`: references parse ([`KeyRef::AwsKms`]); the backend is not built yet.
+//! - [`AwsKmsBackend`]: AWS KMS (GenerateDataKey / Decrypt / ReEncrypt), standard AWS
+//!   configuration chain.
 //!
 //! [`KeyService`] dispatches a [`KeyRef`] or a keyslot to its backend and writes the
 //! [`AuditLog`]. See `docs/keys.md`.
 
 mod audit;
+mod aws_kms;
 mod clock;
 mod exec;
 mod keyref;
@@ -23,6 +25,7 @@ mod seal;
 mod service;
 
 pub use audit::{AuditEvent, AuditLog, AuditWriter, AUDIT_FILE};
+pub use aws_kms::AwsKmsBackend;
 pub use exec::{ExecBackend, ExecSpec, EXEC_PROTOCOL_VERSION};
 pub use keyref::{KeyRef, AWS_KMS, EXEC, LOCAL, PASSPHRASE};
 pub use local::{

@@ -6,20 +6,13 @@
 use std::path::{Path, PathBuf};
 
 use super::audit::{AuditEvent, AuditLog};
+use super::aws_kms::AwsKmsBackend;
 use super::keyref::{AWS_KMS, EXEC, LOCAL, PASSPHRASE};
 use super::{
     EncryptionContext, ExecBackend, KeyBackend, KeyError, KeyOp, KeyRef, LocalKeystore,
     PassphraseBackend, Principal, WrappedDek,
 };
 use crate::crypto::Dek;
-
-/// The error of every use of the `aws-kms` backend in this build.
-fn aws_kms_unsupported(what: &str) -> KeyError {
-    KeyError::Unsupported(format!(
-        "{what}: the aws-kms backend is not built yet; use a local key, an exec backend \
-         (exec:NAME) or a passphrase"
-    ))
-}
 
 /// Dispatches key operations to backends and audits them.
 #[derive(Debug, Clone)]
@@ -79,7 +72,6 @@ impl KeyService {
     pub fn set_default_key(&self, reference: Option<&KeyRef>) -> Result<(), KeyError> {
         let ks = self.local(true)?;
         let refused = match reference {
-            Some(r @ KeyRef::AwsKms(_)) => Some(aws_kms_unsupported(&r.to_string())),
             Some(KeyRef::Exec { name, .. }) => ks.exec_backend(name).err(),
             Some(KeyRef::Local(None)) => return ks.set_default_key_ref(None),
             _ => None,
@@ -152,10 +144,59 @@ impl KeyService {
             }
             KeyRef::AwsKms(k) => {
                 let writer = self.audit.open()?;
-                let e = aws_kms_unsupported(&target.to_string());
-                self.finish(&writer, op, AWS_KMS, k, ctx, Err(e))
+                let result = match AwsKmsBackend::connect().await {
+                    Ok(b) => b.wrap(k, dek, ctx).await,
+                    Err(e) => Err(e),
+                };
+                let key_id = result.as_ref().map(|w| w.key_id.as_str()).unwrap_or(k);
+                let key_id = key_id.to_string();
+                self.finish(&writer, op, AWS_KMS, &key_id, ctx, result)
             }
         }
+    }
+
+    /// A new volume's data key under `target`: from AWS KMS `GenerateDataKey` for an
+    /// aws-kms key, else a fresh random key wrapped by the backend.
+    pub async fn generate(
+        &self,
+        target: &KeyRef,
+        ctx: &EncryptionContext,
+    ) -> Result<(Dek, WrappedDek), KeyError> {
+        match target {
+            KeyRef::AwsKms(k) => {
+                let writer = self.audit.open()?;
+                let result = match AwsKmsBackend::connect().await {
+                    Ok(b) => b.generate_dek(k, ctx).await,
+                    Err(e) => Err(e),
+                };
+                let key_id = result.as_ref().map(|(_, w)| w.key_id.as_str()).unwrap_or(k);
+                let key_id = key_id.to_string();
+                self.finish(&writer, KeyOp::Generate, AWS_KMS, &key_id, ctx, result)
+            }
+            _ => {
+                let dek = Dek::generate()?;
+                let wrapped = self.wrap(target, &dek, ctx, KeyOp::Generate).await?;
+                Ok((dek, wrapped))
+            }
+        }
+    }
+
+    /// Moves an aws-kms keyslot to another AWS KMS key with `ReEncrypt` (audited as
+    /// `rewrap-to` under the destination key).
+    pub async fn reencrypt_aws(
+        &self,
+        slot: &WrappedDek,
+        ctx: &EncryptionContext,
+        to: &str,
+    ) -> Result<WrappedDek, KeyError> {
+        let writer = self.audit.open()?;
+        let result = match AwsKmsBackend::connect().await {
+            Ok(b) => b.reencrypt(slot, ctx, to).await,
+            Err(e) => Err(e),
+        };
+        let key_id = result.as_ref().map(|w| w.key_id.as_str()).unwrap_or(to);
+        let key_id = key_id.to_string();
+        self.finish(&writer, KeyOp::RewrapTo, AWS_KMS, &key_id, ctx, result)
     }
 
     /// Wraps `dek` under a passphrase for `op`.
@@ -206,9 +247,12 @@ impl KeyService {
             }
             AWS_KMS => {
                 let writer = self.audit.open()?;
+                let result = match AwsKmsBackend::connect().await {
+                    Ok(b) => b.unwrap(slot, ctx).await,
+                    Err(e) => Err(e),
+                };
                 let key_id = slot.key_id.escape_debug().to_string();
-                let e = aws_kms_unsupported(&format!("key {key_id}"));
-                self.finish(&writer, op, AWS_KMS, &key_id, ctx, Err(e))
+                self.finish(&writer, op, AWS_KMS, &key_id, ctx, result)
             }
             other => Err(KeyError::Unsupported(format!(
                 "keyslot backend {:?} is not available in this build",
@@ -259,48 +303,6 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
-    }
-
-    #[tokio::test]
-    async fn aws_kms_is_refused_clearly_and_audited() {
-        let tmp = tempfile::tempdir().unwrap();
-        let audit = tmp.path().join("audit.jsonl");
-        let svc = KeyService::new(&tmp.path().join("keys"), Some(&audit));
-        let r = KeyRef::parse("arn:aws:kms:us-east-1:111122223333:key/abc").unwrap();
-        let vol = uuid::Uuid::new_v4();
-        let ctx = EncryptionContext::for_volume(&vol);
-        let dek = Dek::generate().unwrap();
-        let err = svc
-            .wrap(&r, &dek, &ctx, KeyOp::Generate)
-            .await
-            .err()
-            .unwrap();
-        assert!(matches!(err, KeyError::Unsupported(_)), "{err:?}");
-        assert!(
-            err.to_string().contains("aws-kms backend is not built yet"),
-            "{err}"
-        );
-        let slot = WrappedDek {
-            backend: "aws-kms".into(),
-            key_id: "arn:aws:kms:us-east-1:111122223333:key/abc".into(),
-            blob: vec![1],
-            context: ctx.clone(),
-            params: Default::default(),
-        };
-        let err = svc
-            .unwrap(&slot, &ctx, KeyOp::Unwrap, None)
-            .await
-            .err()
-            .unwrap();
-        assert!(err.to_string().contains("not built yet"), "{err}");
-        let l = lines(&audit);
-        assert_eq!(l.len(), 2);
-        assert_eq!(l[0]["backend"], "aws-kms");
-        assert_eq!(l[0]["operation"], "generate");
-        assert_eq!(l[0]["error"], "Unsupported");
-        assert_eq!(l[1]["operation"], "unwrap");
-        assert_eq!(l[1]["volume_uuid"], vol.to_string());
-        assert!(svc.set_default_key(Some(&r)).is_err());
     }
 
     #[tokio::test]

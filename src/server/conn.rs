@@ -325,7 +325,14 @@ impl Conn {
             .name(format!("cryptvol-conn{}", conn.id))
             .spawn(move || {
                 c.worker();
-                c.thread_exit();
+                // Release this thread's reference (and with it, possibly the last one to
+                // the volume and its key schedules) before the connection is reported
+                // finished, so that shutdown really drops every volume.
+                let done = c.thread_exit_take();
+                drop(c);
+                if let Some(tx) = done {
+                    let _ = tx.send(());
+                }
             });
         if let Err(e) = spawned {
             conn.thread_exit();
@@ -335,15 +342,20 @@ impl Conn {
     }
 
     fn thread_exit(&self) {
+        if let Some(tx) = self.thread_exit_take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Counts a thread out; for the last one, the sender that reports the connection done.
+    fn thread_exit_take(&self) -> Option<oneshot::Sender<()>> {
         if self.threads.fetch_sub(1, Ordering::SeqCst) == 1 {
-            if let Some(tx) = self
-                .done
+            self.done
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .take()
-            {
-                let _ = tx.send(());
-            }
+        } else {
+            None
         }
     }
 
