@@ -134,7 +134,7 @@ fn validate_spec(spec: &VolumeSpec) -> Result<(), VolumeError> {
     if spec.sector_size != 512 && spec.sector_size != 4096 {
         return Err(VolumeError::BadSectorSize(spec.sector_size));
     }
-    if spec.size == 0 || spec.size % u64::from(spec.sector_size) != 0 {
+    if spec.size == 0 || !spec.size.is_multiple_of(u64::from(spec.sector_size)) {
         return Err(VolumeError::BadSize {
             size: spec.size,
             sector_size: spec.sector_size,

@@ -57,7 +57,7 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
         .map_err(|_| SizeError::Invalid(s.to_string()))?;
     let denom = 10u128.pow(frac_part.len() as u32);
     let scaled = frac * (1u128 << shift);
-    if scaled % denom != 0 {
+    if !scaled.is_multiple_of(denom) {
         return Err(SizeError::Invalid(s.to_string()));
     }
     let extra = u64::try_from(scaled / denom).map_err(|_| SizeError::Overflow(s.to_string()))?;

@@ -80,7 +80,7 @@ impl XtsEngine {
     }
 
     fn check(&self, buf: &[u8]) -> Result<(), CryptoError> {
-        if buf.len() % self.sector_size != 0 {
+        if !buf.len().is_multiple_of(self.sector_size) {
             return Err(CryptoError::Unaligned {
                 len: buf.len(),
                 sector_size: self.sector_size,

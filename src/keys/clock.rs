@@ -29,7 +29,7 @@ pub(crate) fn now_rfc3339_millis() -> String {
 /// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the Unix epoch.
 pub(crate) fn rfc3339_utc(secs: u64) -> String {
     fn is_leap(y: u64) -> bool {
-        (y % 4 == 0 && y % 100 != 0) || y % 400 == 0
+        (y.is_multiple_of(4) && !y.is_multiple_of(100)) || y.is_multiple_of(400)
     }
     const DAYS_PER_400_YEARS: u64 = 146_097;
     let time_of_day = secs % 86_400;

@@ -176,13 +176,13 @@ impl Header {
                 self.iv_unit, self.sector_size
             ));
         }
-        if self.size == 0 || self.size % u64::from(self.sector_size) != 0 {
+        if self.size == 0 || !self.size.is_multiple_of(u64::from(self.sector_size)) {
             return Err(format!(
                 "volume size {} is not a positive multiple of the sector size {}",
                 self.size, self.sector_size
             ));
         }
-        if self.data_offset < DEFAULT_DATA_OFFSET || self.data_offset % 4096 != 0 {
+        if self.data_offset < DEFAULT_DATA_OFFSET || !self.data_offset.is_multiple_of(4096) {
             return Err(format!(
                 "data offset {} (must be a multiple of 4096 and at least {DEFAULT_DATA_OFFSET})",
                 self.data_offset
@@ -764,7 +764,7 @@ pub fn create(
     if spec.sector_size != 512 && spec.sector_size != 4096 {
         return Err(VolumeError::BadSectorSize(spec.sector_size));
     }
-    if spec.size == 0 || spec.size % u64::from(spec.sector_size) != 0 {
+    if spec.size == 0 || !spec.size.is_multiple_of(u64::from(spec.sector_size)) {
         return Err(VolumeError::BadSize {
             size: spec.size,
             sector_size: spec.sector_size,

@@ -111,7 +111,7 @@ impl Volume {
             })?;
         if header.sector_size != header.iv_unit
             || (header.sector_size != 512 && header.sector_size != 4096)
-            || header.size % u64::from(header.sector_size) != 0
+            || !header.size.is_multiple_of(u64::from(header.sector_size))
         {
             return Err(VolumeError::InvalidHeader {
                 path: p,

@@ -34,7 +34,7 @@ pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<(), Volume
 /// Whether the byte range starts and ends on sector boundaries.
 /// `sector_size` must be non-zero.
 pub(crate) fn is_aligned(offset: u64, len: u64, sector_size: u64) -> bool {
-    offset % sector_size == 0 && len % sector_size == 0
+    offset.is_multiple_of(sector_size) && len.is_multiple_of(sector_size)
 }
 
 /// The sectors that the byte range `[offset, offset + len)` touches, partially or
