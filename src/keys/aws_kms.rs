@@ -51,6 +51,18 @@ struct Resolved {
     arn: String,
 }
 
+/// The non-empty ciphertext blob of a KMS response, or a Malformed error naming the call.
+fn ciphertext(blob: Option<Blob>, call: &str, arn: &str) -> Result<Vec<u8>, KeyError> {
+    blob.map(Blob::into_inner)
+        .filter(|b| !b.is_empty())
+        .ok_or_else(|| {
+            KeyError::Malformed(format!(
+                "AWS KMS {call} returned no ciphertext for {}",
+                shown(arn)
+            ))
+        })
+}
+
 fn shown(s: &str) -> String {
     let mut out: String = s.escape_debug().take(MAX_MESSAGE_LEN).collect();
     if s.len() > MAX_MESSAGE_LEN {
@@ -280,17 +292,7 @@ impl AwsKmsBackend {
             .await
             .map_err(|e| map_err(e, &r.arn, "generate"))?;
         let dek = take_dek(out.plaintext.take(), &r.arn)?;
-        let blob = out
-            .ciphertext_blob
-            .take()
-            .map(Blob::into_inner)
-            .filter(|b| !b.is_empty())
-            .ok_or_else(|| {
-                KeyError::Malformed(format!(
-                    "AWS KMS GenerateDataKey returned no ciphertext for {}",
-                    shown(&r.arn)
-                ))
-            })?;
+        let blob = ciphertext(out.ciphertext_blob.take(), "GenerateDataKey", &r.arn)?;
         Ok((dek, self.slot(&r, blob, ctx)))
     }
 
@@ -313,16 +315,7 @@ impl AwsKmsBackend {
             .send()
             .await
             .map_err(|e| map_err(e, &r.arn, "wrap"))?;
-        let blob = out
-            .ciphertext_blob
-            .map(Blob::into_inner)
-            .filter(|b| !b.is_empty())
-            .ok_or_else(|| {
-                KeyError::Malformed(format!(
-                    "AWS KMS Encrypt returned no ciphertext for {}",
-                    shown(&r.arn)
-                ))
-            })?;
+        let blob = ciphertext(out.ciphertext_blob, "Encrypt", &r.arn)?;
         Ok(self.slot(&r, blob, ctx))
     }
 
@@ -368,16 +361,7 @@ impl AwsKmsBackend {
             .send()
             .await
             .map_err(|e| map_err(e, &from.arn, "rewrap"))?;
-        let blob = out
-            .ciphertext_blob
-            .map(Blob::into_inner)
-            .filter(|b| !b.is_empty())
-            .ok_or_else(|| {
-                KeyError::Malformed(format!(
-                    "AWS KMS ReEncrypt returned no ciphertext for {}",
-                    shown(&dest.arn)
-                ))
-            })?;
+        let blob = ciphertext(out.ciphertext_blob, "ReEncrypt", &dest.arn)?;
         Ok(self.slot(&dest, blob, expected))
     }
 
