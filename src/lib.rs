@@ -7,6 +7,7 @@
 //! - [`crypto`]: the XTS engine and secret types (no I/O).
 //! - [`keys`]: the `KeyBackend` trait and its backends.
 //! - [`ops`]: volume lifecycle operations composed from the layers above (create, open, info).
+//! - [`progress`]: progress bars / periodic log lines for long operations.
 //! - [`config`]: the `serve` configuration file and how it combines with the command line.
 //! - [`cli`]: the thin clap front end.
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -17,6 +18,7 @@ pub mod crypto;
 pub mod keys;
 pub mod nbd;
 pub mod ops;
+pub mod progress;
 pub mod server;
 pub mod size;
 pub mod volume;

@@ -336,6 +336,21 @@ impl Volume {
         }
     }
 
+    /// The allocation state of `[offset, offset + len)` as consecutive extents
+    /// covering exactly that range (allocated runs merged).
+    /// (Stub until the allocation map lands: everything is allocated.)
+    pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<super::Extent>, VolumeError> {
+        sectors::check_range(offset, len, self.size)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(vec![super::Extent {
+            offset,
+            len,
+            allocated: true,
+        }])
+    }
+
     /// Makes every completed write durable (fdatasync).
     pub fn flush(&self) -> Result<(), VolumeError> {
         self.sync()

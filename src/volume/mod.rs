@@ -13,6 +13,17 @@ pub use header::{
 };
 pub use io::{OpenOptions, Volume, WRITE_CHUNK};
 
+/// One run of the allocation map, as [`Volume::extents`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Volume byte offset.
+    pub offset: u64,
+    /// Length in bytes (> 0).
+    pub len: u64,
+    /// `false`: never written (or zeroed/trimmed): reads as zeros without touching the file.
+    pub allocated: bool,
+}
+
 /// Test-only fault injection for the crash-safety tests of header updates (rekey,
 /// keyslot add/remove). It acts only when **both** `CRYPTVOL_FAULT_INJECTION=1` and
 /// `CRYPTVOL_TEST_CRASH_AT=<step>` are set in the environment and `step` is the one
