@@ -151,6 +151,12 @@ struct CreateArgs {
     /// Sector size: the XTS data unit and the smallest block clients should use.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_SECTOR_SIZE, value_parser = parse_sector_size)]
     sector_size: u32,
+    /// Write ciphertext over the whole data area now and mark it all allocated, so the
+    /// file never reveals which blocks were written (uses the full size on disk, takes a
+    /// full write; block status then reports no holes). Default: thin, never-written
+    /// blocks read as zeros and take no space.
+    #[arg(long)]
+    preallocate: bool,
     #[command(flatten)]
     keystore: KeystoreArgs,
     #[command(flatten)]
@@ -581,7 +587,11 @@ async fn create(a: CreateArgs) -> Result<()> {
         size: a.size,
         sector_size: a.sector_size,
     };
-    let header = ops::create_volume(&a.file, &spec, new_key, &keys)
+    let opts = ops::CreateOptions {
+        preallocate: a.preallocate,
+        progress: true,
+    };
+    let header = ops::create_volume_with(&a.file, &spec, new_key, &keys, &opts)
         .await
         .with_context(|| format!("cannot create {}", a.file.display()))?;
     println!(
@@ -641,6 +651,29 @@ fn info(a: InfoArgs) -> Result<()> {
         "header:       primary {}, secondary {} (sequence {})",
         i.header.primary, i.header.secondary, i.sequence
     )?;
+    match &i.allocation {
+        Some(al) => {
+            let pct = if i.size == 0 {
+                0.0
+            } else {
+                al.allocated_bytes as f64 * 100.0 / i.size as f64
+            };
+            writeln!(
+                out,
+                "allocated:    {} ({} bytes, {pct:.1}%; {} of {} chunks of {} KiB)",
+                format_size(al.allocated_bytes),
+                al.allocated_bytes,
+                al.allocated_chunks,
+                al.chunks,
+                al.chunk_size / 1024
+            )?;
+            writeln!(out, "alloc map:    {}", al.map)?;
+        }
+        None => writeln!(
+            out,
+            "allocated:    everything (volume made before allocation maps; not thin)"
+        )?,
+    }
     writeln!(out, "keyslots:")?;
     for k in &i.keyslots {
         let id = if k.key_id.is_empty() {

@@ -108,6 +108,28 @@ pub async fn create_volume(
     key: NewKey<'_>,
     keys: &KeyOptions,
 ) -> Result<Header, OpsError> {
+    create_volume_with(path, spec, key, keys, &CreateOptions::default()).await
+}
+
+/// Extra choices of `cryptvol create`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CreateOptions {
+    /// Fill the whole data area with ciphertext (of zeros) and mark every chunk
+    /// allocated, so the file never shows which blocks were written. Costs the full
+    /// size in disk space and a write of the whole volume up front.
+    pub preallocate: bool,
+    /// Show a progress bar (else only log lines) while preallocating.
+    pub progress: bool,
+}
+
+/// [`create_volume`] with [`CreateOptions`]. A failed preallocation removes the file.
+pub async fn create_volume_with(
+    path: &Path,
+    spec: &VolumeSpec,
+    key: NewKey<'_>,
+    keys: &KeyOptions,
+    opts: &CreateOptions,
+) -> Result<Header, OpsError> {
     validate_spec(spec)?;
     if path.exists() {
         return Err(VolumeError::AlreadyExists {
@@ -127,7 +149,28 @@ pub async fn create_volume(
             (dek, wrapped)
         }
     };
-    Ok(volume::create(path, spec, uuid, vec![wrapped], &dek)?)
+    let header = volume::create(path, spec, uuid, vec![wrapped], &dek)?;
+    if opts.preallocate {
+        let result = (|| {
+            let vol = Volume::open(path, &header, dek, OpenOptions::default())?;
+            let progress = if opts.progress {
+                crate::progress::Progress::new(
+                    format!("preallocate {}", path.display()),
+                    header.size,
+                )
+            } else {
+                crate::progress::Progress::hidden(header.size)
+            };
+            vol.preallocate(&|done| progress.set_done(done))?;
+            progress.finish();
+            Ok::<(), VolumeError>(())
+        })();
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(path);
+            return Err(e.into());
+        }
+    }
+    Ok(header)
 }
 
 fn validate_spec(spec: &VolumeSpec) -> Result<(), VolumeError> {
@@ -412,6 +455,24 @@ pub struct VolumeInfo {
     pub sequence: u64,
     pub keyslots: Vec<KeyslotInfo>,
     pub header: HeaderHealthInfo,
+    /// The allocation map (thin volumes); `null` for volumes made before it existed
+    /// (everything allocated). Read from the file: on a served volume it reflects the
+    /// last flush.
+    pub allocation: Option<AllocationInfo>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct AllocationInfo {
+    pub chunk_size: u32,
+    pub chunks: u64,
+    pub allocated_chunks: u64,
+    pub allocated_bytes: u64,
+    /// "ok", or what is wrong with the map.
+    pub map: String,
+    pub map_healthy: bool,
+    pub map_pages: u64,
+    pub map_pages_one_copy_bad: u64,
+    pub map_pages_damaged: Vec<u64>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -437,10 +498,35 @@ fn copy_status(c: &CopyStatus) -> String {
     }
 }
 
-/// Describes a volume from its header alone (no key needed).
+/// Describes a volume from its header and allocation map (no key needed).
 pub fn info(path: &Path) -> Result<VolumeInfo, OpsError> {
     let (h, health) = volume::read_header(path)?;
+    let allocation = volume::map_summary(path, &h)?.map(|m| AllocationInfo {
+        chunk_size: m.chunk_size,
+        chunks: m.chunks,
+        allocated_chunks: m.allocated_chunks,
+        allocated_bytes: m.allocated_bytes,
+        map: if m.health.is_healthy() {
+            "ok".to_string()
+        } else if !m.health.pages_damaged.is_empty() {
+            format!(
+                "{} of {} pages damaged in both copies (treated as allocated; rewritten when the volume is next opened for writing)",
+                m.health.pages_damaged.len(),
+                m.health.pages
+            )
+        } else {
+            format!(
+                "{} of {} pages have one damaged copy (the other is used; repaired when the volume is next opened for writing)",
+                m.health.pages_one_copy_bad, m.health.pages
+            )
+        },
+        map_healthy: m.health.is_healthy(),
+        map_pages: m.health.pages,
+        map_pages_one_copy_bad: m.health.pages_one_copy_bad,
+        map_pages_damaged: m.health.pages_damaged,
+    });
     Ok(VolumeInfo {
+        allocation,
         path: path.display().to_string(),
         format_version: h.format_version,
         uuid: h.uuid.to_string(),

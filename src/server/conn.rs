@@ -494,8 +494,17 @@ impl Conn {
                 .discard(offset, u64::from(len))
                 .and_then(|()| if fua { vol.flush() } else { Ok(()) }),
             ValidRequest::WriteZeroes {
-                offset, len, fua, ..
+                offset,
+                len,
+                fua,
+                no_hole: false,
             } => vol.write_zeroes(offset, u64::from(len), fua),
+            ValidRequest::WriteZeroes {
+                offset,
+                len,
+                fua,
+                no_hole: true,
+            } => vol.write_zeroes_no_hole(offset, u64::from(len), fua),
             ValidRequest::Cache { .. } | ValidRequest::Disc => Ok(()),
         };
         let errno = result.err().map(|e| {

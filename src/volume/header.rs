@@ -21,6 +21,7 @@ use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use super::alloc::{self, MapLayout};
 use super::{VolumeError, VolumeSpec, CIPHER, DEFAULT_DATA_OFFSET};
 use crate::crypto::{CryptoError, Dek, DEK_LEN};
 use crate::keys::{EncryptionContext, WrappedDek};
@@ -42,7 +43,7 @@ pub const MAGIC_PRIMARY: [u8; 8] = *b"CRYPTVOL";
 /// Magic of the secondary copy (the primary's, reversed).
 pub const MAGIC_SECONDARY: [u8; 8] = *b"LOVTPYRC";
 /// Required features this version understands (none yet).
-pub const KNOWN_REQUIRED_FEATURES: &[&str] = &[];
+pub const KNOWN_REQUIRED_FEATURES: &[&str] = &[alloc::FEATURE];
 
 const COPY_LEN: usize = HEADER_COPY_SIZE as usize;
 const CSUM_ALG_SHA256: u8 = 1;
@@ -110,6 +111,10 @@ pub struct Header {
     pub required_features: Vec<String>,
     /// Features a reader may ignore (kept verbatim, covered by the MAC).
     pub compatible_features: Vec<String>,
+    /// Where the allocation map lives (thin volumes; required feature
+    /// `allocation-map`). `None` for volumes made before it existed: everything
+    /// is then treated as allocated.
+    pub allocation_map: Option<MapLayout>,
     /// HMAC-SHA256(HKDF(DEK, "cryptvol kcv"), uuid): tells a wrong key apart.
     pub key_check: [u8; 32],
     /// HMAC-SHA256(HKDF(DEK, "cryptvol header mac"), covered fields).
@@ -152,6 +157,14 @@ impl Header {
             m.bytes(&slot.blob);
             m.map(&slot.context.0);
             m.map(&slot.params);
+        }
+        if let Some(map) = &self.allocation_map {
+            m.str(alloc::FEATURE);
+            m.u32(map.chunk_size);
+            m.u32(alloc::PAGE_SIZE as u32);
+            m.u64(map.pages);
+            m.u64(map.copy_offsets[0]);
+            m.u64(map.copy_offsets[1]);
         }
         m.0
     }
@@ -206,6 +219,19 @@ impl Header {
         }
         if self.keyslots.iter().any(|k| k.backend.is_empty()) {
             return Err("a keyslot has an empty backend name".into());
+        }
+        let announced = self.required_features.iter().any(|f| f == alloc::FEATURE);
+        match &self.allocation_map {
+            Some(map) if announced => {
+                map.validate(self.size, self.sector_size, self.data_offset)?;
+            }
+            None if !announced => {}
+            _ => {
+                return Err(format!(
+                    "the allocation map and the required feature {:?} must come together",
+                    alloc::FEATURE
+                ))
+            }
         }
         Ok(())
     }
@@ -289,12 +315,22 @@ fn compute_mac(dek: &Dek, header: &Header) -> Result<[u8; 32], VolumeError> {
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct MetaV1 {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    allocation_map: Option<MapV1>,
     compatible_features: Vec<String>,
     header_mac: String,
     key_check: String,
     keyslots: Vec<SlotV1>,
     required_features: Vec<String>,
     volume: VolumeV1,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MapV1 {
+    chunk_size: u32,
+    copy_offsets: [u64; 2],
+    page_size: u32,
+    pages: u64,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -319,6 +355,12 @@ struct SlotV1 {
 
 fn encode_metadata(h: &Header) -> Result<Vec<u8>, String> {
     let meta = MetaV1 {
+        allocation_map: h.allocation_map.map(|m| MapV1 {
+            chunk_size: m.chunk_size,
+            copy_offsets: m.copy_offsets,
+            page_size: alloc::PAGE_SIZE as u32,
+            pages: m.pages,
+        }),
         compatible_features: h.compatible_features.clone(),
         header_mac: B64.encode(h.header_mac),
         key_check: B64.encode(h.key_check),
@@ -379,6 +421,21 @@ fn decode_metadata(json: &[u8], sequence: u64, uuid: uuid::Uuid) -> Result<Heade
             m.volume.key_bytes
         ));
     }
+    let allocation_map = match &m.allocation_map {
+        Some(map) if map.page_size as usize != alloc::PAGE_SIZE => {
+            return Err(format!(
+                "allocation map page size {} (this cryptvol knows {})",
+                map.page_size,
+                alloc::PAGE_SIZE
+            ))
+        }
+        Some(map) => Some(MapLayout {
+            chunk_size: map.chunk_size,
+            pages: map.pages,
+            copy_offsets: map.copy_offsets,
+        }),
+        None => None,
+    };
     let mut keyslots = Vec::with_capacity(m.keyslots.len());
     for (i, s) in m.keyslots.into_iter().enumerate() {
         let blob = B64
@@ -404,6 +461,7 @@ fn decode_metadata(json: &[u8], sequence: u64, uuid: uuid::Uuid) -> Result<Heade
         iv_unit: m.volume.iv_unit,
         required_features: m.required_features,
         compatible_features: m.compatible_features,
+        allocation_map,
         key_check: decode_b64_32("key_check", &m.key_check)?,
         header_mac: decode_b64_32("header_mac", &m.header_mac)?,
     })
@@ -770,18 +828,20 @@ pub fn create(
             sector_size: spec.sector_size,
         });
     }
+    let (layout, data_offset) = MapLayout::for_size(spec.size);
     let mut header = Header {
         format_version: FORMAT_VERSION,
         sequence: 1,
         uuid,
         size: spec.size,
         sector_size: spec.sector_size,
-        data_offset: DEFAULT_DATA_OFFSET,
+        data_offset,
         cipher: CIPHER.to_string(),
         keyslots,
         iv_unit: spec.sector_size,
-        required_features: Vec::new(),
+        required_features: vec![alloc::FEATURE.to_string()],
         compatible_features: Vec::new(),
+        allocation_map: Some(layout),
         key_check: compute_kcv(dek, &uuid)?,
         header_mac: [0u8; 32],
     };
@@ -808,6 +868,7 @@ pub fn create(
     let result = (|| -> std::io::Result<()> {
         file.write_all_at(&primary, 0)?;
         file.write_all_at(&secondary, HEADER_COPY_SIZE)?;
+        alloc::write_initial(&file, &layout, &uuid)?;
         file.set_len(header.data_offset + header.size)?;
         file.sync_all()?;
         sync_parent_dir(path)
@@ -982,6 +1043,64 @@ pub(crate) mod tests {
         let spec = VolumeSpec { size, sector_size };
         let h = create(&path, &spec, uuid, vec![dummy_slot(&uuid, "a")], &dek).expect("create");
         (path, h, dek)
+    }
+
+    /// A volume as cryptvol made them before the allocation map existed (no map, no
+    /// feature): every block is treated as allocated.
+    pub(crate) fn new_legacy_volume(
+        dir: &Path,
+        size: u64,
+        sector_size: u32,
+    ) -> (PathBuf, Header, Dek) {
+        let (path, mut h, dek) = new_volume(dir, size, sector_size);
+        h.allocation_map = None;
+        h.required_features.clear();
+        assert_eq!(
+            h.data_offset, DEFAULT_DATA_OFFSET,
+            "legacy layout needs the default offset"
+        );
+        write_header(&path, &mut h, &dek).expect("rewrite header without the map");
+        (path, h, dek)
+    }
+
+    #[test]
+    fn legacy_volume_without_map_still_opens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, h, dek) = new_legacy_volume(dir.path(), 1 << 20, 4096);
+        let (back, _) = read_header(&path).expect("read");
+        assert!(back.allocation_map.is_none() && back.required_features.is_empty());
+        back.verify_with_dek(&dek, &path)
+            .expect("MAC without map fields");
+        assert_eq!(back.header_mac, h.header_mac);
+    }
+
+    #[test]
+    fn map_and_feature_must_come_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, h, dek) = new_volume(dir.path(), 1 << 20, 4096);
+        assert!(h.allocation_map.is_some());
+        assert_eq!(h.required_features, vec!["allocation-map".to_string()]);
+        let mut t = h.clone();
+        t.required_features.clear();
+        assert!(matches!(
+            write_header(&path, &mut t, &dek),
+            Err(VolumeError::InvalidHeader { .. })
+        ));
+        let mut t = h.clone();
+        t.allocation_map = None;
+        assert!(matches!(
+            write_header(&path, &mut t, &dek),
+            Err(VolumeError::InvalidHeader { .. })
+        ));
+        // Tampering with the map layout is caught by the MAC.
+        let mut t = h.clone();
+        if let Some(m) = t.allocation_map.as_mut() {
+            m.copy_offsets.swap(0, 1);
+        }
+        assert!(matches!(
+            t.verify_with_dek(&dek, &path),
+            Err(VolumeError::HeaderMacMismatch { .. })
+        ));
     }
 
     fn read_copy(path: &Path, index: usize) -> Vec<u8> {
@@ -1498,7 +1617,8 @@ pub(crate) mod tests {
         lp(&mut m, b"aes-xts-plain64");
         m.extend_from_slice(&64u32.to_le_bytes());
         m.extend_from_slice(&512u32.to_le_bytes());
-        m.extend_from_slice(&0u32.to_le_bytes()); // required_features
+        m.extend_from_slice(&1u32.to_le_bytes()); // required_features: one
+        lp(&mut m, b"allocation-map");
         m.extend_from_slice(&0u32.to_le_bytes()); // compatible_features
         m.extend_from_slice(&1u32.to_le_bytes()); // one keyslot
         let slot = &h.keyslots[0];
@@ -1511,6 +1631,13 @@ pub(crate) mod tests {
         m.extend_from_slice(&1u32.to_le_bytes());
         lp(&mut m, b"tag");
         lp(&mut m, b"a");
+        // The allocation map layout (present with the allocation-map feature).
+        lp(&mut m, b"allocation-map");
+        m.extend_from_slice(&65536u32.to_le_bytes()); // chunk size
+        m.extend_from_slice(&4096u32.to_le_bytes()); // page size
+        m.extend_from_slice(&1u64.to_le_bytes()); // pages per copy
+        m.extend_from_slice(&131072u64.to_le_bytes()); // copy 0
+        m.extend_from_slice(&(131072u64 + 4096).to_le_bytes()); // copy 1
         assert_eq!(h.mac_input(), m);
         assert_eq!(hmac(&derive(b"cryptvol header mac"), &m), h.header_mac);
     }

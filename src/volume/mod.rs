@@ -2,11 +2,13 @@
 //! backing-file I/O with sector arithmetic and read-modify-write.
 //! Knows nothing about NBD or key backends beyond the [`WrappedDek`] it stores.
 
+mod alloc;
 mod header;
 mod io;
 mod rangelock;
 mod sectors;
 
+pub use alloc::{MapHealth, MapLayout, MapSummary, CHUNKS_PER_PAGE, DEFAULT_CHUNK_SIZE};
 pub use header::{
     create, read_header, write_header, CopyStatus, Header, HeaderHealth, FORMAT_VERSION,
     HEADER_COPY_SIZE, KNOWN_REQUIRED_FEATURES, MAX_KEYSLOTS,
@@ -41,6 +43,26 @@ pub fn crash_point(step: &str) {
 pub fn crash_point_active(step: &str) -> bool {
     std::env::var_os("CRYPTVOL_FAULT_INJECTION").is_some_and(|v| v == "1")
         && std::env::var_os("CRYPTVOL_TEST_CRASH_AT").is_some_and(|s| s == step)
+}
+
+/// Reads the allocation map of the volume at `path` (whose header is `header`)
+/// without its key: allocated bytes and the map's health, for `cryptvol info`.
+/// `None` for volumes without a map.
+pub fn map_summary(
+    path: &std::path::Path,
+    header: &Header,
+) -> Result<Option<MapSummary>, VolumeError> {
+    let Some(layout) = &header.allocation_map else {
+        return Ok(None);
+    };
+    let io = |source| VolumeError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    alloc::summarize(&file, layout, &header.uuid, header.size)
+        .map(Some)
+        .map_err(io)
 }
 
 /// Default XTS data unit / logical sector size.
