@@ -157,6 +157,11 @@ struct CreateArgs {
     /// blocks read as zeros and take no space.
     #[arg(long)]
     preallocate: bool,
+    /// Make a volume without an allocation map, in the original format that cryptvol
+    /// before thin volumes can open (never-written blocks then read as random bytes, not
+    /// zeros, and block status reports no holes). For compatibility and benchmarking.
+    #[arg(long, hide_short_help = true)]
+    no_allocation_map: bool,
     #[command(flatten)]
     keystore: KeystoreArgs,
     #[command(flatten)]
@@ -590,6 +595,7 @@ async fn create(a: CreateArgs) -> Result<()> {
     let opts = ops::CreateOptions {
         preallocate: a.preallocate,
         progress: true,
+        no_allocation_map: a.no_allocation_map,
     };
     let header = ops::create_volume_with(&a.file, &spec, new_key, &keys, &opts)
         .await

@@ -120,6 +120,9 @@ pub struct CreateOptions {
     pub preallocate: bool,
     /// Show a progress bar (else only log lines) while preallocating.
     pub progress: bool,
+    /// Make a volume without an allocation map (the original v1 layout, readable by
+    /// cryptvol before 0.2; never-written blocks read as pseudo-random bytes).
+    pub no_allocation_map: bool,
 }
 
 /// [`create_volume`] with [`CreateOptions`]. A failed preallocation removes the file.
@@ -149,7 +152,14 @@ pub async fn create_volume_with(
             (dek, wrapped)
         }
     };
-    let header = volume::create(path, spec, uuid, vec![wrapped], &dek)?;
+    let header = volume::create_with(
+        path,
+        spec,
+        uuid,
+        vec![wrapped],
+        &dek,
+        !opts.no_allocation_map,
+    )?;
     if opts.preallocate {
         let result = (|| {
             let vol = Volume::open(path, &header, dek, OpenOptions::default())?;

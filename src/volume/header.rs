@@ -809,14 +809,29 @@ pub(crate) fn check_file_uuid(
     Ok(())
 }
 
-/// Creates a new volume file (refusing to overwrite) with the given keyslots; the
-/// key check value and MAC are computed from `dek`. The data area is left sparse.
+/// Creates a new thin volume file (refusing to overwrite) with the given keyslots; the
+/// key check value and MAC are computed from `dek`. The data area is left sparse and
+/// the allocation map empty: the volume reads as zeros.
 pub fn create(
     path: &Path,
     spec: &VolumeSpec,
     uuid: uuid::Uuid,
     keyslots: Vec<WrappedDek>,
     dek: &Dek,
+) -> Result<Header, VolumeError> {
+    create_with(path, spec, uuid, keyslots, dek, true)
+}
+
+/// [`create`], choosing whether the volume gets an allocation map. Without one
+/// (`thin = false`) the volume has the original v1 layout that cryptvol versions
+/// before the map can open, and its never-written blocks read as pseudo-random bytes.
+pub fn create_with(
+    path: &Path,
+    spec: &VolumeSpec,
+    uuid: uuid::Uuid,
+    keyslots: Vec<WrappedDek>,
+    dek: &Dek,
+    thin: bool,
 ) -> Result<Header, VolumeError> {
     let p = || path.display().to_string();
     if spec.sector_size != 512 && spec.sector_size != 4096 {
@@ -828,7 +843,12 @@ pub fn create(
             sector_size: spec.sector_size,
         });
     }
-    let (layout, data_offset) = MapLayout::for_size(spec.size);
+    let (layout, data_offset) = if thin {
+        let (l, off) = MapLayout::for_size(spec.size);
+        (Some(l), off)
+    } else {
+        (None, DEFAULT_DATA_OFFSET)
+    };
     let mut header = Header {
         format_version: FORMAT_VERSION,
         sequence: 1,
@@ -839,9 +859,12 @@ pub fn create(
         cipher: CIPHER.to_string(),
         keyslots,
         iv_unit: spec.sector_size,
-        required_features: vec![alloc::FEATURE.to_string()],
+        required_features: layout
+            .map(|_| alloc::FEATURE.to_string())
+            .into_iter()
+            .collect(),
         compatible_features: Vec::new(),
-        allocation_map: Some(layout),
+        allocation_map: layout,
         key_check: compute_kcv(dek, &uuid)?,
         header_mac: [0u8; 32],
     };
@@ -868,7 +891,9 @@ pub fn create(
     let result = (|| -> std::io::Result<()> {
         file.write_all_at(&primary, 0)?;
         file.write_all_at(&secondary, HEADER_COPY_SIZE)?;
-        alloc::write_initial(&file, &layout, &uuid)?;
+        if let Some(layout) = &layout {
+            alloc::write_initial(&file, layout, &uuid)?;
+        }
         file.set_len(header.data_offset + header.size)?;
         file.sync_all()?;
         sync_parent_dir(path)

@@ -10,8 +10,8 @@ mod sectors;
 
 pub use alloc::{MapHealth, MapLayout, MapSummary, CHUNKS_PER_PAGE, DEFAULT_CHUNK_SIZE};
 pub use header::{
-    create, read_header, write_header, CopyStatus, Header, HeaderHealth, FORMAT_VERSION,
-    HEADER_COPY_SIZE, KNOWN_REQUIRED_FEATURES, MAX_KEYSLOTS,
+    create, create_with, read_header, write_header, CopyStatus, Header, HeaderHealth,
+    FORMAT_VERSION, HEADER_COPY_SIZE, KNOWN_REQUIRED_FEATURES, MAX_KEYSLOTS,
 };
 pub use io::{OpenOptions, Volume, WRITE_CHUNK};
 

@@ -97,6 +97,17 @@ impl Env {
     }
     /// Like [`Env::serve`], on a given Unix socket path.
     pub fn serve_on(&self, sock: &Path, volumes: &[&str], extra: &[&str], tcp: bool) -> Server {
+        self.serve_env(sock, volumes, extra, tcp, &[])
+    }
+    /// Like [`Env::serve_on`], with extra environment variables for the server.
+    pub fn serve_env(
+        &self,
+        sock: &Path,
+        volumes: &[&str],
+        extra: &[&str],
+        tcp: bool,
+        envs: &[(&str, &str)],
+    ) -> Server {
         let sock = sock.to_path_buf();
         let port = if tcp { Some(free_port()) } else { None };
         let log = self.path(&format!("serve-{}.log", rand_suffix()));
@@ -106,6 +117,7 @@ impl Env {
             c.args(["--tcp", &format!("127.0.0.1:{p}")]);
         }
         c.args(extra).args(volumes);
+        c.envs(envs.iter().copied());
         let logf = std::fs::File::create(&log).expect("log file");
         c.stdout(Stdio::null()).stderr(logf);
         let child = c.spawn().expect("spawn cryptvol serve");
