@@ -329,6 +329,15 @@ impl Conn {
                 // the volume and its key schedules) before the connection is reported
                 // finished, so that shutdown really drops every volume.
                 let done = c.thread_exit_take();
+                if done.is_some() && !c.volume.read_only() {
+                    // The connection is over: make the allocation map of its writes
+                    // durable now rather than at the next flush (clients such as
+                    // nbdcopy disconnect without flushing; data they wrote must not
+                    // vanish if the server is killed later).
+                    if let Err(e) = c.volume.persist_map() {
+                        tracing::warn!(conn = c.id, "writing the allocation map failed: {e}");
+                    }
+                }
                 drop(c);
                 if let Some(tx) = done {
                     let _ = tx.send(());

@@ -111,12 +111,14 @@ pub async fn serve(
     for l in listeners {
         tasks.spawn(listen::accept_loop(l, shared.clone()));
     }
+    let writeback = tokio::spawn(map_writeback(shared.clone()));
     while let Some(res) = tasks.join_next().await {
         if let Err(e) = res {
             tracing::error!("listener task failed: {e}");
         }
     }
     // Every accept loop waits for its connections before returning; make everything durable.
+    writeback.abort();
     for e in shared.exports.iter() {
         let vol = e.volume.clone();
         let name = e.info.name.clone();
@@ -130,6 +132,37 @@ pub async fn serve(
 }
 
 /// A fresh shutdown handle.
+/// How often changed allocation maps are written back when no client flushes.
+const MAP_WRITEBACK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Every second, persists the allocation map of each export that has unpersisted
+/// changes (a flush: data first, then the map), like a filesystem's commit interval.
+/// Without it, chunks first written by a client that never flushes would read as
+/// zeros again after a crash of the daemon, even though their data reached the file.
+async fn map_writeback(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(MAP_WRITEBACK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for e in shared.exports.iter() {
+            if !e.volume.map_dirty() {
+                continue;
+            }
+            let vol = e.volume.clone();
+            let name = e.info.name.clone();
+            match tokio::task::spawn_blocking(move || vol.persist_map()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(export = %name, "allocation map writeback failed: {err}")
+                }
+                Err(err) => {
+                    tracing::warn!(export = %name, "allocation map writeback task failed: {err}")
+                }
+            }
+        }
+    }
+}
+
 pub fn shutdown_handle() -> ShutdownHandle {
     let (tx, _rx) = watch::channel(false);
     ShutdownHandle(Arc::new(tx))

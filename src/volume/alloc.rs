@@ -504,6 +504,11 @@ impl AllocMap {
         }
     }
 
+    /// Whether changes wait to be persisted.
+    pub fn is_dirty(&self) -> bool {
+        !lock(&self.pending).is_empty() || !lock(&self.durable).dirty.is_empty()
+    }
+
     /// Number of allocated chunks and bytes right now.
     pub fn allocated(&self, size: u64) -> (u64, u64) {
         let words: Vec<u64> = self

@@ -588,6 +588,22 @@ impl Volume {
             .collect())
     }
 
+    /// Whether the allocation map has changes not yet on disk.
+    pub fn map_dirty(&self) -> bool {
+        self.map.as_ref().is_some_and(AllocMap::is_dirty)
+    }
+
+    /// Makes the allocation map durable if it has changes (with the data it points
+    /// to, as [`Volume::flush`] does); a no-op otherwise. The server calls it when a
+    /// connection ends and every second, so that writes to new chunks do not stay
+    /// invisible-after-a-crash for long even if the client never flushes.
+    pub fn persist_map(&self) -> Result<(), VolumeError> {
+        if self.read_only || !self.map_dirty() {
+            return Ok(());
+        }
+        self.flush()
+    }
+
     /// Makes every completed write durable (fdatasync), then the allocation map that
     /// points to it: an acknowledged flush covers both.
     pub fn flush(&self) -> Result<(), VolumeError> {
