@@ -575,6 +575,8 @@ impl AllocMap {
             let bytes = encode_page(&self.uuid, page, copy, seq, words);
             let off = self.layout.page_offset(copy, page);
             if super::crash_point_active("alloc-map-page-torn") {
+                // Tear the page first (a half-written copy), then maybe crash; if the
+                // crash point lets this hit through, the full write below repairs it.
                 let _ = file.write_all_at(&bytes[..PAGE_SIZE / 2], off);
                 let _ = file.sync_data();
                 super::crash_point("alloc-map-page-torn");

@@ -31,8 +31,19 @@ pub struct Extent {
 /// `CRYPTVOL_TEST_CRASH_AT=<step>` are set in the environment and `step` is the one
 /// named: the process then kills itself with SIGKILL on the spot (no destructors, no
 /// flushing), as `kill -9` at that instant would. Steps are listed in docs/keys.md.
+///
+/// With `CRYPTVOL_TEST_CRASH_SKIP=<n>` also set, the first `n` times the step is
+/// reached are let through (to crash in the middle of a workload, not at its start).
 pub fn crash_point(step: &str) {
+    static HITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     if crash_point_active(step) {
+        let skip = std::env::var("CRYPTVOL_TEST_CRASH_SKIP")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        if HITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < skip {
+            return;
+        }
         eprintln!("cryptvol: fault injection: killing the process at step {step}");
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
         std::process::abort();
