@@ -12,12 +12,16 @@ pub enum DataKind {
     Empty,
     /// Only zero bytes (or holes).
     Zeros,
-    Qcow2 { version: u32 },
+    Qcow2 {
+        version: u32,
+    },
     Vmdk,
     Vhdx,
     Vhd,
     Vdi,
-    Luks { version: u16 },
+    Luks {
+        version: u16,
+    },
     Gpt,
     Mbr,
     /// ext2, ext3 or ext4 (the number).
@@ -223,7 +227,10 @@ mod tests {
     fn image_formats() {
         let q = with(512, &[(0, b"QFI\xfb\0\0\0\x03")]);
         assert_eq!(detect(&q), Some(DataKind::Qcow2 { version: 3 }));
-        assert_eq!(detect(&with(512, &[(0, b"vhdxfile")])), Some(DataKind::Vhdx));
+        assert_eq!(
+            detect(&with(512, &[(0, b"vhdxfile")])),
+            Some(DataKind::Vhdx)
+        );
         assert_eq!(detect(&with(512, &[(0, b"KDMV")])), Some(DataKind::Vmdk));
         assert_eq!(
             detect(&with(512, &[(0, b"# Disk DescriptorFile\n")])),
@@ -242,7 +249,10 @@ mod tests {
 
     #[test]
     fn partition_tables() {
-        let gpt = with(1024, &[(510, &[0x55, 0xaa]), (450, &[0xee]), (512, b"EFI PART")]);
+        let gpt = with(
+            1024,
+            &[(510, &[0x55, 0xaa]), (450, &[0xee]), (512, b"EFI PART")],
+        );
         assert_eq!(detect(&gpt), Some(DataKind::Gpt));
         let gpt4k = with(8192, &[(4096, b"EFI PART")]);
         assert_eq!(detect(&gpt4k), Some(DataKind::Gpt));
@@ -275,7 +285,10 @@ mod tests {
         assert_eq!(detect(&ext(0, 0)), Some(DataKind::Ext(2)));
         assert_eq!(detect(&ext(4, 0)), Some(DataKind::Ext(3)));
         assert_eq!(detect(&ext(4, 0x2c2)), Some(DataKind::Ext(4)));
-        assert_eq!(detect(&with(512, &[(3, b"NTFS    ")])), Some(DataKind::Ntfs));
+        assert_eq!(
+            detect(&with(512, &[(3, b"NTFS    ")])),
+            Some(DataKind::Ntfs)
+        );
         assert_eq!(
             detect(&with(512, &[(0x52, b"FAT32   "), (510, &[0x55, 0xaa])])),
             Some(DataKind::Fat)

@@ -594,7 +594,7 @@ fn rotation_findings(
             i,
             format!(
                 "keyslot {i} ({label}): the master key's newest material (version {}) is \
-                 {age_days} day(s) old, at least the {days} day(s) allowed; {fix}",
+                 {age_days} day(s) old; it must be rotated every {days} day(s); {fix}",
                 r.versions
             ),
         ));
@@ -647,7 +647,12 @@ fn key_choice_findings(
 /// a fraction of a second) to Unix seconds. `None` for anything else.
 pub fn parse_rfc3339_utc(s: &str) -> Option<u64> {
     let b = s.as_bytes();
-    if !s.is_ascii() || b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't') {
+    if !s.is_ascii()
+        || b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't')
+    {
         return None;
     }
     if b[13] != b':' || b[16] != b':' {
@@ -680,8 +685,21 @@ pub fn parse_rfc3339_utc(s: &str) -> Option<u64> {
     if year < 1970 || !(1..=12).contains(&month) || hour > 23 || min > 59 || sec > 60 {
         return None;
     }
-    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
-    let month_len = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    let leap = is_leap(year);
+    let month_len = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
     if day < 1 || day > month_len[(month - 1) as usize] {
         return None;
     }
@@ -689,9 +707,12 @@ pub fn parse_rfc3339_utc(s: &str) -> Option<u64> {
     Some(days * SECS_PER_DAY + hour * 3600 + min * 60 + sec)
 }
 
+fn is_leap(y: u64) -> bool {
+    (y.is_multiple_of(4) && !y.is_multiple_of(100)) || y.is_multiple_of(400)
+}
+
 /// Days from 1970-01-01 to the given date (proleptic Gregorian, year ≥ 1970).
 fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
-    let is_leap = |y: u64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
     let mut days = 0;
     for y in 1970..year {
         days += if is_leap(y) { 366 } else { 365 };
@@ -786,7 +807,11 @@ mod tests {
 
     #[test]
     fn foreign_data_is_not_a_volume() {
-        for kind in [DataKind::Qcow2 { version: 3 }, DataKind::Empty, DataKind::Zeros] {
+        for kind in [
+            DataKind::Qcow2 { version: 3 },
+            DataKind::Empty,
+            DataKind::Zeros,
+        ] {
             let (v, f) = evaluate(&Subject::Foreign(kind.clone()), &Policy::default(), NOW);
             assert_eq!(v, Verdict::NonCompliant);
             assert_eq!(f.len(), 1);
@@ -837,7 +862,10 @@ mod tests {
         }
         // Only one bad slot among good ones still counts.
         let (v, codes) = eval(
-            vol(vec![good(), local("mk-b", KeyFacts::Missing("gone".into()))]),
+            vol(vec![
+                good(),
+                local("mk-b", KeyFacts::Missing("gone".into())),
+            ]),
             &Policy::default(),
         );
         assert_eq!((v, codes), (Verdict::NonCompliant, vec![Code::KeyMissing]));
@@ -989,7 +1017,10 @@ mod tests {
     #[test]
     fn passphrase_only() {
         let (v, codes) = eval(vol(vec![pass(), pass()]), &Policy::default());
-        assert_eq!((v, codes), (Verdict::NonCompliant, vec![Code::PassphraseOnly]));
+        assert_eq!(
+            (v, codes),
+            (Verdict::NonCompliant, vec![Code::PassphraseOnly])
+        );
         // With a required key, it also says that no slot uses it.
         let p = Policy {
             required_keys: vec![ident(LOCAL, "mk-a", "alias/a")],

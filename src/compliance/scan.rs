@@ -139,7 +139,10 @@ impl Scanner {
             KeyRef::Exec { name, key } => {
                 let ks = LocalKeystore::open(&self.keystore_dir, false)?;
                 let backend = ks.exec_backend(&name)?;
-                Ok(ident(EXEC, backend.describe_key(key.as_deref()).await?.key_id))
+                Ok(ident(
+                    EXEC,
+                    backend.describe_key(key.as_deref()).await?.key_id,
+                ))
             }
         }
     }
@@ -190,11 +193,7 @@ impl Scanner {
     }
 
     /// Scans every path (directories recursively) and calls `emit` for each item.
-    pub async fn scan(
-        &mut self,
-        paths: &[PathBuf],
-        emit: &mut dyn FnMut(&ItemReport),
-    ) -> Summary {
+    pub async fn scan(&mut self, paths: &[PathBuf], emit: &mut dyn FnMut(&ItemReport)) -> Summary {
         let keystore_id = std::fs::metadata(&self.keystore_dir)
             .ok()
             .map(|m| (m.dev(), m.ino()));
@@ -522,7 +521,10 @@ fn walk(
     let rd = match std::fs::read_dir(path) {
         Ok(rd) => rd,
         Err(e) => {
-            out.push(Entry::Unreadable(p, format!("cannot list the directory: {e}")));
+            out.push(Entry::Unreadable(
+                p,
+                format!("cannot list the directory: {e}"),
+            ));
             return;
         }
     };
