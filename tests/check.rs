@@ -186,7 +186,10 @@ fn a_fleet_is_checked_case_by_case() {
     drop(file);
 
     let before = fingerprints(&fleet);
+    let keystore_before = fingerprints(&env.keystore());
     let (status, r, stderr) = check(&env, &[s(&fleet)]);
+    // Describe calls only: no key file, alias table or audit record changed.
+    assert_eq!(fingerprints(&env.keystore()), keystore_before);
     assert_eq!(status, 1, "{stderr}");
     assert!(stderr.contains("non-compliant"), "{stderr}");
     let expect: &[(&str, &str, &[&str])] = &[
