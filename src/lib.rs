@@ -8,11 +8,13 @@
 //! - [`keys`]: the `KeyBackend` trait and its backends.
 //! - [`ops`]: volume lifecycle operations composed from the layers above (create, open, info).
 //! - [`progress`]: progress bars / periodic log lines for long operations.
+//! - [`compliance`]: `cryptvol check`, the compliance scanner (headers and key metadata only).
 //! - [`config`]: the `serve` configuration file and how it combines with the command line.
 //! - [`cli`]: the thin clap front end.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod cli;
+pub mod compliance;
 pub mod config;
 pub mod crypto;
 pub mod keys;
