@@ -987,6 +987,7 @@ mod tests {
             iv_unit: 4096,
             required_features: Vec::new(),
             compatible_features: Vec::new(),
+            allocation_map: None,
             key_check: [0; 32],
             header_mac: [0; 32],
         };
