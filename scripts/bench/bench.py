@@ -1,6 +1,8 @@
 #!/usr/bin/python3
 """Side-by-side NBD benchmark: cryptvol against plain nbdkit, nbdkit's LUKS filter and
-qemu-nbd over LUKS, with the same fio jobs over Unix sockets.
+qemu-nbd over LUKS, with the same fio jobs over Unix sockets; and cryptvol's thin volumes
+against a volume without an allocation map (cryptvol-nomap) and on never-written volumes
+(cryptvol-fresh: first writes, write amplification).
 
 Run through scripts/bench.sh (which installs the peers and builds the release binary);
 `scripts/bench.sh --help` lists the options. Standard library only; the chart uses
@@ -59,8 +61,19 @@ QEMU_VARIANTS = {
     "qemu-nbd-writeback-threads": ["--cache=writeback", "--aio=threads"],
     "qemu-nbd-writeback-io_uring": ["--cache=writeback", "--aio=io_uring"],
 }
-DEFAULT_SERVERS = ["cryptvol", "nbdkit-file", "nbdkit-luks", "qemu-nbd"]
-ALL_SERVERS = ["cryptvol", "nbdkit-file", "nbdkit-luks"] + list(QEMU_VARIANTS)
+# cryptvol's own variants (docs/performance.md, "Thin volumes"):
+# - cryptvol-nomap: a volume made with `create --no-allocation-map` (the layout before thin
+#   volumes), prefilled and served like `cryptvol`: the baseline for "no regression after
+#   the first write to each chunk";
+# - cryptvol-fresh: the first-write cost. Only the write jobs, each on a new, never-written
+#   thin volume of --fresh-size (64 GiB), so nearly every 4 KiB write allocates a chunk.
+CRYPTVOL_VARIANTS = ["cryptvol-nomap", "cryptvol-fresh"]
+DEFAULT_SERVERS = ["cryptvol"] + CRYPTVOL_VARIANTS + ["nbdkit-file", "nbdkit-luks", "qemu-nbd"]
+ALL_SERVERS = ["cryptvol"] + CRYPTVOL_VARIANTS + ["nbdkit-file", "nbdkit-luks"] + list(
+    QEMU_VARIANTS
+)
+# Allocation-map chunk (docs/format.md section 7a): a first write to a chunk writes all of it.
+CHUNK = 64 << 10
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -83,6 +96,10 @@ def parse_size(s):
     if n < 64 * MIB or n % MIB:
         raise argparse.ArgumentTypeError(f"size {s!r}: use a multiple of 1M, at least 64M")
     return n
+
+
+def bs_bytes(bs):
+    return int(bs[:-1]) * {"k": 1 << 10, "m": MIB}[bs[-1]]
 
 
 def parse_list(s, known, aliases=None, what="item"):
@@ -123,6 +140,8 @@ def parse_args(argv):
     p.add_argument("--no-xts", dest="xts", action="store_false")
     p.add_argument("--no-chart", action="store_true")
     p.add_argument("--keep-work", action="store_true")
+    p.add_argument("--fresh-size", type=parse_size, default=None)
+    p.add_argument("--fresh-max", type=parse_size, default=None)
     a = p.parse_args(argv)
     try:
         a.jobs = parse_list(a.jobs, [j[0] for j in JOBS], JOB_ALIASES, "job") if a.jobs else [
@@ -142,6 +161,10 @@ def parse_args(argv):
     if a.runtime < 1 or a.repeat < 1 or a.ramp < 0:
         p.error("--runtime and --repeat must be at least 1, --ramp at least 0")
     a.out = os.path.abspath(a.out or os.path.join(a.repo, "bench", "results"))
+    a.fresh_size = a.fresh_size or 64 * GIB
+    a.fresh_max = a.fresh_max or (512 * MIB if a.quick else 2 * GIB)
+    if a.fresh_max > a.fresh_size:
+        p.error("--fresh-max must not exceed --fresh-size")
     return a
 
 
@@ -286,6 +309,20 @@ class Server:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.sock)
 
+    def kill(self):
+        """SIGKILL: for a throwaway volume whose dirty pages need not reach the disk
+        (SIGTERM would make the server flush them first)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self in Server.live:
+            Server.live.remove(self)
+        self.proc = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.sock)
+
     @classmethod
     def stop_all(cls):
         for s in list(cls.live):
@@ -312,6 +349,8 @@ class Work:
         os.makedirs(root, exist_ok=True)
         self.keystore = os.path.join(root, "keystore")
         self.vol = os.path.join(root, "vol.img")
+        self.vol_nomap = os.path.join(root, "vol-nomap.img")
+        self.vol_fresh = os.path.join(root, "vol-fresh.img")
         self.plain = os.path.join(root, "plain.img")
         self.luks = os.path.join(root, "luks.img")
         self.passfile = os.path.join(root, "luks.pass")
@@ -325,9 +364,10 @@ class Work:
 def server_for(name, a, w):
     sock = w.sock(name)
     logpath = os.path.join(w.logs, f"{name}.log")
-    if name == "cryptvol":
-        cmd = [a.bin, "serve", "--unix", sock, "--keystore", w.keystore, f"vol={w.vol}"]
-        backing = w.vol
+    if name in ("cryptvol", "cryptvol-nomap", "cryptvol-fresh"):
+        backing = {"cryptvol": w.vol, "cryptvol-nomap": w.vol_nomap,
+                   "cryptvol-fresh": w.vol_fresh}[name]
+        cmd = [a.bin, "serve", "--unix", sock, "--keystore", w.keystore, f"vol={backing}"]
     elif name == "nbdkit-file":
         cmd = ["nbdkit", "-f", "--exit-with-parent", "--unix", sock, "file", w.plain]
         backing = w.plain
@@ -391,14 +431,22 @@ def prepare(a, w, need):
     t0 = time.monotonic()
     size = a.size
     info = {}
-    if "cryptvol" in need:
+    if need & {"cryptvol", "cryptvol-nomap", "cryptvol-fresh"}:
         os.makedirs(w.keystore, mode=0o700, exist_ok=True)
         os.chmod(w.keystore, 0o700)
-        run(
-            [a.bin, "create", "--size", f"{size // MIB}M", "--keystore", w.keystore, w.vol],
-            "cryptvol create",
+    if "cryptvol" in need:
+        create_cryptvol(a, w, w.vol, size)
+        info["cryptvol"] = ("cryptvol v1, AES-256-XTS, 4096-byte sectors, local keystore, "
+                            "thin (allocation map), every chunk allocated by the prefill")
+    if "cryptvol-nomap" in need:
+        create_cryptvol(a, w, w.vol_nomap, size, ["--no-allocation-map"])
+        info["cryptvol-nomap"] = ("cryptvol v1, AES-256-XTS, 4096-byte sectors, local keystore, "
+                                  "created with --no-allocation-map (no map, not thin)")
+    if "cryptvol-fresh" in need:
+        info["cryptvol-fresh"] = (
+            f"cryptvol v1 thin volume of {a.fresh_size // GIB} GiB, created afresh "
+            f"(never written) for every fresh run and deleted after it"
         )
-        info["cryptvol"] = "cryptvol v1, AES-256-XTS, 4096-byte sectors, local keystore"
     if "luks" in need:
         with open(w.passfile, "w") as f:
             f.write(PASSPHRASE)
@@ -416,13 +464,15 @@ def prepare(a, w, need):
             "qemu-img create -f luks",
         )
         info["luks"] = check_luks_image(w.luks)
-    log(f"writing {size // MIB} MiB of random data to {w.plain}")
-    fill_random(w.plain, size)
+    prefill = [(name, key) for name, key in (("cryptvol", "cryptvol"),
+                                             ("cryptvol-nomap", "cryptvol-nomap"),
+                                             ("nbdkit-luks", "luks")) if key in need]
+    if prefill or "nbdkit-file" in a.servers:
+        log(f"writing {size // MIB} MiB of random data to {w.plain}")
+        fill_random(w.plain, size)
     # Prefill the encrypted images through their servers so the data areas hold real
     # ciphertext of random plaintext (nothing sparse, nothing that reads as zeros).
-    for name, key in (("cryptvol", "cryptvol"), ("nbdkit-luks", "luks")):
-        if key not in need:
-            continue
+    for name, _key in prefill:
         srv = server_for(name, a, w)
         log(f"prefilling {name} with the random data (nbdcopy)")
         try:
@@ -430,11 +480,85 @@ def prepare(a, w, need):
             run(["nbdcopy", "--flush", w.plain, uri(srv.sock)], f"nbdcopy into {name}")
         finally:
             srv.stop()
+    if "cryptvol" in need:
+        info["cryptvol_allocation"] = check_fully_allocated(a, w.vol, size)
+    if "cryptvol-nomap" in need:
+        check_no_map(a, w.vol_nomap)
     if "nbdkit-file" not in a.servers:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(w.plain)
     log(f"images ready in {time.monotonic() - t0:.1f} s")
     return info
+
+
+def create_cryptvol(a, w, path, size, extra=()):
+    run(
+        [a.bin, "create", "--size", f"{size // MIB}M", "--keystore", w.keystore, *extra, path],
+        f"cryptvol create {os.path.basename(path)}",
+    )
+
+
+def volume_info(a, path):
+    out = run([a.bin, "info", "--json", path], f"cryptvol info --json {path}")
+    try:
+        return json.loads(out)
+    except ValueError as e:
+        raise BenchError(f"cryptvol info --json {path}: not JSON ({e}):\n{out[-800:]}")
+
+
+def check_fully_allocated(a, path, size):
+    """The steady-state comparison is only meaningful if the prefill allocated every chunk
+    of the thin volume: `cryptvol info` must report allocated_bytes == size."""
+    al = volume_info(a, path).get("allocation")
+    if not isinstance(al, dict):
+        raise BenchError(
+            f"{path} has no allocation map (cryptvol info --json shows allocation: null); "
+            f"the cryptvol volume must be a thin volume: is {a.bin} older than the allocation map?"
+        )
+    allocated = al.get("allocated_bytes")
+    if allocated != size or not al.get("map_healthy"):
+        raise BenchError(
+            f"after the nbdcopy prefill, cryptvol info reports {allocated} of {size} bytes "
+            f"allocated (map: {al.get('map')}): the prefill did not allocate every chunk, so "
+            f"the random-write job would include first writes. Check the nbdcopy prefill "
+            f"(random source, --flush) and the server log."
+        )
+    log(f"cryptvol volume: {allocated} of {size} bytes allocated after the prefill (all)")
+    return {"allocated_bytes": allocated, "chunks": al.get("chunks"),
+            "chunk_size": al.get("chunk_size"), "map": al.get("map")}
+
+
+def check_no_map(a, path):
+    al = volume_info(a, path).get("allocation")
+    if al is not None:
+        raise BenchError(
+            f"{path} was created with --no-allocation-map but cryptvol info shows an "
+            f"allocation map ({al}); the no-map baseline would not be one"
+        )
+
+
+def backing_bytes(path):
+    """Bytes the file occupies (st_blocks; on ext4/xfs this includes delayed allocation,
+    so it grows as soon as the server writes, before writeback)."""
+    return os.stat(path).st_blocks * 512
+
+
+def fresh_io_size(a, bs):
+    """Client bytes for one fresh run: at most --fresh-max of backing-file growth, as a
+    first write allocates whole chunks (a 4 KiB write can grow the file by 64 KiB)."""
+    b = bs_bytes(bs)
+    n = a.fresh_max * b // max(b, CHUNK)
+    return max(b, n - n % b)
+
+
+def check_space(w, need_bytes):
+    free = shutil.disk_usage(w.root).free
+    if free < need_bytes + GIB:
+        raise BenchError(
+            f"only {free / GIB:.1f} GiB free in {w.root}; the fresh thin-volume runs need "
+            f"{need_bytes / GIB:.1f} GiB plus 1 GiB of headroom. Free some space, lower "
+            f"--fresh-max, or leave out --servers cryptvol-fresh"
+        )
 
 
 def sync_file(path):
@@ -450,18 +574,24 @@ def sync_file(path):
 # ---------------------------------------------------------------- one fio job
 
 
-def run_job(a, w, srv, job, rep):
+def run_job(a, w, srv, job, rep, io_size=None):
+    """One fio run. With io_size (the fresh thin-volume runs): no ramp, and fio stops
+    after io_size client bytes or --runtime seconds, whichever comes first; the growth
+    of the backing file over the run is recorded."""
     name, rw, bs, qd, _title = job
     fio_dir = os.path.join(a.run_dir, "fio")
     os.makedirs(fio_dir, exist_ok=True)
     out = os.path.join(fio_dir, f"{srv.name}-{name}-{rep}.json")
+    ramp = a.ramp if io_size is None else 0
+    limit = ["--time_based"] if io_size is None else [f"--io_size={io_size}"]
     cmd = [
         "fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri(srv.sock)}",
         f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", "--numjobs=1",
-        "--time_based", f"--runtime={a.runtime}", f"--ramp_time={a.ramp}",
+        *limit, f"--runtime={a.runtime}", f"--ramp_time={ramp}",
         "--norandommap", "--randrepeat=0", "--lat_percentiles=1",
         "--percentile_list=50:99:99.9", "--output-format=json", f"--output={out}",
     ]
+    blocks0 = backing_bytes(srv.backing) if io_size is not None else None
     rss_reset = reset_peak_rss(srv.pid)
     load = os.getloadavg()[0]
     t_start = time.monotonic()
@@ -470,10 +600,10 @@ def run_job(a, w, srv, job, rep):
     # Server CPU is sampled over fio's measured window (after the ramp) and scaled to
     # the runtime fio reports, so ramp and setup do not count.
     try:
-        if a.ramp:
-            time.sleep(a.ramp)
+        if ramp:
+            time.sleep(ramp)
         cpu0, t0 = proc_cpu_seconds(srv.pid), time.monotonic()
-        _, err = fio.communicate(timeout=a.ramp + a.runtime + 120)
+        _, err = fio.communicate(timeout=ramp + a.runtime + 120)
     except subprocess.TimeoutExpired:
         fio.kill()
         fio.communicate()
@@ -484,6 +614,7 @@ def run_job(a, w, srv, job, rep):
         raise
     cpu1, t1 = proc_cpu_seconds(srv.pid), time.monotonic()
     peak_rss = proc_status_kib(srv.pid, "VmHWM")
+    blocks1 = backing_bytes(srv.backing) if io_size is not None else None
     if not srv.alive():
         raise BenchError(f"{srv.name} died during {name}; log {srv.logpath}:\n{tail(srv.logpath)}")
     if fio.returncode != 0:
@@ -514,7 +645,7 @@ def run_job(a, w, srv, job, rep):
     wall = max(t1 - t0, 1e-6)
     cpu_rate = (cpu1 - cpu0) / wall  # server cores busy, on average
     gib_per_s = side["io_bytes"] / GIB / runtime_s
-    return {
+    r = {
         "server": srv.name,
         "job": name,
         "repeat": rep,
@@ -537,6 +668,65 @@ def run_job(a, w, srv, job, rep):
         "loadavg_1m_before": load,
         "elapsed_s": time.monotonic() - t_start,
     }
+    if io_size is not None:
+        # Client bytes over the whole run (no ramp, so fio's io_bytes are all of them).
+        growth = blocks1 - blocks0
+        r.update({
+            "io_size_cap": io_size,
+            "ios": side.get("total_ios"),
+            "backing_growth_bytes": growth,
+            "write_amplification": growth / side["io_bytes"],
+            "backing_bw_bytes": growth / runtime_s,
+        })
+    return r
+
+
+# The jobs cryptvol-fresh runs: the first write to a chunk costs something only for writes.
+FRESH_JOBS = ["randwrite-4k-qd32", "write-1m-qd8"]
+
+
+def run_fresh(a, w, job, rep):
+    """One fresh run: a new, never-written thin volume of --fresh-size, served, written
+    by the job for at most --fresh-max of backing-file growth, then the server is killed
+    (its dirty pages need not be written back) and the image deleted."""
+    io_size = fresh_io_size(a, job[2])
+    check_space(w, a.fresh_max)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(w.vol_fresh)
+    srv = server_for("cryptvol-fresh", a, w)
+    try:
+        create_cryptvol(a, w, w.vol_fresh, a.fresh_size)
+        al = volume_info(a, w.vol_fresh).get("allocation")
+        if not isinstance(al, dict) or al.get("allocated_bytes") != 0:
+            raise BenchError(
+                f"a new volume {w.vol_fresh} should be thin with nothing allocated; "
+                f"cryptvol info shows allocation {al}"
+            )
+        srv.start()
+        r = run_job(a, w, srv, job, rep, io_size=io_size)
+        r["fresh_size_bytes"] = a.fresh_size
+        return r
+    finally:
+        srv.kill()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(w.vol_fresh)
+
+
+def pass_order(servers, rep):
+    """The servers of one pass. cryptvol and cryptvol-nomap swap places on every other
+    pass, so that neither always runs first (their ratio is held to 5%)."""
+    order = list(servers)
+    if rep % 2 == 0 and "cryptvol" in order and "cryptvol-nomap" in order:
+        i, j = order.index("cryptvol"), order.index("cryptvol-nomap")
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def log_run(a, rep, sname, job, r):
+    log(f"[{rep}/{a.repeat}] {sname:<14} {job[0]:<18} "
+        f"{r['iops']:>10.0f} IOPS {r['bw_bytes'] / 1e6:>8.1f} MB/s "
+        f"p50 {r['lat_p50_us'] or 0:>8.1f} us  "
+        f"cpu {r['cpu_s_per_gib']:.2f} s/GiB  load {r['loadavg_1m_before']:.1f}")
 
 
 # ---------------------------------------------------------------- XTS vs openssl
@@ -627,8 +817,8 @@ def main(argv):
     jobs = [j for j in JOBS if j[0] in a.jobs]
     need = set()
     for s in a.servers:
-        if s == "cryptvol":
-            need.add("cryptvol")
+        if s == "cryptvol" or s in CRYPTVOL_VARIANTS:
+            need.add(s)
         elif s == "nbdkit-luks" or s.startswith("qemu-nbd"):
             need.add("luks")
     if "luks" in need:
@@ -648,11 +838,23 @@ def main(argv):
         "options": {
             "quick": a.quick, "size_bytes": a.size, "runtime_s": a.runtime, "ramp_s": a.ramp,
             "repeat": a.repeat, "jobs": a.jobs, "servers": a.servers,
+            "fresh_size_bytes": a.fresh_size, "fresh_max_bytes": a.fresh_max,
         },
         "environment": environment(a),
         "jobs": {j[0]: {"rw": j[1], "bs": j[2], "iodepth": j[3], "title": j[4]} for j in jobs},
         "runs": [],
     }
+    fresh_jobs = [j for j in jobs if j[0] in FRESH_JOBS]
+    if "cryptvol-fresh" in a.servers:
+        if fresh_jobs:
+            results["fresh"] = {
+                "size_bytes": a.fresh_size,
+                "max_growth_bytes": a.fresh_max,
+                "io_size": {j[0]: fresh_io_size(a, j[2]) for j in fresh_jobs},
+            }
+        else:
+            log("cryptvol-fresh runs only the write jobs "
+                f"({', '.join(FRESH_JOBS)}); none is selected, so it is skipped")
     try:
         log(f"results in {a.run_dir}; {len(a.servers)} servers x {len(jobs)} jobs x "
             f"{a.repeat} repeat(s), {a.ramp} s ramp + {a.runtime} s each")
@@ -661,17 +863,23 @@ def main(argv):
         # Repeats are the outer loop so that a burst of load from elsewhere on the
         # machine spreads over all servers rather than hitting one.
         for rep in range(1, a.repeat + 1):
-            for sname in a.servers:
+            for sname in pass_order(a.servers, rep):
+                if sname == "cryptvol-fresh":
+                    for job in fresh_jobs:
+                        r = run_fresh(a, w, job, rep)
+                        results["runs"].append(r)
+                        log_run(a, rep, sname, job, r)
+                        log(f"  fresh: backing file grew {r['backing_growth_bytes'] / MIB:.0f} "
+                            f"MiB for {r['io_bytes'] / MIB:.0f} MiB of client data "
+                            f"(write amplification {r['write_amplification']:.2f}x)")
+                    continue
                 srv = server_for(sname, a, w)
                 srv.start()
                 try:
                     for job in jobs:
                         r = run_job(a, w, srv, job, rep)
                         results["runs"].append(r)
-                        log(f"[{rep}/{a.repeat}] {sname:<14} {job[0]:<18} "
-                            f"{r['iops']:>10.0f} IOPS {r['bw_bytes'] / 1e6:>8.1f} MB/s "
-                            f"p50 {r['lat_p50_us'] or 0:>8.1f} us  "
-                            f"cpu {r['cpu_s_per_gib']:.2f} s/GiB  load {r['loadavg_1m_before']:.1f}")
+                        log_run(a, rep, sname, job, r)
                         ts0 = time.monotonic()
                         sync_file(srv.backing)
                         if time.monotonic() - ts0 > 1:
