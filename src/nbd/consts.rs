@@ -16,7 +16,7 @@ pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Starts every simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-/// Starts every structured reply chunk (not negotiated by this server yet).
+/// Starts every structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 /// Extended request magic (extended headers; not negotiated by this server).
 pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
@@ -111,6 +111,19 @@ pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 /// Extended headers only.
 pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
+// ----- Structured replies -----
+
+/// Structured reply flag: the last chunk of a reply.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Bit 15 marks every error chunk type.
+pub const REPLY_TYPE_FLAG_ERROR: u16 = 1 << 15;
+pub const REPLY_TYPE_ERROR: u16 = REPLY_TYPE_FLAG_ERROR | 1;
+pub const REPLY_TYPE_ERROR_OFFSET: u16 = REPLY_TYPE_FLAG_ERROR | 2;
+
 // ----- Error values (the only ones allowed on the wire) -----
 
 pub const EPERM: u32 = 1;
@@ -157,6 +170,22 @@ mod tests {
         assert_eq!(REP_ERR_UNKNOWN, 0x8000_0006);
         assert_eq!(REP_ERR_TOO_BIG, 0x8000_0009);
         assert_eq!(REP_ERR_EXT_HEADER_REQD, 2_147_483_648 + 10);
+    }
+
+    #[test]
+    fn structured_reply_types_have_spec_values() {
+        assert_eq!(STRUCTURED_REPLY_MAGIC, 0x668e_33ef);
+        assert_eq!(REPLY_TYPE_ERROR, 32_768 + 1);
+        assert_eq!(REPLY_TYPE_ERROR_OFFSET, 32_768 + 2);
+        assert_eq!(
+            [
+                REPLY_TYPE_NONE,
+                REPLY_TYPE_OFFSET_DATA,
+                REPLY_TYPE_OFFSET_HOLE,
+                REPLY_TYPE_BLOCK_STATUS
+            ],
+            [0, 1, 2, 5]
+        );
     }
 
     #[test]

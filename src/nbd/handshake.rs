@@ -11,6 +11,7 @@
 use std::fmt::Write as _;
 
 use super::consts::*;
+use super::meta::{meta_context_payload, parse_meta_request, MetaContext, QueryMode};
 use super::transmission::{transmission_flags, MAX_PAYLOAD};
 use super::wire::Reader;
 use super::{ExportCatalog, ExportInfo};
@@ -141,12 +142,39 @@ impl OptionOutcome {
     }
 }
 
+/// What the handshake settled for the transmission phase (see
+/// [`Negotiation::negotiated`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Negotiated {
+    /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged: READ must be answered with structured
+    /// reply chunks.
+    pub structured_replies: bool,
+    /// The context id of `base:allocation`, when the client selected it with
+    /// `NBD_OPT_SET_META_CONTEXT` for the export it entered transmission on.
+    /// `NBD_CMD_BLOCK_STATUS` is valid only then.
+    pub base_allocation: Option<u32>,
+}
+
+/// Metadata contexts selected by the last `NBD_OPT_SET_META_CONTEXT`, and for which export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Selection {
+    /// The resolved export name (never `""` unless an export is really called that).
+    export: String,
+    /// Never empty (a SET that selects nothing leaves no selection).
+    contexts: Vec<MetaContext>,
+}
+
 /// Negotiation state for one connection.
 pub struct Negotiation {
     client: ClientFlags,
     /// Set once an outcome with `Next::Transmit` or `Next::Close` was returned; any later
     /// call answers `Next::Close` with nothing to send.
     finished: bool,
+    /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged.
+    structured: bool,
+    /// The current metadata context selection. When transmission starts on another export
+    /// than the one it was made for, it is dropped (the spec requires the same name).
+    selected: Option<Selection>,
 }
 
 impl Negotiation {
@@ -154,6 +182,8 @@ impl Negotiation {
         Negotiation {
             client,
             finished: false,
+            structured: false,
+            selected: None,
         }
     }
 
@@ -175,6 +205,10 @@ impl Negotiation {
     /// whatever its (ignored) data; a non-fixed-newstyle client cannot parse replies, so the
     /// connection closes.
     pub fn handle_oversized(&mut self, hdr: &OptionHeader) -> OptionOutcome {
+        if hdr.option == OPT_SET_META_CONTEXT {
+            // A SET replaces the selection even when it fails.
+            self.selected = None;
+        }
         let outcome =
             if self.finished || hdr.option == OPT_EXPORT_NAME || !self.client.fixed_newstyle {
                 OptionOutcome::close(Vec::new())
@@ -192,13 +226,36 @@ impl Negotiation {
     }
 
     /// Whether the client negotiated structured replies.
-    ///
-    /// Always false for now: `NBD_OPT_STRUCTURED_REPLY` is answered `NBD_REP_ERR_UNSUP`.
     pub fn structured_replies(&self) -> bool {
-        false
+        self.structured
     }
 
-    fn dispatch(&self, option: u32, data: &[u8], catalog: &dyn ExportCatalog) -> OptionOutcome {
+    /// The selected metadata contexts with their ids. After an outcome with
+    /// `Next::Transmit`, only those valid for the export being entered.
+    pub fn meta_contexts(&self) -> Vec<(u32, MetaContext)> {
+        self.selected
+            .iter()
+            .flat_map(|s| s.contexts.iter().map(|&c| (c.id(), c)))
+            .collect()
+    }
+
+    /// The id of `base:allocation` if it is selected (see [`Negotiation::meta_contexts`]).
+    pub fn base_allocation_id(&self) -> Option<u32> {
+        self.meta_contexts()
+            .into_iter()
+            .find(|&(_, c)| c == MetaContext::BaseAllocation)
+            .map(|(id, _)| id)
+    }
+
+    /// What the transmission phase needs to know; meaningful after `Next::Transmit`.
+    pub fn negotiated(&self) -> Negotiated {
+        Negotiated {
+            structured_replies: self.structured,
+            base_allocation: self.base_allocation_id(),
+        }
+    }
+
+    fn dispatch(&mut self, option: u32, data: &[u8], catalog: &dyn ExportCatalog) -> OptionOutcome {
         if self.finished {
             return OptionOutcome::close(Vec::new());
         }
@@ -213,11 +270,9 @@ impl Negotiation {
             OPT_ABORT => abort(option),
             OPT_LIST => list(data, catalog),
             OPT_INFO | OPT_GO => info_or_go(option, data, catalog),
-            OPT_STRUCTURED_REPLY => OptionOutcome::error(
-                option,
-                REP_ERR_UNSUP,
-                "structured replies are not supported; this server uses simple replies",
-            ),
+            OPT_STRUCTURED_REPLY => self.structured_reply(data),
+            OPT_LIST_META_CONTEXT => list_meta_context(data, catalog),
+            OPT_SET_META_CONTEXT => self.set_meta_context(data, catalog),
             OPT_STARTTLS => OptionOutcome::error(
                 option,
                 REP_ERR_UNSUP,
@@ -237,7 +292,64 @@ impl Negotiation {
         if outcome.next != Next::Continue {
             self.finished = true;
         }
+        if let Next::Transmit { export, .. } = &outcome.next {
+            if self
+                .selected
+                .as_ref()
+                .is_some_and(|s| s.export != export.name)
+            {
+                self.selected = None;
+            }
+        }
         outcome
+    }
+
+    /// `NBD_OPT_STRUCTURED_REPLY`: no data allowed; acknowledged (again, if repeated).
+    fn structured_reply(&mut self, data: &[u8]) -> OptionOutcome {
+        if !data.is_empty() {
+            let msg = format!(
+                "NBD_OPT_STRUCTURED_REPLY takes no data, but {} bytes were sent",
+                data.len()
+            );
+            return OptionOutcome::error(OPT_STRUCTURED_REPLY, REP_ERR_INVALID, &msg);
+        }
+        self.structured = true;
+        let mut reply = Vec::new();
+        push_reply(&mut reply, OPT_STRUCTURED_REPLY, REP_ACK, &[]);
+        OptionOutcome::cont(reply)
+    }
+
+    /// `NBD_OPT_SET_META_CONTEXT`: replaces the selection (also when it fails); one
+    /// `NBD_REP_META_CONTEXT` per selected context, then `NBD_REP_ACK`. Needs structured
+    /// replies first (`NBD_REP_ERR_INVALID` otherwise, as the spec recommends).
+    fn set_meta_context(&mut self, data: &[u8], catalog: &dyn ExportCatalog) -> OptionOutcome {
+        const OPT: u32 = OPT_SET_META_CONTEXT;
+        self.selected = None;
+        if !self.structured {
+            return OptionOutcome::error(
+                OPT,
+                REP_ERR_INVALID,
+                "NBD_OPT_SET_META_CONTEXT needs structured replies: \
+                 send NBD_OPT_STRUCTURED_REPLY first",
+            );
+        }
+        let (export, contexts) = match meta_request(OPT, data, QueryMode::Set, catalog) {
+            Ok(request) => request,
+            Err(outcome) => return outcome,
+        };
+        let mut reply = Vec::new();
+        for &context in &contexts {
+            let payload = meta_context_payload(context.id(), context);
+            push_reply(&mut reply, OPT, REP_META_CONTEXT, &payload);
+        }
+        push_reply(&mut reply, OPT, REP_ACK, &[]);
+        if !contexts.is_empty() {
+            self.selected = Some(Selection {
+                export: export.name,
+                contexts,
+            });
+        }
+        OptionOutcome::cont(reply)
     }
 }
 
@@ -303,6 +415,47 @@ fn list(data: &[u8], catalog: &dyn ExportCatalog) -> OptionOutcome {
     }
     push_reply(&mut reply, OPT_LIST, REP_ACK, &[]);
     OptionOutcome::cont(reply)
+}
+
+/// `NBD_OPT_LIST_META_CONTEXT`: one `NBD_REP_META_CONTEXT` (id 0, as the spec asks) per
+/// matching context, then `NBD_REP_ACK`. Allowed without structured replies (the spec only
+/// says a client SHOULD NOT ask first; answering is harmless).
+fn list_meta_context(data: &[u8], catalog: &dyn ExportCatalog) -> OptionOutcome {
+    const OPT: u32 = OPT_LIST_META_CONTEXT;
+    let contexts = match meta_request(OPT, data, QueryMode::List, catalog) {
+        Ok((_, contexts)) => contexts,
+        Err(outcome) => return outcome,
+    };
+    let mut reply = Vec::new();
+    for context in contexts {
+        push_reply(
+            &mut reply,
+            OPT,
+            REP_META_CONTEXT,
+            &meta_context_payload(0, context),
+        );
+    }
+    push_reply(&mut reply, OPT, REP_ACK, &[]);
+    OptionOutcome::cont(reply)
+}
+
+/// Parses a LIST/SET_META_CONTEXT payload and resolves its export: malformed data or a bad
+/// name give `NBD_REP_ERR_INVALID`, an export not served `NBD_REP_ERR_UNKNOWN`.
+fn meta_request(
+    option: u32,
+    data: &[u8],
+    mode: QueryMode,
+    catalog: &dyn ExportCatalog,
+) -> Result<(ExportInfo, Vec<MetaContext>), OptionOutcome> {
+    let invalid = |msg: String| {
+        let msg = format!("malformed {} request: {msg}", option_name(option));
+        OptionOutcome::error(option, REP_ERR_INVALID, &msg)
+    };
+    let request = parse_meta_request(data, mode).map_err(invalid)?;
+    let name = check_name(request.export).map_err(invalid)?;
+    let export = resolve_export(name, catalog)
+        .map_err(|msg| OptionOutcome::error(option, REP_ERR_UNKNOWN, &msg))?;
+    Ok((export, request.contexts))
 }
 
 /// `NBD_OPT_INFO` / `NBD_OPT_GO`.

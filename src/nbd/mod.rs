@@ -3,28 +3,35 @@
 //! Spec: ../shared/reference/nbd-proto.md (upstream doc/proto.md).
 //!
 //! What this server speaks: fixed newstyle (plain newstyle clients may only use
-//! `NBD_OPT_EXPORT_NAME`), `NBD_OPT_GO`/`INFO`/`EXPORT_NAME`/`LIST`/`ABORT`; every other
-//! option gets `NBD_REP_ERR_UNSUP`. No TLS, no structured replies, no metadata contexts, no
-//! extended headers. Transmission uses compact requests and simple replies only. Option
-//! reply payloads always stay below 4096 bytes (nbd-client refuses larger ones).
+//! `NBD_OPT_EXPORT_NAME`), `NBD_OPT_GO`/`INFO`/`EXPORT_NAME`/`LIST`/`ABORT`,
+//! `NBD_OPT_STRUCTURED_REPLY` and `NBD_OPT_LIST_META_CONTEXT`/`SET_META_CONTEXT` with the
+//! one context `base:allocation`; every other option gets `NBD_REP_ERR_UNSUP`. No TLS, no
+//! extended headers. Transmission uses compact requests; simple replies unless the client
+//! negotiated structured replies, in which case READ (and BLOCK_STATUS) are answered with
+//! structured chunks ([`structured`]) and the other commands still with simple replies
+//! (which the spec allows for replies without payload). Option reply payloads always stay
+//! below 4096 bytes (nbd-client refuses larger ones).
 //!
 //! [`client`] holds client-side encoders/decoders for tests, fuzzers and tools.
 
 pub mod client;
 pub mod consts;
 mod handshake;
+mod meta;
+pub mod structured;
 mod transmission;
 mod wire;
 
 pub use handshake::{
     block_size_info, parse_client_flags, parse_option_header, server_greeting, ClientFlags,
-    HandshakeError, Negotiation, Next, OptionHeader, OptionOutcome, MAX_HUMAN_STRING, MAX_NAME_LEN,
-    MAX_OPTION_LEN, MAX_REPLY_PAYLOAD,
+    HandshakeError, Negotiated, Negotiation, Next, OptionHeader, OptionOutcome, MAX_HUMAN_STRING,
+    MAX_NAME_LEN, MAX_OPTION_LEN, MAX_REPLY_PAYLOAD,
 };
+pub use meta::{MetaContext, BASE_ALLOCATION, BASE_ALLOCATION_ID, STATE_HOLE, STATE_ZERO};
 pub use transmission::{
     decode_simple_reply, encode_request, encode_simple_reply, parse_request, transmission_flags,
-    validate, Command, FrameError, NbdErrno, Rejection, Request, SimpleReply, ValidRequest,
-    MAX_PAYLOAD, REQUEST_HEADER_LEN, SIMPLE_REPLY_LEN,
+    validate, validate_negotiated, Command, FrameError, NbdErrno, Rejection, Request, SimpleReply,
+    ValidRequest, MAX_PAYLOAD, REQUEST_HEADER_LEN, SIMPLE_REPLY_LEN,
 };
 
 /// What the protocol needs to know about an export. No keys, no files.

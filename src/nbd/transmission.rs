@@ -1,11 +1,12 @@
-//! Transmission phase: request parsing, validation and reply encoding.
+//! Transmission phase: request parsing, validation and simple reply encoding.
 //!
-//! Only compact (28-byte) requests and simple replies: structured replies and extended
-//! headers are not negotiated.
+//! Only compact (28-byte) requests: extended headers are not negotiated. Structured reply
+//! chunks (when negotiated) are encoded by [`super::structured`].
 
 use std::io;
 
 use super::consts::*;
+use super::handshake::Negotiated;
 use super::wire::Reader;
 use super::ExportInfo;
 
@@ -254,6 +255,13 @@ pub enum ValidRequest {
         offset: u64,
         len: u32,
     },
+    /// Only with a negotiated metadata context; `len > 0`.
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        /// `NBD_CMD_FLAG_REQ_ONE`: exactly one descriptor per context, within the request.
+        req_one: bool,
+    },
     Disc,
 }
 
@@ -264,35 +272,52 @@ pub struct Rejection {
     pub errno: NbdErrno,
 }
 
-/// Checks flags, range and permissions of a request against an export.
+/// Checks flags, range and permissions of a request against an export, for a connection
+/// that negotiated nothing beyond the baseline (no structured replies, no metadata
+/// context): [`validate_negotiated`] with [`Negotiated::default`].
+pub fn validate(req: &Request, export: &ExportInfo) -> Result<ValidRequest, Rejection> {
+    validate_negotiated(req, export, &Negotiated::default())
+}
+
+/// Checks flags, range and permissions of a request against an export and what the
+/// handshake negotiated.
 ///
 /// Checks, in this order (the spec fixes the error values but not the order):
 ///
 /// 1. `DISC` is always accepted, whatever its flags/offset/length: it has no reply, so an
 ///    error could not be reported anyway.
-/// 2. Unknown commands, and `BLOCK_STATUS` (needs a negotiated metadata context, which this
-///    server does not offer) → `EINVAL`.
+/// 2. Unknown commands, and `BLOCK_STATUS` without a negotiated metadata context (the
+///    spec: SHOULD reply `NBD_EINVAL`) → `EINVAL`.
 /// 3. Flags: `FUA` is accepted on every command (the spec says a server advertising
 ///    `SEND_FUA` MUST accept it on all commands, since clients set it on non-writes);
-///    `NO_HOLE` only on `WRITE_ZEROES`; `FAST_ZERO` is refused with `EINVAL` because
-///    `SEND_FAST_ZERO` is not advertised (the spec: SHOULD fail with `NBD_EINVAL`, SHOULD
-///    NOT use `ENOTSUP`); `DF` and `REQ_ONE` need structured replies / block status, which
-///    are not negotiated; any other bit is unknown → `EINVAL`.
+///    `NO_HOLE` only on `WRITE_ZEROES`; `REQ_ONE` only on `BLOCK_STATUS`; `FAST_ZERO` is
+///    refused with `EINVAL` because `SEND_FAST_ZERO` is not advertised (the spec: SHOULD
+///    fail with `NBD_EINVAL`, SHOULD NOT use `ENOTSUP`); `DF` needs `SEND_DF`, which is not
+///    advertised; any other bit is unknown → `EINVAL`.
 /// 4. WRITE, TRIM, WRITE_ZEROES on a read-only export → `EPERM`.
 /// 5. `FLUSH` with a nonzero offset or length (reserved, MUST be zero) → `EINVAL`.
 /// 6. Range: `offset + len` overflowing or past the export size → `ENOSPC` for WRITE and
-///    WRITE_ZEROES, `EINVAL` for READ, TRIM and CACHE. A zero length is valid when
-///    `offset <= size` (the server replies success).
+///    WRITE_ZEROES, `EINVAL` for READ, TRIM, CACHE and BLOCK_STATUS. A zero length is valid
+///    when `offset <= size` (the server replies success), except for `BLOCK_STATUS`: its
+///    reply needs at least one descriptor of nonzero length, so a zero length → `EINVAL`.
 /// 7. A READ or WRITE longer than [`MAX_PAYLOAD`] → `EINVAL` (cannot come from
 ///    [`parse_request`], which rejects it as a framing error).
 ///
 /// Alignment to the export's minimum block size is *not* checked: unaligned requests are
 /// served by read-modify-write, which the spec allows.
-pub fn validate(req: &Request, export: &ExportInfo) -> Result<ValidRequest, Rejection> {
+pub fn validate_negotiated(
+    req: &Request,
+    export: &ExportInfo,
+    negotiated: &Negotiated,
+) -> Result<ValidRequest, Rejection> {
     let reject = |errno| Err(Rejection { errno });
     let allowed_flags = match req.command {
         Command::Disc => return Ok(ValidRequest::Disc),
-        Command::Unknown(_) | Command::BlockStatus => return reject(NbdErrno::Inval),
+        Command::Unknown(_) => return reject(NbdErrno::Inval),
+        Command::BlockStatus if negotiated.base_allocation.is_none() => {
+            return reject(NbdErrno::Inval)
+        }
+        Command::BlockStatus => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
         Command::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
         Command::Read | Command::Write | Command::Flush | Command::Trim | Command::Cache => {
             CMD_FLAG_FUA
@@ -329,6 +354,12 @@ pub fn validate(req: &Request, export: &ExportInfo) -> Result<ValidRequest, Reje
     let fua = req.flags & CMD_FLAG_FUA != 0;
     match req.command {
         Command::Read | Command::Write if len > MAX_PAYLOAD => reject(NbdErrno::Inval),
+        Command::BlockStatus if len == 0 => reject(NbdErrno::Inval),
+        Command::BlockStatus => Ok(ValidRequest::BlockStatus {
+            offset,
+            len,
+            req_one: req.flags & CMD_FLAG_REQ_ONE != 0,
+        }),
         Command::Read => Ok(ValidRequest::Read { offset, len }),
         Command::Write => Ok(ValidRequest::Write { offset, len, fua }),
         Command::Trim => Ok(ValidRequest::Trim { offset, len, fua }),
@@ -342,7 +373,7 @@ pub fn validate(req: &Request, export: &ExportInfo) -> Result<ValidRequest, Reje
         // Handled above; kept total without a panic.
         Command::Disc => Ok(ValidRequest::Disc),
         Command::Flush => Ok(ValidRequest::Flush),
-        Command::BlockStatus | Command::Unknown(_) => reject(NbdErrno::Inval),
+        Command::Unknown(_) => reject(NbdErrno::Inval),
     }
 }
 

@@ -306,7 +306,7 @@ fn valid_requests_of_every_command() {
 }
 
 #[test]
-fn unknown_commands_and_block_status_are_einval() {
+fn unknown_commands_and_block_status_without_context_are_einval() {
     let e = export(1 << 20, false);
     for command in [
         Command::BlockStatus,
@@ -580,7 +580,10 @@ proptest! {
                     ValidRequest::Write { offset, len, .. } => (offset, len, true),
                     ValidRequest::Trim { offset, len, .. } => (offset, len, true),
                     ValidRequest::WriteZeroes { offset, len, .. } => (offset, len, true),
-                    ValidRequest::Disc | ValidRequest::Flush => unreachable!(),
+                    // No metadata context negotiated: BLOCK_STATUS is always refused.
+                    ValidRequest::Disc | ValidRequest::Flush | ValidRequest::BlockStatus { .. } => {
+                        unreachable!()
+                    }
                 };
                 prop_assert_eq!((offset, len), (r.offset, r.len));
                 let end = offset.checked_add(u64::from(len));
@@ -624,5 +627,170 @@ proptest! {
         let offset = offset.unwrap();
         let result = validate(&req(command, 0, offset, len), &export(size, false));
         prop_assert_eq!(result.is_ok(), past_end <= 0);
+    }
+}
+
+// ----- BLOCK_STATUS -----
+
+const WITH_CONTEXT: Negotiated = Negotiated {
+    structured_replies: true,
+    base_allocation: Some(1),
+};
+
+#[test]
+fn block_status_needs_a_negotiated_context() {
+    let e = export(1 << 20, false);
+    let r = req(Command::BlockStatus, 0, 0, 4096);
+    let sr_only = Negotiated {
+        structured_replies: true,
+        base_allocation: None,
+    };
+    for negotiated in [Negotiated::default(), sr_only] {
+        assert_eq!(
+            validate_negotiated(&r, &e, &negotiated),
+            rejected(NbdErrno::Inval)
+        );
+        // Even with flags that would otherwise be valid.
+        let one = req(Command::BlockStatus, CMD_FLAG_REQ_ONE, 0, 4096);
+        assert_eq!(
+            validate_negotiated(&one, &e, &negotiated),
+            rejected(NbdErrno::Inval)
+        );
+    }
+    assert_eq!(
+        validate_negotiated(&r, &e, &WITH_CONTEXT),
+        Ok(ValidRequest::BlockStatus {
+            offset: 0,
+            len: 4096,
+            req_one: false
+        })
+    );
+}
+
+#[test]
+fn block_status_flags_range_and_length() {
+    let e = export(1 << 20, true); // read-only exports answer block status too
+    let ok = |flags, offset, len| {
+        validate_negotiated(
+            &req(Command::BlockStatus, flags, offset, len),
+            &e,
+            &WITH_CONTEXT,
+        )
+    };
+    assert_eq!(
+        ok(CMD_FLAG_REQ_ONE | CMD_FLAG_FUA, 512, 1 << 19),
+        Ok(ValidRequest::BlockStatus {
+            offset: 512,
+            len: 1 << 19,
+            req_one: true
+        })
+    );
+    // Whole export; unaligned; longer than the 32 MiB payload limit is fine on a big export.
+    assert!(ok(0, 0, 1 << 20).is_ok());
+    assert!(ok(0, 1, 3).is_ok());
+    let big = export(1 << 40, false);
+    assert!(validate_negotiated(
+        &req(Command::BlockStatus, 0, 0, u32::MAX),
+        &big,
+        &WITH_CONTEXT
+    )
+    .is_ok());
+    // Zero length, beyond the end, overflow.
+    for (offset, len) in [
+        (0, 0),
+        (1 << 20, 0),
+        (0, (1 << 20) + 1),
+        (1 << 20, 1),
+        (u64::MAX, 2),
+    ] {
+        assert_eq!(
+            ok(0, offset, len),
+            rejected(NbdErrno::Inval),
+            "{offset} {len}"
+        );
+    }
+    // Flags of other commands.
+    for flags in [
+        CMD_FLAG_NO_HOLE,
+        CMD_FLAG_DF,
+        CMD_FLAG_FAST_ZERO,
+        CMD_FLAG_PAYLOAD_LEN,
+        1 << 9,
+    ] {
+        assert_eq!(ok(flags, 0, 4096), rejected(NbdErrno::Inval), "{flags:#x}");
+    }
+}
+
+#[test]
+fn req_one_is_refused_on_every_other_command_even_with_a_context() {
+    let e = export(1 << 20, false);
+    for command in [
+        Command::Read,
+        Command::Write,
+        Command::Flush,
+        Command::Trim,
+        Command::Cache,
+        Command::WriteZeroes,
+    ] {
+        let len = if command == Command::Flush { 0 } else { 512 };
+        assert_eq!(
+            validate_negotiated(&req(command, CMD_FLAG_REQ_ONE, 0, len), &e, &WITH_CONTEXT),
+            rejected(NbdErrno::Inval),
+            "{command:?}"
+        );
+    }
+}
+
+#[test]
+fn negotiation_changes_nothing_for_other_commands() {
+    let e = export(1 << 20, false);
+    let commands = [
+        Command::Read,
+        Command::Write,
+        Command::Flush,
+        Command::Trim,
+        Command::Cache,
+        Command::WriteZeroes,
+        Command::Disc,
+        Command::Unknown(99),
+    ];
+    for command in commands {
+        for (flags, offset, len) in [
+            (0, 0, 512),
+            (CMD_FLAG_FUA, 4096, 0),
+            (0, 1 << 20, 1),
+            (0, 0, 0),
+        ] {
+            let r = req(command, flags, offset, len);
+            assert_eq!(
+                validate(&r, &e),
+                validate_negotiated(&r, &e, &WITH_CONTEXT),
+                "{r:?}"
+            );
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn block_status_validation_is_total(
+        flags in any::<u16>(),
+        offset in prop_oneof![0u64..(1 << 21), any::<u64>()],
+        len in any::<u32>(),
+        with_context in any::<bool>(),
+    ) {
+        let e = export(1 << 20, false);
+        let negotiated = if with_context { WITH_CONTEXT } else { Negotiated::default() };
+        let r = req(Command::BlockStatus, flags, offset, len);
+        match validate_negotiated(&r, &e, &negotiated) {
+            Ok(ValidRequest::BlockStatus { offset: o, len: l, req_one }) => {
+                prop_assert!(with_context);
+                prop_assert!(l > 0 && o + u64::from(l) <= 1 << 20);
+                prop_assert_eq!(req_one, flags & CMD_FLAG_REQ_ONE != 0);
+                prop_assert_eq!(flags & !(CMD_FLAG_REQ_ONE | CMD_FLAG_FUA), 0);
+            }
+            Ok(other) => prop_assert!(false, "unexpected {:?}", other),
+            Err(rej) => prop_assert_eq!(rej.errno, NbdErrno::Inval),
+        }
     }
 }
