@@ -247,7 +247,11 @@ fn sparse_4g_volume_maps_and_copies_sparsely() {
     let env = Env::new();
     let vol = env.create("big.vol", "4G", &[]);
     let srv = env.serve(&[s(&vol)], &[], true);
-    assert_eq!(nbdinfo_map(&srv.uri("")), vec![(0, 4 << 30, 3)], "fresh: one hole");
+    assert_eq!(
+        nbdinfo_map(&srv.uri("")),
+        vec![(0, 4 << 30, 3)],
+        "fresh: one hole"
+    );
     // Write 1 MiB at 1 GiB + 64 KiB and 4 KiB at 3 GiB + 100 KiB (inside chunk 3 GiB + 64 KiB).
     let big = pattern(1 << 20, 11);
     let small = pattern(4096, 12);
@@ -264,7 +268,11 @@ fn sparse_4g_volume_maps_and_copies_sparsely() {
         }
     );
     let out = nbdsh(&srv.uri(""), &script);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let chunk_b = b - b % 65536;
     let want = vec![
         (0, a, 3),
@@ -273,7 +281,11 @@ fn sparse_4g_volume_maps_and_copies_sparsely() {
         (chunk_b, 65536, 0),
         (chunk_b + 65536, (4 << 30) - chunk_b - 65536, 3),
     ];
-    assert_eq!(nbdinfo_map(&srv.uri("")), want, "nbdinfo --map after writes");
+    assert_eq!(
+        nbdinfo_map(&srv.uri("")),
+        want,
+        "nbdinfo --map after writes"
+    );
     // qemu-img map (its own NBD client, over TCP) reports the same data ranges.
     let out = run_ok(Command::new("qemu-img").args([
         "map",
@@ -288,9 +300,18 @@ fn sparse_4g_volume_maps_and_copies_sparsely() {
         .expect("array")
         .iter()
         .filter(|e| e["data"] == true)
-        .map(|e| (e["start"].as_u64().expect("start"), e["length"].as_u64().expect("len")))
+        .map(|e| {
+            (
+                e["start"].as_u64().expect("start"),
+                e["length"].as_u64().expect("len"),
+            )
+        })
         .collect();
-    assert_eq!(data, vec![(a, 1 << 20), (chunk_b, 65536)], "qemu-img map: {j}");
+    assert_eq!(
+        data,
+        vec![(a, 1 << 20), (chunk_b, 65536)],
+        "qemu-img map: {j}"
+    );
     for e in j.as_array().expect("array") {
         if e["data"] == false {
             assert_eq!(e["zero"], true, "holes read as zeros: {e}");
@@ -301,12 +322,18 @@ fn sparse_4g_volume_maps_and_copies_sparsely() {
     let t = std::time::Instant::now();
     run_ok(Command::new("nbdcopy").args([&srv.uri(""), s(&dst)]));
     let secs = t.elapsed().as_secs_f64();
-    assert!(secs < 20.0, "nbdcopy of a mostly empty 4 GiB volume took {secs:.1} s");
+    assert!(
+        secs < 20.0,
+        "nbdcopy of a mostly empty 4 GiB volume took {secs:.1} s"
+    );
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(&dst).expect("stat copy");
     assert_eq!(meta.len(), 4 << 30);
     let used = meta.blocks() * 512;
-    assert!(used < 16 << 20, "destination is not sparse: {used} bytes allocated");
+    assert!(
+        used < 16 << 20,
+        "destination is not sparse: {used} bytes allocated"
+    );
     assert_eq!(read_at(&dst, a, 1 << 20), big);
     assert_eq!(read_at(&dst, b, 4096), small);
     assert!(read_at(&dst, b - 4096, 4096).iter().all(|&x| x == 0));

@@ -5,6 +5,7 @@
 mod alloc;
 mod header;
 mod io;
+mod online;
 mod rangelock;
 mod sectors;
 
@@ -14,6 +15,7 @@ pub use header::{
     FORMAT_VERSION, HEADER_COPY_SIZE, KNOWN_REQUIRED_FEATURES, MAX_KEYSLOTS,
 };
 pub use io::{OpenOptions, Volume, WRITE_CHUNK};
+pub use online::{ReencryptStatus, SnapshotView};
 
 /// One run of the allocation map, as [`Volume::extents`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
