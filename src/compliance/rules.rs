@@ -988,6 +988,7 @@ mod tests {
             required_features: Vec::new(),
             compatible_features: Vec::new(),
             allocation_map: None,
+            reencrypt: None,
             key_check: [0; 32],
             header_mac: [0; 32],
         };

@@ -81,6 +81,9 @@ pub fn errno_for(e: &VolumeError) -> NbdErrno {
         | VolumeError::AlreadyExists { .. }
         | VolumeError::InUse { .. }
         | VolumeError::BadSize { .. }
-        | VolumeError::BadSectorSize(_) => NbdErrno::Io,
+        | VolumeError::BadSectorSize(_)
+        | VolumeError::ReencryptKeyNeeded { .. }
+        | VolumeError::ReencryptInterrupted { .. }
+        | VolumeError::Reencrypt { .. } => NbdErrno::Io,
     }
 }

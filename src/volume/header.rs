@@ -43,7 +43,33 @@ pub const MAGIC_PRIMARY: [u8; 8] = *b"CRYPTVOL";
 /// Magic of the secondary copy (the primary's, reversed).
 pub const MAGIC_SECONDARY: [u8; 8] = *b"LOVTPYRC";
 /// Required features this version understands (none yet).
-pub const KNOWN_REQUIRED_FEATURES: &[&str] = &[alloc::FEATURE];
+pub const KNOWN_REQUIRED_FEATURES: &[&str] = &[alloc::FEATURE, REENCRYPT_FEATURE];
+/// The required feature of a volume with a re-encryption in progress.
+pub const REENCRYPT_FEATURE: &str = "reencrypt";
+
+/// A re-encryption in progress (docs/format.md §7b): sectors below `watermark` are
+/// under the new DEK, the others under the old one (the DEK of `Header::keyslots`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reencryption {
+    /// Bytes of the data area already under the new key.
+    pub watermark: u64,
+    /// The new DEK, wrapped (bound to this volume's encryption context).
+    pub keyslots: Vec<WrappedDek>,
+    /// Key check value of the new DEK.
+    pub key_check: [u8; 32],
+    /// The zone being converted, if a step was interrupted.
+    pub hotzone: Option<Hotzone>,
+}
+
+/// The zone a re-encryption step is converting: `[offset, offset + len)` with the
+/// truncated SHA-256 of each sector's *new* ciphertext (all zeros: sector not converted,
+/// its chunk being unallocated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hotzone {
+    pub offset: u64,
+    pub len: u64,
+    pub hashes: Vec<[u8; 16]>,
+}
 
 const COPY_LEN: usize = HEADER_COPY_SIZE as usize;
 const CSUM_ALG_SHA256: u8 = 1;
@@ -115,6 +141,8 @@ pub struct Header {
     /// `allocation-map`). `None` for volumes made before it existed: everything
     /// is then treated as allocated.
     pub allocation_map: Option<MapLayout>,
+    /// A re-encryption in progress (required feature `reencrypt`).
+    pub reencrypt: Option<Reencryption>,
     /// HMAC-SHA256(HKDF(DEK, "cryptvol kcv"), uuid): tells a wrong key apart.
     pub key_check: [u8; 32],
     /// HMAC-SHA256(HKDF(DEK, "cryptvol header mac"), covered fields).
@@ -132,6 +160,23 @@ impl Header {
         let mac = keyed_mac(dek, MAC_INFO)?.chain_update(self.mac_input());
         if mac.verify_slice(&self.header_mac).is_err() {
             return Err(VolumeError::HeaderMacMismatch { path: p() });
+        }
+        Ok(())
+    }
+
+    /// Checks the new DEK of a re-encryption in progress against its key check value.
+    pub fn verify_next_dek(&self, dek: &Dek, path: &Path) -> Result<(), VolumeError> {
+        let Some(r) = &self.reencrypt else {
+            return Err(VolumeError::Reencrypt {
+                path: path.display().to_string(),
+                detail: "no re-encryption is in progress".into(),
+            });
+        };
+        let kcv = keyed_mac(dek, KCV_INFO)?.chain_update(self.uuid.as_bytes());
+        if kcv.verify_slice(&r.key_check).is_err() {
+            return Err(VolumeError::KeyCheckFailed {
+                path: path.display().to_string(),
+            });
         }
         Ok(())
     }
@@ -165,6 +210,28 @@ impl Header {
             m.u64(map.pages);
             m.u64(map.copy_offsets[0]);
             m.u64(map.copy_offsets[1]);
+        }
+        if let Some(r) = &self.reencrypt {
+            m.str(REENCRYPT_FEATURE);
+            m.u64(r.watermark);
+            m.raw(&r.key_check);
+            m.u32(r.keyslots.len() as u32);
+            for slot in &r.keyslots {
+                m.str(&slot.backend);
+                m.str(&slot.key_id);
+                m.bytes(&slot.blob);
+                m.map(&slot.context.0);
+                m.map(&slot.params);
+            }
+            match &r.hotzone {
+                None => m.raw(&[0]),
+                Some(z) => {
+                    m.raw(&[1]);
+                    m.u64(z.offset);
+                    m.u64(z.len);
+                    m.bytes(&z.hashes.concat());
+                }
+            }
         }
         m.0
     }
@@ -233,6 +300,55 @@ impl Header {
                 ))
             }
         }
+        let announced = self
+            .required_features
+            .iter()
+            .any(|f| f == REENCRYPT_FEATURE);
+        match &self.reencrypt {
+            Some(r) if announced => self.validate_reencrypt(r)?,
+            None if !announced => {}
+            _ => {
+                return Err(format!(
+                    "the re-encryption state and the required feature {REENCRYPT_FEATURE:?} must come together"
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_reencrypt(&self, r: &Reencryption) -> Result<(), String> {
+        let ss = u64::from(self.sector_size);
+        if r.watermark > self.size || !r.watermark.is_multiple_of(ss) {
+            return Err(format!(
+                "re-encryption watermark {} (must be a multiple of the sector size, at most the size)",
+                r.watermark
+            ));
+        }
+        if r.keyslots.is_empty() || r.keyslots.len() > MAX_KEYSLOTS {
+            return Err(format!(
+                "{} new keyslots (must be 1 to {MAX_KEYSLOTS})",
+                r.keyslots.len()
+            ));
+        }
+        if r.keyslots.iter().any(|k| k.backend.is_empty()) {
+            return Err("a new keyslot has an empty backend name".into());
+        }
+        if let Some(z) = &r.hotzone {
+            let ok = z.offset == r.watermark
+                && z.len > 0
+                && z.len.is_multiple_of(ss)
+                && z.offset.checked_add(z.len).is_some_and(|e| e <= self.size)
+                && z.hashes.len() as u64 == z.len / ss;
+            if !ok {
+                return Err(format!(
+                    "re-encryption hotzone [{}, +{}) with {} hashes does not fit the watermark {} and the geometry",
+                    z.offset,
+                    z.len,
+                    z.hashes.len(),
+                    r.watermark
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -297,7 +413,7 @@ fn tag32(mac: Hmac<Sha256>) -> [u8; 32] {
     out
 }
 
-fn compute_kcv(dek: &Dek, uuid: &uuid::Uuid) -> Result<[u8; 32], VolumeError> {
+pub(crate) fn compute_kcv(dek: &Dek, uuid: &uuid::Uuid) -> Result<[u8; 32], VolumeError> {
     Ok(tag32(
         keyed_mac(dek, KCV_INFO)?.chain_update(uuid.as_bytes()),
     ))
@@ -321,8 +437,54 @@ struct MetaV1 {
     header_mac: String,
     key_check: String,
     keyslots: Vec<SlotV1>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reencrypt: Option<ReencV1>,
     required_features: Vec<String>,
     volume: VolumeV1,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ReencV1 {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hotzone: Option<HotzoneV1>,
+    key_check: String,
+    keyslots: Vec<SlotV1>,
+    watermark: u64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HotzoneV1 {
+    /// base64 of the concatenated 16-byte hashes.
+    hashes: String,
+    length: u64,
+    offset: u64,
+}
+
+fn slot_v1(k: &WrappedDek) -> SlotV1 {
+    SlotV1 {
+        backend: k.backend.clone(),
+        blob: B64.encode(&k.blob),
+        context: k.context.0.clone(),
+        key_id: k.key_id.clone(),
+        params: k.params.clone(),
+    }
+}
+
+fn slots_from_v1(slots: Vec<SlotV1>, what: &str) -> Result<Vec<WrappedDek>, String> {
+    let mut out = Vec::with_capacity(slots.len());
+    for (i, s) in slots.into_iter().enumerate() {
+        let blob = B64
+            .decode(&s.blob)
+            .map_err(|e| format!("{what} {i}: blob is not valid base64: {e}"))?;
+        out.push(WrappedDek {
+            backend: s.backend,
+            key_id: s.key_id,
+            blob,
+            context: EncryptionContext(s.context),
+            params: s.params,
+        });
+    }
+    Ok(out)
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -364,17 +526,17 @@ fn encode_metadata(h: &Header) -> Result<Vec<u8>, String> {
         compatible_features: h.compatible_features.clone(),
         header_mac: B64.encode(h.header_mac),
         key_check: B64.encode(h.key_check),
-        keyslots: h
-            .keyslots
-            .iter()
-            .map(|k| SlotV1 {
-                backend: k.backend.clone(),
-                blob: B64.encode(&k.blob),
-                context: k.context.0.clone(),
-                key_id: k.key_id.clone(),
-                params: k.params.clone(),
-            })
-            .collect(),
+        keyslots: h.keyslots.iter().map(slot_v1).collect(),
+        reencrypt: h.reencrypt.as_ref().map(|r| ReencV1 {
+            hotzone: r.hotzone.as_ref().map(|z| HotzoneV1 {
+                hashes: B64.encode(z.hashes.concat()),
+                length: z.len,
+                offset: z.offset,
+            }),
+            key_check: B64.encode(r.key_check),
+            keyslots: r.keyslots.iter().map(slot_v1).collect(),
+            watermark: r.watermark,
+        }),
         required_features: h.required_features.clone(),
         volume: VolumeV1 {
             cipher: h.cipher.clone(),
@@ -394,6 +556,11 @@ fn encode_metadata(h: &Header) -> Result<Vec<u8>, String> {
         ));
     }
     Ok(json)
+}
+
+/// Whether the header's metadata fits in the metadata area.
+pub(crate) fn fits_metadata(h: &Header) -> Result<(), String> {
+    encode_metadata(h).map(|_| ())
 }
 
 fn decode_b64_32(what: &str, s: &str) -> Result<[u8; 32], String> {
@@ -436,19 +603,42 @@ fn decode_metadata(json: &[u8], sequence: u64, uuid: uuid::Uuid) -> Result<Heade
         }),
         None => None,
     };
-    let mut keyslots = Vec::with_capacity(m.keyslots.len());
-    for (i, s) in m.keyslots.into_iter().enumerate() {
-        let blob = B64
-            .decode(&s.blob)
-            .map_err(|e| format!("keyslot {i}: blob is not valid base64: {e}"))?;
-        keyslots.push(WrappedDek {
-            backend: s.backend,
-            key_id: s.key_id,
-            blob,
-            context: EncryptionContext(s.context),
-            params: s.params,
-        });
-    }
+    let keyslots = slots_from_v1(m.keyslots, "keyslot")?;
+    let reencrypt = match m.reencrypt {
+        None => None,
+        Some(r) => {
+            let hotzone = match r.hotzone {
+                None => None,
+                Some(z) => {
+                    let raw = B64
+                        .decode(&z.hashes)
+                        .map_err(|e| format!("re-encryption hotzone hashes: {e}"))?;
+                    if raw.len() % 16 != 0 {
+                        return Err("re-encryption hotzone hashes are not 16-byte values".into());
+                    }
+                    let hashes = raw
+                        .chunks_exact(16)
+                        .map(|c| {
+                            let mut a = [0u8; 16];
+                            a.copy_from_slice(c);
+                            a
+                        })
+                        .collect();
+                    Some(Hotzone {
+                        offset: z.offset,
+                        len: z.length,
+                        hashes,
+                    })
+                }
+            };
+            Some(Reencryption {
+                watermark: r.watermark,
+                keyslots: slots_from_v1(r.keyslots, "new keyslot")?,
+                key_check: decode_b64_32("reencrypt.key_check", &r.key_check)?,
+                hotzone,
+            })
+        }
+    };
     Ok(Header {
         format_version: FORMAT_VERSION,
         sequence,
@@ -462,6 +652,7 @@ fn decode_metadata(json: &[u8], sequence: u64, uuid: uuid::Uuid) -> Result<Heade
         required_features: m.required_features,
         compatible_features: m.compatible_features,
         allocation_map,
+        reencrypt,
         key_check: decode_b64_32("key_check", &m.key_check)?,
         header_mac: decode_b64_32("header_mac", &m.header_mac)?,
     })
@@ -865,6 +1056,7 @@ pub fn create_with(
             .collect(),
         compatible_features: Vec::new(),
         allocation_map: layout,
+        reencrypt: None,
         key_check: compute_kcv(dek, &uuid)?,
         header_mac: [0u8; 32],
     };

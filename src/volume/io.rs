@@ -12,6 +12,8 @@ use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 
 use nix::errno::Errno;
 use nix::fcntl::FallocateFlags;
@@ -46,10 +48,69 @@ pub struct Volume {
     uuid: uuid::Uuid,
     read_only: bool,
     discard: bool,
-    engine: XtsEngine,
-    locks: RangeLocks,
+    /// The cipher engines (two while a re-encryption is in progress).
+    keys: RwLock<Keys>,
+    pub(super) locks: RangeLocks,
     /// The allocation map (thin volumes); `None` for volumes made before it existed.
-    map: Option<AllocMap>,
+    pub(super) map: Option<AllocMap>,
+    /// A re-encryption is in progress: reads take range locks (a zone being converted
+    /// must not be read half-way).
+    pub(super) reencrypting: AtomicBool,
+    /// The DEK(s), kept for header updates during re-encryption; the mutex also
+    /// serialises re-encryption steps.
+    pub(super) ctl: Mutex<Ctl>,
+}
+
+/// Keys a volume keeps beyond its engines (only re-encryption needs them).
+pub(super) struct Ctl {
+    /// The DEK of the header's keyslots (the old one during a re-encryption).
+    pub dek: Dek,
+    /// The new DEK while re-encrypting.
+    pub next: Option<Dek>,
+}
+
+/// The engines: `cur` for sectors at or above `wm`, `next` below it (re-encryption).
+pub(super) struct Keys {
+    pub cur: XtsEngine,
+    pub next: Option<XtsEngine>,
+    /// Watermark in sectors.
+    pub wm: u64,
+}
+
+impl Keys {
+    fn apply(
+        &self,
+        buf: &mut [u8],
+        first: u64,
+        ss: usize,
+        encrypt: bool,
+    ) -> Result<(), VolumeError> {
+        let run = |e: &XtsEngine, b: &mut [u8], f: u64| {
+            if encrypt {
+                e.encrypt_sectors(b, f)
+            } else {
+                e.decrypt_sectors(b, f)
+            }
+        };
+        match &self.next {
+            Some(next) if first < self.wm => {
+                let below = ((self.wm - first) as usize)
+                    .saturating_mul(ss)
+                    .min(buf.len());
+                let (lo, hi) = buf.split_at_mut(below);
+                run(next, lo, first)?;
+                if !hi.is_empty() {
+                    run(&self.cur, hi, self.wm)?;
+                }
+                Ok(())
+            }
+            _ => Ok(run(&self.cur, buf, first)?),
+        }
+    }
+}
+
+pub(super) fn lock_ignoring_poison<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl std::fmt::Debug for Volume {
@@ -106,14 +167,40 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
 impl Volume {
     /// Opens the data area of `path` whose header is `header`, verifying the key check
     /// value and header MAC with `dek`. Takes ownership of the DEK (wiped on drop).
+    ///
+    /// A volume with a re-encryption in progress needs its new DEK too: use
+    /// [`Volume::open_with_next`].
     pub fn open(
         path: &Path,
         header: &Header,
         dek: Dek,
         opts: OpenOptions,
     ) -> Result<Volume, VolumeError> {
+        Volume::open_with_next(path, header, dek, None, opts)
+    }
+
+    /// [`Volume::open`] with the new DEK of a re-encryption in progress (`next`, checked
+    /// against the header's re-encryption key check value). Finishes an interrupted
+    /// re-encryption step first (read-write opens only).
+    pub fn open_with_next(
+        path: &Path,
+        header: &Header,
+        dek: Dek,
+        next: Option<Dek>,
+        opts: OpenOptions,
+    ) -> Result<Volume, VolumeError> {
         let p = path.display().to_string();
         header.verify_with_dek(&dek, path)?;
+        let next = match (&header.reencrypt, next) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(VolumeError::ReencryptKeyNeeded { path: p });
+            }
+            (Some(_), Some(n)) => {
+                header.verify_next_dek(&n, path)?;
+                Some(n)
+            }
+        };
         let end = header
             .data_offset
             .checked_add(header.size)
@@ -135,7 +222,14 @@ impl Volume {
             });
         }
         let engine = XtsEngine::new(&dek, header.sector_size as usize)?;
-        drop(dek);
+        let next_engine = match &next {
+            Some(n) => Some(XtsEngine::new(n, header.sector_size as usize)?),
+            None => None,
+        };
+        let wm = header
+            .reencrypt
+            .as_ref()
+            .map_or(0, |r| r.watermark / u64::from(header.sector_size));
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(!opts.read_only)
@@ -187,12 +281,26 @@ impl Volume {
             uuid: header.uuid,
             read_only: opts.read_only,
             discard: opts.discard && !opts.read_only,
-            engine,
+            keys: RwLock::new(Keys {
+                cur: engine,
+                next: next_engine,
+                wm,
+            }),
             locks: RangeLocks::default(),
             map,
+            reencrypting: AtomicBool::new(header.reencrypt.is_some()),
+            ctl: Mutex::new(Ctl { dek, next }),
         };
         if !vol.read_only && vol.map.as_ref().is_some_and(|m| !m.health().is_healthy()) {
             vol.flush()?;
+        }
+        if let Some(zone) = header.reencrypt.as_ref().and_then(|r| r.hotzone.as_ref()) {
+            if vol.read_only {
+                return Err(VolumeError::ReencryptInterrupted {
+                    path: vol.path.clone(),
+                });
+            }
+            vol.recover_hotzone(zone)?;
         }
         Ok(vol)
     }
@@ -292,8 +400,46 @@ impl Volume {
     /// Reads and decrypts whole sectors.
     fn read_plain(&self, buf: &mut [u8], first: u64) -> Result<(), VolumeError> {
         self.pread_sectors(buf, first)?;
-        self.engine.decrypt_sectors(buf, first)?;
-        Ok(())
+        self.decrypt(buf, first)
+    }
+
+    pub(super) fn keys_read(&self) -> std::sync::RwLockReadGuard<'_, Keys> {
+        self.keys()
+    }
+
+    fn keys(&self) -> std::sync::RwLockReadGuard<'_, Keys> {
+        self.keys.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Encrypts whole sectors in place with the key each sector is under.
+    pub(super) fn encrypt(&self, buf: &mut [u8], first: u64) -> Result<(), VolumeError> {
+        self.keys()
+            .apply(buf, first, self.sector_size as usize, true)
+    }
+
+    /// Decrypts whole sectors in place with the key each sector is under.
+    pub(super) fn decrypt(&self, buf: &mut [u8], first: u64) -> Result<(), VolumeError> {
+        self.keys()
+            .apply(buf, first, self.sector_size as usize, false)
+    }
+
+    /// Runs `f` with the engines locked for writing (re-encryption steps move the
+    /// watermark and swap engines through this).
+    pub(super) fn with_keys_mut<R>(&self, f: impl FnOnce(&mut Keys) -> R) -> R {
+        let mut k = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        f(&mut k)
+    }
+
+    pub(super) fn read_sectors_raw(&self, buf: &mut [u8], first: u64) -> Result<(), VolumeError> {
+        self.pread_sectors(buf, first)
+    }
+
+    pub(super) fn write_sectors_raw(&self, buf: &[u8], first: u64) -> Result<(), VolumeError> {
+        self.pwrite_sectors(buf, first)
+    }
+
+    pub(super) fn sync_data(&self) -> Result<(), VolumeError> {
+        self.sync()
     }
 
     /// Reads and decrypts `buf.len()` bytes at `offset` (any alignment).
@@ -303,6 +449,12 @@ impl Volume {
     /// atomic for readers, a mix), as with any block device.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), VolumeError> {
         sectors::check_range(offset, buf.len() as u64, self.size)?;
+        // While re-encrypting, a zone being converted is range-locked by the step:
+        // wait for it rather than decrypt a half-converted zone with the wrong key.
+        let _guard = self.reencrypting.load(Ordering::Acquire).then(|| {
+            self.locks
+                .lock(sectors::covering(offset, buf.len() as u64, self.ss()))
+        });
         let Some(map) = &self.map else {
             return self.read_range(buf, offset);
         };
@@ -385,12 +537,12 @@ impl Volume {
                 drop(guard);
                 return self.write_range(offset, len, Source::Data(buf), fua);
             }
-            self.engine.encrypt_sectors(buf, span.first)?;
+            self.encrypt(buf, span.first)?;
             self.pwrite_sectors(buf, span.first)?;
             drop(guard);
         } else {
             let _guard = self.locks.lock(span);
-            self.engine.encrypt_sectors(buf, span.first)?;
+            self.encrypt(buf, span.first)?;
             self.pwrite_sectors(buf, span.first)?;
         }
         if fua {
@@ -744,7 +896,7 @@ impl Volume {
                     sc[(x - pos) as usize..(y - pos) as usize]
                         .copy_from_slice(&data[(x - lo) as usize..(y - lo) as usize]);
                 }
-                self.engine.encrypt_sectors(sc, pos / ss)?;
+                self.encrypt(sc, pos / ss)?;
                 self.pwrite_sectors(sc, pos / ss)
             })?;
             for c in pos / cs..(pos + n).div_ceil(cs) {
@@ -787,7 +939,7 @@ impl Volume {
             }
             Source::Zeros => dst.fill(0),
         }
-        self.engine.encrypt_sectors(sc, chunk.first)?;
+        self.encrypt(sc, chunk.first)?;
         self.pwrite_sectors(sc, chunk.first)
     }
 }

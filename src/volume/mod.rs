@@ -11,11 +11,12 @@ mod sectors;
 
 pub use alloc::{MapHealth, MapLayout, MapSummary, CHUNKS_PER_PAGE, DEFAULT_CHUNK_SIZE};
 pub use header::{
-    create, create_with, read_header, write_header, CopyStatus, Header, HeaderHealth,
-    FORMAT_VERSION, HEADER_COPY_SIZE, KNOWN_REQUIRED_FEATURES, MAX_KEYSLOTS,
+    create, create_with, read_header, write_header, CopyStatus, Header, HeaderHealth, Hotzone,
+    Reencryption, FORMAT_VERSION, HEADER_COPY_SIZE, KNOWN_REQUIRED_FEATURES, MAX_KEYSLOTS,
+    REENCRYPT_FEATURE,
 };
 pub use io::{OpenOptions, Volume, WRITE_CHUNK};
-pub use online::{ReencryptStatus, SnapshotView};
+pub use online::{ReencryptStatus, SnapshotView, ZONE_SECTORS};
 
 /// One run of the allocation map, as [`Volume::extents`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +130,12 @@ pub enum VolumeError {
     BadSectorSize(u32),
     #[error("request [{offset}, +{len}) lies beyond the end of the volume ({size} bytes)")]
     OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("{path}: a re-encryption is in progress; opening it needs the new data key too (cryptvol unlocks both from the header's keyslots)")]
+    ReencryptKeyNeeded { path: String },
+    #[error("{path}: a re-encryption step was interrupted; open the volume read-write once (cryptvol serve or cryptvol reencrypt) to finish it before a read-only open")]
+    ReencryptInterrupted { path: String },
+    #[error("{path}: {detail}")]
+    Reencrypt { path: String, detail: String },
     #[error("volume is read-only")]
     ReadOnly,
     #[error("no space left on the backing file's filesystem: {0}")]
