@@ -111,9 +111,19 @@ async fn read_encrypted(
     .map_err(|e| SnapshotError::Internal(format!("chunk reader: {e}")))?
 }
 
-/// Uploads `data` as `hash` unless the store has it; returns whether it uploaded.
-async fn upload_if_absent(store: &Store, hash: &str, data: Vec<u8>) -> Result<bool, SnapshotError> {
-    if store.has_chunk(hash).await? {
+/// Uploads `data` as `hash` unless the store has it or this run already uploads it
+/// (`seen`); returns whether it uploaded.
+async fn upload_if_absent(
+    store: &Store,
+    hash: &str,
+    data: Vec<u8>,
+    seen: &std::sync::Mutex<std::collections::HashSet<String>>,
+) -> Result<bool, SnapshotError> {
+    let first = match seen.lock() {
+        Ok(mut s) => s.insert(hash.to_string()),
+        Err(p) => p.into_inner().insert(hash.to_string()),
+    };
+    if !first || store.has_chunk(hash).await? {
         return Ok(false);
     }
     store.put_chunk(hash, Bytes::from(data)).await?;
@@ -121,6 +131,7 @@ async fn upload_if_absent(store: &Store, hash: &str, data: Vec<u8>) -> Result<bo
 }
 
 /// Loads and verifies snapshot `id` with `dek`.
+#[cfg(test)]
 pub(crate) async fn load_verified(
     store: &Store,
     id: &SnapshotId,
@@ -235,10 +246,12 @@ pub async fn create_snapshot(
         );
     }
 
+    let seen = std::sync::Mutex::new(std::collections::HashSet::new());
     let results: Vec<(u64, Entry)> = futures::stream::iter(0..n)
         .map(|i| {
             let source = &source;
             let engine = &engine;
+            let seen = &seen;
             let inherited = from_parent(i);
             async move {
                 let len = chunk_len(size, CHUNK_SIZE, i);
@@ -254,7 +267,7 @@ pub async fn create_snapshot(
                             None => Entry::Hole,
                             Some(data) => {
                                 let hash = chunk_hash(&data);
-                                let uploaded = upload_if_absent(store, &hash, data).await?;
+                                let uploaded = upload_if_absent(store, &hash, data, seen).await?;
                                 Entry::Data {
                                     hash,
                                     uploaded,
@@ -318,7 +331,8 @@ pub async fn create_snapshot(
                 read_encrypted(&source, &engine, i, len, i * sectors_per_chunk).await?
             {
                 hash = chunk_hash(&data);
-                uploaded = upload_if_absent(store, &hash, data).await?;
+                store.put_chunk(&hash, Bytes::from(data)).await?;
+                uploaded = true;
             } else {
                 continue;
             }
