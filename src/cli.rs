@@ -1322,6 +1322,12 @@ enum SnapshotCommand {
         #[command(flatten)]
         store: StoreArg,
     },
+    /// Delete chunks no snapshot references (left by interrupted snapshots). Do not run it
+    /// while a snapshot is being created or copied into the same store.
+    Gc {
+        #[command(flatten)]
+        store: StoreArg,
+    },
     /// Copy a snapshot to another store, as it is or re-encrypted under another key.
     #[command(after_help = SNAPSHOT_AFTER_HELP)]
     Copy {
@@ -1618,6 +1624,17 @@ async fn snapshot_cmd(c: SnapshotCommand) -> Result<()> {
             let st = snap::delete_snapshot(&store, &id).await?;
             println!(
                 "deleted snapshot {id} from {}: {} chunks removed, {} kept (used by other snapshots)",
+                store.url(),
+                st.chunks_deleted,
+                st.chunks_kept
+            );
+            Ok(())
+        }
+        SnapshotCommand::Gc { store } => {
+            let store = store.open(false)?;
+            let st = snap::collect_garbage(&store).await?;
+            println!(
+                "{}: {} unreferenced chunks removed, {} in use",
                 store.url(),
                 st.chunks_deleted,
                 st.chunks_kept

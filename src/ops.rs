@@ -767,10 +767,18 @@ pub async fn restore_snapshot(
             }
             .into())
         }
+        // A filesystem without hard links: rename, having checked the name is free.
+        Err(_) if !path.exists() => {
+            std::fs::rename(&partial, path).map_err(|e| io(path, e))?;
+        }
         Err(e) => return Err(io(path, e).into()),
     }
     guard.0 = None;
-    std::fs::remove_file(&partial).map_err(|e| io(&partial, e))?;
+    match std::fs::remove_file(&partial) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&partial, e).into()),
+    }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -811,15 +819,10 @@ pub async fn snapshot_copy(
     let ctx = snapshot::manifest::snapshot_context(&new_id);
     let svc = keys.service();
     let (new_dek, wrapped) = generate_for(keys, &svc, &target, &ctx).await?;
-    Ok(snapshot::copy_reencrypt(
-        from,
-        &m,
-        &dek,
-        to,
-        &new_id,
-        &new_dek,
-        vec![wrapped],
-        &progress,
-    )
-    .await?)
+    let new = snapshot::NewSnapshotKey {
+        id: new_id,
+        dek: &new_dek,
+        keyslots: vec![wrapped],
+    };
+    Ok(snapshot::copy_reencrypt(from, &m, &dek, to, new, &progress).await?)
 }

@@ -200,7 +200,10 @@ fn snapshot_restore_same_and_other_key_never_plaintext() {
     }
     // ... while the volume really holds the marker as plaintext (sanity of the check).
     let srv = env.serve(&[s(&vol)], &["--read-only"], false);
-    let out = nbdsh(&srv.uri("vol"), &format!("print(h.pread(4096, {}))", 6 * MIB));
+    let out = nbdsh(
+        &srv.uri("vol"),
+        &format!("print(h.pread(4096, {}))", 6 * MIB),
+    );
     srv.stop();
     assert!(String::from_utf8_lossy(&out.stdout).contains("CRYPTVOL-SNAPSHOT-PLAINTEXT-MARKER"));
 
@@ -427,6 +430,12 @@ fn copy_between_stores_as_is_and_reencrypted() {
         read(&a.join(format!("snapshots/{id}.json"))),
         read(&b.join(format!("snapshots/{id}.json")))
     );
+    // gc removes chunks no manifest references (an interrupted snapshot's leftovers).
+    std::fs::create_dir_all(b.join("chunks/ee")).unwrap();
+    std::fs::write(b.join(format!("chunks/ee/{}", "e".repeat(64))), b"orphan").unwrap();
+    let out = run_ok(cv(&nokeys).args(["snapshot", "gc", "--store", s(&b)]));
+    assert!(out.contains("1 unreferenced chunks removed"), "{out}");
+    assert_eq!(names(&a), names(&b));
     // Again: nothing to transfer.
     let st = json(&run_ok(cv(&nokeys).args([
         "snapshot",
@@ -536,7 +545,7 @@ fn ctrl_c_leaves_nothing_half_made_and_the_next_run_resumes() {
         "an interrupted snapshot is visible: {list}"
     );
 
-    // The next run skips the chunks already stored.
+    // gc would remove the leftovers; the next run instead skips the chunks already stored.
     let st = snapshot(&env, &vol, s(&store), &[]);
     assert_eq!(st["data_chunks"], 256);
     assert_eq!(
@@ -545,6 +554,12 @@ fn ctrl_c_leaves_nothing_half_made_and_the_next_run_resumes() {
         "{st}"
     );
     let id = st["id"].as_str().unwrap().to_string();
+    // gc keeps every chunk a manifest references.
+    let out = run_ok(cv(&env).args(["snapshot", "gc", "--store", s(&store)]));
+    assert!(
+        out.contains("0 unreferenced chunks removed, 256 in use"),
+        "{out}"
+    );
 
     // An interrupted restore leaves neither the volume nor its partial file.
     let r = env.path("r.img");

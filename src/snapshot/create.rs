@@ -226,6 +226,8 @@ pub async fn create_snapshot(
     let sectors_per_chunk = u64::from(CHUNK_SIZE / sector_size.max(1));
     let parent = resolve_parent(store, &opts.parent, dek, volume.uuid, size, sector_size).await?;
     let id = SnapshotId::generate()?;
+    // The snapshot's point in time: when it starts.
+    let created_at = manifest::now();
     let n = chunk_count(size, CHUNK_SIZE);
     // Chunks not in the changed set come from the parent (when there is one).
     let from_parent = |i: u64| -> Option<Option<[u8; 32]>> {
@@ -357,7 +359,7 @@ pub async fn create_snapshot(
         cipher: CIPHER.to_string(),
         chunks,
         parent: parent.map(|p| p.id),
-        created_at: manifest::now(),
+        created_at,
         description: opts.description.clone(),
         encryption_context: EncryptionContext::for_volume(&volume.uuid),
         keyslots: volume.keyslots.clone(),

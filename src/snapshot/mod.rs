@@ -28,8 +28,8 @@ pub mod store;
 pub use create::{create_snapshot, CreateOptions, CreateStats, Parent, VolumeKeys};
 pub use manifest::{Manifest, SnapshotId, CONTEXT_SNAPSHOT_ID, MANIFEST_VERSION};
 pub use restore::{
-    copy_as_is, copy_reencrypt, delete_snapshot, list_snapshots, restore_into, CopyStats,
-    DeleteStats, RestoreStats,
+    collect_garbage, copy_as_is, copy_reencrypt, delete_snapshot, list_snapshots, load_manifest,
+    restore_into, CopyStats, DeleteStats, NewSnapshotKey, RestoreStats,
 };
 pub use store::{default_store, Store};
 

@@ -207,21 +207,34 @@ pub async fn copy_as_is(
     })
 }
 
+/// The identity and key of a re-encrypted copy.
+pub struct NewSnapshotKey<'a> {
+    /// The copy's id (chosen first: the keyslots are bound to it).
+    pub id: SnapshotId,
+    /// The copy's data key.
+    pub dek: &'a Dek,
+    /// `dek` wrapped, bound to [`snapshot_context`]`(id)`.
+    pub keyslots: Vec<WrappedDek>,
+}
+
 /// Copies snapshot `m` (verified with `old_dek`) from `from` to `to` as a new snapshot
-/// `new_id` under another data key `new_dek`: every chunk is fetched, checked, decrypted
-/// and encrypted again (at the same sector numbers). `keyslots` wrap `new_dek` and must be
-/// bound to the copy's own encryption context ([`snapshot_context`]`(new_id)`). The copy
-/// has no parent. The manifest is written last.
+/// `new.id` under another data key `new.dek`: every chunk is fetched, checked, decrypted
+/// and encrypted again (at the same sector numbers). The keyslots must be bound to the
+/// copy's own encryption context. The copy has no parent. The manifest is written last.
 pub async fn copy_reencrypt(
     from: &Store,
     m: &Manifest,
     old_dek: &Dek,
     to: &Store,
-    new_id: &SnapshotId,
-    new_dek: &Dek,
-    keyslots: Vec<WrappedDek>,
+    new: NewSnapshotKey<'_>,
     progress: &Progress,
 ) -> Result<CopyStats, SnapshotError> {
+    let NewSnapshotKey {
+        id: new_id,
+        dek: new_dek,
+        keyslots,
+    } = new;
+    let new_id = &new_id;
     let ctx = snapshot_context(new_id);
     if keyslots.is_empty() || keyslots.iter().any(|s| s.context != ctx) {
         return Err(SnapshotError::Internal(
@@ -343,6 +356,38 @@ pub async fn delete_snapshot(store: &Store, id: &SnapshotId) -> Result<DeleteSta
             stats.chunks_kept += 1;
         } else {
             store.delete_chunk(&manifest::to_hex(&h)).await?;
+            stats.chunks_deleted += 1;
+        }
+    }
+    Ok(stats)
+}
+
+/// Deletes every chunk no manifest references (left by interrupted snapshots, or by a
+/// deleted manifest that could not be read). Refuses when a manifest cannot be read.
+/// **Do not run it while a snapshot is being created or copied into the same store**:
+/// that snapshot's chunks are unreferenced until its manifest is written.
+pub async fn collect_garbage(store: &Store) -> Result<DeleteStats, SnapshotError> {
+    let mut used: HashSet<String> = HashSet::new();
+    for id in store.list_ids().await? {
+        match load_manifest(store, &id).await {
+            Ok(m) => used.extend(m.chunks.values().map(|h| manifest::to_hex(h))),
+            Err(SnapshotError::NotFound { .. }) => {}
+            Err(e) => {
+                return Err(SnapshotError::BadManifest {
+                    id: id.to_string(),
+                    reason: format!(
+                        "cannot tell which chunks it uses, so nothing was collected: {e}"
+                    ),
+                })
+            }
+        }
+    }
+    let mut stats = DeleteStats::default();
+    for h in store.list_chunks().await? {
+        if used.contains(&h) {
+            stats.chunks_kept += 1;
+        } else {
+            store.delete_chunk(&h).await?;
             stats.chunks_deleted += 1;
         }
     }
