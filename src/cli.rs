@@ -65,6 +65,10 @@ enum Command {
     /// Compliance scan: check volume files and directories for unencrypted images, key
     /// problems and damaged headers (reads headers and key metadata only).
     Check(CheckArgs),
+    /// Encrypted, incremental snapshots in a local directory or an S3-compatible store:
+    /// create, list, describe, delete, copy (restore: cryptvol create --from-snapshot).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
 }
 
 #[derive(Args, Clone)]
@@ -140,8 +144,17 @@ impl PassphraseArgs {
 #[derive(Args)]
 struct CreateArgs {
     /// Volume size, e.g. 512M, 10G, 1T (binary units); a multiple of the sector size.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
-    size: u64,
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg, required_unless_present = "from_snapshot", conflicts_with = "from_snapshot")]
+    size: Option<u64>,
+    /// Restore the volume from this snapshot (size and sector size come from it). Without
+    /// --key (or with the snapshot's own key) the volume shares the snapshot's data key,
+    /// rewrapped for the new volume; with another key it gets a new data key and every
+    /// chunk is re-encrypted.
+    #[arg(long, value_name = "SNAPSHOT-ID", requires = "store")]
+    from_snapshot: Option<String>,
+    /// The snapshot store of --from-snapshot.
+    #[arg(long, value_name = "STORE", env = "CRYPTVOL_SNAPSHOT_STORE")]
+    store: Option<String>,
     /// Master key to wrap the data key: a local key id (mk-…) or alias/NAME, exec:NAME[:KEY],
     /// or an AWS KMS key (arn:aws:kms:…, aws-kms:ID, aws-kms:alias/NAME) [default: the key set
     /// with `cryptvol key set-default`, else the local default key, created on first use].
@@ -635,6 +648,7 @@ async fn run(cli: Cli, activated: Result<Vec<ActivatedSocket>, ServerError>) -> 
         Command::Keyslot(k) => keyslot(k).await,
         Command::Demo(a) => demo(a).await,
         Command::Check(a) => check(a).await,
+        Command::Snapshot(c) => snapshot_cmd(c).await,
     }
 }
 
@@ -652,13 +666,16 @@ fn key_options(
 }
 
 async fn create(a: CreateArgs) -> Result<()> {
+    if a.from_snapshot.is_some() {
+        return restore(a).await;
+    }
     let keys = key_options(&a.keystore, Some(&a.pass), a.kdf.params());
     let new_key = match &keys.passphrase {
         Some(source) => NewKey::Passphrase(source),
         None => NewKey::parse(a.key.as_deref())?,
     };
     let spec = VolumeSpec {
-        size: a.size,
+        size: a.size.context("--size is required")?,
         sector_size: a.sector_size,
     };
     let opts = ops::CreateOptions {
@@ -1425,4 +1442,457 @@ fn check_line(r: &ItemReport) -> String {
         line.push_str(&format!(" [{}: {}]", f.code.as_str(), f.message));
     }
     one_line(&line)
+}
+
+// ---------------------------------------------------------------------------------------
+// Snapshots.
+
+const SNAPSHOT_AFTER_HELP: &str = "\
+Stores: file:///DIR or a plain directory path (default: $CRYPTVOL_SNAPSHOT_STORE, else
+/var/lib/cryptvol/snapshots for root, else $XDG_DATA_HOME/cryptvol/snapshots), or
+s3://BUCKET/PREFIX with the standard AWS environment (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL[_S3]; http:// endpoints only on
+loopback). Chunks are stored encrypted under the volume's data key; see README, Snapshots.
+
+Examples:
+  cryptvol snapshot create vol.img --store /backup/snaps --description nightly
+  cryptvol snapshot list --store /backup/snaps --volume vol.img
+  cryptvol create --from-snapshot snap-0123456789abcdef0 --store /backup/snaps restored.img
+  cryptvol snapshot copy snap-0123456789abcdef0 --store /backup/snaps --to-store s3://b/p --key alias/dr";
+
+#[derive(Args, Clone)]
+struct StoreArg {
+    /// Snapshot store: file:///DIR, DIR, or s3://BUCKET/PREFIX [default: see below].
+    #[arg(long, value_name = "STORE", env = "CRYPTVOL_SNAPSHOT_STORE")]
+    store: Option<String>,
+}
+
+impl StoreArg {
+    fn open(&self, create: bool) -> Result<crate::snapshot::Store> {
+        let spec = self
+            .store
+            .clone()
+            .unwrap_or_else(crate::snapshot::default_store);
+        Ok(crate::snapshot::Store::open(&spec, create)?)
+    }
+}
+
+#[derive(Subcommand)]
+#[command(after_help = SNAPSHOT_AFTER_HELP)]
+enum SnapshotCommand {
+    /// Snapshot a volume file that is not being served (a served volume is snapshotted
+    /// through its daemon). Incremental: chunks the store already holds are not uploaded.
+    #[command(after_help = SNAPSHOT_AFTER_HELP)]
+    Create {
+        /// The volume file.
+        file: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
+        /// A free-text description stored in the manifest.
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        description: String,
+        /// Parent snapshot [default: the newest snapshot of this volume in the store;
+        /// "none" for none].
+        #[arg(long, value_name = "ID")]
+        parent: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+        #[command(flatten)]
+        pass: PassphraseArgs,
+    },
+    /// List the snapshots of a store (no key needed).
+    #[command(after_help = SNAPSHOT_AFTER_HELP)]
+    List {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Only snapshots of this volume: its UUID, or a volume file.
+        #[arg(long, value_name = "UUID|FILE")]
+        volume: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one snapshot (no key needed).
+    Describe {
+        id: String,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot: its manifest, then the chunks no other snapshot uses.
+    Delete {
+        id: String,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Delete chunks no snapshot references (left by interrupted snapshots). Do not run it
+    /// while a snapshot is being created or copied into the same store.
+    Gc {
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Copy a snapshot to another store, as it is or re-encrypted under another key.
+    #[command(after_help = SNAPSHOT_AFTER_HELP)]
+    Copy {
+        id: String,
+        #[command(flatten)]
+        store: StoreArg,
+        /// The destination store.
+        #[arg(long, value_name = "STORE")]
+        to_store: String,
+        /// Re-encrypt under a new data key wrapped by this master key (a key other than the
+        /// snapshot's); without it the snapshot is copied as it is (no key needed).
+        #[arg(
+            long,
+            visible_alias = "kms-key-id",
+            value_name = "KEY",
+            conflicts_with = "pass"
+        )]
+        key: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+        #[command(flatten)]
+        pass: PassphraseArgs,
+        #[command(flatten)]
+        kdf: KdfArgs,
+    },
+}
+
+/// Runs `fut`, or stops at Ctrl-C (dropping it: partial work is cleaned up by its
+/// destructors or left invisible and reused by the next run).
+async fn interruptible<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::select! {
+        r = fut => r,
+        _ = tokio::signal::ctrl_c() => {
+            anyhow::bail!("{what} interrupted; nothing half-made is visible (run it again to resume: chunks already stored are reused)")
+        }
+    }
+}
+
+fn snapshot_id(s: &str) -> Result<crate::snapshot::SnapshotId> {
+    Ok(crate::snapshot::SnapshotId::parse(s)?)
+}
+
+async fn restore(a: CreateArgs) -> Result<()> {
+    let id = snapshot_id(a.from_snapshot.as_deref().unwrap_or_default())?;
+    let store = StoreArg {
+        store: a.store.clone(),
+    }
+    .open(false)?;
+    let keys = key_options(&a.keystore, Some(&a.pass), a.kdf.params());
+    let target = match (&keys.passphrase, &a.key) {
+        (Some(source), _) => Some(NewKey::Passphrase(source)),
+        (None, Some(k)) => Some(NewKey::Key(KeyRef::parse(k)?)),
+        (None, None) => None,
+    };
+    let out = interruptible("restore", async {
+        ops::restore_snapshot(&store, &id, &a.file, &keys, target)
+            .await
+            .with_context(|| format!("cannot restore {} from snapshot {id}", a.file.display()))
+    })
+    .await?;
+    if out.header.sector_size != a.sector_size && a.sector_size != DEFAULT_SECTOR_SIZE {
+        tracing::warn!(
+            "--sector-size {} ignored: the volume has the snapshot's sector size {}",
+            a.sector_size,
+            out.header.sector_size
+        );
+    }
+    println!(
+        "created {} from snapshot {id} ({}, {}-byte sectors, uuid {}, {} of {} chunks with data), {}, data key wrapped by {}",
+        a.file.display(),
+        format_size(out.header.size),
+        out.header.sector_size,
+        out.header.uuid,
+        out.stats.data_chunks,
+        out.stats.chunks,
+        if out.shared_dek {
+            "sharing the snapshot's data key"
+        } else {
+            "re-encrypted under a new data key"
+        },
+        out.header
+            .keyslots
+            .first()
+            .map(slot_label)
+            .unwrap_or_else(|| "?".into())
+    );
+    Ok(())
+}
+
+/// What `snapshot list/describe` show (no key material; keyslots without their blobs).
+#[derive(serde::Serialize)]
+struct SnapshotView {
+    id: String,
+    volume_uuid: String,
+    volume_size: u64,
+    sector_size: u32,
+    chunk_size: u32,
+    chunks: u64,
+    data_chunks: u64,
+    stored_bytes: u64,
+    parent: Option<String>,
+    created_at: String,
+    description: String,
+    encryption_context: std::collections::BTreeMap<String, String>,
+    keyslots: Vec<ops::KeyslotInfo>,
+}
+
+fn snapshot_view(m: &crate::snapshot::Manifest) -> SnapshotView {
+    SnapshotView {
+        id: m.id.to_string(),
+        volume_uuid: m.volume_uuid.to_string(),
+        volume_size: m.volume_size,
+        sector_size: m.sector_size,
+        chunk_size: m.chunk_size,
+        chunks: m.chunk_count(),
+        data_chunks: m.chunks.len() as u64,
+        stored_bytes: m.chunks.keys().map(|&i| m.chunk_len(i) as u64).sum(),
+        parent: m.parent.as_ref().map(|p| p.to_string()),
+        created_at: m.created_at.clone(),
+        description: m.description.clone(),
+        encryption_context: m.encryption_context.0.clone(),
+        keyslots: m
+            .keyslots
+            .iter()
+            .enumerate()
+            .map(|(slot, k)| ops::KeyslotInfo {
+                slot,
+                backend: k.backend.clone(),
+                key_id: k.key_id.clone(),
+                encryption_context: k.context.0.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+async fn snapshot_cmd(c: SnapshotCommand) -> Result<()> {
+    use crate::snapshot::{self as snap, CreateOptions, Parent};
+    match c {
+        SnapshotCommand::Create {
+            file,
+            store,
+            description,
+            parent,
+            json,
+            keystore,
+            pass,
+        } => {
+            let store = store.open(true)?;
+            let keys = key_options(&keystore, Some(&pass), Argon2Params::default());
+            let parent = match parent.as_deref() {
+                None => Parent::Auto,
+                Some("none") => Parent::None,
+                Some(p) => Parent::Id(snapshot_id(p)?),
+            };
+            let opts = CreateOptions {
+                parent,
+                changed: None,
+                description,
+            };
+            let st = interruptible("snapshot", async {
+                ops::snapshot_create(&file, &keys, &store, &opts)
+                    .await
+                    .with_context(|| format!("cannot snapshot {}", file.display()))
+            })
+            .await?;
+            if json {
+                return print_json(&st);
+            }
+            println!(
+                "snapshot {} of {} in {}: {} chunks, {} with data, {} uploaded ({}){}",
+                st.id,
+                file.display(),
+                store.url(),
+                st.chunks,
+                st.data_chunks,
+                st.uploaded,
+                format_size(st.uploaded_bytes),
+                match &st.parent {
+                    Some(p) => format!(", incremental to {p}"),
+                    None => String::new(),
+                }
+            );
+            Ok(())
+        }
+        SnapshotCommand::List {
+            store,
+            volume,
+            json,
+        } => {
+            let store = store.open(false)?;
+            let filter = match volume.as_deref() {
+                None => None,
+                Some(v) => Some(match uuid::Uuid::try_parse(v) {
+                    Ok(u) => u,
+                    Err(_) => ops::info(Path::new(v))
+                        .with_context(|| format!("--volume {v}: not a UUID nor a readable volume"))?
+                        .uuid
+                        .parse()?,
+                }),
+            };
+            let all = snap::list_snapshots(&store).await?;
+            let views: Vec<SnapshotView> = all
+                .iter()
+                .filter(|m| filter.is_none_or(|u| m.volume_uuid == u))
+                .map(snapshot_view)
+                .collect();
+            if json {
+                return print_json(&views);
+            }
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "{:<22}  {:<27}  {:<36}  {:>9}  {:>9}  {:<22}  DESCRIPTION",
+                "ID", "CREATED", "VOLUME", "SIZE", "STORED", "PARENT"
+            )?;
+            for v in &views {
+                writeln!(
+                    out,
+                    "{:<22}  {:<27}  {:<36}  {:>9}  {:>9}  {:<22}  {}",
+                    v.id,
+                    v.created_at,
+                    v.volume_uuid,
+                    format_size(v.volume_size),
+                    format_size(v.stored_bytes),
+                    v.parent.as_deref().unwrap_or("-"),
+                    v.description.escape_debug()
+                )?;
+            }
+            Ok(())
+        }
+        SnapshotCommand::Describe { id, store, json } => {
+            let store = store.open(false)?;
+            let m = snap::restore::load_manifest(&store, &snapshot_id(&id)?).await?;
+            let v = snapshot_view(&m);
+            if json {
+                return print_json(&v);
+            }
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "snapshot:     {}", v.id)?;
+            writeln!(out, "store:        {}", store.url())?;
+            writeln!(out, "created:      {}", v.created_at)?;
+            writeln!(out, "description:  {}", v.description.escape_debug())?;
+            writeln!(out, "volume:       {}", v.volume_uuid)?;
+            writeln!(
+                out,
+                "size:         {} ({} bytes), {}-byte sectors",
+                format_size(v.volume_size),
+                v.volume_size,
+                v.sector_size
+            )?;
+            writeln!(
+                out,
+                "chunks:       {} of {} bytes, {} with data ({}), {} holes",
+                v.chunks,
+                v.chunk_size,
+                v.data_chunks,
+                format_size(v.stored_bytes),
+                v.chunks - v.data_chunks
+            )?;
+            writeln!(out, "parent:       {}", v.parent.as_deref().unwrap_or("-"))?;
+            let ctx: Vec<String> = v
+                .encryption_context
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            writeln!(out, "key context:  {}", ctx.join(", "))?;
+            writeln!(out, "keyslots:")?;
+            for k in &v.keyslots {
+                let id = if k.key_id.is_empty() {
+                    String::new()
+                } else {
+                    format!(" key {}", k.key_id)
+                };
+                writeln!(out, "  {}: {}{}", k.slot, k.backend, id)?;
+            }
+            Ok(())
+        }
+        SnapshotCommand::Delete { id, store } => {
+            let store = store.open(false)?;
+            let id = snapshot_id(&id)?;
+            let st = snap::delete_snapshot(&store, &id).await?;
+            println!(
+                "deleted snapshot {id} from {}: {} chunks removed, {} kept (used by other snapshots)",
+                store.url(),
+                st.chunks_deleted,
+                st.chunks_kept
+            );
+            Ok(())
+        }
+        SnapshotCommand::Gc { store } => {
+            let store = store.open(false)?;
+            let st = snap::collect_garbage(&store).await?;
+            println!(
+                "{}: {} unreferenced chunks removed, {} in use",
+                store.url(),
+                st.chunks_deleted,
+                st.chunks_kept
+            );
+            Ok(())
+        }
+        SnapshotCommand::Copy {
+            id,
+            store,
+            to_store,
+            key,
+            json,
+            keystore,
+            pass,
+            kdf,
+        } => {
+            let from = store.open(false)?;
+            let to = StoreArg {
+                store: Some(to_store),
+            }
+            .open(true)?;
+            let id = snapshot_id(&id)?;
+            let keys = key_options(&keystore, Some(&pass), kdf.params());
+            let target = match (&keys.passphrase, &key) {
+                (Some(source), _) => Some(NewKey::Passphrase(source)),
+                (None, Some(k)) => Some(NewKey::Key(KeyRef::parse(k)?)),
+                (None, None) => None,
+            };
+            let st = interruptible("copy", async {
+                ops::snapshot_copy(&from, &id, &to, &keys, target)
+                    .await
+                    .with_context(|| format!("cannot copy snapshot {id} to {}", to.url()))
+            })
+            .await?;
+            if json {
+                return print_json(&st);
+            }
+            println!(
+                "copied snapshot {id} to {} as {}{}: {} chunks transferred, {} already there",
+                to.url(),
+                st.id,
+                if st.reencrypted {
+                    " (re-encrypted under a new data key)"
+                } else {
+                    ""
+                },
+                st.chunks_copied,
+                st.chunks_present
+            );
+            Ok(())
+        }
+    }
 }

@@ -9,6 +9,7 @@
 //! - [`ops`]: volume lifecycle operations composed from the layers above (create, open, info).
 //! - [`progress`]: progress bars / periodic log lines for long operations.
 //! - [`compliance`]: `cryptvol check`, the compliance scanner (headers and key metadata only).
+//! - [`snapshot`]: encrypted, incremental snapshots in a local or S3-compatible object store.
 //! - [`config`]: the `serve` configuration file and how it combines with the command line.
 //! - [`cli`]: the thin clap front end.
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -23,4 +24,5 @@ pub mod ops;
 pub mod progress;
 pub mod server;
 pub mod size;
+pub mod snapshot;
 pub mod volume;

@@ -4,11 +4,17 @@
 //! No protocol knowledge lives here.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::crypto::Dek;
 use crate::keys::{
     default_keystore_dir, Argon2Params, EncryptionContext, KeyError, KeyOp, KeyRef, KeyService,
     LocalKeystore, PassphraseBackend, PassphraseSource, WrappedDek, AWS_KMS,
+};
+use crate::progress::Progress;
+use crate::snapshot::{
+    self, CopyStats, CreateStats, Manifest, RestoreStats, SnapshotError, SnapshotId, Store,
+    VolumeKeys,
 };
 use crate::volume::{
     self, crash_point, CopyStatus, Header, HeaderHealth, OpenOptions, Volume, VolumeError,
@@ -30,6 +36,10 @@ pub enum OpsError {
     },
     #[error("{path}: {reason}")]
     Keyslot { path: String, reason: String },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("{path} is being served by a running cryptvol (its open lock is held): a served volume is snapshotted through the daemon that serves it (cryptvol snapshot create EXPORT), or stop serving it first")]
+    VolumeServed { path: String },
 }
 
 /// Where keys come from, as chosen on the command line.
@@ -215,12 +225,27 @@ async fn unlock_dek(
     op: KeyOp,
     order: &[usize],
 ) -> Result<(Dek, usize), OpsError> {
+    let verify = |d: &Dek| header.verify_with_dek(d, path);
+    unlock_slots(path, header, &header.keyslots, keys, op, order, &verify).await
+}
+
+/// Unwraps a DEK through the first of `slots` (in `order`) that works and passes
+/// `verify` (the key check value and MAC of the header, or of a re-encryption's new key).
+async fn unlock_slots(
+    path: &Path,
+    header: &Header,
+    slots: &[WrappedDek],
+    keys: &KeyOptions,
+    op: KeyOp,
+    order: &[usize],
+    verify: &(dyn Fn(&Dek) -> Result<(), VolumeError> + Sync),
+) -> Result<(Dek, usize), OpsError> {
     let ctx = EncryptionContext::for_volume(&header.uuid);
     let svc = keys.service();
     let mut failures = Vec::new();
     let mut passphrase: Option<PassphraseBackend> = None;
     for &i in order {
-        let Some(slot) = header.keyslots.get(i) else {
+        let Some(slot) = slots.get(i) else {
             continue;
         };
         if slot.backend == crate::keys::PASSPHRASE && passphrase.is_none() {
@@ -235,7 +260,7 @@ async fn unlock_dek(
             }
         }
         match svc.unwrap(slot, &ctx, op, passphrase.as_ref()).await {
-            Ok(dek) => match header.verify_with_dek(&dek, path) {
+            Ok(dek) => match verify(&dek) {
                 Ok(()) => {
                     tracing::debug!(path = %path.display(), slot = i, backend = %slot.backend, "unlocked volume");
                     return Ok((dek, i));
@@ -275,7 +300,27 @@ pub async fn unlock(
     warn_health(path, &health);
     let order: Vec<usize> = (0..header.keyslots.len()).collect();
     let (dek, _) = unlock_dek(path, &header, keys, KeyOp::Unwrap, &order).await?;
-    let vol = Volume::open(path, &header, dek, opts)?;
+    // A re-encryption in progress: the new data key is needed too.
+    let next = match &header.reencrypt {
+        Some(r) => {
+            let order: Vec<usize> = (0..r.keyslots.len()).collect();
+            let verify = |d: &Dek| header.verify_next_dek(d, path);
+            let (next, _) = unlock_slots(
+                path,
+                &header,
+                &r.keyslots,
+                keys,
+                KeyOp::Unwrap,
+                &order,
+                &verify,
+            )
+            .await?;
+            tracing::info!(path = %path.display(), watermark = r.watermark, size = header.size, "a re-encryption is in progress; it resumes when the volume is served or `cryptvol reencrypt` runs");
+            Some(next)
+        }
+        None => None,
+    };
+    let vol = Volume::open_with_next(path, &header, dek, next, opts)?;
     Ok((vol, header, health))
 }
 
@@ -562,4 +607,353 @@ pub fn info(path: &Path) -> Result<VolumeInfo, OpsError> {
             healthy: health.primary == CopyStatus::Ok && health.secondary == CopyStatus::Ok,
         },
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// Snapshots (src/snapshot/): the key handling around the snapshot layer.
+
+/// Creates a volume file at `path` with the given UUID, keyslots and data key (the key
+/// check value and MAC are computed from `dek`). For restores that keep a snapshot's DEK.
+pub fn create_volume_with_dek(
+    path: &Path,
+    spec: &VolumeSpec,
+    uuid: uuid::Uuid,
+    keyslots: Vec<WrappedDek>,
+    dek: &Dek,
+) -> Result<Header, OpsError> {
+    validate_spec(spec)?;
+    Ok(volume::create(path, spec, uuid, keyslots, dek)?)
+}
+
+/// A fresh data key wrapped under `target` bound to `ctx` (as `create_volume` does).
+async fn generate_for(
+    keys: &KeyOptions,
+    svc: &KeyService,
+    target: &NewKey<'_>,
+    ctx: &EncryptionContext,
+) -> Result<(Dek, WrappedDek), KeyError> {
+    match target {
+        NewKey::Default => svc.generate(&svc.default_key()?, ctx).await,
+        NewKey::Key(r) => svc.generate(r, ctx).await,
+        NewKey::Passphrase(_) => {
+            let dek = Dek::generate().map_err(KeyError::from)?;
+            let wrapped = wrap_for(keys, svc, target, &dek, ctx, KeyOp::Generate).await?;
+            Ok((dek, wrapped))
+        }
+    }
+}
+
+/// A copy of a DEK (the type is deliberately not `Clone`).
+fn dek_copy(dek: &Dek) -> Result<Dek, OpsError> {
+    Ok(Dek::from_slice(dek.expose()).map_err(KeyError::from)?)
+}
+
+/// Takes an offline snapshot of the volume file at `path` into `store`. The volume is
+/// opened read-only, which its open lock refuses while a `cryptvol serve` has it open for
+/// writing (and which keeps writers out until the snapshot is done).
+pub async fn snapshot_create(
+    path: &Path,
+    keys: &KeyOptions,
+    store: &Store,
+    opts: &snapshot::CreateOptions,
+) -> Result<CreateStats, OpsError> {
+    let (header, health) = volume::read_header(path)?;
+    warn_health(path, &health);
+    let order: Vec<usize> = (0..header.keyslots.len()).collect();
+    let (dek, _) = unlock_dek(path, &header, keys, KeyOp::Unwrap, &order).await?;
+    let ro = OpenOptions {
+        read_only: true,
+        discard: false,
+    };
+    let vol = match Volume::open(path, &header, dek_copy(&dek)?, ro) {
+        Ok(v) => v,
+        Err(VolumeError::InUse { path }) => return Err(OpsError::VolumeServed { path }),
+        Err(e) => return Err(e.into()),
+    };
+    let progress = Progress::new(format!("snapshot {}", path.display()), header.size);
+    let vk = VolumeKeys {
+        uuid: header.uuid,
+        keyslots: header.keyslots.clone(),
+    };
+    Ok(snapshot::create_snapshot(store, Arc::new(vol), &dek, &vk, opts, &progress).await?)
+}
+
+/// Unwraps a snapshot's DEK through the first keyslot that works and verifies the
+/// manifest with it (key check value: a wrong key; then the MAC: tampering). Returns the
+/// DEK and the keyslot that gave it.
+pub async fn unlock_snapshot(m: &Manifest, keys: &KeyOptions) -> Result<(Dek, usize), OpsError> {
+    let ctx = m.expected_context()?;
+    let svc = keys.service();
+    let mut failures = Vec::new();
+    let mut passphrase: Option<PassphraseBackend> = None;
+    for (i, slot) in m.keyslots.iter().enumerate() {
+        if slot.backend == crate::keys::PASSPHRASE && passphrase.is_none() {
+            match &keys.passphrase {
+                Some(source) => {
+                    passphrase = Some(PassphraseBackend::new(source.read(false)?, keys.argon2))
+                }
+                None => {
+                    failures.push(format!("  keyslot {i} (passphrase): no passphrase given (use --passphrase-file FILE or --passphrase-fd N)"));
+                    continue;
+                }
+            }
+        }
+        match svc.unwrap(slot, &ctx, KeyOp::Unwrap, passphrase.as_ref()).await {
+            Ok(dek) => match m.verify(&dek) {
+                Ok(()) => return Ok((dek, i)),
+                Err(SnapshotError::WrongKey { .. }) => failures.push(format!(
+                    "  keyslot {i} ({}{}): wrong key: it holds a data key that is not this snapshot's (key check failed)",
+                    slot.backend.escape_debug(),
+                    key_suffix(slot)
+                )),
+                Err(e) => return Err(e.into()),
+            },
+            Err(e) => failures.push(format!(
+                "  keyslot {i} ({}{}): {e}",
+                slot.backend.escape_debug(),
+                key_suffix(slot)
+            )),
+        }
+    }
+    if failures.is_empty() {
+        failures.push("  (no keyslot to try)".to_string());
+    }
+    Err(OpsError::NoUsableKeyslot {
+        path: format!("snapshot {}", m.id),
+        uuid: m.volume_uuid.to_string(),
+        details: failures.join("\n"),
+    })
+}
+
+/// Whether `target` names the master key of keyslot `slot` (which unlocked the DEK).
+/// Only exact matches count: a KMS alias naming the same key counts as another key (the
+/// data is then re-encrypted, which is correct, only slower).
+fn same_master_key(target: &NewKey<'_>, slot: &WrappedDek, keys: &KeyOptions) -> bool {
+    use crate::keys::{EXEC, LOCAL, PASSPHRASE};
+    let matches = |r: &KeyRef| match r {
+        KeyRef::Local(name) => {
+            slot.backend == LOCAL
+                && keys
+                    .local(false)
+                    .and_then(|ks| ks.resolve(name.as_deref()))
+                    .is_ok_and(|id| id == slot.key_id)
+        }
+        KeyRef::AwsKms(k) => {
+            slot.backend == AWS_KMS
+                && (slot.key_id == *k || slot.key_id.ends_with(&format!(":key/{k}")))
+        }
+        KeyRef::Exec { name, key } => {
+            slot.backend == EXEC
+                && key
+                    .as_ref()
+                    .is_some_and(|k| slot.key_id == format!("{name}:{k}"))
+        }
+    };
+    match target {
+        NewKey::Default => keys.service().default_key().is_ok_and(|r| matches(&r)),
+        NewKey::Key(r) => matches(r),
+        NewKey::Passphrase(_) => slot.backend == PASSPHRASE,
+    }
+}
+
+/// The master key of a keyslot, as a wrapping target.
+fn slot_key<'a>(slot: &WrappedDek, keys: &'a KeyOptions) -> Result<NewKey<'a>, OpsError> {
+    use crate::keys::{EXEC, LOCAL, PASSPHRASE};
+    Ok(match slot.backend.as_str() {
+        LOCAL => NewKey::Key(KeyRef::Local(Some(slot.key_id.clone()))),
+        AWS_KMS => NewKey::Key(KeyRef::AwsKms(slot.key_id.clone())),
+        EXEC => {
+            let (name, key) = slot.key_id.split_once(':').unwrap_or((&slot.key_id, ""));
+            NewKey::Key(KeyRef::Exec {
+                name: name.to_string(),
+                key: (!key.is_empty()).then(|| key.to_string()),
+            })
+        }
+        PASSPHRASE => match &keys.passphrase {
+            Some(source) => NewKey::Passphrase(source),
+            None => {
+                return Err(KeyError::Unsupported(
+                    "the snapshot's key is a passphrase: give it with --passphrase-file or --passphrase-fd".into(),
+                )
+                .into())
+            }
+        },
+        other => {
+            return Err(KeyError::Unsupported(format!(
+                "keyslot backend {:?} is not available in this build",
+                other.escape_debug().to_string()
+            ))
+            .into())
+        }
+    })
+}
+
+/// The hidden name a restore writes to before renaming: `.FILE.partial` beside `FILE`.
+pub fn partial_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "volume".into());
+    path.with_file_name(format!(".{name}.partial"))
+}
+
+/// Removes a file on drop unless disarmed (a restore that did not finish).
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+}
+
+/// What a restore did.
+#[derive(Debug)]
+pub struct RestoreOutcome {
+    pub header: Header,
+    /// The new volume shares the snapshot's DEK (same master key); else it got a new DEK
+    /// and every chunk was re-encrypted.
+    pub shared_dek: bool,
+    pub stats: RestoreStats,
+}
+
+/// Creates the volume `path` from snapshot `id` of `store`. `target` `None` (or naming
+/// the snapshot's own master key) keeps the snapshot's DEK, rewrapped for the new
+/// volume's encryption context; another key gets a new DEK and every chunk is
+/// re-encrypted. The manifest MAC and every chunk hash are verified. The volume is built
+/// under `.FILE.partial` and renamed only when complete: on any error (or when the future
+/// is dropped, e.g. on Ctrl-C) the partial file is removed; one left by a killed process
+/// is removed by the next restore to the same name.
+pub async fn restore_snapshot(
+    store: &Store,
+    id: &SnapshotId,
+    path: &Path,
+    keys: &KeyOptions,
+    target: Option<NewKey<'_>>,
+) -> Result<RestoreOutcome, OpsError> {
+    if path.exists() {
+        return Err(VolumeError::AlreadyExists {
+            path: path.display().to_string(),
+        }
+        .into());
+    }
+    let m = snapshot::restore::load_manifest(store, id).await?;
+    let (dek, slot) = unlock_snapshot(&m, keys).await?;
+    let unlocked = &m.keyslots[slot];
+    let shared = match &target {
+        None => true,
+        Some(t) => same_master_key(t, unlocked, keys),
+    };
+    let uuid = uuid::Uuid::new_v4();
+    let ctx = EncryptionContext::for_volume(&uuid);
+    let svc = keys.service();
+    let (new_dek, wrapped) = if shared {
+        let to = match target {
+            Some(t) => t,
+            None => slot_key(unlocked, keys)?,
+        };
+        let w = wrap_for(keys, &svc, &to, &dek, &ctx, KeyOp::RewrapTo).await?;
+        (dek_copy(&dek)?, w)
+    } else {
+        let t = target.unwrap_or(NewKey::Default);
+        generate_for(keys, &svc, &t, &ctx).await?
+    };
+    let partial = partial_path(path);
+    if partial.exists() {
+        tracing::info!(
+            "removing {} left by an interrupted restore",
+            partial.display()
+        );
+        std::fs::remove_file(&partial).map_err(|e| VolumeError::Io {
+            path: partial.display().to_string(),
+            source: e,
+        })?;
+    }
+    let spec = VolumeSpec {
+        size: m.volume_size,
+        sector_size: m.sector_size,
+    };
+    let header = create_volume_with_dek(&partial, &spec, uuid, vec![wrapped], &new_dek)?;
+    let mut guard = RemoveOnDrop(Some(partial.clone()));
+    let vol = Arc::new(Volume::open(
+        &partial,
+        &header,
+        new_dek,
+        OpenOptions::default(),
+    )?);
+    let progress = Progress::new(format!("restore {id}"), m.volume_size);
+    let stats = snapshot::restore_into(store, &m, &dek, Arc::clone(&vol), &progress).await?;
+    drop(vol);
+    let io = |p: &Path, e: std::io::Error| VolumeError::Io {
+        path: p.display().to_string(),
+        source: e,
+    };
+    // Link, not rename: never replaces a file that appeared at `path` meanwhile.
+    match std::fs::hard_link(&partial, path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(VolumeError::AlreadyExists {
+                path: path.display().to_string(),
+            }
+            .into())
+        }
+        // A filesystem without hard links: rename, having checked the name is free.
+        Err(_) if !path.exists() => {
+            std::fs::rename(&partial, path).map_err(|e| io(path, e))?;
+        }
+        Err(e) => return Err(io(path, e).into()),
+    }
+    guard.0 = None;
+    match std::fs::remove_file(&partial) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&partial, e).into()),
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(&dir, e))?;
+    Ok(RestoreOutcome {
+        header,
+        shared_dek: shared,
+        stats,
+    })
+}
+
+/// Copies snapshot `id` from `from` to `to`. Without `target` (or with the snapshot's own
+/// master key) the snapshot is copied as it is: same id, same keyslots, no key needed
+/// without `target`. With another key the copy is a new snapshot (new id, no parent)
+/// under a new DEK wrapped by that key and bound to the copy's own encryption context
+/// (`cryptvol:snapshot-id`), every chunk re-encrypted.
+pub async fn snapshot_copy(
+    from: &Store,
+    id: &SnapshotId,
+    to: &Store,
+    keys: &KeyOptions,
+    target: Option<NewKey<'_>>,
+) -> Result<CopyStats, OpsError> {
+    let m = snapshot::restore::load_manifest(from, id).await?;
+    let total: u64 = m.chunks.keys().map(|&i| m.chunk_len(i) as u64).sum();
+    let progress = Progress::new(format!("copy {id}"), total);
+    let Some(target) = target else {
+        return Ok(snapshot::copy_as_is(from, to, id, &progress).await?);
+    };
+    let (dek, slot) = unlock_snapshot(&m, keys).await?;
+    if same_master_key(&target, &m.keyslots[slot], keys) {
+        return Ok(snapshot::copy_as_is(from, to, id, &progress).await?);
+    }
+    let new_id = SnapshotId::generate()?;
+    let ctx = snapshot::manifest::snapshot_context(&new_id);
+    let svc = keys.service();
+    let (new_dek, wrapped) = generate_for(keys, &svc, &target, &ctx).await?;
+    let new = snapshot::NewSnapshotKey {
+        id: new_id,
+        dek: &new_dek,
+        keyslots: vec![wrapped],
+    };
+    Ok(snapshot::copy_reencrypt(from, &m, &dek, to, new, &progress).await?)
 }
