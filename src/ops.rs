@@ -108,6 +108,29 @@ pub async fn create_volume(
     key: NewKey<'_>,
     keys: &KeyOptions,
 ) -> Result<Header, OpsError> {
+    Ok(create_with_dek(path, spec, key, keys).await?.0)
+}
+
+/// Like [`create_volume`], and opens the new volume with the DEK it was made with
+/// (no second unwrap: a passphrase read from a descriptor can be read only once).
+pub async fn create_and_open(
+    path: &Path,
+    spec: &VolumeSpec,
+    key: NewKey<'_>,
+    keys: &KeyOptions,
+    opts: OpenOptions,
+) -> Result<(Volume, Header), OpsError> {
+    let (header, dek) = create_with_dek(path, spec, key, keys).await?;
+    let vol = Volume::open(path, &header, dek, opts)?;
+    Ok((vol, header))
+}
+
+async fn create_with_dek(
+    path: &Path,
+    spec: &VolumeSpec,
+    key: NewKey<'_>,
+    keys: &KeyOptions,
+) -> Result<(Header, Dek), OpsError> {
     validate_spec(spec)?;
     if path.exists() {
         return Err(VolumeError::AlreadyExists {
@@ -127,7 +150,8 @@ pub async fn create_volume(
             (dek, wrapped)
         }
     };
-    Ok(volume::create(path, spec, uuid, vec![wrapped], &dek)?)
+    let header = volume::create(path, spec, uuid, vec![wrapped], &dek)?;
+    Ok((header, dek))
 }
 
 fn validate_spec(spec: &VolumeSpec) -> Result<(), VolumeError> {

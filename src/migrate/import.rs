@@ -1,0 +1,691 @@
+//! `cryptvol import SOURCE FILE`: copies an unencrypted source into a new encrypted volume.
+//!
+//! Design (resumable, never half-made):
+//! - The volume is built as `.FILE.partial` next to FILE, with the resume journal
+//!   `.FILE.import` ([`super::journal`]) beside it; FILE itself appears only at the end, by
+//!   an atomic no-replace rename, after the checksums matched. Nothing named FILE is ever
+//!   an unfinished volume.
+//! - The copy runs in 4 MiB blocks. Aligned 64 KiB runs of zeros (and, for files, holes
+//!   found with `SEEK_DATA`) are not written: they stay unallocated in the volume, which
+//!   reads them as zeros. The source's plaintext is hashed (SHA-256) as it is read.
+//! - Every 32 MiB or 2 seconds, the volume is `fdatasync`ed and a checkpoint (bytes done,
+//!   counters, the serialized SHA-256 state) is appended to the journal. An interrupted
+//!   import (SIGINT/SIGTERM: a last checkpoint is written; `kill -9`, power loss: the last
+//!   one stands) continues from the last checkpoint when the same command is run again, so
+//!   at most 32 MiB (or 2 s) of work is redone, and the source checksum still covers the
+//!   whole source.
+//! - The journal records the source's identity (path or URI, size, and for files inode and
+//!   modification time), the key choice, the sector size and the partial volume's UUID; a
+//!   different source or different options refuse to resume (`--restart` starts over).
+//! - At the end the volume is read back through [`Volume`] (unallocated extents count as
+//!   zeros without being read) and hashed; a mismatch with the source's checksum is an
+//!   error and the partial volume is kept for inspection.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sha2::digest::common::hazmat::{SerializableState, SerializedState};
+use sha2::{Digest, Sha256};
+
+use super::journal::{self, Journal, Record, JOURNAL_VERSION};
+use super::source::{Source, SourceIdentity};
+use super::{
+    finish_hex, hash_zeros, hex, is_zero, round_up, test_delay, test_write_zeros, unhex, zero_runs,
+    Cancel, MigrateError, BLOCK, ZERO_UNIT,
+};
+use crate::ops::{self, KeyOptions, NewKey};
+use crate::progress::Progress;
+use crate::volume::{self, OpenOptions, Volume, VolumeSpec, DEFAULT_SECTOR_SIZE};
+
+/// A checkpoint is written after this many bytes...
+const CHECKPOINT_BYTES: u64 = 32 << 20;
+/// ...or this much time, whichever comes first.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
+/// Extents are asked for in windows of this size (bounded memory on big volumes).
+const EXTENT_WINDOW: u64 = 1 << 30;
+
+/// What to do with an earlier, interrupted import into the same target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ResumeMode {
+    /// Continue it if there is one, else start.
+    #[default]
+    Auto,
+    /// Continue it; fail if there is none.
+    Require,
+    /// Discard it and start over.
+    Restart,
+}
+
+/// An import as asked for on the command line.
+#[derive(Debug, Clone)]
+pub struct ImportRequest<'a> {
+    /// A path (file or block device) or an NBD URI.
+    pub source: &'a str,
+    /// The volume file to create.
+    pub target: &'a Path,
+    /// `None`: the default (4096), or the interrupted import's.
+    pub sector_size: Option<u32>,
+    /// How the key was chosen (`default`, `key:REF`, `passphrase`): recorded, and compared
+    /// on resume.
+    pub key_label: String,
+    pub mode: ResumeMode,
+}
+
+/// What an import did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImportReport {
+    pub volume: String,
+    pub uuid: String,
+    pub source: SourceIdentity,
+    pub source_size: u64,
+    pub volume_size: u64,
+    pub sector_size: u32,
+    /// Zero bytes appended to reach a multiple of the sector size.
+    pub padding: u64,
+    /// Where this run started when it continued an interrupted import.
+    pub resumed_from: Option<u64>,
+    /// Bytes of data written (all runs).
+    pub written: u64,
+    /// Bytes of zeros left unallocated (all runs).
+    pub skipped_zero: u64,
+    pub source_sha256: String,
+    pub volume_sha256: String,
+    pub checksums_match: bool,
+}
+
+/// The files an import into `target` uses.
+struct Paths {
+    target: PathBuf,
+    partial: PathBuf,
+    journal: PathBuf,
+}
+
+impl Paths {
+    fn new(target: &Path) -> Result<Paths, MigrateError> {
+        let name = target.file_name().ok_or_else(|| {
+            MigrateError::BadDestination(format!("{} is not a file name", target.display()))
+        })?;
+        let dir = target.parent().unwrap_or(Path::new(""));
+        let hidden = |suffix: &str| {
+            let mut n = std::ffi::OsString::from(".");
+            n.push(name);
+            n.push(suffix);
+            dir.join(n)
+        };
+        Ok(Paths {
+            target: target.to_path_buf(),
+            partial: hidden(".partial"),
+            journal: hidden(".import"),
+        })
+    }
+}
+
+/// The partial volume file that an import into `target` works on.
+pub fn partial_path(target: &Path) -> Option<PathBuf> {
+    Paths::new(target).ok().map(|p| p.partial)
+}
+
+/// The journal file of an import into `target`.
+pub fn journal_path(target: &Path) -> Option<PathBuf> {
+    Paths::new(target).ok().map(|p| p.journal)
+}
+
+/// Imports `req.source` into a new volume `req.target`, creating its DEK under `key`, or
+/// continues an interrupted import. `cancel` stops it at the next block (progress saved).
+pub async fn import(
+    req: &ImportRequest<'_>,
+    key: NewKey<'_>,
+    keys: &KeyOptions,
+    cancel: &Cancel,
+) -> Result<ImportReport, MigrateError> {
+    let paths = Paths::new(req.target)?;
+    refuse_existing_target(&paths)?;
+    let (mut journal, mut records) = Journal::open(&paths.journal, &paths.target)?;
+    // Checked again under the lock: a concurrent import may have just finished.
+    refuse_existing_target(&paths)?;
+    if req.mode == ResumeMode::Restart {
+        discard(&paths, &mut journal, &mut records)?;
+    }
+    let source = Source::open(req.source)?;
+    if source.size() == 0 {
+        return Err(MigrateError::BadSource(format!(
+            "the source {} is empty",
+            source.identity().location
+        )));
+    }
+    let mut prior = journal::progress(&records);
+    if prior.is_some() && !paths.partial.exists() {
+        if req.mode == ResumeMode::Require {
+            return Err(cannot_resume(
+                &paths,
+                format!("its partial volume {} is missing", paths.partial.display()),
+            ));
+        }
+        tracing::warn!(partial = %paths.partial.display(), "the partial volume of an interrupted import is missing; starting over");
+        discard(&paths, &mut journal, &mut records)?;
+        prior = None;
+    }
+    let job = match prior {
+        Some(p) => resume(req, &paths, p, source, journal, keys).await?,
+        None if req.mode == ResumeMode::Require => {
+            return Err(cannot_resume(
+                &paths,
+                "there is no interrupted import to resume".into(),
+            ))
+        }
+        None => start(req, &paths, source, journal, key, keys).await?,
+    };
+    let job = Box::new(job);
+    let cancel = cancel.clone();
+    let done = tokio::task::spawn_blocking(move || job.run(&cancel))
+        .await
+        .map_err(|e| MigrateError::Internal(format!("the copy task failed: {e}")))??;
+    finish(&paths, done)
+}
+
+/// Refuses an existing target, naming leftovers of an earlier import if there are any.
+fn refuse_existing_target(paths: &Paths) -> Result<(), MigrateError> {
+    if std::fs::symlink_metadata(&paths.target).is_err() {
+        return Ok(());
+    }
+    let hint = if paths.journal.exists() && !paths.partial.exists() {
+        format!(
+            " (if it is the result of an earlier import, remove the leftover journal {})",
+            paths.journal.display()
+        )
+    } else {
+        " (choose another name or remove it first)".to_string()
+    };
+    Err(MigrateError::TargetExists {
+        path: paths.target.display().to_string(),
+        hint,
+    })
+}
+
+fn cannot_resume(paths: &Paths, reason: String) -> MigrateError {
+    MigrateError::CannotResume {
+        target: paths.target.display().to_string(),
+        reason,
+    }
+}
+
+/// Forgets an interrupted import: removes its partial volume and empties the journal.
+fn discard(
+    paths: &Paths,
+    journal: &mut Journal,
+    records: &mut Vec<Record>,
+) -> Result<(), MigrateError> {
+    if let Some(p) = journal::progress(records) {
+        tracing::info!(target_file = %paths.target.display(), done = p.done, "discarding an interrupted import");
+    }
+    remove_if_exists(&paths.partial)?;
+    journal.clear()?;
+    records.clear();
+    Ok(())
+}
+
+fn remove_if_exists(p: &Path) -> Result<(), MigrateError> {
+    match std::fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(MigrateError::io(p, e)),
+    }
+}
+
+/// A fresh import: creates the partial volume and the journal's start record.
+async fn start(
+    req: &ImportRequest<'_>,
+    paths: &Paths,
+    source: Source,
+    mut journal: Journal,
+    key: NewKey<'_>,
+    keys: &KeyOptions,
+) -> Result<Job, MigrateError> {
+    // A partial volume without a start record is from an import killed while creating it.
+    remove_if_exists(&paths.partial)?;
+    let sector_size = req.sector_size.unwrap_or(DEFAULT_SECTOR_SIZE);
+    let size = source.size();
+    let volume_size = round_up(size, u64::from(sector_size))
+        .ok_or_else(|| MigrateError::BadSource(format!("the source's size {size} is too large")))?;
+    let spec = VolumeSpec {
+        size: volume_size,
+        sector_size,
+    };
+    let (vol, header) =
+        ops::create_and_open(&paths.partial, &spec, key, keys, OpenOptions::default()).await?;
+    journal.append(&Record::Start {
+        version: JOURNAL_VERSION,
+        source: source.identity().clone(),
+        key: req.key_label.clone(),
+        sector_size,
+        volume_size,
+        uuid: header.uuid.to_string(),
+    })?;
+    tracing::info!(
+        source = %source.identity(),
+        volume = %paths.target.display(),
+        uuid = %header.uuid,
+        "import started"
+    );
+    Ok(Job::new(source, vol, journal, Sha256::new(), None))
+}
+
+/// Continues an interrupted import after checking that it is the same one.
+async fn resume(
+    req: &ImportRequest<'_>,
+    paths: &Paths,
+    p: journal::Progress,
+    source: Source,
+    mut journal: Journal,
+    keys: &KeyOptions,
+) -> Result<Job, MigrateError> {
+    let here = source.identity();
+    let reason = if p.source != *here {
+        Some(format!(
+            "it was started from {} but this source is {}; run it with the original source to resume, or add --restart to discard the {} bytes done and start over",
+            p.source, here, p.done
+        ))
+    } else if p.key != req.key_label {
+        Some(format!(
+            "it was started with key choice {:?} but this command asks for {:?}; use the same key options to resume, or add --restart",
+            p.key, req.key_label
+        ))
+    } else if req.sector_size.is_some_and(|s| s != p.sector_size) {
+        Some(format!(
+            "it was started with --sector-size {}; use the same sector size to resume, or add --restart",
+            p.sector_size
+        ))
+    } else {
+        None
+    };
+    if let Some(r) = reason {
+        return Err(cannot_resume(paths, r));
+    }
+    let (header, _) = volume::read_header(&paths.partial)?;
+    if header.uuid.to_string() != p.uuid || header.size != p.volume_size {
+        return Err(cannot_resume(
+            paths,
+            format!(
+                "the partial volume {} is not the one the journal describes (UUID {}); add --restart to start over",
+                paths.partial.display(),
+                header.uuid
+            ),
+        ));
+    }
+    let hasher = match &p.sha256_state {
+        Some(s) => restore_hasher(s).ok_or_else(|| MigrateError::BadJournal {
+            path: journal.path().display().to_string(),
+            detail: "bad sha256_state".into(),
+        })?,
+        None => Sha256::new(),
+    };
+    if p.done > here.size {
+        return Err(cannot_resume(
+            paths,
+            "the journal is past the source's end".into(),
+        ));
+    }
+    let (vol, _, _) = ops::unlock(&paths.partial, keys, OpenOptions::default()).await?;
+    journal.append(&Record::Resume { from: p.done })?;
+    tracing::info!(
+        "resuming the import into {} at offset {} of {} ({} bytes already done, {} earlier resume(s))",
+        paths.target.display(),
+        p.done,
+        here.size,
+        p.done,
+        p.resumes
+    );
+    let mut job = Job::new(source, vol, journal, hasher, Some(p.done));
+    job.done = p.done;
+    job.written = p.written;
+    job.skipped = p.skipped;
+    Ok(job)
+}
+
+fn restore_hasher(hex_state: &str) -> Option<Sha256> {
+    let bytes = unhex(hex_state)?;
+    let state = SerializedState::<Sha256>::try_from(bytes.as_slice()).ok()?;
+    Sha256::deserialize(&state).ok()
+}
+
+/// The copy and verification, run on a blocking thread.
+struct Job {
+    source: Source,
+    vol: Volume,
+    journal: Journal,
+    hasher: Sha256,
+    /// Source bytes done (hashed, and written or skipped).
+    done: u64,
+    written: u64,
+    skipped: u64,
+    resumed_from: Option<u64>,
+    write_zeros: bool,
+    delay: Option<Duration>,
+}
+
+/// A finished copy, verified.
+struct Done {
+    job: Job,
+    source_sha256: String,
+    volume_sha256: String,
+}
+
+impl Job {
+    fn new(
+        source: Source,
+        vol: Volume,
+        journal: Journal,
+        hasher: Sha256,
+        resumed_from: Option<u64>,
+    ) -> Job {
+        Job {
+            source,
+            vol,
+            journal,
+            hasher,
+            done: 0,
+            written: 0,
+            skipped: 0,
+            resumed_from,
+            write_zeros: test_write_zeros(),
+            delay: test_delay(),
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.source.size()
+    }
+
+    fn run(mut self: Box<Self>, cancel: &Cancel) -> Result<Done, MigrateError> {
+        self.copy(cancel)?;
+        let now = self.source.current_identity()?;
+        if now != *self.source.identity() {
+            return Err(MigrateError::SourceChanged(format!(
+                "it was {} and is now {now}",
+                self.source.identity()
+            )));
+        }
+        let source_sha256 = finish_hex(self.hasher.clone());
+        let volume_sha256 = verify(&self.vol, self.total(), cancel)?;
+        Ok(Done {
+            job: *self,
+            source_sha256,
+            volume_sha256,
+        })
+    }
+
+    fn copy(&mut self, cancel: &Cancel) -> Result<(), MigrateError> {
+        let total = self.total();
+        let progress = Progress::new(format!("import {}", self.source.identity().location), total);
+        progress.set_done(self.done);
+        let mut buf = vec![0u8; BLOCK + 4096];
+        let mut last = (self.done, Instant::now());
+        while self.done < total {
+            if cancel.is_cancelled() {
+                self.checkpoint()?;
+                progress.finish();
+                return Err(MigrateError::Interrupted {
+                    done: self.done,
+                    total,
+                });
+            }
+            let start = self.done;
+            let block_end = (start / BLOCK as u64 + 1)
+                .saturating_mul(BLOCK as u64)
+                .min(total);
+            let data = self.source.next_data(start)?;
+            let data = (data - data % ZERO_UNIT as u64).max(start);
+            if data >= block_end {
+                self.zeros(start, block_end - start)?;
+            } else {
+                self.zeros(start, data - start)?;
+                self.data(&mut buf, data, block_end)?;
+            }
+            self.done = block_end;
+            progress.advance(block_end - start);
+            if let Some(d) = self.delay {
+                std::thread::sleep(d);
+            }
+            if self.done - last.0 >= CHECKPOINT_BYTES || last.1.elapsed() >= CHECKPOINT_INTERVAL {
+                self.checkpoint()?;
+                last = (self.done, Instant::now());
+            }
+        }
+        self.checkpoint()?;
+        progress.finish();
+        Ok(())
+    }
+
+    /// `len` zero bytes of the source at `offset`: hashed, not written.
+    fn zeros(&mut self, offset: u64, len: u64) -> Result<(), MigrateError> {
+        if len == 0 {
+            return Ok(());
+        }
+        hash_zeros(&mut self.hasher, len);
+        if self.write_zeros {
+            self.vol.write_zeroes(offset, len, false)?;
+            self.written += len;
+        } else {
+            self.skipped += len;
+        }
+        Ok(())
+    }
+
+    /// Source bytes `[from, to)` (at most one block): read, hashed, and written except
+    /// for zero runs. The source's last block is zero-padded to the volume's size.
+    fn data(&mut self, buf: &mut [u8], from: u64, to: u64) -> Result<(), MigrateError> {
+        let n = (to - from) as usize; // ≤ BLOCK
+        let buf = buf
+            .get_mut(..n + 4096)
+            .ok_or_else(|| MigrateError::Internal("block larger than the copy buffer".into()))?;
+        self.source.read_at(&mut buf[..n], from)?;
+        self.hasher.update(&buf[..n]);
+        let padded = if to == self.total() {
+            let pad = (self.vol.size() - to) as usize; // < sector size ≤ 4096
+            buf[n..n + pad].fill(0);
+            n + pad
+        } else {
+            n
+        };
+        let mut runs = Vec::new();
+        zero_runs(&buf[..padded], |r, zero| runs.push((r, zero)));
+        for (r, zero) in runs {
+            let (off, len) = (from + r.start as u64, r.len() as u64);
+            if zero && !self.write_zeros {
+                self.skipped += len;
+            } else {
+                // The buffer is not needed again: encrypt it in place.
+                self.vol.write_at_mut(&mut buf[r], off, false)?;
+                self.written += len;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the volume durable up to `done`, then records it.
+    fn checkpoint(&mut self) -> Result<(), MigrateError> {
+        self.vol.flush()?;
+        let state = self.hasher.serialize();
+        self.journal.append(&Record::Checkpoint {
+            done: self.done,
+            sha256_state: hex(state.as_slice()),
+            written: self.written,
+            skipped: self.skipped,
+        })
+    }
+}
+
+/// Reads the whole volume back and hashes its first `source_size` bytes; the rest (the
+/// padding) must be zeros. Unallocated extents are hashed as zeros without reading.
+fn verify(vol: &Volume, source_size: u64, cancel: &Cancel) -> Result<String, MigrateError> {
+    let size = vol.size();
+    let progress = Progress::new(format!("verify {}", vol.path()), size);
+    let mut hasher = Sha256::new();
+    let mut padding_zero = true;
+    let mut buf = vec![0u8; BLOCK];
+    let mut window = 0;
+    while window < size {
+        let wlen = EXTENT_WINDOW.min(size - window);
+        for ext in vol.extents(window, wlen)? {
+            let mut pos = ext.offset;
+            let end = ext.offset + ext.len;
+            while pos < end {
+                if cancel.is_cancelled() {
+                    progress.finish();
+                    return Err(MigrateError::Interrupted {
+                        done: source_size,
+                        total: source_size,
+                    });
+                }
+                let n = (BLOCK as u64).min(end - pos);
+                let in_source = source_size.saturating_sub(pos).min(n);
+                if ext.allocated {
+                    let b = &mut buf[..n as usize];
+                    vol.read_at(b, pos)?;
+                    let (head, pad) = b.split_at(in_source as usize);
+                    hasher.update(head);
+                    padding_zero &= is_zero(pad);
+                } else {
+                    hash_zeros(&mut hasher, in_source);
+                }
+                pos += n;
+                progress.advance(n);
+            }
+        }
+        window += wlen;
+    }
+    progress.finish();
+    let digest = finish_hex(hasher);
+    Ok(if padding_zero {
+        digest
+    } else {
+        format!("{digest} (and the zero padding after the source's end reads back non-zero)")
+    })
+}
+
+/// Compares the checksums, then publishes the volume under its final name.
+fn finish(paths: &Paths, done: Done) -> Result<ImportReport, MigrateError> {
+    let Done {
+        job,
+        source_sha256,
+        volume_sha256,
+    } = done;
+    let checksums_match = source_sha256 == volume_sha256;
+    if !checksums_match {
+        return Err(MigrateError::ChecksumMismatch {
+            source_sha256,
+            volume_sha256,
+            partial: paths.partial.display().to_string(),
+        });
+    }
+    let Job {
+        source,
+        vol,
+        journal,
+        written,
+        skipped,
+        resumed_from,
+        ..
+    } = job;
+    let report = ImportReport {
+        volume: paths.target.display().to_string(),
+        uuid: vol.uuid().to_string(),
+        source: source.identity().clone(),
+        source_size: source.size(),
+        volume_size: vol.size(),
+        sector_size: vol.sector_size(),
+        padding: vol.size() - source.size(),
+        resumed_from,
+        written,
+        skipped_zero: skipped,
+        source_sha256,
+        volume_sha256,
+        checksums_match,
+    };
+    vol.flush()?;
+    drop(vol);
+    source.close();
+    rename_noreplace(&paths.partial, &paths.target)?;
+    sync_dir_of(&paths.target)?;
+    journal.remove()?;
+    Ok(report)
+}
+
+/// Renames `from` to `to`, failing if `to` exists (never replacing it).
+fn rename_noreplace(from: &Path, to: &Path) -> Result<(), MigrateError> {
+    use nix::errno::Errno;
+    use nix::fcntl::{renameat2, RenameFlags};
+    let exists = || MigrateError::TargetExists {
+        path: to.display().to_string(),
+        hint: format!(
+            " (it appeared during the import; the imported volume is kept as {})",
+            from.display()
+        ),
+    };
+    match renameat2(None, from, None, to, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(Errno::EEXIST) => Err(exists()),
+        // Filesystems without RENAME_NOREPLACE: link (fails if `to` exists), then unlink.
+        Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
+            std::fs::hard_link(from, to).map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => exists(),
+                _ => MigrateError::io(to, e),
+            })?;
+            std::fs::remove_file(from).map_err(|e| MigrateError::io(from, e))
+        }
+        Err(e) => Err(MigrateError::io(to, std::io::Error::from(e))),
+    }
+}
+
+/// `fsync`s the directory holding `path`, so a rename or unlink in it is durable.
+pub(crate) fn sync_dir_of(path: &Path) -> Result<(), MigrateError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| MigrateError::io(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hidden_work_files_sit_next_to_the_target() {
+        let p = Paths::new(Path::new("/a/b/vol.img")).unwrap();
+        assert_eq!(p.partial, Path::new("/a/b/.vol.img.partial"));
+        assert_eq!(p.journal, Path::new("/a/b/.vol.img.import"));
+        let p = Paths::new(Path::new("vol.img")).unwrap();
+        assert_eq!(p.partial, Path::new(".vol.img.partial"));
+        assert!(Paths::new(Path::new("/")).is_err());
+    }
+
+    #[test]
+    fn hasher_state_survives_a_round_trip() {
+        let mut a = Sha256::new();
+        a.update(vec![5u8; 4 << 20]);
+        let saved = hex(a.serialize().as_slice());
+        let mut b = restore_hasher(&saved).unwrap();
+        a.update(b"tail");
+        b.update(b"tail");
+        assert_eq!(finish_hex(a), finish_hex(b));
+        assert!(restore_hasher("00").is_none());
+    }
+
+    #[test]
+    fn rename_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, "new").unwrap();
+        std::fs::write(&b, "old").unwrap();
+        let e = rename_noreplace(&a, &b).unwrap_err();
+        assert!(matches!(e, MigrateError::TargetExists { .. }), "{e}");
+        assert_eq!(std::fs::read(&b).unwrap(), b"old");
+        std::fs::remove_file(&b).unwrap();
+        rename_noreplace(&a, &b).unwrap();
+        assert_eq!(std::fs::read(&b).unwrap(), b"new");
+        assert!(!a.exists());
+    }
+}
