@@ -1401,6 +1401,8 @@ async fn export(a: ExportArgs) -> Result<()> {
         dest: &a.dest,
         force: a.force,
     };
+    crate::migrate::export::precheck(&req)
+        .with_context(|| format!("cannot export {} to {}", a.file.display(), a.dest))?;
     eprintln!(
         "cryptvol: warning: {} will hold the decrypted PLAINTEXT of {}: anyone who can read it \
          can read the volume's data. Protect it, and destroy it when it is no longer needed.",

@@ -109,6 +109,12 @@ pub async fn export(
     .map_err(|e| MigrateError::Internal(format!("the export task failed: {e}")))?
 }
 
+/// Checks DEST without touching anything (a bad URI, an existing file without `force`),
+/// so that callers can fail before warning about plaintext.
+pub fn precheck(req: &ExportRequest<'_>) -> Result<(), MigrateError> {
+    plan(req).map(|_| ())
+}
+
 fn plan(req: &ExportRequest<'_>) -> Result<Plan, MigrateError> {
     if NbdUri::looks_like_uri(req.dest) {
         return Ok(Plan::Nbd(NbdUri::parse(req.dest)?));
@@ -174,7 +180,7 @@ fn open_sink(plan: Plan, vol: &Volume) -> Result<Sink, MigrateError> {
                 .open(&path)
                 .map_err(|e| MigrateError::Open {
                     path: path.display().to_string(),
-                    source: e,
+                    err: e,
                 })?;
             Ok(Sink::File {
                 file,
@@ -192,7 +198,7 @@ fn open_sink(plan: Plan, vol: &Volume) -> Result<Sink, MigrateError> {
                 .open(&path)
                 .map_err(|e| MigrateError::Open {
                     path: path.display().to_string(),
-                    source: e,
+                    err: e,
                 })?;
             let meta = file.metadata().map_err(|e| MigrateError::io(&path, e))?;
             let sparse = meta.file_type().is_file();

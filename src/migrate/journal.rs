@@ -58,20 +58,27 @@ pub struct Journal {
 impl Journal {
     /// Opens (creating) and locks the journal at `path`; returns it with its records.
     pub fn open(path: &Path, target: &Path) -> Result<(Journal, Vec<Record>), MigrateError> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| MigrateError::io(path, e))?;
-        let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(f) => f,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                return Err(MigrateError::Busy(target.display().to_string()))
+        let file = loop {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| MigrateError::io(path, e))?;
+            let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(f) => f,
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                    return Err(MigrateError::Busy(target.display().to_string()))
+                }
+                Err((_, e)) => return Err(MigrateError::io(path, std::io::Error::from(e))),
+            };
+            // The previous holder may have removed the file before we locked it: then the
+            // lock is on a file nobody else will find; open the path again.
+            if same_file(&file, path) {
+                break file;
             }
-            Err((_, e)) => return Err(MigrateError::io(path, std::io::Error::from(e))),
         };
         let mut j = Journal {
             file,
@@ -149,6 +156,24 @@ impl Journal {
     pub fn remove(self) -> Result<(), MigrateError> {
         std::fs::remove_file(&self.path).map_err(|e| MigrateError::io(&self.path, e))?;
         super::import::sync_dir_of(&self.path)
+    }
+}
+
+impl Drop for Journal {
+    /// An import that failed before recording anything leaves no journal behind.
+    fn drop(&mut self) {
+        if self.file.metadata().is_ok_and(|m| m.len() == 0) && same_file(&self.file, &self.path) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Whether `path` still names the open `file`.
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
     }
 }
 
@@ -267,9 +292,20 @@ mod tests {
         drop(j);
         let (j, recs) = Journal::open(&p, &target).unwrap();
         let pr = progress(&recs).unwrap();
+        // (an empty journal is removed when dropped; this one is not empty)
         assert_eq!((pr.done, pr.resumes, pr.written), (9, 1, 9));
         assert_eq!(pr.sha256_state.as_deref(), Some("09"));
         j.remove().unwrap();
+        assert!(!p.exists());
+    }
+
+    #[test]
+    fn an_unused_journal_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(".t.import");
+        let (j, _) = Journal::open(&p, &dir.path().join("t")).unwrap();
+        assert!(p.exists());
+        drop(j);
         assert!(!p.exists());
     }
 

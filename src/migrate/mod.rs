@@ -45,16 +45,10 @@ pub enum MigrateError {
     Volume(#[from] VolumeError),
     #[error(transparent)]
     Nbd(#[from] NbdClientError),
-    #[error("cannot open {path}: {source}")]
-    Open {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("I/O error on {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot open {path}: {err}")]
+    Open { path: String, err: std::io::Error },
+    #[error("I/O error on {path}: {err}")]
+    Io { path: String, err: std::io::Error },
     #[error("{0}")]
     BadSource(String),
     #[error("{path} already exists; refusing to overwrite it{hint}")]
@@ -86,10 +80,10 @@ pub enum MigrateError {
 }
 
 impl MigrateError {
-    pub(crate) fn io(path: &Path, source: std::io::Error) -> MigrateError {
+    pub(crate) fn io(path: &Path, err: std::io::Error) -> MigrateError {
         MigrateError::Io {
             path: path.display().to_string(),
-            source,
+            err,
         }
     }
 }

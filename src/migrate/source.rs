@@ -75,9 +75,9 @@ impl Source {
             return Ok(Source::Nbd { client, identity });
         }
         let path = Path::new(spec);
-        let file = File::open(path).map_err(|source| MigrateError::Open {
+        let file = File::open(path).map_err(|err| MigrateError::Open {
             path: spec.to_string(),
-            source,
+            err,
         })?;
         let (identity, seekable_holes) = local_identity(&file, path)?;
         Ok(Source::Local {

@@ -48,13 +48,13 @@ const MAX_MESSAGE: usize = 256;
 pub enum NbdClientError {
     #[error("bad NBD URI {uri:?}: {reason}")]
     BadUri { uri: String, reason: String },
-    #[error("cannot connect to the NBD server {server}: {source}")]
-    Connect { server: String, source: io::Error },
-    #[error("NBD server {server}: {context}: {source}")]
+    #[error("cannot connect to the NBD server {server}: {err}")]
+    Connect { server: String, err: io::Error },
+    #[error("NBD server {server}: {context}: {err}")]
     Io {
         server: String,
         context: String,
-        source: io::Error,
+        err: io::Error,
     },
     #[error("NBD server {server}: protocol error: {detail}")]
     Protocol { server: String, detail: String },
@@ -181,9 +181,9 @@ impl NbdClient {
     /// Connects and negotiates the export named in `uri`.
     pub fn connect(uri: &NbdUri) -> Result<NbdClient, NbdClientError> {
         let server = uri.to_string();
-        let stream = Stream::connect(&uri.addr).map_err(|source| NbdClientError::Connect {
+        let stream = Stream::connect(&uri.addr).map_err(|err| NbdClientError::Connect {
             server: server.clone(),
-            source,
+            err,
         })?;
         let mut hs = Handshake {
             stream,
@@ -329,12 +329,12 @@ impl NbdClient {
         self.check_range(offset, len)
     }
 
-    fn io(&mut self, context: &str, source: io::Error) -> NbdClientError {
+    fn io(&mut self, context: &str, err: io::Error) -> NbdClientError {
         self.healthy = false;
         NbdClientError::Io {
             server: self.server.clone(),
             context: context.to_string(),
-            source,
+            err,
         }
     }
 
@@ -439,11 +439,11 @@ struct Handshake {
 }
 
 impl Handshake {
-    fn io(&self, context: &str, source: io::Error) -> NbdClientError {
+    fn io(&self, context: &str, err: io::Error) -> NbdClientError {
         NbdClientError::Io {
             server: self.server.clone(),
             context: context.to_string(),
-            source,
+            err,
         }
     }
 
@@ -521,12 +521,24 @@ impl Handshake {
                     }));
                 }
                 REP_ERR_UNSUP => return Ok(None),
-                t if t & REP_FLAG_ERROR != 0 => return Err(self.refused(t, &r.payload)),
+                t if t & REP_FLAG_ERROR != 0 => {
+                    let e = self.refused(t, &r.payload);
+                    self.abort();
+                    return Err(e);
+                }
                 t => {
                     return Err(self.protocol(format!("unexpected reply type {t:#x} to NBD_OPT_GO")))
                 }
             }
         }
+    }
+
+    /// Ends the handshake politely (`NBD_OPT_ABORT`), best effort: the server may close.
+    fn abort(&mut self) {
+        if let Some(opt) = encode_option(OPT_ABORT, &[]) {
+            let _ = self.stream.write_all(&opt);
+        }
+        self.stream.shutdown();
     }
 
     fn refused(&self, reply_type: u32, payload: &[u8]) -> NbdClientError {
@@ -584,9 +596,7 @@ impl Handshake {
         let r: Result<[u8; 10], _> = self.read_array("reading the NBD_OPT_EXPORT_NAME reply");
         let b = match r {
             Ok(b) => b,
-            Err(NbdClientError::Io { source, .. })
-                if source.kind() == io::ErrorKind::UnexpectedEof =>
-            {
+            Err(NbdClientError::Io { err, .. }) if err.kind() == io::ErrorKind::UnexpectedEof => {
                 return Err(NbdClientError::Refused {
                     server: self.server.clone(),
                     export: self.export.clone(),
