@@ -37,7 +37,7 @@ const MAX_OPTION_REPLY: u32 = 64 << 10;
 /// A server that does not answer for this long is treated as dead.
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
 /// The oldstyle magic (after NBDMAGIC): servers that only speak oldstyle are refused.
-const OLDSTYLE_MAGIC: u64 = 0x0042_0281_8612_53;
+const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Padding after an `NBD_OPT_EXPORT_NAME` reply when `NO_ZEROES` is not in effect.
 const EXPORT_NAME_PADDING: usize = 124;
 /// How much of a server's error message is shown.
