@@ -1312,8 +1312,13 @@ fn cancel_on_signal(what: &'static str) -> crate::migrate::Cancel {
     let c = cancel.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::warn!("interrupted: stopping the {what} after the current block");
+        tracing::warn!(
+            "interrupted: stopping the {what} after the current block (again to quit at once)"
+        );
         c.cancel();
+        wait_for_signal().await;
+        eprintln!("cryptvol: interrupted twice: quitting now");
+        std::process::exit(130);
     });
     cancel
 }

@@ -509,3 +509,68 @@ fn import_and_export_errors() {
         "the existing volume was touched"
     );
 }
+
+/// A loop device over a file; detached on drop.
+struct Loop(String);
+
+impl Loop {
+    fn attach(file: &Path, read_only: bool) -> Loop {
+        require("losetup");
+        let mut c = Command::new("losetup");
+        c.args(["-f", "--show"]);
+        if read_only {
+            c.arg("-r");
+        }
+        let dev = run_ok(c.arg(file)).trim().to_string();
+        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
+        Loop(dev)
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn block_device_import_and_export() {
+    let env = Env::new();
+    let src = env.path("disk.raw");
+    let data = disk_image(&src, 8 * MIB, 21);
+    let want = sha256(&data);
+    let src_dev = Loop::attach(&src, true);
+    let vol = env.path("vol.img");
+    let r = import_json(&env, &src_dev.0, &vol, &[]);
+    drop(src_dev);
+    assert_eq!(r["source"]["kind"], "block-device", "{r}");
+    assert_eq!(r["source_sha256"], want.as_str(), "{r}");
+    assert_eq!(r["volume_sha256"], want.as_str(), "[map] {r}");
+
+    // Export onto a larger device full of 0xff: zeros are written, the rest is untouched.
+    let dst = env.path("dst.raw");
+    std::fs::write(&dst, vec![0xffu8; 12 * MIB]).expect("write dst");
+    let dst_dev = Loop::attach(&dst, false);
+    let err = fails(env.cmd().args(["export", s(&vol), &dst_dev.0]));
+    assert!(
+        err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
+    let out = run_ok(
+        env.cmd()
+            .args(["export", "--json", "--force", s(&vol), &dst_dev.0]),
+    );
+    drop(dst_dev);
+    let j: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(j["dest_kind"], "block-device");
+    assert_eq!(j["sha256"], want.as_str(), "[map] {j}");
+    let got = read(&dst);
+    assert!(
+        got[..8 * MIB] == data[..],
+        "[map] the device holds other data"
+    );
+    assert!(
+        got[8 * MIB..].iter().all(|&b| b == 0xff),
+        "export wrote past the volume's end"
+    );
+}

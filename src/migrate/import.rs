@@ -9,7 +9,8 @@
 //!   found with `SEEK_DATA`) are not written: they stay unallocated in the volume, which
 //!   reads them as zeros. The source's plaintext is hashed (SHA-256) as it is read.
 //! - Every 32 MiB or 2 seconds, the volume is `fdatasync`ed and a checkpoint (bytes done,
-//!   counters, the serialized SHA-256 state) is appended to the journal. An interrupted
+//!   counters, the serialized SHA-256 state at that block boundary) is appended to the
+//!   journal; the end of the copy is recorded with the source's final digest. An interrupted
 //!   import (SIGINT/SIGTERM: a last checkpoint is written; `kill -9`, power loss: the last
 //!   one stands) continues from the last checkpoint when the same command is run again, so
 //!   at most 32 MiB (or 2 s) of work is redone, and the source checksum still covers the
@@ -339,6 +340,7 @@ async fn resume(
     job.done = p.done;
     job.written = p.written;
     job.skipped = p.skipped;
+    job.source_sha256 = p.copied_sha256;
     Ok(job)
 }
 
@@ -359,6 +361,8 @@ struct Job {
     written: u64,
     skipped: u64,
     resumed_from: Option<u64>,
+    /// The source's checksum, once the copy is complete.
+    source_sha256: Option<String>,
     write_zeros: bool,
     delay: Option<Duration>,
 }
@@ -387,6 +391,7 @@ impl Job {
             written: 0,
             skipped: 0,
             resumed_from,
+            source_sha256: None,
             write_zeros: test_write_zeros(),
             delay: test_delay(),
         }
@@ -405,7 +410,10 @@ impl Job {
                 self.source.identity()
             )));
         }
-        let source_sha256 = finish_hex(self.hasher.clone());
+        let source_sha256 = self
+            .source_sha256
+            .clone()
+            .ok_or_else(|| MigrateError::Internal("copy ended without a checksum".into()))?;
         let volume_sha256 = verify(&self.vol, self.total(), cancel)?;
         Ok(Done {
             job: *self,
@@ -415,6 +423,9 @@ impl Job {
     }
 
     fn copy(&mut self, cancel: &Cancel) -> Result<(), MigrateError> {
+        if self.source_sha256.is_some() {
+            return Ok(()); // copied before the interruption; only the verification remains
+        }
         let total = self.total();
         let progress = Progress::new(format!("import {}", self.source.identity().location), total);
         progress.set_done(self.done);
@@ -446,12 +457,21 @@ impl Job {
             if let Some(d) = self.delay {
                 std::thread::sleep(d);
             }
-            if self.done - last.0 >= CHECKPOINT_BYTES || last.1.elapsed() >= CHECKPOINT_INTERVAL {
+            let due =
+                self.done - last.0 >= CHECKPOINT_BYTES || last.1.elapsed() >= CHECKPOINT_INTERVAL;
+            if due && self.done < total {
                 self.checkpoint()?;
                 last = (self.done, Instant::now());
             }
         }
-        self.checkpoint()?;
+        self.vol.flush()?;
+        let digest = finish_hex(self.hasher.clone());
+        self.journal.append(&Record::Copied {
+            sha256: digest.clone(),
+            written: self.written,
+            skipped: self.skipped,
+        })?;
+        self.source_sha256 = Some(digest);
         progress.finish();
         Ok(())
     }
@@ -502,8 +522,15 @@ impl Job {
         Ok(())
     }
 
-    /// Makes the volume durable up to `done`, then records it.
+    /// Makes the volume durable up to `done`, then records it. Only at block boundaries:
+    /// there the hash state holds no unprocessed (plaintext) bytes.
     fn checkpoint(&mut self) -> Result<(), MigrateError> {
+        if !self.done.is_multiple_of(BLOCK as u64) {
+            return Err(MigrateError::Internal(format!(
+                "checkpoint at {} is not at a block boundary",
+                self.done
+            )));
+        }
         self.vol.flush()?;
         let state = self.hasher.serialize();
         self.journal.append(&Record::Checkpoint {

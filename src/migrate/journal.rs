@@ -45,6 +45,14 @@ pub enum Record {
         /// Zero bytes skipped so far (left unallocated).
         skipped: u64,
     },
+    /// The whole source is copied and durable; `sha256` is its checksum. (The last
+    /// checkpoint's hash state could hold the source's last < 64 bytes unprocessed, i.e.
+    /// plaintext, so the end is recorded as a digest instead.)
+    Copied {
+        sha256: String,
+        written: u64,
+        skipped: u64,
+    },
     /// An interrupted import continued from `from`.
     Resume { from: u64 },
 }
@@ -189,6 +197,8 @@ pub struct Progress {
     pub sha256_state: Option<String>,
     pub written: u64,
     pub skipped: u64,
+    /// Set when the copy finished (only the verification remains).
+    pub copied_sha256: Option<String>,
     pub resumes: usize,
 }
 
@@ -215,6 +225,7 @@ pub fn progress(records: &[Record]) -> Option<Progress> {
         sha256_state: None,
         written: 0,
         skipped: 0,
+        copied_sha256: None,
         resumes: 0,
     };
     for r in records.iter().skip(1) {
@@ -227,6 +238,16 @@ pub fn progress(records: &[Record]) -> Option<Progress> {
             } => {
                 p.done = *done;
                 p.sha256_state = Some(sha256_state.clone());
+                p.written = *written;
+                p.skipped = *skipped;
+            }
+            Record::Copied {
+                sha256,
+                written,
+                skipped,
+            } => {
+                p.done = p.source.size;
+                p.copied_sha256 = Some(sha256.clone());
                 p.written = *written;
                 p.skipped = *skipped;
             }
@@ -290,11 +311,25 @@ mod tests {
         j.append(&Record::Resume { from: 5 }).unwrap();
         j.append(&ckpt(9)).unwrap();
         drop(j);
-        let (j, recs) = Journal::open(&p, &target).unwrap();
+        let (mut j, recs) = Journal::open(&p, &target).unwrap();
         let pr = progress(&recs).unwrap();
         // (an empty journal is removed when dropped; this one is not empty)
         assert_eq!((pr.done, pr.resumes, pr.written), (9, 1, 9));
         assert_eq!(pr.sha256_state.as_deref(), Some("09"));
+        assert_eq!(pr.copied_sha256, None);
+        j.append(&Record::Copied {
+            sha256: "ab".into(),
+            written: 10,
+            skipped: 0,
+        })
+        .unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        let recs: Vec<Record> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let pr = progress(&recs).unwrap();
+        assert_eq!((pr.done, pr.copied_sha256.as_deref()), (10, Some("ab")));
         j.remove().unwrap();
         assert!(!p.exists());
     }
