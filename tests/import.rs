@@ -241,12 +241,38 @@ fn unaligned_source_is_zero_padded_to_the_sector_size() {
     let data = pattern(MIB + 1000, 3);
     std::fs::write(&src, &data).expect("write");
     let vol = env.path("odd.img");
-    let out = run_ok(env.cmd().args(["import", s(&src), s(&vol)]));
+    // With a passphrase (given through a descriptor, which can be read only once).
+    let pass = env.path("pass");
+    std::fs::write(&pass, "correct horse\n").expect("write passphrase");
+    let mut c = env.cmd();
+    c.args([
+        "import",
+        "--passphrase-fd",
+        "3",
+        "--pbkdf-memory",
+        "8192",
+        "--pbkdf-time",
+        "1",
+    ])
+    .args([s(&src), s(&vol)]);
+    // The shell opens the passphrase file as descriptor 3 for cryptvol.
+    let out = run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec \"$0\" \"$@\" 3<'{}'", pass.display()))
+            .arg(c.get_program())
+            .args(c.get_args())
+            .envs(c.get_envs().filter_map(|(k, v)| v.map(|v| (k, v)))),
+    );
     assert!(out.contains("zero padding"), "{out}");
+    assert!(out.contains("wrapped by passphrase"), "{out}");
     let i = info_json(&env, &vol);
     assert_eq!(i["size"], (MIB + 4096) as u64);
     let back = env.path("odd.back");
-    run_ok(env.cmd().args(["export", s(&vol), s(&back)]));
+    run_ok(
+        env.cmd()
+            .args(["export", "--passphrase-file", s(&pass), s(&vol), s(&back)]),
+    );
     let got = read(&back);
     assert_eq!(got.len(), MIB + 4096);
     assert!(got[..data.len()] == data[..], "data differs");
