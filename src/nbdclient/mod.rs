@@ -752,6 +752,90 @@ mod tests {
         assert_eq!(valid_block_size(1 << 17, 1 << 17, 1 << 20), None);
     }
 
+    /// A scripted server: no `NBD_OPT_GO` (so the client falls back to EXPORT_NAME), then
+    /// one failed and one successful READ, then DISC.
+    fn fake_server(listener: std::os::unix::net::UnixListener) {
+        let (mut c, _) = listener.accept().unwrap();
+        let mut g = Vec::new();
+        g.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        g.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        g.extend_from_slice(&FLAG_FIXED_NEWSTYLE.to_be_bytes()); // no NO_ZEROES
+        c.write_all(&g).unwrap();
+        let mut flags = [0u8; 4];
+        c.read_exact(&mut flags).unwrap();
+        assert_eq!(flags, [0, 0, 0, 1]);
+        // NBD_OPT_GO → ERR_UNSUP.
+        let mut h = [0u8; 16];
+        c.read_exact(&mut h).unwrap();
+        let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        assert_eq!(u32::from_be_bytes(h[8..12].try_into().unwrap()), OPT_GO);
+        let mut data = vec![0u8; len as usize];
+        c.read_exact(&mut data).unwrap();
+        let mut rep = Vec::new();
+        rep.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+        rep.extend_from_slice(&OPT_GO.to_be_bytes());
+        rep.extend_from_slice(&REP_ERR_UNSUP.to_be_bytes());
+        rep.extend_from_slice(&0u32.to_be_bytes());
+        c.write_all(&rep).unwrap();
+        // NBD_OPT_EXPORT_NAME "e" → size, flags, 124 zero bytes.
+        c.read_exact(&mut h).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(h[8..12].try_into().unwrap()),
+            OPT_EXPORT_NAME
+        );
+        let mut name = [0u8; 1];
+        c.read_exact(&mut name).unwrap();
+        assert_eq!(&name, b"e");
+        let mut info = Vec::new();
+        info.extend_from_slice(&8192u64.to_be_bytes());
+        info.extend_from_slice(&(FLAG_HAS_FLAGS | FLAG_READ_ONLY).to_be_bytes());
+        info.extend_from_slice(&[0u8; EXPORT_NAME_PADDING]);
+        c.write_all(&info).unwrap();
+        for error in [EIO, 0] {
+            let mut req = [0u8; 28];
+            c.read_exact(&mut req).unwrap();
+            let cookie: [u8; 8] = req[8..16].try_into().unwrap();
+            let mut reply = Vec::new();
+            reply.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+            reply.extend_from_slice(&error.to_be_bytes());
+            reply.extend_from_slice(&cookie);
+            if error == 0 {
+                reply.extend_from_slice(&[7u8; 512]);
+            }
+            c.write_all(&reply).unwrap();
+        }
+        let mut disc = [0u8; 28];
+        c.read_exact(&mut disc).unwrap();
+        assert_eq!(u16::from_be_bytes([disc[6], disc[7]]), CMD_DISC);
+    }
+
+    #[test]
+    fn export_name_fallback_and_error_replies() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || fake_server(listener));
+        let uri = NbdUri {
+            addr: NbdAddr::Unix(sock),
+            export: "e".into(),
+        };
+        let mut c = NbdClient::connect(&uri).unwrap();
+        assert_eq!(c.size(), 8192);
+        assert!(c.read_only());
+        assert_eq!(c.request_size(), REQUEST_SIZE);
+        let mut buf = [0u8; 512];
+        let e = c.read_at(&mut buf, 0).unwrap_err();
+        assert!(e.to_string().contains("NBD_EIO"), "{e}");
+        c.read_at(&mut buf, 512).unwrap();
+        assert_eq!(buf, [7u8; 512]);
+        let e = c.write_at(&buf, 0).unwrap_err();
+        assert!(matches!(e, NbdClientError::ReadOnly { .. }), "{e}");
+        let e = c.read_at(&mut buf, 8000).unwrap_err();
+        assert!(matches!(e, NbdClientError::OutOfRange { .. }), "{e}");
+        c.disconnect();
+        server.join().unwrap();
+    }
+
     #[test]
     fn server_messages_are_bounded_and_escaped() {
         assert_eq!(server_message(b""), "");
