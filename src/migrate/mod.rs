@@ -5,13 +5,15 @@
 //! - [`source`]: reading the unencrypted source (files with `SEEK_DATA`/`SEEK_HOLE`, block
 //!   devices, NBD via [`crate::nbdclient`]) and its identity, for resume checks.
 //! - [`journal`]: the import's resume journal (`.FILE.import`, JSON lines, locked).
-//! - [`import`]: the copy into `.FILE.partial`, checkpoints, verification and the final rename.
+//! - [`import`]: the import's design, its start, resume checks and the final rename;
+//!   `copy.rs` the copy loop with checkpoints and the read-back verification.
 //! - [`export`]: the decrypting copy out.
 //!
 //! Both directions are sparse: 64 KiB runs of zeros are not written (an import leaves them
 //! unallocated in the volume; an export leaves holes in a raw file), and both print SHA-256
 //! checksums of the plaintext.
 
+mod copy;
 pub mod export;
 pub mod import;
 pub mod journal;
