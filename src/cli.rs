@@ -69,6 +69,12 @@ enum Command {
     /// create, list, describe, delete, copy (restore: cryptvol create --from-snapshot).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Create an encrypted volume from an unencrypted disk: a raw image, a block device or an
+    /// NBD export (e.g. qcow2/vmdk through qemu-nbd). Sparse, checksummed, resumable.
+    Import(ImportArgs),
+    /// Decrypt a volume to a raw file, a block device or an NBD export (migrating out).
+    /// The result is PLAINTEXT.
+    Export(ExportArgs),
 }
 
 #[derive(Args, Clone)]
@@ -503,6 +509,78 @@ struct KeyslotAddArgs {
     kdf: KdfArgs,
 }
 
+const IMPORT_AFTER_HELP: &str = "\
+The volume is built as .FILE.partial next to FILE, with a journal .FILE.import; FILE appears
+only once the copy is complete and its SHA-256 matches the source's. Zero regions (64 KiB
+units, and holes of sparse files) stay unallocated. The volume's size is the source's,
+rounded up to the sector size (the tail is zero padding).
+
+An interrupted import (Ctrl-C, kill, crash) continues from its last checkpoint when the same
+command is run again (at most 32 MiB is redone). A different source refuses to resume;
+--restart discards the interrupted import and starts over.
+
+Examples:
+  cryptvol import disk.raw vol.img
+  cryptvol import /dev/sdb vol.img --key alias/db
+  qemu-nbd --read-only --persistent -k /tmp/q.sock disk.qcow2 &
+  cryptvol import 'nbd+unix:///?socket=/tmp/q.sock' vol.img";
+
+#[derive(Args)]
+#[command(after_help = IMPORT_AFTER_HELP)]
+struct ImportArgs {
+    /// The unencrypted source: a raw image file, a block device, or an NBD URI
+    /// (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH).
+    source: String,
+    /// The volume file to create (never overwritten).
+    file: PathBuf,
+    /// Master key to wrap the data key (as for `cryptvol create`).
+    #[arg(
+        long,
+        visible_alias = "kms-key-id",
+        value_name = "KEY",
+        conflicts_with = "pass"
+    )]
+    key: Option<String>,
+    /// Sector size of the new volume [default: 4096, or the interrupted import's].
+    #[arg(long, value_name = "BYTES", value_parser = parse_sector_size)]
+    sector_size: Option<u32>,
+    /// Only continue an interrupted import (fail if there is none).
+    #[arg(long, conflicts_with = "restart")]
+    resume: bool,
+    /// Discard an interrupted import into FILE and start over.
+    #[arg(long)]
+    restart: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    keystore: KeystoreArgs,
+    #[command(flatten)]
+    pass: PassphraseArgs,
+    #[command(flatten)]
+    kdf: KdfArgs,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// The volume file (must not be open for writing elsewhere).
+    file: PathBuf,
+    /// Where the plaintext goes: a new raw file (sparse), an existing file or block device
+    /// (with --force), or an NBD URI.
+    dest: String,
+    /// Overwrite an existing DEST file or block device.
+    #[arg(long)]
+    force: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    keystore: KeystoreArgs,
+    /// Unlock a passphrase keyslot with a passphrase from FILE / descriptor N / the terminal.
+    #[command(flatten)]
+    pass: PassphraseArgs,
+}
+
 #[derive(Args)]
 struct DemoArgs {
     /// Scratch directory for the keystore, the volume and the socket.
@@ -649,6 +727,8 @@ async fn run(cli: Cli, activated: Result<Vec<ActivatedSocket>, ServerError>) -> 
         Command::Demo(a) => demo(a).await,
         Command::Check(a) => check(a).await,
         Command::Snapshot(c) => snapshot_cmd(c).await,
+        Command::Import(a) => import(a).await,
+        Command::Export(a) => export(a).await,
     }
 }
 
@@ -670,10 +750,7 @@ async fn create(a: CreateArgs) -> Result<()> {
         return restore(a).await;
     }
     let keys = key_options(&a.keystore, Some(&a.pass), a.kdf.params());
-    let new_key = match &keys.passphrase {
-        Some(source) => NewKey::Passphrase(source),
-        None => NewKey::parse(a.key.as_deref())?,
-    };
+    let new_key = new_volume_key(a.key.as_deref(), &keys)?;
     let spec = VolumeSpec {
         size: a.size.context("--size is required")?,
         sector_size: a.sector_size,
@@ -699,6 +776,15 @@ async fn create(a: CreateArgs) -> Result<()> {
             .unwrap_or_else(|| "?".into())
     );
     Ok(())
+}
+
+/// The key a new volume's data key is wrapped under, from `--key` and the passphrase
+/// options (`create`, `import`).
+fn new_volume_key<'a>(key: Option<&str>, keys: &'a KeyOptions) -> Result<NewKey<'a>> {
+    Ok(match &keys.passphrase {
+        Some(source) => NewKey::Passphrase(source),
+        None => NewKey::parse(key)?,
+    })
 }
 
 /// `local key mk-…`, `passphrase`, `exec key vault:k1`.
@@ -1895,4 +1981,138 @@ async fn snapshot_cmd(c: SnapshotCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+/// Sets `cancel` on SIGINT/SIGTERM, so a long copy stops at the next block with its
+/// progress saved.
+fn cancel_on_signal(what: &'static str) -> crate::migrate::Cancel {
+    let cancel = crate::migrate::Cancel::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::warn!(
+            "interrupted: stopping the {what} after the current block (again to quit at once)"
+        );
+        c.cancel();
+        wait_for_signal().await;
+        eprintln!("cryptvol: interrupted twice: quitting now");
+        std::process::exit(130);
+    });
+    cancel
+}
+
+async fn import(a: ImportArgs) -> Result<()> {
+    use crate::migrate::{ImportRequest, ResumeMode};
+    // Before any data key exists: no core dumps, no ptrace by same-uid processes.
+    if let Err(e) = crate::crypto::harden_process() {
+        tracing::warn!("could not harden the process against core dumps: {e}");
+    }
+    let keys = key_options(&a.keystore, Some(&a.pass), a.kdf.params());
+    let key = new_volume_key(a.key.as_deref(), &keys)?;
+    let key_label = match (&keys.passphrase, &a.key) {
+        (Some(_), _) => "passphrase".to_string(),
+        (None, Some(k)) => format!("key:{k}"),
+        (None, None) => "default".to_string(),
+    };
+    let req = ImportRequest {
+        source: &a.source,
+        target: &a.file,
+        sector_size: a.sector_size,
+        key_label,
+        mode: if a.restart {
+            ResumeMode::Restart
+        } else if a.resume {
+            ResumeMode::Require
+        } else {
+            ResumeMode::Auto
+        },
+    };
+    let cancel = cancel_on_signal("import");
+    let r = crate::migrate::import(&req, key, &keys, &cancel)
+        .await
+        .with_context(|| format!("cannot import {} into {}", a.source, a.file.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    let wrapped_by = ops::info(&a.file)
+        .ok()
+        .and_then(|i| i.keyslots.into_iter().next())
+        .map(|k| {
+            if k.key_id.is_empty() {
+                k.backend
+            } else {
+                format!("{} key {}", k.backend, k.key_id)
+            }
+        })
+        .unwrap_or_else(|| "?".into());
+    println!(
+        "imported {} into {} ({}, {}-byte sectors, uuid {}), data key wrapped by {}",
+        r.source.location,
+        r.volume,
+        format_size(r.volume_size),
+        r.sector_size,
+        r.uuid,
+        wrapped_by
+    );
+    if r.padding > 0 {
+        println!(
+            "  note: the source's size ({} bytes) is not a multiple of the sector size: the volume is {} bytes, its last {} bytes are zero padding",
+            r.source_size, r.volume_size, r.padding
+        );
+    }
+    if let Some(from) = r.resumed_from {
+        println!("  resumed an interrupted import at offset {from}");
+    }
+    println!(
+        "  data written: {} bytes; zeros left unallocated: {} bytes",
+        r.written, r.skipped_zero
+    );
+    println!("  source SHA-256: {}", r.source_sha256);
+    println!("  volume SHA-256: {} (matches)", r.volume_sha256);
+    Ok(())
+}
+
+async fn export(a: ExportArgs) -> Result<()> {
+    use crate::migrate::ExportRequest;
+    if let Err(e) = crate::crypto::harden_process() {
+        tracing::warn!("could not harden the process against core dumps: {e}");
+    }
+    let keys = key_options(&a.keystore, Some(&a.pass), Argon2Params::default());
+    let req = ExportRequest {
+        volume: &a.file,
+        dest: &a.dest,
+        force: a.force,
+    };
+    crate::migrate::export::precheck(&req)
+        .with_context(|| format!("cannot export {} to {}", a.file.display(), a.dest))?;
+    eprintln!(
+        "cryptvol: warning: {} will hold the decrypted PLAINTEXT of {}: anyone who can read it \
+         can read the volume's data. Protect it, and destroy it when it is no longer needed.",
+        a.dest,
+        a.file.display()
+    );
+    let cancel = cancel_on_signal("export");
+    let r = crate::migrate::export(&req, &keys, &cancel)
+        .await
+        .with_context(|| format!("cannot export {} to {}", a.file.display(), a.dest))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "exported {} to {} ({}, {} bytes; {} bytes of data, {} bytes of zeros{})",
+        r.volume,
+        r.dest,
+        r.dest_kind,
+        r.size,
+        r.written,
+        r.zero,
+        if r.dest_kind == "file" {
+            " left as holes"
+        } else {
+            ""
+        }
+    );
+    println!("  plaintext SHA-256: {}", r.sha256);
+    Ok(())
 }

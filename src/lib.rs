@@ -7,6 +7,8 @@
 //! - [`crypto`]: the XTS engine and secret types (no I/O).
 //! - [`keys`]: the `KeyBackend` trait and its backends.
 //! - [`ops`]: volume lifecycle operations composed from the layers above (create, open, info).
+//! - [`nbdclient`]: a small blocking NBD client (socket I/O over the [`nbd`] codec).
+//! - [`migrate`]: `import` (unencrypted disk → new volume, resumable) and `export`.
 //! - [`progress`]: progress bars / periodic log lines for long operations.
 //! - [`compliance`]: `cryptvol check`, the compliance scanner (headers and key metadata only).
 //! - [`snapshot`]: encrypted, incremental snapshots in a local or S3-compatible object store.
@@ -19,7 +21,9 @@ pub mod compliance;
 pub mod config;
 pub mod crypto;
 pub mod keys;
+pub mod migrate;
 pub mod nbd;
+pub mod nbdclient;
 pub mod ops;
 pub mod progress;
 pub mod server;

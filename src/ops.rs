@@ -143,6 +143,48 @@ pub async fn create_volume_with(
     keys: &KeyOptions,
     opts: &CreateOptions,
 ) -> Result<Header, OpsError> {
+    let (header, dek) = create_with_dek(path, spec, key, keys, !opts.no_allocation_map).await?;
+    if opts.preallocate {
+        let result = (|| {
+            let vol = Volume::open(path, &header, dek, OpenOptions::default())?;
+            let progress = if opts.progress {
+                Progress::new(format!("preallocate {}", path.display()), header.size)
+            } else {
+                Progress::hidden(header.size)
+            };
+            vol.preallocate(&|done| progress.set_done(done))?;
+            progress.finish();
+            Ok::<(), VolumeError>(())
+        })();
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(path);
+            return Err(e.into());
+        }
+    }
+    Ok(header)
+}
+
+/// Like [`create_volume`], and opens the new (thin) volume with the DEK it was made
+/// with (no second unwrap: a passphrase read from a descriptor can be read only once).
+pub async fn create_and_open(
+    path: &Path,
+    spec: &VolumeSpec,
+    key: NewKey<'_>,
+    keys: &KeyOptions,
+    opts: OpenOptions,
+) -> Result<(Volume, Header), OpsError> {
+    let (header, dek) = create_with_dek(path, spec, key, keys, true).await?;
+    let vol = Volume::open(path, &header, dek, opts)?;
+    Ok((vol, header))
+}
+
+async fn create_with_dek(
+    path: &Path,
+    spec: &VolumeSpec,
+    key: NewKey<'_>,
+    keys: &KeyOptions,
+    thin: bool,
+) -> Result<(Header, Dek), OpsError> {
     validate_spec(spec)?;
     if path.exists() {
         return Err(VolumeError::AlreadyExists {
@@ -162,35 +204,8 @@ pub async fn create_volume_with(
             (dek, wrapped)
         }
     };
-    let header = volume::create_with(
-        path,
-        spec,
-        uuid,
-        vec![wrapped],
-        &dek,
-        !opts.no_allocation_map,
-    )?;
-    if opts.preallocate {
-        let result = (|| {
-            let vol = Volume::open(path, &header, dek, OpenOptions::default())?;
-            let progress = if opts.progress {
-                crate::progress::Progress::new(
-                    format!("preallocate {}", path.display()),
-                    header.size,
-                )
-            } else {
-                crate::progress::Progress::hidden(header.size)
-            };
-            vol.preallocate(&|done| progress.set_done(done))?;
-            progress.finish();
-            Ok::<(), VolumeError>(())
-        })();
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(path);
-            return Err(e.into());
-        }
-    }
-    Ok(header)
+    let header = volume::create_with(path, spec, uuid, vec![wrapped], &dek, thin)?;
+    Ok((header, dek))
 }
 
 fn validate_spec(spec: &VolumeSpec) -> Result<(), VolumeError> {
