@@ -208,6 +208,21 @@ async fn create_with_dek(
     Ok((header, dek))
 }
 
+/// Keyslot changes while a re-encryption is in progress would be lost when it finishes
+/// (the new key's slots replace the old ones): refuse them.
+fn refuse_during_reencryption(path: &Path, header: &Header) -> Result<(), VolumeError> {
+    match &header.reencrypt {
+        Some(r) => Err(VolumeError::Reencrypt {
+            path: path.display().to_string(),
+            detail: format!(
+                "a re-encryption is in progress ({} of {} bytes done); change keyslots after it finishes (cryptvol reencrypt --status)",
+                r.watermark, header.size
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 fn validate_spec(spec: &VolumeSpec) -> Result<(), VolumeError> {
     if spec.sector_size != 512 && spec.sector_size != 4096 {
         return Err(VolumeError::BadSectorSize(spec.sector_size));
@@ -383,6 +398,7 @@ pub async fn rekey(
     slot: Option<usize>,
 ) -> Result<KeyslotChange, OpsError> {
     let (mut header, health) = volume::read_header(path)?;
+    refuse_during_reencryption(path, &header)?;
     warn_health(path, &health);
     let n = header.keyslots.len();
     let slot = match slot {
@@ -438,6 +454,7 @@ pub async fn keyslot_add(
     target: NewKey<'_>,
 ) -> Result<KeyslotChange, OpsError> {
     let (mut header, health) = volume::read_header(path)?;
+    refuse_during_reencryption(path, &header)?;
     warn_health(path, &health);
     if header.keyslots.len() >= MAX_KEYSLOTS {
         return Err(keyslot_err(
@@ -473,6 +490,7 @@ pub async fn keyslot_remove(
     slot: usize,
 ) -> Result<KeyslotChange, OpsError> {
     let (mut header, health) = volume::read_header(path)?;
+    refuse_during_reencryption(path, &header)?;
     warn_health(path, &health);
     let n = header.keyslots.len();
     if slot >= n {

@@ -227,6 +227,10 @@ impl Volume {
                 let _ = self.sync_data();
                 crash_point("reencrypt-mid-zone");
             }
+            #[cfg(test)]
+            if k == runs.len() / 2 && tests::INTERRUPT.with(std::cell::Cell::get) {
+                return Err(self.reenc_err("test: interrupted in the middle of a zone"));
+            }
             self.write_sectors_raw(&buf[a * ss..b * ss], first + *a as u64)?;
         }
         self.sync_data()?;
@@ -391,5 +395,218 @@ impl Volume {
             _volume: self.clone(),
             chunk_size,
         })
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::volume::header::tests::{dummy_slot, new_legacy_volume, new_volume};
+    use crate::volume::OpenOptions;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Makes the next zone conversion stop half-way, as a crash would.
+        pub(in crate::volume) static INTERRUPT: Cell<bool> = const { Cell::new(false) };
+    }
+
+    fn copy(d: &Dek) -> Dek {
+        Dek::from_slice(d.expose()).expect("dek")
+    }
+
+    fn image(v: &Volume) -> Vec<u8> {
+        let mut b = vec![0u8; v.size() as usize];
+        v.read_at(&mut b, 0).expect("read");
+        b
+    }
+
+    /// Writes a pattern over parts of the volume (leaving some chunks unallocated).
+    fn fill(v: &Volume, seed: u8) {
+        let size = v.size();
+        let mut off = 0;
+        while off < size {
+            let n = (size - off).min(40_000);
+            let data: Vec<u8> = (0..n)
+                .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+                .collect();
+            v.write_at(&data, off, false).expect("write");
+            off += 3 * 65536 + 4096; // skip some chunks
+        }
+        v.flush().expect("flush");
+    }
+
+    fn begin(v: &Volume) -> Dek {
+        let new = Dek::generate().expect("dek");
+        let slot = dummy_slot(&v.uuid(), "new");
+        v.reencrypt_begin(copy(&new), vec![slot]).expect("begin");
+        new
+    }
+
+    #[test]
+    fn reencrypts_with_concurrent_writes_and_destroys_the_old_key() {
+        for ss in [512u32, 4096] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let size = 3 * ZONE_SECTORS * u64::from(ss) + 5 * u64::from(ss);
+            let (path, h, dek) = new_volume(dir.path(), size, ss);
+            let v = Volume::open(&path, &h, copy(&dek), OpenOptions::default()).expect("open");
+            fill(&v, 3);
+            let before = image(&v);
+            let new = begin(&v);
+            assert_eq!(
+                v.reencrypt_status(),
+                Some(ReencryptStatus { watermark: 0, size })
+            );
+            assert!(v
+                .reencrypt_begin(
+                    Dek::generate().expect("d"),
+                    vec![dummy_slot(&v.uuid(), "x")]
+                )
+                .is_err());
+            // Interleave steps with writes on both sides of the watermark.
+            let mut model = before.clone();
+            let mut steps = 0;
+            while let Some(st) = v.reencrypt_step().expect("step") {
+                steps += 1;
+                assert!(st.watermark <= size);
+                for off in [
+                    0u64,
+                    st.watermark.saturating_sub(700).min(size - 1500),
+                    size - 3000,
+                    size / 2,
+                ] {
+                    let data = vec![steps as u8; 1500];
+                    v.write_at(&data, off, false).expect("write");
+                    model[off as usize..off as usize + 1500].copy_from_slice(&data);
+                }
+                assert_eq!(image(&v), model, "after step {steps}");
+            }
+            assert_eq!(steps, 4, "3 full zones and a short one");
+            assert!(v.reencrypt_status().is_none());
+            v.flush().expect("flush");
+            drop(v);
+            let (h2, _) = crate::volume::read_header(&path).expect("header");
+            assert!(
+                h2.reencrypt.is_none()
+                    && !h2.required_features.iter().any(|f| f == REENCRYPT_FEATURE)
+            );
+            assert_eq!(
+                h2.keyslots[0].params.get("tag").map(String::as_str),
+                Some("new")
+            );
+            // The old DEK no longer opens the volume; the new one does, with the data.
+            assert!(matches!(
+                Volume::open(&path, &h2, copy(&dek), OpenOptions::default()),
+                Err(VolumeError::KeyCheckFailed { .. })
+            ));
+            let v = Volume::open(&path, &h2, copy(&new), OpenOptions::default()).expect("open new");
+            assert_eq!(image(&v), model);
+            drop(v);
+            // Even with the old header put back, the old key decrypts only garbage.
+            let mut old_h = h.clone();
+            old_h.sequence = h2.sequence + 10;
+            crate::volume::write_header(&path, &mut old_h, &dek).expect("restore old header");
+            let v =
+                Volume::open(&path, &old_h, copy(&dek), OpenOptions::default()).expect("open old");
+            let img = image(&v);
+            let written: Vec<usize> = (0..model.len()).filter(|&i| model[i] != 0).collect();
+            let same = written.iter().filter(|&&i| img[i] == model[i]).count();
+            assert!(
+                same * 50 < written.len(),
+                "old key still reads the data ({same}/{})",
+                written.len()
+            );
+        }
+    }
+
+    #[test]
+    fn an_interrupted_step_is_finished_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let size = 2 * ZONE_SECTORS * 4096;
+        let (path, h, dek) = new_volume(dir.path(), size, 4096);
+        let v = Volume::open(&path, &h, copy(&dek), OpenOptions::default()).expect("open");
+        fill(&v, 9);
+        let want = image(&v);
+        let new = begin(&v);
+        v.reencrypt_step().expect("first zone");
+        INTERRUPT.with(|f| f.set(true));
+        assert!(
+            v.reencrypt_step().is_err(),
+            "interrupted half-way through zone 2"
+        );
+        INTERRUPT.with(|f| f.set(false));
+        drop(v);
+        let (h2, _) = crate::volume::read_header(&path).expect("header");
+        let r = h2.reencrypt.clone().expect("in progress");
+        let zone = r.hotzone.clone().expect("hotzone recorded");
+        assert_eq!(
+            (r.watermark, zone.offset),
+            (ZONE_SECTORS * 4096, ZONE_SECTORS * 4096)
+        );
+        // Without the new key the volume cannot be opened; read-only cannot recover.
+        assert!(matches!(
+            Volume::open(&path, &h2, copy(&dek), OpenOptions::default()),
+            Err(VolumeError::ReencryptKeyNeeded { .. })
+        ));
+        let ro = OpenOptions {
+            read_only: true,
+            discard: false,
+        };
+        assert!(matches!(
+            Volume::open_with_next(&path, &h2, copy(&dek), Some(copy(&new)), ro),
+            Err(VolumeError::ReencryptInterrupted { .. })
+        ));
+        let v = Volume::open_with_next(
+            &path,
+            &h2,
+            copy(&dek),
+            Some(copy(&new)),
+            OpenOptions::default(),
+        )
+        .expect("open recovers");
+        assert_eq!(
+            v.reencrypt_status().map(|s| s.watermark),
+            Some(2 * ZONE_SECTORS * 4096)
+        );
+        assert_eq!(image(&v), want, "recovered data");
+        while v.reencrypt_step().expect("step").is_some() {}
+        assert_eq!(image(&v), want);
+        drop(v);
+        let (h3, _) = crate::volume::read_header(&path).expect("header");
+        let v = Volume::open(&path, &h3, copy(&new), OpenOptions::default()).expect("open");
+        assert_eq!(image(&v), want);
+    }
+
+    #[test]
+    fn reencrypt_refusals() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, h, dek) = new_legacy_volume(dir.path(), 1 << 20, 4096);
+        let v = Volume::open(&path, &h, copy(&dek), OpenOptions::default()).expect("open");
+        // A slot bound to another volume is refused; so is the current key.
+        let other = dummy_slot(&uuid::Uuid::new_v4(), "x");
+        assert!(v
+            .reencrypt_begin(Dek::generate().expect("d"), vec![other])
+            .is_err());
+        assert!(v
+            .reencrypt_begin(copy(&dek), vec![dummy_slot(&v.uuid(), "same")])
+            .is_err());
+        assert_eq!(v.reencrypt_step().expect("none"), None);
+        drop(v);
+        let ro = OpenOptions {
+            read_only: true,
+            discard: false,
+        };
+        let v = Volume::open(&path, &h, copy(&dek), ro).expect("open ro");
+        assert!(matches!(
+            v.reencrypt_begin(Dek::generate().expect("d"), vec![dummy_slot(&h.uuid, "n")]),
+            Err(VolumeError::ReadOnly)
+        ));
+        // A legacy volume (no map) re-encrypts every sector.
+        drop(v);
+        let v = Volume::open(&path, &h, copy(&dek), OpenOptions::default()).expect("open");
+        v.write_at(&[5u8; 4096], 8192, true).expect("w");
+        let want = image(&v);
+        begin(&v);
+        while v.reencrypt_step().expect("step").is_some() {}
+        assert_eq!(image(&v), want);
     }
 }
