@@ -84,6 +84,7 @@ pub fn errno_for(e: &VolumeError) -> NbdErrno {
         | VolumeError::BadSectorSize(_)
         | VolumeError::ReencryptKeyNeeded { .. }
         | VolumeError::ReencryptInterrupted { .. }
-        | VolumeError::Reencrypt { .. } => NbdErrno::Io,
+        | VolumeError::Reencrypt { .. }
+        | VolumeError::Snapshot { .. } => NbdErrno::Io,
     }
 }

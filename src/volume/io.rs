@@ -59,6 +59,11 @@ pub struct Volume {
     /// The DEK(s), kept for header updates during re-encryption; the mutex also
     /// serialises re-encryption steps.
     pub(super) ctl: Mutex<Ctl>,
+    /// Changed-chunk tracking (served volumes, see `online.rs`).
+    pub(super) tracking: std::sync::OnceLock<super::online::Tracking>,
+    /// A snapshot view is active: writes preserve old chunks first.
+    pub(super) snapshotting: AtomicBool,
+    pub(super) cow: Mutex<Option<std::sync::Arc<super::online::Cow>>>,
 }
 
 /// Keys a volume keeps beyond its engines (only re-encryption needs them).
@@ -290,6 +295,9 @@ impl Volume {
             map,
             reencrypting: AtomicBool::new(header.reencrypt.is_some()),
             ctl: Mutex::new(Ctl { dek, next }),
+            tracking: std::sync::OnceLock::new(),
+            snapshotting: AtomicBool::new(false),
+            cow: Mutex::new(None),
         };
         if !vol.read_only && vol.map.as_ref().is_some_and(|m| !m.health().is_healthy()) {
             vol.flush()?;
@@ -360,6 +368,18 @@ impl Volume {
     fn file_offset(&self, sector: u64) -> u64 {
         // Cannot overflow: sector * ss < size and data_offset + size <= i64::MAX (checked in open).
         self.data_offset + sector * self.ss()
+    }
+
+    pub(super) fn io_error(&self, source: std::io::Error) -> VolumeError {
+        self.io_err(source)
+    }
+
+    /// Takes the range lock for a write over `span` and runs the pre-write hooks
+    /// (changed-chunk tracking, snapshot copy-before-write).
+    fn lock_w(&self, span: Span) -> Result<super::rangelock::RangeGuard<'_>, VolumeError> {
+        let g = self.locks.lock(span);
+        self.before_write(span)?;
+        Ok(g)
     }
 
     fn io_err(&self, source: std::io::Error) -> VolumeError {
@@ -531,7 +551,7 @@ impl Volume {
         if let Some(map) = &self.map {
             let cs = map.chunk_size();
             let (c0, c1) = (offset / cs, (offset + len).div_ceil(cs));
-            let guard = self.locks.lock(span);
+            let guard = self.lock_w(span)?;
             if !map.all_allocated(c0, c1) {
                 // First write to a chunk: the general path allocates it.
                 drop(guard);
@@ -541,7 +561,7 @@ impl Volume {
             self.pwrite_sectors(buf, span.first)?;
             drop(guard);
         } else {
-            let _guard = self.locks.lock(span);
+            let _guard = self.lock_w(span)?;
             self.encrypt(buf, span.first)?;
             self.pwrite_sectors(buf, span.first)?;
         }
@@ -607,7 +627,7 @@ impl Volume {
         let cs = map.chunk_size();
         let end = offset + len;
         let (c0, c1) = (offset / cs, end.div_ceil(cs));
-        let _guard = self.locks.lock(self.chunk_span(cs, c0, c1));
+        let _guard = self.lock_w(self.chunk_span(cs, c0, c1))?;
         let mut cleared: Vec<(u64, u64)> = Vec::new();
         for c in c0..c1 {
             if !map.is_allocated(c) {
@@ -673,7 +693,7 @@ impl Volume {
         let mut c = 0;
         while c < map.chunks() {
             let e = (c + per).min(map.chunks());
-            let _guard = self.locks.lock(self.chunk_span(cs, c, e));
+            let _guard = self.lock_w(self.chunk_span(cs, c, e))?;
             for (a, b, allocated) in map.runs(c, e) {
                 if allocated {
                     continue;
@@ -705,7 +725,7 @@ impl Volume {
         if span.is_empty() {
             return Ok(());
         }
-        let _guard = self.locks.lock(span);
+        let _guard = self.lock_w(span)?;
         self.punch(span.first * self.ss(), span.count() * self.ss())
     }
 
@@ -795,7 +815,7 @@ impl Volume {
             let span = sectors::covering(offset, len, self.ss());
             match &self.map {
                 None => {
-                    let _guard = self.locks.lock(span);
+                    let _guard = self.lock_w(span)?;
                     self.write_sectors_locked(span, offset, len, src)?;
                 }
                 Some(map) => self.write_thin(map, span, offset, len, src)?,
@@ -844,7 +864,7 @@ impl Volume {
         let end = offset + len;
         let (c0, c1) = (offset / cs, end.div_ceil(cs));
         if map.all_allocated(c0, c1) {
-            let guard = self.locks.lock(span);
+            let guard = self.lock_w(span)?;
             // Bits change only under a lock over their whole chunk, which this
             // overlaps: re-checked here, the answer is stable while we hold it.
             if map.all_allocated(c0, c1) {
@@ -852,7 +872,7 @@ impl Volume {
             }
             drop(guard);
         }
-        let _guard = self.locks.lock(self.chunk_span(cs, c0, c1));
+        let _guard = self.lock_w(self.chunk_span(cs, c0, c1))?;
         for (a, b, allocated) in map.runs(c0, c1) {
             let lo = offset.max(a * cs);
             let hi = end.min(b * cs);
@@ -946,14 +966,17 @@ impl Volume {
 
 impl Drop for Volume {
     /// Persists the allocation map of writes that were never flushed (best effort: an
-    /// error is logged; unflushed writes carry no durability promise anyway).
+    /// error is logged; unflushed writes carry no durability promise anyway), then marks
+    /// the changed-chunk tracking as cleanly closed.
     fn drop(&mut self) {
-        if self.read_only || self.map.is_none() {
+        if self.read_only {
             return;
         }
         if let Err(e) = self.flush() {
             tracing::warn!(path = %self.path, "final flush of the volume failed: {e}");
+            return; // tracking stays "in use": the next snapshot reads everything
         }
+        self.close_tracking();
     }
 }
 

@@ -16,7 +16,7 @@ pub use header::{
     REENCRYPT_FEATURE,
 };
 pub use io::{OpenOptions, Volume, WRITE_CHUNK};
-pub use online::{ReencryptStatus, SnapshotView, ZONE_SECTORS};
+pub use online::{ReencryptStatus, SnapshotView, SNAPSHOT_CHUNK, ZONE_SECTORS};
 
 /// One run of the allocation map, as [`Volume::extents`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +136,8 @@ pub enum VolumeError {
     ReencryptInterrupted { path: String },
     #[error("{path}: {detail}")]
     Reencrypt { path: String, detail: String },
+    #[error("{path}: cannot snapshot: {detail}")]
+    Snapshot { path: String, detail: String },
     #[error("volume is read-only")]
     ReadOnly,
     #[error("no space left on the backing file's filesystem: {0}")]

@@ -2,9 +2,12 @@
 //! hotzone) and point-in-time snapshot views (copy-before-write, changed-chunk
 //! tracking). API first; the implementation lands with issue 8/9 work.
 
-use std::path::Path;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
@@ -343,58 +346,464 @@ fn runs_of(v: &[bool]) -> Vec<(usize, usize)> {
     out
 }
 
-/// A point-in-time view of a volume being served: flushed at creation; afterwards,
-/// the first write that would change a chunk of the view first preserves the chunk's
-/// old contents (copy-before-write), so [`SnapshotView::read_chunk`] always returns the
-/// contents as of the view's creation. Dropping the view ends copy-before-write.
-pub struct SnapshotView {
-    _volume: Arc<Volume>,
-    chunk_size: u64,
+/// Granularity of snapshot chunks and of changed-chunk tracking (as EBS: 512 KiB).
+pub const SNAPSHOT_CHUNK: u64 = 512 * 1024;
+
+/// Changed-chunk tracking of a served volume: one bit per snapshot chunk written since
+/// the base snapshot, persisted in a sidecar file `<volume>.cbt` on clean close. The
+/// sidecar says "in use" while the volume is open, so after a crash the tracking is
+/// known to be incomplete and the next snapshot reads everything.
+pub(super) struct Tracking {
+    words: Vec<AtomicU64>,
+    meta: Mutex<TrackMeta>,
+    sidecar: PathBuf,
 }
 
-impl SnapshotView {
-    pub fn size(&self) -> u64 {
-        self._volume.size()
+struct TrackMeta {
+    /// The snapshot the bits are relative to; `None`: unknown (read everything).
+    base: Option<String>,
+}
+
+const CBT_MAGIC: &[u8; 8] = b"CVCBT001";
+
+fn cbt_encode(uuid: &uuid::Uuid, in_use: bool, base: Option<&str>, words: &[u64]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(64 + words.len() * 8);
+    b.extend_from_slice(CBT_MAGIC);
+    b.extend_from_slice(uuid.as_bytes());
+    b.push(u8::from(in_use));
+    let base = base.unwrap_or("").as_bytes();
+    b.extend_from_slice(&(base.len() as u16).to_le_bytes());
+    b.extend_from_slice(base);
+    b.extend_from_slice(&SNAPSHOT_CHUNK.to_le_bytes());
+    b.extend_from_slice(&(words.len() as u64).to_le_bytes());
+    for w in words {
+        b.extend_from_slice(&w.to_le_bytes());
     }
-    pub fn sector_size(&self) -> u32 {
-        self._volume.sector_size()
+    let sum = Sha256::digest(&b);
+    b.extend_from_slice(&sum);
+    b
+}
+
+/// Parses a sidecar written cleanly for volume `uuid` with `nwords` words.
+fn cbt_decode(b: &[u8], uuid: &uuid::Uuid, nwords: usize) -> Option<(String, Vec<u64>)> {
+    let body = b.get(..b.len().checked_sub(32)?)?;
+    if Sha256::digest(body)[..] != b[body.len()..] || body.get(..8)? != CBT_MAGIC {
+        return None;
     }
-    pub fn chunk_size(&self) -> u64 {
-        self.chunk_size
+    if body.get(8..24)? != uuid.as_bytes() || *body.get(24)? != 0 {
+        return None; // another volume, or not closed cleanly
     }
-    /// Plaintext of chunk `index` (`chunk_size` bytes, the last chunk may be short:
-    /// only `buf[..len]` is filled) as of the view's creation. `Ok(false)`: the chunk was
-    /// wholly unallocated (reads as zeros; `buf` is zero-filled).
-    pub fn read_chunk(&self, index: u64, buf: &mut [u8]) -> Result<bool, VolumeError> {
-        let off = index.saturating_mul(self.chunk_size);
-        let len = self.chunk_size.min(self.size().saturating_sub(off)) as usize;
-        self._volume.read_at(&mut buf[..len], off)?;
-        Ok(true)
+    let blen = u16::from_le_bytes(body.get(25..27)?.try_into().ok()?) as usize;
+    let base = std::str::from_utf8(body.get(27..27 + blen)?)
+        .ok()?
+        .to_string();
+    let mut at = 27 + blen;
+    let chunk = u64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?);
+    let n = u64::from_le_bytes(body.get(at + 8..at + 16)?.try_into().ok()?) as usize;
+    at += 16;
+    if chunk != SNAPSHOT_CHUNK || n != nwords || base.is_empty() || body.len() != at + n * 8 {
+        return None;
     }
-    /// Chunk indexes changed since the snapshot named by `base` was completed from this
-    /// volume (changed-chunk tracking, persisted across clean restarts); `None` when
-    /// unknown (no tracking for that base, or an unclean shutdown since): read everything.
-    pub fn changed_since(&self, base: &str) -> Option<Vec<u64>> {
-        let _ = base;
-        None
+    let words = body[at..]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect();
+    Some((base, words))
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("cbt.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, path)
+}
+
+impl Tracking {
+    fn nwords(size: u64) -> usize {
+        size.div_ceil(SNAPSHOT_CHUNK).div_ceil(64) as usize
     }
-    /// Records that snapshot `id` was completed from this view: tracking restarts from
-    /// this point in time.
-    pub fn completed(&self, id: &str) -> Result<(), VolumeError> {
-        let _ = id;
-        Ok(())
+
+    fn mark(&self, first_byte: u64, end_byte: u64) {
+        if end_byte <= first_byte {
+            return;
+        }
+        for c in first_byte / SNAPSHOT_CHUNK..end_byte.div_ceil(SNAPSHOT_CHUNK) {
+            if let Some(w) = self.words.get((c / 64) as usize) {
+                let bit = 1u64 << (c % 64);
+                if w.load(Ordering::Relaxed) & bit == 0 {
+                    w.fetch_or(bit, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Takes the bits (they restart from zero) and the base.
+    fn take(&self) -> (Option<String>, Vec<u64>) {
+        let base = lock_ignoring_poison(&self.meta).base.clone();
+        let words = self
+            .words
+            .iter()
+            .map(|w| w.swap(0, Ordering::AcqRel))
+            .collect();
+        (base, words)
+    }
+
+    /// Puts taken bits back (a snapshot that did not complete).
+    fn restore(&self, words: &[u64]) {
+        for (w, &b) in self.words.iter().zip(words) {
+            w.fetch_or(b, Ordering::AcqRel);
+        }
+    }
+
+    fn save(&self, uuid: &uuid::Uuid, in_use: bool) -> std::io::Result<()> {
+        let base = lock_ignoring_poison(&self.meta).base.clone();
+        let words: Vec<u64> = self
+            .words
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect();
+        write_atomically(
+            &self.sidecar,
+            &cbt_encode(uuid, in_use, base.as_deref(), &words),
+        )
+    }
+}
+
+/// Copy-before-write state of an active snapshot view.
+pub(super) struct Cow {
+    inner: Mutex<CowInner>,
+}
+
+struct CowInner {
+    /// Chunks the view has read or preserved: writes to them need nothing more.
+    done: HashSet<u64>,
+    /// Preserved chunks: offset in `spill` of the raw ciphertext, and the allocation
+    /// state of each allocation chunk inside it at the time.
+    preserved: HashMap<u64, (u64, Vec<bool>)>,
+    /// An unlinked temporary file next to the volume holding preserved ciphertext.
+    spill: Option<File>,
+    spill_len: u64,
+}
+
+fn spill_file(volume: &Path) -> std::io::Result<File> {
+    let dir = match volume.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    // O_TMPFILE: never visible in the directory, gone when closed.
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(&dir)
+    {
+        Ok(f) => Ok(f),
+        Err(_) => {
+            let p = dir.join(format!(".cryptvol-cow-{}", uuid::Uuid::new_v4()));
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&p)?;
+            std::fs::remove_file(&p)?;
+            Ok(f)
+        }
     }
 }
 
 impl Volume {
-    /// Flushes and starts a point-in-time view with copy-before-write at `chunk_size`
-    /// granularity (a multiple of the allocation chunk, e.g. 512 KiB). One view at a time.
+    /// Starts changed-chunk tracking (the server does, for every writable export):
+    /// loads the sidecar `<volume>.cbt` if it was closed cleanly and marks it in use.
+    pub fn enable_change_tracking(&self) -> Result<(), VolumeError> {
+        if self.read_only() || self.tracking.get().is_some() {
+            return Ok(());
+        }
+        let sidecar = PathBuf::from(format!("{}.cbt", self.path()));
+        let n = Tracking::nwords(self.size());
+        let (base, words) = match std::fs::read(&sidecar) {
+            Ok(b) => match cbt_decode(&b, &self.uuid(), n) {
+                Some((base, w)) => (Some(base), w),
+                None => {
+                    tracing::info!(path = %self.path(), "changed-chunk tracking restarts (the volume was not closed cleanly, or no snapshot was tracked yet): the next snapshot reads the whole volume");
+                    (None, vec![0; n])
+                }
+            },
+            Err(_) => (None, vec![0; n]),
+        };
+        let t = Tracking {
+            words: words.into_iter().map(AtomicU64::new).collect(),
+            meta: Mutex::new(TrackMeta { base }),
+            sidecar,
+        };
+        t.save(&self.uuid(), true).map_err(|e| self.io_error(e))?;
+        let _ = self.tracking.set(t);
+        Ok(())
+    }
+
+    /// Called by every write path right after it took the range lock over `span`,
+    /// before it changes anything there: marks the chunks changed and, while a
+    /// snapshot view is active, preserves their old contents first.
+    pub(super) fn before_write(&self, span: Span) -> Result<(), VolumeError> {
+        let ss = u64::from(self.sector_size());
+        let (a, b) = (span.first * ss, span.end * ss);
+        if let Some(t) = self.tracking.get() {
+            t.mark(a, b);
+        }
+        if !self.snapshotting.load(Ordering::Acquire) || b <= a {
+            return Ok(());
+        }
+        let cow = lock_ignoring_poison(&self.cow).clone();
+        if let Some(cow) = cow {
+            for c in a / SNAPSHOT_CHUNK..b.div_ceil(SNAPSHOT_CHUNK) {
+                self.preserve(&cow, c)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn chunk_bounds(&self, c: u64) -> (u64, u64) {
+        let a = c * SNAPSHOT_CHUNK;
+        (a, (a + SNAPSHOT_CHUNK).min(self.size()))
+    }
+
+    /// Allocation state of each allocation chunk in snapshot chunk `c`.
+    fn alloc_bits(&self, c: u64) -> Vec<bool> {
+        let (a, b) = self.chunk_bounds(c);
+        match &self.map {
+            None => vec![true],
+            Some(m) => {
+                let cs = m.chunk_size();
+                (a / cs..b.div_ceil(cs))
+                    .map(|k| m.is_allocated(k))
+                    .collect()
+            }
+        }
+    }
+
+    fn preserve(&self, cow: &Cow, c: u64) -> Result<(), VolumeError> {
+        let mut inner = lock_ignoring_poison(&cow.inner);
+        if inner.done.contains(&c) {
+            return Ok(());
+        }
+        let (a, b) = self.chunk_bounds(c);
+        let ss = u64::from(self.sector_size());
+        let mut buf = vec![0u8; (b - a) as usize];
+        self.read_sectors_raw(&mut buf, a / ss)?;
+        let bits = self.alloc_bits(c);
+        if inner.spill.is_none() {
+            inner.spill = Some(spill_file(Path::new(self.path())).map_err(|e| self.io_error(e))?);
+        }
+        let off = inner.spill_len;
+        if let Some(f) = &inner.spill {
+            f.write_all_at(&buf, off).map_err(|e| self.io_error(e))?;
+        }
+        inner.spill_len += buf.len() as u64;
+        inner.preserved.insert(c, (off, bits));
+        inner.done.insert(c);
+        Ok(())
+    }
+
+    /// Flushes and starts a point-in-time view with copy-before-write at
+    /// [`SNAPSHOT_CHUNK`] granularity. One view at a time; not during a re-encryption.
+    /// Waits for writes in flight, so the view holds every write completed before it.
     pub fn snapshot_view(self: &Arc<Self>, chunk_size: u64) -> Result<SnapshotView, VolumeError> {
-        self.flush()?;
-        Ok(SnapshotView {
-            _volume: self.clone(),
-            chunk_size,
-        })
+        if chunk_size != SNAPSHOT_CHUNK {
+            return Err(VolumeError::Snapshot {
+                path: self.path().to_string(),
+                detail: format!(
+                    "snapshot views use {SNAPSHOT_CHUNK}-byte chunks, not {chunk_size}"
+                ),
+            });
+        }
+        let ss = u64::from(self.sector_size());
+        // The whole volume, locked: no write is in flight while the view starts.
+        let all = self.locks.lock(Span {
+            first: 0,
+            end: self.size() / ss,
+        });
+        if self.reencrypting.load(Ordering::Acquire) {
+            return Err(VolumeError::Snapshot {
+                path: self.path().to_string(),
+                detail: "a re-encryption is in progress; snapshot after it finishes".into(),
+            });
+        }
+        {
+            let mut cow = lock_ignoring_poison(&self.cow);
+            if cow.is_some() {
+                return Err(VolumeError::Snapshot {
+                    path: self.path().to_string(),
+                    detail: "another snapshot of this volume is in progress".into(),
+                });
+            }
+            *cow = Some(Arc::new(Cow {
+                inner: Mutex::new(CowInner {
+                    done: HashSet::new(),
+                    preserved: HashMap::new(),
+                    spill: None,
+                    spill_len: 0,
+                }),
+            }));
+        }
+        self.snapshotting.store(true, Ordering::Release);
+        let tracked = self.tracking.get().map(Tracking::take);
+        let flushed = self.flush();
+        drop(all);
+        let view = SnapshotView {
+            volume: self.clone(),
+            tracked,
+            completed: Mutex::new(false),
+        };
+        flushed?;
+        Ok(view)
+    }
+}
+
+/// A point-in-time view of a volume being served: created under a lock over the whole
+/// volume (no write in flight) and flushed; afterwards, the first write that would
+/// change a chunk not yet read by the view first preserves the chunk's old ciphertext
+/// in an unlinked temporary file (copy-before-write), so [`SnapshotView::read_chunk`]
+/// always returns the contents as of the view's creation. Dropping the view ends
+/// copy-before-write and frees the preserved chunks.
+pub struct SnapshotView {
+    volume: Arc<Volume>,
+    /// Changed-chunk bits taken when the view started, with their base snapshot.
+    tracked: Option<(Option<String>, Vec<u64>)>,
+    completed: Mutex<bool>,
+}
+
+impl SnapshotView {
+    pub fn size(&self) -> u64 {
+        self.volume.size()
+    }
+    pub fn sector_size(&self) -> u32 {
+        self.volume.sector_size()
+    }
+    pub fn chunk_size(&self) -> u64 {
+        SNAPSHOT_CHUNK
+    }
+
+    /// Plaintext of chunk `index` (`chunk_size` bytes; the last chunk may be short:
+    /// only `buf[..len]` is filled) as of the view's creation. `Ok(false)`: the chunk was
+    /// wholly unallocated (reads as zeros; `buf` is zero-filled).
+    pub fn read_chunk(&self, index: u64, buf: &mut [u8]) -> Result<bool, VolumeError> {
+        let v = &*self.volume;
+        let (a, b) = v.chunk_bounds(index);
+        if a >= b || buf.len() < (b - a) as usize {
+            return Err(VolumeError::OutOfRange {
+                offset: a,
+                len: buf.len() as u64,
+                size: v.size(),
+            });
+        }
+        let buf = &mut buf[..(b - a) as usize];
+        let cow = lock_ignoring_poison(&v.cow).clone();
+        let Some(cow) = cow else {
+            return Err(VolumeError::Snapshot {
+                path: v.path().to_string(),
+                detail: "the snapshot view has ended".into(),
+            });
+        };
+        let mut inner = lock_ignoring_poison(&cow.inner);
+        let ss = u64::from(v.sector_size());
+        if let Some((off, bits)) = inner.preserved.remove(&index) {
+            let f = inner.spill.as_ref().ok_or_else(|| VolumeError::Snapshot {
+                path: v.path().to_string(),
+                detail: "preserved chunk lost".into(),
+            })?;
+            f.read_exact_at(buf, off).map_err(|e| v.io_error(e))?;
+            v.decrypt(buf, a / ss)?;
+            return Ok(zero_unallocated(v, buf, &bits));
+        }
+        // Not written since the view started: read it live, holding the view's lock so
+        // that no writer can pass its copy-before-write step for this chunk meanwhile.
+        let bits = v.alloc_bits(index);
+        if bits.iter().all(|&x| !x) {
+            buf.fill(0);
+        } else {
+            v.read_at(buf, a)?;
+        }
+        inner.done.insert(index);
+        Ok(bits.iter().any(|&x| x))
+    }
+
+    /// Chunk indexes changed between the snapshot `base` and this view's creation
+    /// (changed-chunk tracking, kept across clean restarts); `None` when unknown
+    /// (another base, no tracking, or an unclean shutdown since): read everything.
+    pub fn changed_since(&self, base: &str) -> Option<Vec<u64>> {
+        match &self.tracked {
+            Some((Some(b), words)) if b == base => Some(
+                words
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, &w)| {
+                        (0..64)
+                            .filter(move |k| w & (1 << k) != 0)
+                            .map(move |k| i as u64 * 64 + k)
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Records that snapshot `id` was completed from this view: tracking continues
+    /// relative to it (the sidecar is updated).
+    pub fn completed(&self, id: &str) -> Result<(), VolumeError> {
+        let v = &*self.volume;
+        if let Some(t) = v.tracking.get() {
+            lock_ignoring_poison(&t.meta).base = Some(id.to_string());
+            t.save(&v.uuid(), true).map_err(|e| v.io_error(e))?;
+        }
+        *lock_ignoring_poison(&self.completed) = true;
+        Ok(())
+    }
+}
+
+/// Zeroes the parts of a chunk's plaintext whose allocation chunks were unallocated;
+/// returns whether any part was allocated.
+fn zero_unallocated(v: &Volume, buf: &mut [u8], bits: &[bool]) -> bool {
+    if let Some(m) = &v.map {
+        let cs = m.chunk_size() as usize;
+        for (k, part) in buf.chunks_mut(cs).enumerate() {
+            if !bits.get(k).copied().unwrap_or(true) {
+                part.fill(0);
+            }
+        }
+    }
+    bits.iter().any(|&x| x)
+}
+
+impl Drop for SnapshotView {
+    fn drop(&mut self) {
+        let v = &*self.volume;
+        v.snapshotting.store(false, Ordering::Release);
+        *lock_ignoring_poison(&v.cow) = None;
+        if !*lock_ignoring_poison(&self.completed) {
+            // The snapshot did not complete: its changes still count for the next one.
+            if let (Some(t), Some((_, words))) = (v.tracking.get(), &self.tracked) {
+                t.restore(words);
+            }
+        }
+    }
+}
+
+impl Volume {
+    /// Saves the changed-chunk tracking as cleanly closed (on drop, after the last flush).
+    pub(super) fn close_tracking(&self) {
+        if let Some(t) = self.tracking.get() {
+            if let Err(e) = t.save(&self.uuid(), false) {
+                tracing::warn!(path = %self.path(), "cannot save changed-chunk tracking: {e}");
+            }
+        }
     }
 }
 
