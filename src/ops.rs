@@ -563,3 +563,113 @@ pub fn info(path: &Path) -> Result<VolumeInfo, OpsError> {
         },
     })
 }
+
+/// The master key a keyslot is wrapped under, as a key reference (`None`: a passphrase
+/// keyslot, which has no key to name).
+pub fn slot_key_ref(path: &Path, slot: &WrappedDek) -> Result<Option<KeyRef>, OpsError> {
+    let bad = |why: &str| {
+        keyslot_err(
+            path,
+            format!(
+                "keyslot ({}{}) {why}",
+                slot.backend.escape_debug(),
+                key_suffix(slot)
+            ),
+        )
+    };
+    match slot.backend.as_str() {
+        crate::keys::PASSPHRASE => Ok(None),
+        crate::keys::LOCAL if !slot.key_id.is_empty() => {
+            Ok(Some(KeyRef::Local(Some(slot.key_id.clone()))))
+        }
+        crate::keys::EXEC => match slot.key_id.split_once(':') {
+            Some((name, key)) if !name.is_empty() && !key.is_empty() => Ok(Some(KeyRef::Exec {
+                name: name.to_string(),
+                key: Some(key.to_string()),
+            })),
+            _ => Err(bad("has a malformed exec key id (expected NAME:KEY)")),
+        },
+        AWS_KMS if !slot.key_id.is_empty() => Ok(Some(KeyRef::AwsKms(slot.key_id.clone()))),
+        _ => Err(bad("names no key this cryptvol can wrap under")),
+    }
+}
+
+/// The message for a passphrase keyslot met by the daemon (online re-encryption).
+fn passphrase_slot_refusal(path: &Path, slots: &[usize]) -> OpsError {
+    let list = slots
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    keyslot_err(
+        path,
+        format!(
+            "cannot re-encrypt online: keyslot {list} is a passphrase keyslot, and the daemon \
+             does not keep passphrases, so it cannot wrap the new data key for it. Re-encrypt \
+             offline instead (stop serving the volume, then run `cryptvol reencrypt {file} \
+             --passphrase-file FILE`), or remove the passphrase keyslot first (`cryptvol \
+             keyslot remove {file} N`)",
+            file = path.display()
+        ),
+    )
+}
+
+/// For a re-encryption: a fresh DEK wrapped for every keyslot of `header` (same order,
+/// the volume's encryption context): each key keyslot under the same master key (same
+/// backend and key id), each passphrase keyslot under `passphrase`, which must open the
+/// old keyslot (checked first, so a mistyped passphrase cannot lock the slot's owner
+/// out). Without `passphrase`, a volume with passphrase keyslots is refused with advice
+/// to re-encrypt offline, before anything is generated.
+pub async fn reencrypt_new_dek(
+    path: &Path,
+    header: &Header,
+    keys: &KeyOptions,
+    passphrase: Option<&PassphraseBackend>,
+) -> Result<(Dek, Vec<WrappedDek>), OpsError> {
+    let mut targets = Vec::with_capacity(header.keyslots.len());
+    let mut pass_slots = Vec::new();
+    for (i, slot) in header.keyslots.iter().enumerate() {
+        let r = slot_key_ref(path, slot)?;
+        if r.is_none() {
+            pass_slots.push(i);
+        }
+        targets.push(r);
+    }
+    if targets.is_empty() {
+        return Err(keyslot_err(path, "the volume has no keyslot".into()));
+    }
+    let ctx = EncryptionContext::for_volume(&header.uuid);
+    let svc = keys.service();
+    if !pass_slots.is_empty() {
+        let Some(pb) = passphrase else {
+            return Err(passphrase_slot_refusal(path, &pass_slots));
+        };
+        for &i in &pass_slots {
+            if let Err(e) = svc
+                .unwrap(&header.keyslots[i], &ctx, KeyOp::RewrapFrom, Some(pb))
+                .await
+            {
+                return Err(keyslot_err(
+                    path,
+                    format!(
+                        "keyslot {i} (passphrase): the passphrase given does not open it ({e}); \
+                         give its passphrase, or remove that keyslot first"
+                    ),
+                ));
+            }
+        }
+    }
+    let dek = Dek::generate().map_err(KeyError::from)?;
+    let mut wrapped = Vec::with_capacity(targets.len());
+    for target in targets {
+        let w = match (target, passphrase) {
+            (Some(r), _) => {
+                wrap_for(keys, &svc, &NewKey::Key(r), &dek, &ctx, KeyOp::Generate).await?
+            }
+            (None, Some(pb)) => svc.wrap_passphrase(pb, &dek, &ctx, KeyOp::Generate).await?,
+            (None, None) => return Err(passphrase_slot_refusal(path, &pass_slots)),
+        };
+        wrapped.push(w);
+    }
+    Ok((dek, wrapped))
+}
