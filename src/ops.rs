@@ -673,3 +673,128 @@ pub async fn reencrypt_new_dek(
     }
     Ok((dek, wrapped))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::SecretBytes;
+
+    const FAST: Argon2Params = Argon2Params {
+        memory_kib: 8192,
+        time: 1,
+        lanes: 1,
+    };
+
+    fn keys(dir: &Path, pass: Option<&Path>) -> KeyOptions {
+        KeyOptions {
+            keystore: Some(dir.join("keys")),
+            passphrase: pass.map(|p| PassphraseSource::File(p.to_path_buf())),
+            argon2: FAST,
+            audit_log: None,
+        }
+    }
+
+    #[test]
+    fn slot_key_refs() {
+        let p = Path::new("v.img");
+        let slot = |backend: &str, key_id: &str| WrappedDek {
+            backend: backend.into(),
+            key_id: key_id.into(),
+            blob: vec![],
+            context: EncryptionContext::default(),
+            params: Default::default(),
+        };
+        assert_eq!(
+            slot_key_ref(p, &slot("local", "mk-1")).unwrap(),
+            Some(KeyRef::Local(Some("mk-1".into())))
+        );
+        assert_eq!(
+            slot_key_ref(p, &slot("exec", "vault:k1")).unwrap(),
+            Some(KeyRef::Exec {
+                name: "vault".into(),
+                key: Some("k1".into())
+            })
+        );
+        assert_eq!(
+            slot_key_ref(p, &slot("aws-kms", "arn:aws:kms:r:1:key/x")).unwrap(),
+            Some(KeyRef::AwsKms("arn:aws:kms:r:1:key/x".into()))
+        );
+        assert_eq!(slot_key_ref(p, &slot("passphrase", "")).unwrap(), None);
+        assert!(slot_key_ref(p, &slot("exec", "novault")).is_err());
+        assert!(slot_key_ref(p, &slot("tpm", "x")).is_err());
+        assert!(slot_key_ref(p, &slot("local", "")).is_err());
+    }
+
+    #[tokio::test]
+    async fn new_dek_is_wrapped_for_every_keyslot_under_the_same_keys() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pass = tmp.path().join("pass");
+        std::fs::write(&pass, "correct horse\n").unwrap();
+        let wrong = tmp.path().join("wrong");
+        std::fs::write(&wrong, "wrong horse\n").unwrap();
+        let file = tmp.path().join("v.img");
+        let k = keys(tmp.path(), None);
+        let spec = VolumeSpec {
+            size: 1 << 20,
+            sector_size: 4096,
+        };
+        create_volume(&file, &spec, NewKey::Key(KeyRef::Local(None)), &k)
+            .await
+            .unwrap();
+        let src = PassphraseSource::File(pass.clone());
+        keyslot_add(&file, &k, NewKey::Passphrase(&src))
+            .await
+            .unwrap();
+        let (header, _) = volume::read_header(&file).unwrap();
+        let (old, _) = unlock_dek(&file, &header, &k, KeyOp::Unwrap, &[0])
+            .await
+            .unwrap();
+
+        // The daemon (no passphrase) is refused, with advice to go offline.
+        let err = reencrypt_new_dek(&file, &header, &k, None)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("keyslot 1 is a passphrase keyslot")
+                && err.contains("does not keep passphrases")
+                && err.contains("cryptvol reencrypt")
+                && err.contains("--passphrase-file"),
+            "{err}"
+        );
+        // A wrong passphrase is caught before anything is wrapped.
+        let bad = PassphraseBackend::new(SecretBytes::new(b"wrong horse".to_vec()), FAST);
+        let err = reencrypt_new_dek(&file, &header, &k, Some(&bad))
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("does not open it"), "{err}");
+        let _ = wrong;
+
+        let good = PassphraseBackend::new(SecretBytes::new(b"correct horse".to_vec()), FAST);
+        let (dek, slots) = reencrypt_new_dek(&file, &header, &k, Some(&good))
+            .await
+            .unwrap();
+        assert_ne!(dek.expose(), old.expose());
+        assert_eq!(slots.len(), 2);
+        assert_eq!(slots[0].backend, "local");
+        assert_eq!(slots[0].key_id, header.keyslots[0].key_id);
+        assert_ne!(slots[0].blob, header.keyslots[0].blob);
+        assert_eq!(slots[1].backend, "passphrase");
+        let ctx = EncryptionContext::for_volume(&header.uuid);
+        assert!(slots.iter().all(|s| s.context == ctx));
+        let svc = k.service();
+        let a = svc
+            .unwrap(&slots[0], &ctx, KeyOp::Unwrap, None)
+            .await
+            .unwrap();
+        let b = svc
+            .unwrap(&slots[1], &ctx, KeyOp::Unwrap, Some(&good))
+            .await
+            .unwrap();
+        assert_eq!(a.expose(), dek.expose());
+        assert_eq!(b.expose(), dek.expose());
+    }
+}

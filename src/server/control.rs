@@ -945,7 +945,7 @@ pub fn request(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -1189,7 +1189,8 @@ mod tests {
     use crate::volume::{OpenOptions, VolumeSpec};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    fn volume(dir: &Path, size: u64) -> Volume {
+    /// A thin volume in `dir` with one (fake) keyslot and its first sector written (7s).
+    pub(crate) fn volume(dir: &Path, size: u64) -> Volume {
         let path = dir.join("vol.img");
         let uuid = uuid::Uuid::new_v4();
         let dek = Dek::generate().unwrap();

@@ -220,3 +220,46 @@ fn log_progress(export: &str, done: u64, total: u64, from: u64, started: Instant
         rate / (1024.0 * 1024.0)
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::control::tests::volume;
+
+    #[test]
+    fn a_job_runs_until_the_volume_reports_done() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vol = Arc::new(volume(tmp.path(), 1 << 20));
+        let jobs = Jobs::default();
+        let (_tx, shutdown) = watch::channel(false);
+        let mut rx = jobs.start("v", vol.clone(), shutdown);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let done = rt
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| !s.running))
+                    .await
+                    .map(|r| r.map(|s| s.clone()))
+            })
+            .unwrap()
+            .unwrap();
+        assert!(done.finished && done.done == done.total && done.total == 1 << 20);
+        assert_eq!(jobs.state("v").unwrap(), done);
+        assert!(jobs.follow("v").is_none(), "a finished job is not followed");
+        jobs.join_all();
+    }
+
+    #[test]
+    fn a_job_stops_at_shutdown() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vol = Arc::new(volume(tmp.path(), 1 << 20));
+        let jobs = Jobs::default();
+        let (_tx, shutdown) = watch::channel(true);
+        jobs.start("v", vol, shutdown);
+        jobs.join_all();
+        let s = jobs.state("v").unwrap();
+        assert!(!s.running && !s.finished, "{s:?}");
+    }
+}
