@@ -1184,12 +1184,25 @@ async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
         tracing::info!("socket activation: using {desc}");
     }
     let exports = open_exports(&settings.exports, &keys).await?;
+    // A control socket given explicitly must be opened; the implicit default (root) is
+    // skipped with a warning when another daemon owns it or it cannot be made.
+    let explicit = settings.control.is_some();
     let control_socket = match server::control::control_path(settings.control.clone()) {
-        Some(path) => Some(
-            ControlSocket::bind(&path)
-                .await
-                .with_context(|| format!("cannot open the control socket {}", path.display()))?,
-        ),
+        Some(path) => match ControlSocket::bind(&path).await {
+            Ok(s) => Some(s),
+            Err(e) if !explicit => {
+                tracing::warn!(
+                    "running without a control socket: the default {} cannot be used ({e}); \
+                     give --control PATH to choose one",
+                    path.display()
+                );
+                None
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("cannot open the control socket {}", path.display())))
+            }
+        },
         None => None,
     };
     let control = server::Control {
