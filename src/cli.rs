@@ -15,8 +15,14 @@ use crate::keys::{
     Permission, Principal, WrappedDek,
 };
 use crate::ops::{self, KeyOptions, KeyslotChange, NewKey};
+use crate::server::control::{
+    self as ctl, DataKeyMaker, HookError, ProgressEvent, Request, SnapshotJob, SnapshotTaker,
+};
 use crate::server::systemd::{self, ActivatedSocket};
-use crate::server::{self, Export, Exports, Listener, ListenerSpec, ServerConfig, ServerError};
+use crate::server::{
+    self, ControlHooks, ControlSocket, Export, Exports, Listener, ListenerSpec, ServerConfig,
+    ServerError,
+};
 use crate::size::{format_size, parse_size};
 use crate::volume::{OpenOptions, VolumeSpec, DEFAULT_SECTOR_SIZE};
 
@@ -75,6 +81,11 @@ enum Command {
     /// Decrypt a volume to a raw file, a block device or an NBD export (migrating out).
     /// The result is PLAINTEXT.
     Export(ExportArgs),
+    /// Re-encrypt a volume under a new data key: a served export online through the
+    /// daemon (it stays attached), or a volume file that is not served.
+    Reencrypt(ReencryptArgs),
+    /// Show what a running daemon serves: exports, connections, re-encryptions.
+    Status(StatusArgs),
 }
 
 #[derive(Args, Clone)]
@@ -268,6 +279,11 @@ struct ServeArgs {
     /// Transmission threads per connection: requests of one connection served at once.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
+    /// Control socket for `cryptvol status`, `reencrypt EXPORT`, `snapshot create EXPORT`
+    /// (mode 0600) [default: the config file's `control`, else /run/cryptvol/control.sock
+    /// when running as root, else none].
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
     #[command(flatten)]
     keystore: KeystoreArgs,
     #[command(flatten)]
@@ -729,6 +745,8 @@ async fn run(cli: Cli, activated: Result<Vec<ActivatedSocket>, ServerError>) -> 
         Command::Snapshot(c) => snapshot_cmd(c).await,
         Command::Import(a) => import(a).await,
         Command::Export(a) => export(a).await,
+        Command::Reencrypt(a) => reencrypt(a).await,
+        Command::Status(a) => status(a).await,
     }
 }
 
@@ -1240,6 +1258,7 @@ async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
         audit_log: a.keystore.audit_log.clone(),
         passphrase: a.pass.source(),
         volumes: a.volumes.clone(),
+        control: a.control.clone(),
     };
     let settings = config::resolve(file, overrides)?;
     let keys = KeyOptions {
@@ -1266,8 +1285,51 @@ async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
         tracing::info!("socket activation: using {desc}");
     }
     let exports = open_exports(&settings.exports, &keys).await?;
+    // A control socket given explicitly must be opened; the implicit default (root) is
+    // skipped with a warning when another daemon owns it or it cannot be made.
+    let explicit = settings.control.is_some();
+    let control_socket = match server::control::control_path(settings.control.clone()) {
+        Some(path) => match ControlSocket::bind(&path).await {
+            Ok(s) => Some(s),
+            Err(e) if !explicit => {
+                tracing::warn!(
+                    "running without a control socket: the default {} cannot be used ({e}); \
+                     give --control PATH to choose one",
+                    path.display()
+                );
+                None
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("cannot open the control socket {}", path.display())))
+            }
+        },
+        None => None,
+    };
+    let control = server::Control {
+        socket: control_socket,
+        hooks: ControlHooks {
+            keys: Some(std::sync::Arc::new(DaemonKeys {
+                keys: KeyOptions {
+                    keystore: keys.keystore.clone(),
+                    passphrase: None,
+                    argon2: keys.argon2,
+                    audit_log: keys.audit_log.clone(),
+                },
+            })),
+            snapshots: Some(std::sync::Arc::new(DaemonSnapshots)),
+        },
+    };
     let listeners = if inherited.is_empty() {
-        bind_all(&settings.listeners).await?
+        match bind_all(&settings.listeners).await {
+            Ok(l) => l,
+            Err(e) => {
+                if let Some(s) = &control.socket {
+                    let _ = std::fs::remove_file(s.path());
+                }
+                return Err(e);
+            }
+        }
     } else {
         if !settings.listeners.is_empty() {
             tracing::info!(
@@ -1282,7 +1344,7 @@ async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
         threads_per_connection: usize::from(a.threads),
         ..ServerConfig::default()
     };
-    run_server(exports, listeners, config).await
+    run_server(exports, listeners, config, control).await
 }
 
 async fn open_exports(specs: &[ExportSpec], keys: &KeyOptions) -> Result<Exports> {
@@ -1292,6 +1354,9 @@ async fn open_exports(specs: &[ExportSpec], keys: &KeyOptions) -> Result<Exports
         let (vol, header, _) = ops::unlock(path, keys, opts)
             .await
             .with_context(|| format!("cannot open volume {} (export {name:?})", path.display()))?;
+        vol.enable_change_tracking().with_context(|| {
+            format!("cannot start changed-chunk tracking for {}", path.display())
+        })?;
         tracing::info!(
             export = %name,
             path = %path.display(),
@@ -1320,6 +1385,7 @@ async fn run_server(
     exports: Exports,
     listeners: Vec<Listener>,
     config: ServerConfig,
+    control: server::Control,
 ) -> Result<()> {
     for l in &listeners {
         tracing::info!("listening on {}", l.describe());
@@ -1337,7 +1403,7 @@ async fn run_server(
         systemd::notify_stopping();
         sd.shutdown();
     });
-    server::serve(exports, listeners, config, shutdown).await?;
+    server::serve_with(exports, listeners, config, shutdown, control).await?;
     tracing::info!("stopped; all volumes flushed");
     Ok(())
 }
@@ -1401,7 +1467,13 @@ async fn demo(a: DemoArgs) -> Result<()> {
     };
     let exports = open_exports(&[export], &keys).await?;
     let listeners = bind_all(&specs).await?;
-    run_server(exports, listeners, ServerConfig::default()).await
+    run_server(
+        exports,
+        listeners,
+        ServerConfig::default(),
+        server::Control::default(),
+    )
+    .await
 }
 
 fn print_demo_help(dir: &Path, keystore: &Path, vol: &Path, sock: &Path, tcp: &str) {
@@ -1566,12 +1638,17 @@ impl StoreArg {
 #[derive(Subcommand)]
 #[command(after_help = SNAPSHOT_AFTER_HELP)]
 enum SnapshotCommand {
-    /// Snapshot a volume file that is not being served (a served volume is snapshotted
-    /// through its daemon). Incremental: chunks the store already holds are not uploaded.
+    /// Snapshot a volume: a file that is not being served is read directly; a served
+    /// export is snapshotted through its daemon (crash-consistent: the daemon flushes and
+    /// keeps serving writes, preserving old contents until they are copied).
+    /// Incremental: chunks the store already holds are not uploaded.
     #[command(after_help = SNAPSHOT_AFTER_HELP)]
     Create {
-        /// The volume file.
+        /// The volume file, or the name of an export served by the daemon at --control.
+        #[arg(value_name = "FILE|EXPORT")]
         file: PathBuf,
+        #[command(flatten)]
+        control: ControlArg,
         #[command(flatten)]
         store: StoreArg,
         /// A free-text description stored in the manifest.
@@ -1775,6 +1852,7 @@ async fn snapshot_cmd(c: SnapshotCommand) -> Result<()> {
     match c {
         SnapshotCommand::Create {
             file,
+            control,
             store,
             description,
             parent,
@@ -1782,6 +1860,23 @@ async fn snapshot_cmd(c: SnapshotCommand) -> Result<()> {
             keystore,
             pass,
         } => {
+            if control.control.is_some() || !file.is_file() {
+                let export = file.to_string_lossy().into_owned();
+                let spec = store
+                    .store
+                    .clone()
+                    .unwrap_or_else(crate::snapshot::default_store);
+                let parent = parent.filter(|p| p != "auto");
+                return snapshot_create_online(
+                    &control.path(),
+                    &export,
+                    &spec,
+                    &description,
+                    parent.as_deref(),
+                    json,
+                )
+                .await;
+            }
             let store = store.open(true)?;
             let keys = key_options(&keystore, Some(&pass), Argon2Params::default());
             let parent = match parent.as_deref() {
@@ -2115,4 +2210,440 @@ async fn export(a: ExportArgs) -> Result<()> {
     );
     println!("  plaintext SHA-256: {}", r.sha256);
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The daemon's control channel: status, online re-encryption, snapshots of served exports.
+
+/// The daemon's side of online re-encryption: a new data key wrapped for every keyslot
+/// of the volume under the same master keys (never passphrases: those are refused).
+struct DaemonKeys {
+    keys: KeyOptions,
+}
+
+#[async_trait::async_trait]
+impl DataKeyMaker for DaemonKeys {
+    async fn new_data_key(
+        &self,
+        volume: &crate::volume::Volume,
+    ) -> std::result::Result<(crate::crypto::Dek, Vec<WrappedDek>), HookError> {
+        let path = Path::new(volume.path());
+        let (header, _) = crate::volume::read_header(path)?;
+        Ok(ops::reencrypt_new_dek(path, &header, &self.keys, None).await?)
+    }
+}
+
+/// The daemon's side of `cryptvol snapshot create EXPORT`.
+struct DaemonSnapshots;
+
+#[async_trait::async_trait]
+impl SnapshotTaker for DaemonSnapshots {
+    async fn take(
+        &self,
+        job: SnapshotJob,
+        progress: &crate::progress::Progress,
+    ) -> std::result::Result<serde_json::Value, HookError> {
+        let stats = ops::snapshot_served(
+            &job.volume,
+            job.view,
+            &job.store,
+            &job.description,
+            job.parent.as_deref(),
+            progress,
+        )
+        .await?;
+        Ok(serde_json::json!({ "snapshot": stats }))
+    }
+}
+
+#[derive(Args, Clone)]
+struct ControlArg {
+    /// The daemon's control socket [default: /run/cryptvol/control.sock].
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+impl ControlArg {
+    fn path(&self) -> PathBuf {
+        self.control
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(ctl::DEFAULT_CONTROL_PATH))
+    }
+}
+
+const REENCRYPT_AFTER_HELP: &str = "\
+Online (EXPORT is an export of a running `cryptvol serve`, reached through its control
+socket): the daemon generates a new data key, wraps it for every keyslot of the volume
+under the same master keys, and re-encrypts the volume in the background while clients
+keep using it. The progress is recorded in the volume header: after a crash or a restart
+the daemon resumes by itself. At the end the old keyslots and the old data key are gone.
+Volumes with a passphrase keyslot cannot be re-encrypted online (the daemon does not keep
+passphrases): re-encrypt them offline.
+
+Offline (FILE is an existing volume file that is not served, or --offline): the same,
+in this process, with a progress bar; Ctrl-C stops between steps and the next run resumes.
+Passphrase keyslots are re-wrapped with the passphrase given (--passphrase-file).
+
+Examples:
+  cryptvol reencrypt vol1                     # online, shows progress until done
+  cryptvol reencrypt vol1 --no-wait           # online, returns once started
+  cryptvol reencrypt --status vol1
+  cryptvol reencrypt /var/lib/cryptvol/vol1.img --passphrase-file /root/pass";
+
+#[derive(Args)]
+#[command(after_help = REENCRYPT_AFTER_HELP)]
+struct ReencryptArgs {
+    /// A served export (online, through the daemon) or a volume file (offline).
+    #[arg(value_name = "EXPORT|FILE")]
+    target: String,
+    /// Treat the argument as a volume file to re-encrypt offline.
+    #[arg(long, conflicts_with_all = ["status", "no_wait", "control"])]
+    offline: bool,
+    /// Show the re-encryption progress of a served export and return.
+    #[arg(long)]
+    status: bool,
+    /// Return as soon as the re-encryption has started (it goes on in the daemon).
+    #[arg(long, conflicts_with = "status")]
+    no_wait: bool,
+    /// Print the daemon's answer as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    control: ControlArg,
+    /// Offline: the passphrase of the volume's passphrase keyslot(s), read from FILE
+    /// (unlocks the volume and wraps the new data key for those keyslots).
+    #[arg(long, value_name = "FILE", group = "repass")]
+    passphrase_file: Option<PathBuf>,
+    /// Offline: prompt for that passphrase on the terminal (asked again to wrap the new
+    /// data key).
+    #[arg(long, group = "repass")]
+    passphrase: bool,
+    #[command(flatten)]
+    keystore: KeystoreArgs,
+    #[command(flatten)]
+    kdf: KdfArgs,
+}
+
+/// Runs one control request on a blocking thread, showing progress events as a bar (or
+/// log lines) named `what`.
+async fn control_call(
+    path: PathBuf,
+    req: Request,
+    what: String,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let shown = path.display().to_string();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut bar: Option<crate::progress::Progress> = None;
+        let mut last_error: Option<String> = None;
+        let r = ctl::request(&path, &req, |ev: &ProgressEvent| {
+            bar.get_or_insert_with(|| crate::progress::Progress::new(what.clone(), ev.total))
+                .set_done(ev.done);
+            if ev.error.is_some() && ev.error != last_error {
+                if let Some(e) = &ev.error {
+                    eprintln!("cryptvol: warning: {}: {e} (the daemon retries)", ev.export);
+                }
+            }
+            last_error.clone_from(&ev.error);
+        });
+        if let Some(b) = bar {
+            b.finish();
+        }
+        r
+    })
+    .await
+    .context("control request task failed")?;
+    answer.with_context(|| format!("control socket {shown}"))
+}
+
+async fn reencrypt(a: ReencryptArgs) -> Result<()> {
+    let as_file = Path::new(&a.target);
+    if a.offline || (a.control.control.is_none() && !a.status && as_file.is_file()) {
+        return reencrypt_offline(&a, as_file).await;
+    }
+    if a.passphrase_file.is_some() || a.passphrase {
+        anyhow::bail!(
+            "--passphrase-file/--passphrase apply to offline re-encryption of a volume file; \
+             the daemon re-encrypts served exports with the keys it has (no passphrases)"
+        );
+    }
+    let path = a.control.path();
+    let export = a.target.clone();
+    if a.status {
+        let m = control_call(
+            path,
+            Request::ReencryptStatus {
+                export: export.clone(),
+            },
+            String::new(),
+        )
+        .await?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&m)?);
+            return Ok(());
+        }
+        let info: Option<ctl::ReencryptInfo> = m
+            .get("reencrypt")
+            .cloned()
+            .and_then(|v| serde_json::from_value(v).ok());
+        match info {
+            Some(i) if i.finished => println!("{export}: re-encryption complete"),
+            Some(i) => println!("{export}: {}", reencrypt_line(&i)),
+            None => println!("{export}: no re-encryption in progress"),
+        }
+        return Ok(());
+    }
+    let m = control_call(
+        path,
+        Request::Reencrypt {
+            export: export.clone(),
+            wait: !a.no_wait,
+        },
+        format!("re-encrypt {export}"),
+    )
+    .await
+    .with_context(|| format!("cannot re-encrypt export {export:?}"))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else if a.no_wait {
+        println!(
+            "{export}: re-encryption running in the daemon (follow it with `cryptvol reencrypt --status {export}`)"
+        );
+    } else {
+        println!("{export}: re-encrypted under a new data key; the old data key is destroyed");
+    }
+    Ok(())
+}
+
+fn reencrypt_line(i: &ctl::ReencryptInfo) -> String {
+    let pct = if i.size == 0 {
+        100.0
+    } else {
+        i.watermark as f64 * 100.0 / i.size as f64
+    };
+    let mut s = format!(
+        "re-encrypting: {pct:.1}% ({} of {}){}",
+        format_size(i.watermark),
+        format_size(i.size),
+        if i.running { "" } else { ", not running" }
+    );
+    if let Some(e) = &i.last_error {
+        s.push_str(&format!(", last error: {e}"));
+    }
+    s
+}
+
+async fn reencrypt_offline(a: &ReencryptArgs, file: &Path) -> Result<()> {
+    if a.no_wait || a.status {
+        anyhow::bail!("--no-wait and --status apply to served exports (online re-encryption)");
+    }
+    let source = || passphrase_source(&a.passphrase_file, None, a.passphrase);
+    let mut keys = key_options(&a.keystore, None, a.kdf.params());
+    keys.passphrase = source();
+    let (vol, header, _) = ops::unlock(file, &keys, OpenOptions::default())
+        .await
+        .with_context(|| {
+            format!(
+                "cannot open {} to re-encrypt it (if it is being served, re-encrypt the export \
+                 online: cryptvol reencrypt EXPORT)",
+                file.display()
+            )
+        })?;
+    let vol = std::sync::Arc::new(vol);
+    match vol.reencrypt_status() {
+        Some(st) => eprintln!(
+            "resuming the re-encryption of {} at {} of {}",
+            file.display(),
+            format_size(st.watermark),
+            format_size(st.size)
+        ),
+        None => {
+            let pass_slots: Vec<String> = header
+                .keyslots
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| k.backend == crate::keys::PASSPHRASE)
+                .map(|(i, _)| i.to_string())
+                .collect();
+            let pb = if pass_slots.is_empty() {
+                None
+            } else {
+                let Some(src) = source() else {
+                    anyhow::bail!(
+                        "{}: keyslot {} is a passphrase keyslot: give its passphrase with \
+                         --passphrase-file FILE (or --passphrase) so the new data key can be \
+                         wrapped for it, or remove that keyslot first",
+                        file.display(),
+                        pass_slots.join(", ")
+                    );
+                };
+                if matches!(src, crate::keys::PassphraseSource::Prompt) {
+                    eprintln!("Enter the passphrase again to wrap the new data key.");
+                }
+                Some(crate::keys::PassphraseBackend::new(
+                    src.read(false)?,
+                    keys.argon2,
+                ))
+            };
+            let (dek, slots) = ops::reencrypt_new_dek(file, &header, &keys, pb.as_ref())
+                .await
+                .with_context(|| format!("cannot re-encrypt {}", file.display()))?;
+            let v = vol.clone();
+            tokio::task::spawn_blocking(move || v.reencrypt_begin(dek, slots))
+                .await
+                .context("re-encryption task failed")?
+                .with_context(|| format!("cannot start re-encrypting {}", file.display()))?;
+        }
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let ctrl_c = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            stop2.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let v = vol.clone();
+    let what = format!("re-encrypt {}", file.display());
+    let outcome = tokio::task::spawn_blocking(move || {
+        let progress = crate::progress::Progress::new(what, v.size());
+        if let Some(st) = v.reencrypt_status() {
+            progress.set_done(st.watermark);
+        }
+        let r = loop {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                break Ok(v.reencrypt_status());
+            }
+            match v.reencrypt_step() {
+                Ok(Some(st)) => progress.set_done(st.watermark),
+                Ok(None) => break Ok(None),
+                Err(e) => break Err(e),
+            }
+        };
+        progress.finish();
+        r.and_then(|left| v.flush().map(|()| left))
+    })
+    .await
+    .context("re-encryption task failed")?;
+    ctrl_c.abort();
+    match outcome.with_context(|| {
+        format!(
+            "re-encryption of {} failed (run the same command again to resume)",
+            file.display()
+        )
+    })? {
+        None => {
+            let h = crate::volume::read_header(file).map(|(h, _)| h)?;
+            let slots: Vec<String> = h
+                .keyslots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| format!("{i}: {}", slot_label(s)))
+                .collect();
+            println!(
+                "re-encrypted {} under a new data key; the old data key is destroyed",
+                file.display()
+            );
+            println!("keyslots now: {}", slots.join("; "));
+            Ok(())
+        }
+        Some(st) => anyhow::bail!(
+            "interrupted at {} of {}; run the same command again to resume",
+            format_size(st.watermark),
+            format_size(st.size)
+        ),
+    }
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    control: ControlArg,
+}
+
+async fn status(a: StatusArgs) -> Result<()> {
+    let m = control_call(a.control.path(), Request::Status, String::new()).await?;
+    let reply: ctl::StatusReply = serde_json::from_value(serde_json::Value::Object(m))
+        .context("the daemon's status answer is not understood (version mismatch?)")?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(());
+    }
+    println!(
+        "cryptvol daemon pid {}: {} export(s), {} connection(s)",
+        reply.pid,
+        reply.exports.len(),
+        reply.connections
+    );
+    for e in &reply.exports {
+        println!(
+            "{}: {} ({}, {}-byte sectors{}), {} connection(s), allocated {}",
+            e.name,
+            e.path,
+            format_size(e.size),
+            e.sector_size,
+            if e.read_only { ", read-only" } else { "" },
+            e.connections,
+            if e.thin {
+                format_size(e.allocated_bytes)
+            } else {
+                "everything (not thin)".into()
+            }
+        );
+        if let Some(r) = &e.reencrypt {
+            if r.finished {
+                println!("  re-encryption complete");
+            } else {
+                println!("  {}", reencrypt_line(r));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `cryptvol snapshot create EXPORT` through the daemon.
+async fn snapshot_create_online(
+    control: &Path,
+    export: &str,
+    store: &str,
+    description: &str,
+    parent: Option<&str>,
+    json: bool,
+) -> Result<()> {
+    let store = absolute_store(store)?;
+    let m = control_call(
+        control.to_path_buf(),
+        Request::Snapshot {
+            export: export.to_string(),
+            store: store.clone(),
+            description: description.to_string(),
+            parent: parent.map(str::to_string),
+        },
+        format!("snapshot {export}"),
+    )
+    .await
+    .with_context(|| format!("cannot snapshot export {export:?}"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else {
+        let snap = m.get("snapshot").cloned().unwrap_or_default();
+        let id = snap
+            .get("id")
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| snap.to_string());
+        println!("snapshot {id} of export {export} stored in {store}");
+    }
+    Ok(())
+}
+
+/// A store as the daemon should see it: URLs as given, a directory made absolute.
+fn absolute_store(store: &str) -> Result<String> {
+    if store.contains("://") {
+        return Ok(store.to_string());
+    }
+    let p = std::path::absolute(store)
+        .with_context(|| format!("cannot make the store path {store:?} absolute"))?;
+    Ok(p.display().to_string())
 }

@@ -57,6 +57,9 @@ pub struct ConfigFile {
     pub audit_log: Option<PathBuf>,
     /// Bytes of request payload in memory at once: an integer or a size string ("64M").
     pub max_inflight: Option<toml::Value>,
+    /// The control socket (`cryptvol status`, `reencrypt`, `snapshot create` talk to the
+    /// daemon through it) [default: /run/cryptvol/control.sock when running as root].
+    pub control: Option<PathBuf>,
     /// Where to listen.
     pub listen: Option<ListenSection>,
     /// The volumes to serve.
@@ -110,6 +113,8 @@ pub struct CliOverrides {
     pub passphrase: Option<PassphraseSource>,
     /// `FILE` or `NAME=FILE`.
     pub volumes: Vec<String>,
+    /// `--control PATH`.
+    pub control: Option<PathBuf>,
 }
 
 /// One volume to serve.
@@ -133,6 +138,9 @@ pub struct ServeSettings {
     pub audit_log: Option<PathBuf>,
     pub passphrase: Option<PassphraseSource>,
     pub max_inflight: u64,
+    /// The control socket given (`--control` over the file's `control`); `None`: the
+    /// default rule of `server::control::control_path`.
+    pub control: Option<PathBuf>,
 }
 
 /// Reads and parses a configuration file.
@@ -257,6 +265,7 @@ pub fn resolve(
         audit_log: cli.audit_log.or(file.audit_log.map(|k| base.join(k))),
         passphrase,
         max_inflight,
+        control: cli.control.or(file.control.map(|c| base.join(c))),
     })
 }
 
@@ -537,6 +546,25 @@ discard = true
                 ..
             }
         )));
+    }
+
+    #[test]
+    fn control_socket_from_file_or_flag() {
+        let text = "control = \"run/ctl.sock\"\n[[export]]\nname = \"v\"\npath = \"v.img\"\n";
+        let file = parse(text, Path::new("/etc/cv/c.toml")).expect("parses");
+        let s = resolve(
+            Some((Path::new("/etc/cv/c.toml"), file)),
+            CliOverrides::default(),
+        )
+        .expect("resolves");
+        assert_eq!(s.control, Some(PathBuf::from("/etc/cv/run/ctl.sock")));
+        let file = parse(text, Path::new("/etc/cv/c.toml")).expect("parses");
+        let cli = CliOverrides {
+            control: Some("/tmp/c.sock".into()),
+            ..CliOverrides::default()
+        };
+        let s = resolve(Some((Path::new("/etc/cv/c.toml"), file)), cli).expect("resolves");
+        assert_eq!(s.control, Some(PathBuf::from("/tmp/c.sock")));
     }
 
     #[test]

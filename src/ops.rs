@@ -990,3 +990,302 @@ pub async fn snapshot_copy(
     };
     Ok(snapshot::copy_reencrypt(from, &m, &dek, to, new, &progress).await?)
 }
+
+/// The master key a keyslot is wrapped under, as a key reference (`None`: a passphrase
+/// keyslot, which has no key to name).
+pub fn slot_key_ref(path: &Path, slot: &WrappedDek) -> Result<Option<KeyRef>, OpsError> {
+    let bad = |why: &str| {
+        keyslot_err(
+            path,
+            format!(
+                "keyslot ({}{}) {why}",
+                slot.backend.escape_debug(),
+                key_suffix(slot)
+            ),
+        )
+    };
+    match slot.backend.as_str() {
+        crate::keys::PASSPHRASE => Ok(None),
+        crate::keys::LOCAL if !slot.key_id.is_empty() => {
+            Ok(Some(KeyRef::Local(Some(slot.key_id.clone()))))
+        }
+        crate::keys::EXEC => match slot.key_id.split_once(':') {
+            Some((name, key)) if !name.is_empty() && !key.is_empty() => Ok(Some(KeyRef::Exec {
+                name: name.to_string(),
+                key: Some(key.to_string()),
+            })),
+            _ => Err(bad("has a malformed exec key id (expected NAME:KEY)")),
+        },
+        AWS_KMS if !slot.key_id.is_empty() => Ok(Some(KeyRef::AwsKms(slot.key_id.clone()))),
+        _ => Err(bad("names no key this cryptvol can wrap under")),
+    }
+}
+
+/// The message for a passphrase keyslot met by the daemon (online re-encryption).
+fn passphrase_slot_refusal(path: &Path, slots: &[usize]) -> OpsError {
+    let list = slots
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    keyslot_err(
+        path,
+        format!(
+            "cannot re-encrypt online: keyslot {list} is a passphrase keyslot, and the daemon \
+             does not keep passphrases, so it cannot wrap the new data key for it. Re-encrypt \
+             offline instead (stop serving the volume, then run `cryptvol reencrypt {file} \
+             --passphrase-file FILE`), or remove the passphrase keyslot first (`cryptvol \
+             keyslot remove {file} N`)",
+            file = path.display()
+        ),
+    )
+}
+
+/// For a re-encryption: a fresh DEK wrapped for every keyslot of `header` (same order,
+/// the volume's encryption context): each key keyslot under the same master key (same
+/// backend and key id), each passphrase keyslot under `passphrase`, which must open the
+/// old keyslot (checked first, so a mistyped passphrase cannot lock the slot's owner
+/// out). Without `passphrase`, a volume with passphrase keyslots is refused with advice
+/// to re-encrypt offline, before anything is generated.
+pub async fn reencrypt_new_dek(
+    path: &Path,
+    header: &Header,
+    keys: &KeyOptions,
+    passphrase: Option<&PassphraseBackend>,
+) -> Result<(Dek, Vec<WrappedDek>), OpsError> {
+    let mut targets = Vec::with_capacity(header.keyslots.len());
+    let mut pass_slots = Vec::new();
+    for (i, slot) in header.keyslots.iter().enumerate() {
+        let r = slot_key_ref(path, slot)?;
+        if r.is_none() {
+            pass_slots.push(i);
+        }
+        targets.push(r);
+    }
+    if targets.is_empty() {
+        return Err(keyslot_err(path, "the volume has no keyslot".into()));
+    }
+    let ctx = EncryptionContext::for_volume(&header.uuid);
+    let svc = keys.service();
+    if !pass_slots.is_empty() {
+        let Some(pb) = passphrase else {
+            return Err(passphrase_slot_refusal(path, &pass_slots));
+        };
+        for &i in &pass_slots {
+            if let Err(e) = svc
+                .unwrap(&header.keyslots[i], &ctx, KeyOp::RewrapFrom, Some(pb))
+                .await
+            {
+                return Err(keyslot_err(
+                    path,
+                    format!(
+                        "keyslot {i} (passphrase): the passphrase given does not open it ({e}); \
+                         give its passphrase, or remove that keyslot first"
+                    ),
+                ));
+            }
+        }
+    }
+    let dek = Dek::generate().map_err(KeyError::from)?;
+    let mut wrapped = Vec::with_capacity(targets.len());
+    for target in targets {
+        let w = match (target, passphrase) {
+            (Some(r), _) => {
+                wrap_for(keys, &svc, &NewKey::Key(r), &dek, &ctx, KeyOp::Generate).await?
+            }
+            (None, Some(pb)) => svc.wrap_passphrase(pb, &dek, &ctx, KeyOp::Generate).await?,
+            (None, None) => return Err(passphrase_slot_refusal(path, &pass_slots)),
+        };
+        wrapped.push(w);
+    }
+    Ok((dek, wrapped))
+}
+
+/// Takes a snapshot of a served volume from its point-in-time `view` (the daemon's
+/// `snapshot` control request). The parent is the newest snapshot of the volume in the
+/// store (or `parent`: an id, or "none"); when the volume's changed-chunk tracking is
+/// relative to that parent, only the changed chunks are read. On success the tracking
+/// restarts from this snapshot.
+pub async fn snapshot_served(
+    volume: &Volume,
+    view: crate::volume::SnapshotView,
+    store: &str,
+    description: &str,
+    parent: Option<&str>,
+    progress: &Progress,
+) -> Result<CreateStats, OpsError> {
+    let store = Store::open(store, true)?;
+    let dek = volume.data_key()?;
+    let path = Path::new(volume.path());
+    let (header, _) = volume::read_header(path)?;
+    let choice = match parent {
+        None => snapshot::Parent::Auto,
+        Some("none") => snapshot::Parent::None,
+        Some(id) => snapshot::Parent::Id(SnapshotId::parse(id)?),
+    };
+    let found = snapshot::resolve_parent(
+        &store,
+        &choice,
+        &dek,
+        header.uuid,
+        volume.size(),
+        volume.sector_size(),
+    )
+    .await?;
+    let (parent, changed) = match found {
+        Some(m) => {
+            let changed = view
+                .changed_since(&m.id.to_string())
+                .map(|v| v.into_iter().collect::<snapshot::ChunkSet>());
+            match &changed {
+                Some(c) => {
+                    tracing::info!(path = %path.display(), parent = %m.id, changed = c.len(), "incremental snapshot from changed-chunk tracking")
+                }
+                None => {
+                    tracing::info!(path = %path.display(), parent = %m.id, "no changed-chunk tracking relative to the parent: reading every chunk (only changed ones are uploaded)")
+                }
+            }
+            (snapshot::Parent::Id(m.id.clone()), changed)
+        }
+        None => (snapshot::Parent::None, None),
+    };
+    let view = Arc::new(view);
+    let keys = VolumeKeys {
+        uuid: header.uuid,
+        keyslots: header.keyslots.clone(),
+    };
+    let opts = snapshot::CreateOptions {
+        parent,
+        changed,
+        description: description.to_string(),
+    };
+    let stats =
+        snapshot::create_snapshot(&store, view.clone(), &dek, &keys, &opts, progress).await?;
+    view.completed(&stats.id)?;
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::SecretBytes;
+
+    const FAST: Argon2Params = Argon2Params {
+        memory_kib: 8192,
+        time: 1,
+        lanes: 1,
+    };
+
+    fn keys(dir: &Path, pass: Option<&Path>) -> KeyOptions {
+        KeyOptions {
+            keystore: Some(dir.join("keys")),
+            passphrase: pass.map(|p| PassphraseSource::File(p.to_path_buf())),
+            argon2: FAST,
+            audit_log: None,
+        }
+    }
+
+    #[test]
+    fn slot_key_refs() {
+        let p = Path::new("v.img");
+        let slot = |backend: &str, key_id: &str| WrappedDek {
+            backend: backend.into(),
+            key_id: key_id.into(),
+            blob: vec![],
+            context: EncryptionContext::default(),
+            params: Default::default(),
+        };
+        assert_eq!(
+            slot_key_ref(p, &slot("local", "mk-1")).unwrap(),
+            Some(KeyRef::Local(Some("mk-1".into())))
+        );
+        assert_eq!(
+            slot_key_ref(p, &slot("exec", "vault:k1")).unwrap(),
+            Some(KeyRef::Exec {
+                name: "vault".into(),
+                key: Some("k1".into())
+            })
+        );
+        assert_eq!(
+            slot_key_ref(p, &slot("aws-kms", "arn:aws:kms:r:1:key/x")).unwrap(),
+            Some(KeyRef::AwsKms("arn:aws:kms:r:1:key/x".into()))
+        );
+        assert_eq!(slot_key_ref(p, &slot("passphrase", "")).unwrap(), None);
+        assert!(slot_key_ref(p, &slot("exec", "novault")).is_err());
+        assert!(slot_key_ref(p, &slot("tpm", "x")).is_err());
+        assert!(slot_key_ref(p, &slot("local", "")).is_err());
+    }
+
+    #[tokio::test]
+    async fn new_dek_is_wrapped_for_every_keyslot_under_the_same_keys() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pass = tmp.path().join("pass");
+        std::fs::write(&pass, "correct horse\n").unwrap();
+        let wrong = tmp.path().join("wrong");
+        std::fs::write(&wrong, "wrong horse\n").unwrap();
+        let file = tmp.path().join("v.img");
+        let k = keys(tmp.path(), None);
+        let spec = VolumeSpec {
+            size: 1 << 20,
+            sector_size: 4096,
+        };
+        create_volume(&file, &spec, NewKey::Key(KeyRef::Local(None)), &k)
+            .await
+            .unwrap();
+        let src = PassphraseSource::File(pass.clone());
+        keyslot_add(&file, &k, NewKey::Passphrase(&src))
+            .await
+            .unwrap();
+        let (header, _) = volume::read_header(&file).unwrap();
+        let (old, _) = unlock_dek(&file, &header, &k, KeyOp::Unwrap, &[0])
+            .await
+            .unwrap();
+
+        // The daemon (no passphrase) is refused, with advice to go offline.
+        let err = reencrypt_new_dek(&file, &header, &k, None)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("keyslot 1 is a passphrase keyslot")
+                && err.contains("does not keep passphrases")
+                && err.contains("cryptvol reencrypt")
+                && err.contains("--passphrase-file"),
+            "{err}"
+        );
+        // A wrong passphrase is caught before anything is wrapped.
+        let bad = PassphraseBackend::new(SecretBytes::new(b"wrong horse".to_vec()), FAST);
+        let err = reencrypt_new_dek(&file, &header, &k, Some(&bad))
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("does not open it"), "{err}");
+        let _ = wrong;
+
+        let good = PassphraseBackend::new(SecretBytes::new(b"correct horse".to_vec()), FAST);
+        let (dek, slots) = reencrypt_new_dek(&file, &header, &k, Some(&good))
+            .await
+            .unwrap();
+        assert_ne!(dek.expose(), old.expose());
+        assert_eq!(slots.len(), 2);
+        assert_eq!(slots[0].backend, "local");
+        assert_eq!(slots[0].key_id, header.keyslots[0].key_id);
+        assert_ne!(slots[0].blob, header.keyslots[0].blob);
+        assert_eq!(slots[1].backend, "passphrase");
+        let ctx = EncryptionContext::for_volume(&header.uuid);
+        assert!(slots.iter().all(|s| s.context == ctx));
+        let svc = k.service();
+        let a = svc
+            .unwrap(&slots[0], &ctx, KeyOp::Unwrap, None)
+            .await
+            .unwrap();
+        let b = svc
+            .unwrap(&slots[1], &ctx, KeyOp::Unwrap, Some(&good))
+            .await
+            .unwrap();
+        assert_eq!(a.expose(), dek.expose());
+        assert_eq!(b.expose(), dek.expose());
+    }
+}

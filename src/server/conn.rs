@@ -143,6 +143,7 @@ pub(crate) async fn run<S: IntoBlocking>(
     let Some(exp) = shared.exports.get(&export) else {
         return;
     };
+    let _counted = exp.connection_guard();
     let (stream, control) = match stream
         .into_blocking()
         .and_then(|s| s.try_clone().map(|c| (s, c)))

@@ -1,5 +1,6 @@
 //! Exports: the volumes being served, as the protocol layer sees them.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::nbd::{ExportCatalog, ExportInfo, NbdErrno, MAX_PAYLOAD};
@@ -9,6 +10,8 @@ use crate::volume::{Volume, VolumeError};
 pub struct Export {
     pub info: ExportInfo,
     pub volume: Arc<Volume>,
+    /// Connections in transmission on this export.
+    active: AtomicUsize,
 }
 
 impl Export {
@@ -35,7 +38,28 @@ impl Export {
         Export {
             info,
             volume: Arc::new(volume),
+            active: AtomicUsize::new(0),
         }
+    }
+
+    /// Connections in transmission on this export.
+    pub fn connections(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection until the guard is dropped.
+    pub(crate) fn connection_guard(&self) -> ConnectionGuard<'_> {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(&self.active)
+    }
+}
+
+/// Counts one connection of an export while it lives.
+pub(crate) struct ConnectionGuard<'a>(&'a AtomicUsize);
+
+impl Drop for ConnectionGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

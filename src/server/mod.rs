@@ -8,12 +8,16 @@
 
 mod budget;
 mod conn;
+pub mod control;
 mod export;
 mod listen;
+mod reencrypt;
 pub mod systemd;
 
+pub use control::{ControlHooks, ControlSocket};
 pub use export::{errno_for, Export, Exports};
 pub use listen::{Listener, ListenerSpec};
+pub use reencrypt::JobState;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -95,6 +99,27 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: ShutdownHandle,
 ) -> Result<(), ServerError> {
+    serve_with(exports, listeners, config, shutdown, Control::default()).await
+}
+
+/// The control channel of a server and the hooks its operations use.
+#[derive(Default)]
+pub struct Control {
+    /// The bound control socket (`None`: no control channel).
+    pub socket: Option<ControlSocket>,
+    pub hooks: ControlHooks,
+}
+
+/// [`serve`] with a control channel. Also resumes, in the background, every
+/// re-encryption a volume reports in progress, and stops those workers (between steps)
+/// before the final flush.
+pub async fn serve_with(
+    exports: Exports,
+    listeners: Vec<Listener>,
+    config: ServerConfig,
+    shutdown: ShutdownHandle,
+    control: Control,
+) -> Result<(), ServerError> {
     if listeners.is_empty() {
         return Err(ServerError::NoListeners);
     }
@@ -107,15 +132,40 @@ pub async fn serve(
         config,
         shutdown: shutdown.0.subscribe(),
     });
+    let jobs = Arc::new(reencrypt::Jobs::default());
+    for e in shared.exports.iter() {
+        if let Some(st) = e.volume.reencrypt_status() {
+            tracing::info!(
+                export = %e.info.name,
+                watermark = st.watermark,
+                size = st.size,
+                "resuming an interrupted re-encryption"
+            );
+            jobs.start(&e.info.name, e.volume.clone(), shared.shutdown.clone());
+        }
+    }
     let mut tasks = tokio::task::JoinSet::new();
     for l in listeners {
         tasks.spawn(listen::accept_loop(l, shared.clone()));
+    }
+    if let Some(sock) = control.socket {
+        let state = Arc::new(control::ControlState {
+            shared: shared.clone(),
+            jobs: jobs.clone(),
+            hooks: control.hooks,
+        });
+        tasks.spawn(control::control_loop(sock, state));
     }
     let writeback = tokio::spawn(map_writeback(shared.clone()));
     while let Some(res) = tasks.join_next().await {
         if let Err(e) = res {
             tracing::error!("listener task failed: {e}");
         }
+    }
+    // Re-encryption workers stop between steps once shutdown is set.
+    let j = jobs.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || j.join_all()).await {
+        tracing::error!("re-encryption workers did not stop cleanly: {e}");
     }
     // Every accept loop waits for its connections before returning; make everything durable.
     writeback.abort();

@@ -143,7 +143,7 @@ pub(crate) async fn load_verified(
 }
 
 /// The parent to use, verified with `dek`.
-async fn resolve_parent(
+pub async fn resolve_parent(
     store: &Store,
     choice: &Parent,
     dek: &Dek,

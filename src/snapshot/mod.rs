@@ -25,7 +25,7 @@ pub mod manifest;
 pub mod restore;
 pub mod store;
 
-pub use create::{create_snapshot, CreateOptions, CreateStats, Parent, VolumeKeys};
+pub use create::{create_snapshot, resolve_parent, CreateOptions, CreateStats, Parent, VolumeKeys};
 pub use manifest::{Manifest, SnapshotId, CONTEXT_SNAPSHOT_ID, MANIFEST_VERSION};
 pub use restore::{
     collect_garbage, copy_as_is, copy_reencrypt, delete_snapshot, list_snapshots, load_manifest,
@@ -79,6 +79,23 @@ impl ChunkSource for Volume {
         }
         self.read_at(buf, offset)?;
         Ok(ChunkState::Data)
+    }
+}
+
+/// A served volume's point-in-time view (copy-before-write) as a snapshot source.
+impl ChunkSource for crate::volume::SnapshotView {
+    fn size(&self) -> u64 {
+        crate::volume::SnapshotView::size(self)
+    }
+    fn sector_size(&self) -> u32 {
+        crate::volume::SnapshotView::sector_size(self)
+    }
+    fn read_chunk(&self, index: u64, buf: &mut [u8]) -> Result<ChunkState, SnapshotError> {
+        if crate::volume::SnapshotView::read_chunk(self, index, buf)? {
+            Ok(ChunkState::Data)
+        } else {
+            Ok(ChunkState::Hole)
+        }
     }
 }
 

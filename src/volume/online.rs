@@ -797,6 +797,19 @@ impl Drop for SnapshotView {
 }
 
 impl Volume {
+    /// A copy of the volume's data key, in locked memory (wiped on drop), for the
+    /// snapshot manifest's MAC. Refused while a re-encryption is in progress (two keys).
+    pub fn data_key(&self) -> Result<Dek, VolumeError> {
+        if self.reencrypting.load(Ordering::Acquire) {
+            return Err(VolumeError::Snapshot {
+                path: self.path().to_string(),
+                detail: "a re-encryption is in progress; snapshot after it finishes".into(),
+            });
+        }
+        let ctl = lock_ignoring_poison(&self.ctl);
+        Ok(Dek::from_slice(ctl.dek.expose())?)
+    }
+
     /// Saves the changed-chunk tracking as cleanly closed (on drop, after the last flush).
     pub(super) fn close_tracking(&self) {
         if let Some(t) = self.tracking.get() {

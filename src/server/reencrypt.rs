@@ -1,0 +1,265 @@
+//! Background re-encryption of served volumes: one thread per export that calls
+//! [`Volume::reencrypt_step`] until the volume reports no re-encryption in progress.
+//!
+//! The thread stops between steps when the server shuts down (the header records the
+//! watermark, so the next start resumes); a failed step is logged at error level and
+//! retried after [`RETRY_DELAY`]. Progress is published on a `watch` channel that
+//! control connections follow, and logged every [`LOG_EVERY`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::volume::Volume;
+
+/// Delay before a failed step is retried.
+pub const RETRY_DELAY: Duration = Duration::from_secs(5);
+/// How often progress is logged.
+pub const LOG_EVERY: Duration = Duration::from_secs(5);
+/// How often a sleeping worker checks for shutdown.
+const POLL: Duration = Duration::from_millis(100);
+
+/// What a job reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobState {
+    /// Bytes under the new key (the watermark).
+    pub done: u64,
+    /// Size of the data area.
+    pub total: u64,
+    /// The worker thread is running.
+    pub running: bool,
+    /// The re-encryption completed in this daemon.
+    pub finished: bool,
+    /// The last failed step's error, until a step succeeds again.
+    pub last_error: Option<String>,
+}
+
+struct Job {
+    state: watch::Sender<JobState>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The re-encryption jobs of a server, by export name.
+#[derive(Default)]
+pub(crate) struct Jobs {
+    jobs: Mutex<HashMap<String, Job>>,
+}
+
+impl Jobs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Job>> {
+        self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The state of the job of `export`, if one ran or runs in this daemon.
+    pub fn state(&self, export: &str) -> Option<JobState> {
+        self.lock().get(export).map(|j| j.state.borrow().clone())
+    }
+
+    /// A receiver on the job of `export` when it is running.
+    pub fn follow(&self, export: &str) -> Option<watch::Receiver<JobState>> {
+        self.lock()
+            .get(export)
+            .filter(|j| j.state.borrow().running)
+            .map(|j| j.state.subscribe())
+    }
+
+    /// Starts the worker of `export` (a running one is followed instead).
+    pub fn start(
+        &self,
+        export: &str,
+        volume: Arc<Volume>,
+        shutdown: watch::Receiver<bool>,
+    ) -> watch::Receiver<JobState> {
+        let mut jobs = self.lock();
+        if let Some(j) = jobs.get(export) {
+            if j.state.borrow().running {
+                return j.state.subscribe();
+            }
+        }
+        let initial = JobState {
+            done: volume.reencrypt_status().map(|s| s.watermark).unwrap_or(0),
+            total: volume.size(),
+            running: true,
+            finished: false,
+            last_error: None,
+        };
+        let (tx, rx) = watch::channel(initial);
+        let tx2 = tx.clone();
+        let name = export.to_string();
+        let spawned = std::thread::Builder::new()
+            .name(format!(
+                "reencrypt-{}",
+                export.chars().take(8).collect::<String>()
+            ))
+            .spawn(move || run(&name, &volume, &tx2, &shutdown));
+        let thread = match spawned {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(export, "cannot start the re-encryption thread: {e}");
+                tx.send_modify(|s| {
+                    s.running = false;
+                    s.last_error = Some(format!("cannot start the re-encryption thread: {e}"));
+                });
+                None
+            }
+        };
+        // A finished earlier job of the same export is replaced (its thread has ended).
+        if let Some(old) = jobs.insert(export.to_string(), Job { state: tx, thread }) {
+            if let Some(t) = old.thread {
+                let _ = t.join();
+            }
+        }
+        rx
+    }
+
+    /// Waits for every worker to stop (they do between steps once shutdown is set).
+    pub fn join_all(&self) {
+        let threads: Vec<JoinHandle<()>> = self
+            .lock()
+            .values_mut()
+            .filter_map(|j| j.thread.take())
+            .collect();
+        for t in threads {
+            if t.join().is_err() {
+                tracing::error!("a re-encryption thread panicked");
+            }
+        }
+    }
+}
+
+/// The worker loop.
+fn run(
+    export: &str,
+    volume: &Volume,
+    tx: &watch::Sender<JobState>,
+    shutdown: &watch::Receiver<bool>,
+) {
+    let started = Instant::now();
+    let mut last_log = Instant::now();
+    let mut first_done = None;
+    tracing::info!(
+        export,
+        path = volume.path(),
+        "re-encryption running in the background"
+    );
+    loop {
+        if *shutdown.borrow() {
+            let s = tx.borrow().clone();
+            tracing::info!(
+                export,
+                "re-encryption paused at {} of {} bytes for shutdown; it resumes at the next start",
+                s.done,
+                s.total
+            );
+            tx.send_modify(|s| s.running = false);
+            return;
+        }
+        match volume.reencrypt_step() {
+            Ok(Some(st)) => {
+                let from = *first_done.get_or_insert(st.watermark);
+                tx.send_modify(|s| {
+                    s.done = st.watermark;
+                    s.total = st.size;
+                    s.last_error = None;
+                });
+                if last_log.elapsed() >= LOG_EVERY {
+                    last_log = Instant::now();
+                    log_progress(export, st.watermark, st.size, from, started);
+                }
+            }
+            Ok(None) => {
+                tx.send_modify(|s| {
+                    s.done = s.total;
+                    s.running = false;
+                    s.finished = true;
+                    s.last_error = None;
+                });
+                tracing::info!(
+                    export,
+                    secs = started.elapsed().as_secs(),
+                    "re-encryption complete: the volume is under its new data key; the old key is destroyed"
+                );
+                return;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::error!(
+                    export,
+                    "re-encryption step failed (retrying in {} s): {msg}",
+                    RETRY_DELAY.as_secs()
+                );
+                tx.send_modify(|s| s.last_error = Some(msg));
+                let until = Instant::now() + RETRY_DELAY;
+                while Instant::now() < until && !*shutdown.borrow() {
+                    std::thread::sleep(POLL);
+                }
+            }
+        }
+    }
+}
+
+fn log_progress(export: &str, done: u64, total: u64, from: u64, started: Instant) {
+    let secs = started.elapsed().as_secs_f64().max(0.001);
+    let rate = done.saturating_sub(from) as f64 / secs;
+    let pct = if total == 0 {
+        100.0
+    } else {
+        done as f64 * 100.0 / total as f64
+    };
+    let eta = if rate > 0.0 {
+        format!("{:.0}s", total.saturating_sub(done) as f64 / rate)
+    } else {
+        "?".into()
+    };
+    tracing::info!(
+        export,
+        "re-encryption: {pct:.1}% ({done} of {total} bytes, {:.1} MiB/s, ETA {eta})",
+        rate / (1024.0 * 1024.0)
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::control::tests::volume;
+
+    #[test]
+    fn a_job_runs_until_the_volume_reports_done() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vol = Arc::new(volume(tmp.path(), 1 << 20));
+        let jobs = Jobs::default();
+        let (_tx, shutdown) = watch::channel(false);
+        let mut rx = jobs.start("v", vol.clone(), shutdown);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let done = rt
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| !s.running))
+                    .await
+                    .map(|r| r.map(|s| s.clone()))
+            })
+            .unwrap()
+            .unwrap();
+        assert!(done.finished && done.done == done.total && done.total == 1 << 20);
+        assert_eq!(jobs.state("v").unwrap(), done);
+        assert!(jobs.follow("v").is_none(), "a finished job is not followed");
+        jobs.join_all();
+    }
+
+    #[test]
+    fn a_job_stops_at_shutdown() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vol = Arc::new(volume(tmp.path(), 1 << 20));
+        let jobs = Jobs::default();
+        let (_tx, shutdown) = watch::channel(true);
+        jobs.start("v", vol, shutdown);
+        jobs.join_all();
+        let s = jobs.state("v").unwrap();
+        assert!(!s.running && !s.finished, "{s:?}");
+    }
+}
