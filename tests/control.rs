@@ -415,6 +415,7 @@ fn online_reencryption_end_to_end() {
     }
     let srv = env.serve(&[&format!("old={}", s(&graft))], &["--read-only"], false);
     let out = run(Command::new("qemu-io").args([
+        "-r",
         "-f",
         "raw",
         "-c",
