@@ -58,6 +58,7 @@ pub enum Code {
     HeaderBothCopiesDamaged,
     HeaderCopyDamaged,
     HeaderCopyStale,
+    AllocationMapDamaged,
     VolumeTruncated,
     UnsupportedVersion,
     UnsupportedFeature,
@@ -83,11 +84,12 @@ pub enum Code {
 
 impl Code {
     /// Every code, in documentation order.
-    pub const ALL: [Code; 21] = [
+    pub const ALL: [Code; 22] = [
         Code::NotAVolume,
         Code::HeaderBothCopiesDamaged,
         Code::HeaderCopyDamaged,
         Code::HeaderCopyStale,
+        Code::AllocationMapDamaged,
         Code::VolumeTruncated,
         Code::UnsupportedVersion,
         Code::UnsupportedFeature,
@@ -113,6 +115,7 @@ impl Code {
             Code::HeaderBothCopiesDamaged => "HEADER_BOTH_COPIES_DAMAGED",
             Code::HeaderCopyDamaged => "HEADER_COPY_DAMAGED",
             Code::HeaderCopyStale => "HEADER_COPY_STALE",
+            Code::AllocationMapDamaged => "ALLOCATION_MAP_DAMAGED",
             Code::VolumeTruncated => "VOLUME_TRUNCATED",
             Code::UnsupportedVersion => "UNSUPPORTED_VERSION",
             Code::UnsupportedFeature => "UNSUPPORTED_FEATURE",
@@ -303,6 +306,8 @@ pub struct VolumeFacts {
     /// The file's (or device's) length, when known.
     pub file_len: Option<u64>,
     pub slots: Vec<SlotFacts>,
+    /// What is wrong with the allocation map (thin volumes), if anything.
+    pub map_problem: Option<String>,
 }
 
 /// Why a file with cryptvol magic has no usable header.
@@ -441,6 +446,16 @@ fn volume_findings(v: &VolumeFacts, policy: &Policy, now: u64) -> Vec<Finding> {
     let mut out = Vec::new();
     out.extend(copy_finding("primary", &v.health.primary));
     out.extend(copy_finding("secondary", &v.health.secondary));
+    if let Some(p) = &v.map_problem {
+        out.push(Finding::new(
+            Code::AllocationMapDamaged,
+            format!(
+                "the allocation map is damaged ({p}); opening the volume read-write (cryptvol \
+                 serve) rewrites it from the surviving copy, or marks the pages without one as \
+                 allocated"
+            ),
+        ));
+    }
     if let Some(len) = v.file_len {
         if len < v.needed_len {
             out.push(Finding::new(
@@ -776,7 +791,18 @@ mod tests {
             needed_len: 2 << 20,
             file_len: Some(2 << 20),
             slots,
+            map_problem: None,
         }
+    }
+
+    #[test]
+    fn a_damaged_allocation_map_is_non_compliant() {
+        let mut v = vol(Vec::new());
+        v.map_problem = Some("1 of 1 pages damaged in both copies".into());
+        let f = volume_findings(&v, &Policy::default(), 0);
+        assert!(f.iter().any(|f| f.code == Code::AllocationMapDamaged
+            && f.code.severity() == Severity::NonCompliant
+            && f.message.contains("1 of 1 pages")));
     }
 
     fn ident(backend: &str, id: &str, label: &str) -> KeyIdentity {
@@ -1201,7 +1227,7 @@ mod tests {
             let json = serde_json::to_string(&c).unwrap();
             assert_eq!(json, format!("\"{}\"", c.as_str()));
         }
-        assert_eq!(Code::ALL.len(), 21);
+        assert_eq!(Code::ALL.len(), 22);
         let v = serde_json::to_string(&Verdict::NonCompliant).unwrap();
         assert_eq!(v, "\"NON_COMPLIANT\"");
     }

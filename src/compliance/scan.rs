@@ -312,6 +312,24 @@ impl Scanner {
             needed_len: h.data_offset.saturating_add(h.size),
             file_len: device_len(path, md),
             slots,
+            map_problem: match crate::volume::map_summary(path, h) {
+                Ok(Some(m)) if !m.health.is_healthy() => {
+                    Some(if m.health.pages_damaged.is_empty() {
+                        format!(
+                            "{} of {} pages have one damaged copy",
+                            m.health.pages_one_copy_bad, m.health.pages
+                        )
+                    } else {
+                        format!(
+                            "{} of {} pages damaged in both copies",
+                            m.health.pages_damaged.len(),
+                            m.health.pages
+                        )
+                    })
+                }
+                Ok(_) => None,
+                Err(e) => Some(format!("cannot read it: {e}")),
+            },
         }
     }
 
