@@ -115,6 +115,11 @@ fn damaged_map_is_reported_by_info_and_repaired_by_serve() {
     assert!(info["allocation"]["map"]
         .as_str()
         .is_some_and(|m| m.contains("damaged in both copies")));
+    // The compliance scan flags it (exit status 1)...
+    let out = run(env.cmd().args(["check", "--json"]).arg(&vol));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("ALLOCATION_MAP_DAMAGED"), "{text}");
     let srv = env.serve(&[s(&vol)], &[], false);
     let out = nbdsh(&srv.uri(""), "assert h.pread(4096, 0) == b'k' * 4096");
     assert!(out.status.success(), "written data survives a damaged map");
@@ -122,6 +127,13 @@ fn damaged_map_is_reported_by_info_and_repaired_by_serve() {
     assert!(log.contains("allocation map pages damaged"), "{log}");
     let info = info_json(&env, &vol);
     assert_eq!(info["allocation"]["map"], "ok", "repaired: {info}");
+    // ...and passes it once serving repaired the map.
+    let out = run(env.cmd().args(["check", "--json"]).arg(&vol));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("ALLOCATION_MAP_DAMAGED"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// Kill -9 the server at random moments (and at the exact steps between the data
