@@ -143,8 +143,33 @@ pub async fn create_volume_with(
     keys: &KeyOptions,
     opts: &CreateOptions,
 ) -> Result<Header, OpsError> {
-    let (header, dek) = create_with_dek(path, spec, key, keys, !opts.no_allocation_map).await?;
-    if opts.preallocate {
+    if !opts.preallocate {
+        let (header, _) = create_with_dek(path, spec, key, keys, !opts.no_allocation_map).await?;
+        return Ok(header);
+    }
+    // A preallocation takes a while: build it under a hidden name, published only when
+    // complete (an interrupted one is removed by the next run).
+    if path.exists() {
+        return Err(VolumeError::AlreadyExists {
+            path: path.display().to_string(),
+        }
+        .into());
+    }
+    let partial = partial_path(path);
+    match std::fs::remove_file(&partial) {
+        Ok(()) => tracing::info!(path = %partial.display(), "removed an interrupted preallocation"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(VolumeError::Io {
+                path: partial.display().to_string(),
+                source: e,
+            }
+            .into())
+        }
+    }
+    let (header, dek) = create_with_dek(&partial, spec, key, keys, !opts.no_allocation_map).await?;
+    {
+        let path = partial.as_path();
         let result = (|| {
             let vol = Volume::open(path, &header, dek, OpenOptions::default())?;
             let progress = if opts.progress {
@@ -160,6 +185,10 @@ pub async fn create_volume_with(
             let _ = std::fs::remove_file(path);
             return Err(e.into());
         }
+    }
+    if let Err(e) = publish_partial(&partial, path) {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e.into());
     }
     Ok(header)
 }
@@ -830,6 +859,40 @@ pub fn partial_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.partial"))
 }
 
+/// Gives a finished `.FILE.partial` its final name `path`: a hard link (never replacing a
+/// file that appeared at `path` meanwhile), then the partial name is removed. On
+/// filesystems without hard links, a rename after checking that `path` is free.
+fn publish_partial(partial: &Path, path: &Path) -> Result<(), VolumeError> {
+    let io = |p: &Path, e: std::io::Error| VolumeError::Io {
+        path: p.display().to_string(),
+        source: e,
+    };
+    match std::fs::hard_link(partial, path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(VolumeError::AlreadyExists {
+                path: path.display().to_string(),
+            })
+        }
+        Err(_) if !path.exists() => {
+            std::fs::rename(partial, path).map_err(|e| io(path, e))?;
+        }
+        Err(e) => return Err(io(path, e)),
+    }
+    match std::fs::remove_file(partial) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(partial, e)),
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(&dir, e))
+}
+
 /// Removes a file on drop unless disarmed (a restore that did not finish).
 struct RemoveOnDrop(Option<PathBuf>);
 
@@ -918,38 +981,8 @@ pub async fn restore_snapshot(
     let progress = Progress::new(format!("restore {id}"), m.volume_size);
     let stats = snapshot::restore_into(store, &m, &dek, Arc::clone(&vol), &progress).await?;
     drop(vol);
-    let io = |p: &Path, e: std::io::Error| VolumeError::Io {
-        path: p.display().to_string(),
-        source: e,
-    };
-    // Link, not rename: never replaces a file that appeared at `path` meanwhile.
-    match std::fs::hard_link(&partial, path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return Err(VolumeError::AlreadyExists {
-                path: path.display().to_string(),
-            }
-            .into())
-        }
-        // A filesystem without hard links: rename, having checked the name is free.
-        Err(_) if !path.exists() => {
-            std::fs::rename(&partial, path).map_err(|e| io(path, e))?;
-        }
-        Err(e) => return Err(io(path, e).into()),
-    }
+    publish_partial(&partial, path)?;
     guard.0 = None;
-    match std::fs::remove_file(&partial) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(&partial, e).into()),
-    }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io(&dir, e))?;
     Ok(RestoreOutcome {
         header,
         shared_dek: shared,

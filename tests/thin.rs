@@ -353,3 +353,35 @@ fn sparse_4g_volume_maps_and_copies_sparsely() {
     eprintln!("nbdcopy 4 GiB mostly empty: {secs:.2} s, {used} bytes allocated in the copy");
     srv.stop();
 }
+
+/// An interrupted `create --preallocate` never leaves a half-made volume under the
+/// final name; the next run removes the leftover and succeeds.
+#[test]
+fn interrupted_preallocation_leaves_nothing_visible() {
+    let env = Env::new();
+    let vol = env.path("pre.vol");
+    let partial = env.path(".pre.vol.partial");
+    let mut child = env
+        .cmd()
+        .args(["create", "--preallocate", "--size", "4G"])
+        .arg(&vol)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn create");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !partial.exists() {
+        assert!(std::time::Instant::now() < deadline, "no partial file appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let status = child.wait().expect("wait");
+    assert!(!status.success(), "create was interrupted");
+    assert!(!vol.exists(), "no half-made volume under the final name");
+    // The next run cleans up and succeeds.
+    env.create("pre.vol", "8M", &["--preallocate"]);
+    assert!(!partial.exists(), "the leftover was removed");
+    let info = info_json(&env, &vol);
+    assert_eq!(info["allocation"]["allocated_bytes"], 8 << 20, "{info}");
+}
