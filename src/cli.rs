@@ -879,6 +879,50 @@ fn info(a: InfoArgs) -> Result<()> {
         };
         writeln!(out, "  {}: {}{}", k.slot, k.backend, id)?;
     }
+    if let Some(r) = &i.reencrypt {
+        info_reencrypt(&mut out, r)?;
+    }
+    Ok(())
+}
+
+/// `cryptvol info`: the re-encryption in progress.
+fn info_reencrypt(out: &mut impl std::io::Write, r: &ops::ReencryptionInfo) -> Result<()> {
+    let pct = if r.size == 0 {
+        100.0
+    } else {
+        r.watermark as f64 * 100.0 / r.size as f64
+    };
+    writeln!(
+        out,
+        "re-encryption: in progress, {pct:.1}% under the new data key ({} of {}, watermark {} bytes)",
+        format_size(r.watermark),
+        format_size(r.size),
+        r.watermark
+    )?;
+    if let Some(z) = &r.hotzone {
+        writeln!(
+            out,
+            "  interrupted step: bytes {}..{} (finished when the volume is next opened for writing)",
+            z.offset,
+            z.offset.saturating_add(z.length)
+        )?;
+    }
+    writeln!(
+        out,
+        "  new keyslots (replace the keyslots when it finishes):"
+    )?;
+    for k in &r.new_keyslots {
+        let id = if k.key_id.is_empty() {
+            String::new()
+        } else {
+            format!(" key {}", k.key_id)
+        };
+        writeln!(out, "    {}: {}{}", k.slot, k.backend, id)?;
+    }
+    writeln!(
+        out,
+        "  resume: `cryptvol reencrypt FILE` (offline) or serve the volume (resumes by itself)"
+    )?;
     Ok(())
 }
 
@@ -2451,10 +2495,11 @@ async fn reencrypt_offline(a: &ReencryptArgs, file: &Path) -> Result<()> {
     let vol = std::sync::Arc::new(vol);
     match vol.reencrypt_status() {
         Some(st) => eprintln!(
-            "resuming the re-encryption of {} at {} of {}",
+            "resuming the re-encryption of {} at {} of {} (watermark {} bytes)",
             file.display(),
             format_size(st.watermark),
-            format_size(st.size)
+            format_size(st.size),
+            st.watermark
         ),
         None => {
             let pass_slots: Vec<String> = header
@@ -2509,6 +2554,7 @@ async fn reencrypt_offline(a: &ReencryptArgs, file: &Path) -> Result<()> {
             progress.set_done(st.watermark);
         }
         let r = loop {
+            crate::server::reencrypt_test_step_delay();
             if stop.load(std::sync::atomic::Ordering::SeqCst) {
                 break Ok(v.reencrypt_status());
             }
@@ -2546,9 +2592,12 @@ async fn reencrypt_offline(a: &ReencryptArgs, file: &Path) -> Result<()> {
             Ok(())
         }
         Some(st) => anyhow::bail!(
-            "interrupted at {} of {}; run the same command again to resume",
+            "re-encryption of {} interrupted at {} of {} ({} bytes under the new data key, \
+             recorded in the header); run the same command again to resume from there",
+            file.display(),
             format_size(st.watermark),
-            format_size(st.size)
+            format_size(st.size),
+            st.watermark
         ),
     }
 }
