@@ -208,8 +208,9 @@ fn reencrypt_crashing(env: &Env, vol: &Path, step: &str, skip: u64) {
 enum After {
     /// In progress: watermark, hotzone offset (if a step was interrupted).
     InProgress(u64, Option<u64>),
-    /// The last header write (the new keyslots) reached the disk: finished.
-    Finished,
+    /// The last header write (the new keyslots) reached the disk: finished. With the
+    /// `check` finding of the other copy when the crash came before it was rewritten.
+    Finished(Option<&'static str>),
 }
 
 /// What finishing an interrupted step at open converts in zone 3.
@@ -280,7 +281,21 @@ fn crash_matrix() -> Vec<Case> {
             Conv::None,
         ),
         // The finalize write complete: done (the crash comes after the last write).
-        c("header-copy-2", 17, After::Finished, Conv::None),
+        c("header-copy-2", 17, After::Finished(None), Conv::None),
+        // The finalize write on the first copy only: done, the second copy is stale.
+        c(
+            "header-copy-1",
+            17,
+            After::Finished(Some("HEADER_COPY_STALE")),
+            Conv::None,
+        ),
+        // The finalize write on the first copy, the second torn: done, one copy damaged.
+        c(
+            "header-copy-2-torn",
+            17,
+            After::Finished(Some("HEADER_COPY_DAMAGED")),
+            Conv::None,
+        ),
     ]
 }
 
@@ -354,9 +369,30 @@ fn run_case(env: &Env, base: &Path, want: &[u8], base_alloc: u64, i: usize, case
             }
             assert!(!err.contains("torn write"), "{what}: {err}");
         }
-        After::Finished => {
+        After::Finished(finding) => {
             assert!(r.is_null(), "{what}: {info}");
-            assert!(ok, "{what}: check: {verdict}");
+            match finding {
+                None => assert!(ok, "{what}: check: {verdict}"),
+                Some(code) => {
+                    assert!(!ok, "{what}: check: {verdict}");
+                    let text = verdict.to_string();
+                    assert!(
+                        text.contains(code) && !text.contains("REENCRYPTION_INTERRUPTED"),
+                        "{what}: {verdict}"
+                    );
+                    // KNOWN ISSUE (reported to the lead): the other header copy (stale,
+                    // or torn: only its first 2 KiB rewritten) still holds the old
+                    // wrapped data key until the next header update; nothing rewrites it
+                    // on open. Checked here so that a fix shows up: flip this then.
+                    let area = read_at(&vol, 0, 131072);
+                    assert!(
+                        contains(&area, old_blobs[0].as_bytes()),
+                        "{what}: the old wrapped key is gone: update this test"
+                    );
+                    verify_served(env, &vol, want, &what);
+                    return;
+                }
+            }
         }
     }
     let info = info_json(env, &vol);
