@@ -2445,7 +2445,16 @@ async fn reencrypt(a: ReencryptArgs) -> Result<()> {
         format!("re-encrypt {export}"),
     )
     .await
-    .with_context(|| format!("cannot re-encrypt export {export:?}"))?;
+    .with_context(|| {
+        if export.contains('/') && !as_file.exists() {
+            format!(
+                "cannot re-encrypt {export:?}: there is no volume file at that path (to \
+                 re-encrypt a file offline, give its path), and as an export name"
+            )
+        } else {
+            format!("cannot re-encrypt export {export:?}")
+        }
+    })?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&m)?);
     } else if a.no_wait {

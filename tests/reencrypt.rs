@@ -513,7 +513,7 @@ fn ctrl_c_stops_offline_reencryption_and_the_next_run_resumes() {
     let wm = info["reencrypt"]["watermark"]
         .as_u64()
         .expect("in progress");
-    assert!(wm >= 2 * ZONE && wm < SIZE, "{info}");
+    assert!((2 * ZONE..SIZE).contains(&wm), "{info}");
     assert_eq!(wm % ZONE, 0, "stopped between steps: {info}");
     assert!(info["reencrypt"]["hotzone"].is_null(), "clean stop: {info}");
     assert!(
@@ -604,6 +604,19 @@ fn online_status_refusals_and_resume_after_sigterm() {
     let old_blobs = header_blobs(&vol);
     let ctl = env.path("control.sock");
 
+    // A path that is no volume file: said so (not only "no such export").
+    let err = fails(
+        env.cmd()
+            .arg("reencrypt")
+            .arg(env.path("missing.img"))
+            .arg("--control")
+            .arg(env.path("none.sock")),
+    );
+    assert!(
+        err.contains("there is no volume file at that path"),
+        "{err}"
+    );
+
     // Read-only: refused, nothing changes.
     let srv = env.serve(&[s(&vol)], &["--read-only", "--control", s(&ctl)], false);
     let err = fails(env.cmd().args(["reencrypt", "vol", "--control"]).arg(&ctl));
@@ -662,7 +675,7 @@ fn online_status_refusals_and_resume_after_sigterm() {
     let wm = info["reencrypt"]["watermark"]
         .as_u64()
         .expect("in progress");
-    assert!(wm >= 2 * ZONE && wm < SIZE, "{info}");
+    assert!((2 * ZONE..SIZE).contains(&wm), "{info}");
     assert!(info["reencrypt"]["hotzone"].is_null(), "clean stop: {info}");
 
     // Restart: it resumes by itself and finishes; no client request.
