@@ -2321,12 +2321,14 @@ socket): the daemon generates a new data key, wraps it for every keyslot of the 
 under the same master keys, and re-encrypts the volume in the background while clients
 keep using it. The progress is recorded in the volume header: after a crash or a restart
 the daemon resumes by itself. At the end the old keyslots and the old data key are gone.
+One re-encryption per export at a time (another request is refused while one runs);
+read-only exports are refused.
 Volumes with a passphrase keyslot cannot be re-encrypted online (the daemon does not keep
 passphrases): re-encrypt them offline.
 
 Offline (FILE is an existing volume file that is not served, or --offline): the same,
-in this process, with a progress bar; Ctrl-C stops between steps and the next run resumes.
-Passphrase keyslots are re-wrapped with the passphrase given (--passphrase-file).
+in this process, with a progress bar; Ctrl-C stops between steps and the next run resumes
+from the watermark (`cryptvol info FILE` shows it). Passphrase keyslots are re-wrapped with the passphrase given (--passphrase-file).
 
 Examples:
   cryptvol reencrypt vol1                     # online, shows progress until done
