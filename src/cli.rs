@@ -879,6 +879,50 @@ fn info(a: InfoArgs) -> Result<()> {
         };
         writeln!(out, "  {}: {}{}", k.slot, k.backend, id)?;
     }
+    if let Some(r) = &i.reencrypt {
+        info_reencrypt(&mut out, r)?;
+    }
+    Ok(())
+}
+
+/// `cryptvol info`: the re-encryption in progress.
+fn info_reencrypt(out: &mut impl std::io::Write, r: &ops::ReencryptionInfo) -> Result<()> {
+    let pct = if r.size == 0 {
+        100.0
+    } else {
+        r.watermark as f64 * 100.0 / r.size as f64
+    };
+    writeln!(
+        out,
+        "re-encryption: in progress, {pct:.1}% under the new data key ({} of {}, watermark {} bytes)",
+        format_size(r.watermark),
+        format_size(r.size),
+        r.watermark
+    )?;
+    if let Some(z) = &r.hotzone {
+        writeln!(
+            out,
+            "  interrupted step: bytes {}..{} (finished when the volume is next opened for writing)",
+            z.offset,
+            z.offset.saturating_add(z.length)
+        )?;
+    }
+    writeln!(
+        out,
+        "  new keyslots (replace the keyslots when it finishes):"
+    )?;
+    for k in &r.new_keyslots {
+        let id = if k.key_id.is_empty() {
+            String::new()
+        } else {
+            format!(" key {}", k.key_id)
+        };
+        writeln!(out, "    {}: {}{}", k.slot, k.backend, id)?;
+    }
+    writeln!(
+        out,
+        "  resume: `cryptvol reencrypt FILE` (offline) or serve the volume (resumes by itself)"
+    )?;
     Ok(())
 }
 
@@ -2277,12 +2321,14 @@ socket): the daemon generates a new data key, wraps it for every keyslot of the 
 under the same master keys, and re-encrypts the volume in the background while clients
 keep using it. The progress is recorded in the volume header: after a crash or a restart
 the daemon resumes by itself. At the end the old keyslots and the old data key are gone.
+One re-encryption per export at a time (another request is refused while one runs);
+read-only exports are refused.
 Volumes with a passphrase keyslot cannot be re-encrypted online (the daemon does not keep
 passphrases): re-encrypt them offline.
 
 Offline (FILE is an existing volume file that is not served, or --offline): the same,
-in this process, with a progress bar; Ctrl-C stops between steps and the next run resumes.
-Passphrase keyslots are re-wrapped with the passphrase given (--passphrase-file).
+in this process, with a progress bar; Ctrl-C stops between steps and the next run resumes
+from the watermark (`cryptvol info FILE` shows it). Passphrase keyslots are re-wrapped with the passphrase given (--passphrase-file).
 
 Examples:
   cryptvol reencrypt vol1                     # online, shows progress until done
@@ -2401,7 +2447,16 @@ async fn reencrypt(a: ReencryptArgs) -> Result<()> {
         format!("re-encrypt {export}"),
     )
     .await
-    .with_context(|| format!("cannot re-encrypt export {export:?}"))?;
+    .with_context(|| {
+        if export.contains('/') && !as_file.exists() {
+            format!(
+                "cannot re-encrypt {export:?}: there is no volume file at that path (to \
+                 re-encrypt a file offline, give its path), and as an export name"
+            )
+        } else {
+            format!("cannot re-encrypt export {export:?}")
+        }
+    })?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&m)?);
     } else if a.no_wait {
@@ -2451,10 +2506,11 @@ async fn reencrypt_offline(a: &ReencryptArgs, file: &Path) -> Result<()> {
     let vol = std::sync::Arc::new(vol);
     match vol.reencrypt_status() {
         Some(st) => eprintln!(
-            "resuming the re-encryption of {} at {} of {}",
+            "resuming the re-encryption of {} at {} of {} (watermark {} bytes)",
             file.display(),
             format_size(st.watermark),
-            format_size(st.size)
+            format_size(st.size),
+            st.watermark
         ),
         None => {
             let pass_slots: Vec<String> = header
@@ -2509,6 +2565,7 @@ async fn reencrypt_offline(a: &ReencryptArgs, file: &Path) -> Result<()> {
             progress.set_done(st.watermark);
         }
         let r = loop {
+            crate::server::reencrypt_test_step_delay();
             if stop.load(std::sync::atomic::Ordering::SeqCst) {
                 break Ok(v.reencrypt_status());
             }
@@ -2546,9 +2603,12 @@ async fn reencrypt_offline(a: &ReencryptArgs, file: &Path) -> Result<()> {
             Ok(())
         }
         Some(st) => anyhow::bail!(
-            "interrupted at {} of {}; run the same command again to resume",
+            "re-encryption of {} interrupted at {} of {} ({} bytes under the new data key, \
+             recorded in the header); run the same command again to resume from there",
+            file.display(),
             format_size(st.watermark),
-            format_size(st.size)
+            format_size(st.size),
+            st.watermark
         ),
     }
 }

@@ -576,6 +576,30 @@ pub struct VolumeInfo {
     /// (everything allocated). Read from the file: on a served volume it reflects the
     /// last flush.
     pub allocation: Option<AllocationInfo>,
+    /// A re-encryption under a new data key in progress (`null` when none): as recorded
+    /// in the header (on a served volume, as of the last step).
+    pub reencrypt: Option<ReencryptionInfo>,
+}
+
+/// `cryptvol info`: the header's record of a re-encryption in progress.
+#[derive(Debug, serde::Serialize)]
+pub struct ReencryptionInfo {
+    /// Bytes of the data area already under the new data key.
+    pub watermark: u64,
+    /// Size of the data area.
+    pub size: u64,
+    /// Wrapped copies of the new data key (they replace the keyslots at the end).
+    pub new_keyslots: Vec<KeyslotInfo>,
+    /// The zone of a step interrupted by a crash (finished when the volume is next
+    /// opened for writing), or `null`.
+    pub hotzone: Option<HotzoneInfo>,
+}
+
+/// The zone of an interrupted re-encryption step.
+#[derive(Debug, serde::Serialize)]
+pub struct HotzoneInfo {
+    pub offset: u64,
+    pub length: u64,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -642,8 +666,30 @@ pub fn info(path: &Path) -> Result<VolumeInfo, OpsError> {
         map_pages_one_copy_bad: m.health.pages_one_copy_bad,
         map_pages_damaged: m.health.pages_damaged,
     });
+    let slot_info = |slots: &[WrappedDek]| -> Vec<KeyslotInfo> {
+        slots
+            .iter()
+            .enumerate()
+            .map(|(slot, k)| KeyslotInfo {
+                slot,
+                backend: k.backend.clone(),
+                key_id: k.key_id.clone(),
+                encryption_context: k.context.0.clone(),
+            })
+            .collect()
+    };
+    let reencrypt = h.reencrypt.as_ref().map(|r| ReencryptionInfo {
+        watermark: r.watermark,
+        size: h.size,
+        new_keyslots: slot_info(&r.keyslots),
+        hotzone: r.hotzone.as_ref().map(|z| HotzoneInfo {
+            offset: z.offset,
+            length: z.len,
+        }),
+    });
     Ok(VolumeInfo {
         allocation,
+        reencrypt,
         path: path.display().to_string(),
         format_version: h.format_version,
         uuid: h.uuid.to_string(),

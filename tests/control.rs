@@ -361,9 +361,24 @@ fn online_reencryption_end_to_end() {
         "not resumed: {st}"
     );
     fio(&env, &uri, &["--verify_only"]);
-    // Wait for completion through the CLI (progress events until done).
-    let out = run_ok(env.cmd().args(["reencrypt", "vol", "--control"]).arg(&c));
-    assert!(out.contains("re-encrypted"), "{out}");
+    // Wait for completion through the CLI (a second `reencrypt` request is refused while
+    // one runs; `--status` reports the progress).
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let out = run_ok(
+            env.cmd()
+                .args(["reencrypt", "--status", "vol", "--control"])
+                .arg(&c),
+        );
+        if out.contains("re-encryption complete") {
+            break;
+        }
+        assert!(
+            out.contains("re-encrypting") && Instant::now() < deadline,
+            "{out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let st = status_json(&env);
     assert_eq!(st["exports"][0]["reencrypt"]["finished"], true, "{st}");
     fio(&env, &uri, &["--verify_only"]);

@@ -61,7 +61,7 @@ pub const OPS: [&str; 4] = ["status", "reencrypt", "reencrypt-status", "snapshot
 pub enum Request {
     /// The exports being served and their state.
     Status,
-    /// Start (or follow) an online re-encryption of `export` under a new data key;
+    /// Start (or resume) an online re-encryption of `export` under a new data key;
     /// `wait`: stream progress until it is done (else answer once it has started).
     Reencrypt { export: String, wait: bool },
     /// Progress of a re-encryption.
@@ -726,25 +726,45 @@ async fn reencrypt(
         .get(export)
         .ok_or_else(|| unknown_export(st, export))?;
     let volume = e.volume.clone();
+    if volume.read_only() {
+        return Err(format!(
+            "export {export:?} is served read-only; re-encryption rewrites every block: \
+             serve it read-write to re-encrypt it{}",
+            if volume.reencrypt_status().is_some() {
+                " (a re-encryption is in progress: it resumes by itself then)"
+            } else {
+                ""
+            }
+        ));
+    }
     let mut rx = match st.jobs.follow(export) {
         Some(rx) => {
+            // One re-encryption at a time: a second request is refused (not queued, not
+            // silently merged into the running one, which uses a data key generated
+            // before this request).
+            let s = rx.borrow().clone();
             tracing::info!(
                 export,
-                "control: re-encryption already running; following it"
+                "control: re-encryption request refused: one is already running"
             );
-            rx
+            let pct = if s.total == 0 {
+                100.0
+            } else {
+                s.done as f64 * 100.0 / s.total as f64
+            };
+            return Err(format!(
+                "export {export:?} is already being re-encrypted under a new data key \
+                 ({pct:.1}% done, {} of {} bytes); one re-encryption at a time: follow it with \
+                 `cryptvol reencrypt --status {export}`, and request another one after it \
+                 finishes",
+                s.done, s.total
+            ));
         }
         None if volume.reencrypt_status().is_some() => {
             st.jobs
                 .start(export, volume.clone(), st.shared.shutdown.clone())
         }
         None => {
-            if volume.read_only() {
-                return Err(format!(
-                    "export {export:?} is served read-only; re-encryption rewrites every \
-                     block: serve it read-write to re-encrypt it"
-                ));
-            }
             let keys = st.hooks.keys.clone().ok_or_else(|| {
                 "online re-encryption is not available in this daemon".to_string()
             })?;

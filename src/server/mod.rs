@@ -17,6 +17,7 @@ pub mod systemd;
 pub use control::{ControlHooks, ControlSocket};
 pub use export::{errno_for, Export, Exports};
 pub use listen::{Listener, ListenerSpec};
+pub(crate) use reencrypt::test_step_delay as reencrypt_test_step_delay;
 pub use reencrypt::JobState;
 
 use std::sync::Arc;
@@ -135,6 +136,17 @@ pub async fn serve_with(
     let jobs = Arc::new(reencrypt::Jobs::default());
     for e in shared.exports.iter() {
         if let Some(st) = e.volume.reencrypt_status() {
+            if e.volume.read_only() {
+                tracing::warn!(
+                    export = %e.info.name,
+                    watermark = st.watermark,
+                    size = st.size,
+                    "a re-encryption is in progress but the export is served read-only: it \
+                     stays paused (reads use both data keys) until the volume is served \
+                     read-write or `cryptvol reencrypt FILE` runs"
+                );
+                continue;
+            }
             tracing::info!(
                 export = %e.info.name,
                 watermark = st.watermark,

@@ -130,6 +130,21 @@ impl Jobs {
     }
 }
 
+/// Test-only: sleeps before each re-encryption step for
+/// `CRYPTVOL_TEST_REENCRYPT_STEP_DELAY_MS` milliseconds (at most 10 s), honoured only
+/// together with `CRYPTVOL_FAULT_INJECTION=1`, so that tests can interrupt a
+/// re-encryption of a small volume in the middle (daemon and offline alike).
+pub(crate) fn test_step_delay() {
+    if std::env::var_os("CRYPTVOL_FAULT_INJECTION").is_some_and(|v| v == "1") {
+        if let Some(ms) = std::env::var("CRYPTVOL_TEST_REENCRYPT_STEP_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            std::thread::sleep(Duration::from_millis(ms.min(10_000)));
+        }
+    }
+}
+
 /// The worker loop.
 fn run(
     export: &str,
@@ -146,6 +161,7 @@ fn run(
         "re-encryption running in the background"
     );
     loop {
+        test_step_delay();
         if *shutdown.borrow() {
             let s = tx.borrow().clone();
             tracing::info!(
