@@ -342,9 +342,12 @@ fn a_clean_fleet_passes_also_while_served_and_errors_exit_2() {
     assert_eq!(verdict(&r["a.img"]), "COMPLIANT");
     assert_eq!(verdict(&r["b.img"]), "COMPLIANT");
     assert_eq!(verdict(&r["nbd.sock"]), "SKIPPED");
+    // The served volume's changed-chunk tracking file is recognised and skipped too.
+    assert_eq!(verdict(&r["a.img.cbt"]), "SKIPPED");
+    assert_eq!(r["a.img.cbt"]["content"], "cbt");
     assert_eq!(r["a.img"]["keyslots"][1]["backend"], "passphrase");
     assert!(
-        stderr.contains("3 item(s): 2 compliant, 0 non-compliant, 0 error(s), 1 skipped"),
+        stderr.contains("4 item(s): 2 compliant, 0 non-compliant, 0 error(s), 2 skipped"),
         "{stderr}"
     );
     // The served volume still works and was not touched by the check.

@@ -515,6 +515,15 @@ fn walk(
         ));
         return;
     }
+    if md.is_file() && is_tracking_sidecar(path) {
+        out.push(Entry::Skipped(
+            p,
+            "a cryptvol changed-chunk tracking file (kept next to a served volume; holds no data)"
+                .into(),
+            "cbt",
+        ));
+        return;
+    }
     if !md.is_dir() {
         out.push(Entry::Item(p, md));
         return;
@@ -588,6 +597,16 @@ fn read_full_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize>
 }
 
 /// What a file that is not a volume holds.
+/// Whether `path` is a volume's changed-chunk tracking sidecar (`<volume>.cbt`, magic
+/// `CVCBT001`, see docs/format.md).
+fn is_tracking_sidecar(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| &magic == b"CVCBT001")
+}
+
 fn probe(path: &Path, md: &Metadata) -> Result<DataKind, String> {
     let f = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
     let len = device_len(path, md).unwrap_or(0);
