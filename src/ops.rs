@@ -355,10 +355,17 @@ pub async fn unlock(
     keys: &KeyOptions,
     opts: OpenOptions,
 ) -> Result<(Volume, Header, HeaderHealth), OpsError> {
-    let (header, health) = volume::read_header(path)?;
+    let (mut header, health) = volume::read_header(path)?;
     warn_health(path, &health);
     let order: Vec<usize> = (0..header.keyslots.len()).collect();
     let (dek, _) = unlock_dek(path, &header, keys, KeyOp::Unwrap, &order).await?;
+    if !opts.read_only && !health.is_healthy() {
+        // A damaged or stale copy (an interrupted header update, e.g. a crash while a
+        // re-encryption finished: the stale copy may still hold an old wrapped key):
+        // rewrite both copies from the verified header now.
+        volume::write_header(path, &mut header, &dek)?;
+        tracing::info!(path = %path.display(), "rewrote both header copies (one was damaged or stale)");
+    }
     // A re-encryption in progress: the new data key is needed too.
     let next = match &header.reencrypt {
         Some(r) => {

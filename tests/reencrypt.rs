@@ -380,15 +380,23 @@ fn run_case(env: &Env, base: &Path, want: &[u8], base_alloc: u64, i: usize, case
                         text.contains(code) && !text.contains("REENCRYPTION_INTERRUPTED"),
                         "{what}: {verdict}"
                     );
-                    // KNOWN ISSUE (reported to the lead): the other header copy (stale,
-                    // or torn: only its first 2 KiB rewritten) still holds the old
-                    // wrapped data key until the next header update; nothing rewrites it
-                    // on open. Checked here so that a fix shows up: flip this then.
+                    // Right after the crash the other header copy (stale, or torn: only
+                    // its first 2 KiB rewritten) may still hold the old wrapped data key.
+                    // The next read-write open rewrites both copies from the verified
+                    // header: then the old wrapped key is gone and check passes.
+                    let srv = env.serve(&[s(&vol)], &[], false);
+                    let log = srv.stop();
+                    assert!(
+                        log.contains("rewrote both header copies"),
+                        "{what}: no header repair at open:\n{log}"
+                    );
                     let area = read_at(&vol, 0, 131072);
                     assert!(
-                        contains(&area, old_blobs[0].as_bytes()),
-                        "{what}: the old wrapped key is gone: update this test"
+                        !contains(&area, old_blobs[0].as_bytes()),
+                        "{what}: the old wrapped key survived the repair"
                     );
+                    let (ok, verdict) = check_json(env, &vol);
+                    assert!(ok, "{what}: check after the repair: {verdict}");
                     verify_served(env, &vol, want, &what);
                     return;
                 }

@@ -520,13 +520,19 @@ fn ctrl_c_leaves_nothing_half_made_and_the_next_run_resumes() {
     write_through_nbd(&env, &vol, &["write -P 0x42 0 128M"]);
     let store = env.path("store");
 
+    // Slowed down (test-only) so the interruption lands mid-way in any build.
+    let slow = [
+        ("CRYPTVOL_FAULT_INJECTION", "1"),
+        ("CRYPTVOL_TEST_SNAPSHOT_DELAY_MS", "60"),
+    ];
     let child = cv(&env)
         .args(["snapshot", "create", s(&vol), "--store", s(&store)])
+        .envs(slow)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let err = interrupt(child, Duration::from_secs(4));
+    let err = interrupt(child, Duration::from_secs(2));
     assert!(err.contains("interrupted"), "{err}");
     let partial_chunks = chunk_files(&store).len();
     assert!(
@@ -566,11 +572,12 @@ fn ctrl_c_leaves_nothing_half_made_and_the_next_run_resumes() {
     let child = cv(&env)
         .args(["create", "--from-snapshot", &id, "--store", s(&store)])
         .arg(&r)
+        .envs(slow)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let err = interrupt(child, Duration::from_secs(4));
+    let err = interrupt(child, Duration::from_secs(2));
     assert!(err.contains("interrupted"), "{err}");
     assert!(!r.exists());
     assert!(!env.path(".r.img.partial").exists());

@@ -371,11 +371,16 @@ fn interrupted_preallocation_leaves_nothing_visible() {
         .expect("spawn create");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !partial.exists() {
-        assert!(std::time::Instant::now() < deadline, "no partial file appeared");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no partial file appeared"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
     let status = child.wait().expect("wait");
     assert!(!status.success(), "create was interrupted");
     assert!(!vol.exists(), "no half-made volume under the final name");

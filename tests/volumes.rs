@@ -124,8 +124,13 @@ fn damaged_header_copies() {
     assert_eq!(info["header"]["healthy"], false);
     let srv = env.serve(&[s(&vol)], &[], false);
     qemu_io(&srv.uri("h"), &["read -P 0x4d 0 64k"]);
-    srv.stop();
+    let log = srv.stop();
+    // The read-write open rewrote both copies from the verified header.
+    assert!(log.contains("rewrote both header copies"), "{log}");
+    let info = info_json(&env, &vol);
+    assert_eq!(info["header"]["healthy"], true, "repaired: {info}");
     // Both copies damaged: a clear refusal.
+    flip(&vol, 4096 + 10);
     flip(&vol, 65536 + 4096 + 10);
     let err = serve_fails(&env, &env.keystore(), &[s(&vol)]);
     assert!(err.contains("damaged") || err.contains("header"), "{err}");

@@ -70,6 +70,7 @@ impl ChunkSource for Volume {
         Volume::sector_size(self)
     }
     fn read_chunk(&self, index: u64, buf: &mut [u8]) -> Result<ChunkState, SnapshotError> {
+        crate::volume::snapshot_test_delay();
         let offset = index
             .checked_mul(u64::from(CHUNK_SIZE))
             .ok_or(SnapshotError::Internal("chunk offset overflows".into()))?;

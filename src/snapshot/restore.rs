@@ -112,6 +112,7 @@ pub async fn restore_into(
                 let data = fetch_verified(store, m, i).await?;
                 let first = m.first_sector(i);
                 let written = tokio::task::spawn_blocking(move || -> Result<u64, SnapshotError> {
+                    crate::volume::snapshot_test_delay();
                     match data {
                         Some(cipher) => {
                             let mut buf = cipher.to_vec();

@@ -64,6 +64,9 @@ pub struct Volume {
     /// A snapshot view is active: writes preserve old chunks first.
     pub(super) snapshotting: AtomicBool,
     pub(super) cow: Mutex<Option<std::sync::Arc<super::online::Cow>>>,
+    /// A re-encryption zone whose step failed half-way and could not be finished: I/O to
+    /// it is refused until the volume is opened again.
+    pub(super) broken_zone: Mutex<Option<Span>>,
 }
 
 /// Keys a volume keeps beyond its engines (only re-encryption needs them).
@@ -298,6 +301,7 @@ impl Volume {
             tracking: std::sync::OnceLock::new(),
             snapshotting: AtomicBool::new(false),
             cow: Mutex::new(None),
+            broken_zone: Mutex::new(None),
         };
         if !vol.read_only && vol.map.as_ref().is_some_and(|m| !m.health().is_healthy()) {
             vol.flush()?;
@@ -378,6 +382,9 @@ impl Volume {
     /// (changed-chunk tracking, snapshot copy-before-write).
     fn lock_w(&self, span: Span) -> Result<super::rangelock::RangeGuard<'_>, VolumeError> {
         let g = self.locks.lock(span);
+        if self.reencrypting.load(Ordering::Acquire) {
+            self.check_broken_zone(span)?;
+        }
         self.before_write(span)?;
         Ok(g)
     }
@@ -471,10 +478,12 @@ impl Volume {
         sectors::check_range(offset, buf.len() as u64, self.size)?;
         // While re-encrypting, a zone being converted is range-locked by the step:
         // wait for it rather than decrypt a half-converted zone with the wrong key.
-        let _guard = self.reencrypting.load(Ordering::Acquire).then(|| {
-            self.locks
-                .lock(sectors::covering(offset, buf.len() as u64, self.ss()))
-        });
+        let reencrypting = self.reencrypting.load(Ordering::Acquire);
+        let span = sectors::covering(offset, buf.len() as u64, self.ss());
+        let _guard = reencrypting.then(|| self.locks.lock(span));
+        if reencrypting {
+            self.check_broken_zone(span)?;
+        }
         let Some(map) = &self.map else {
             return self.read_range(buf, offset);
         };

@@ -16,7 +16,9 @@ pub use header::{
     REENCRYPT_FEATURE,
 };
 pub use io::{OpenOptions, Volume, WRITE_CHUNK};
-pub use online::{ReencryptStatus, SnapshotView, SNAPSHOT_CHUNK, ZONE_SECTORS};
+pub use online::{
+    test_delay as snapshot_test_delay, ReencryptStatus, SnapshotView, SNAPSHOT_CHUNK, ZONE_SECTORS,
+};
 
 /// One run of the allocation map, as [`Volume::extents`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

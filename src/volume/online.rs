@@ -164,12 +164,34 @@ impl Volume {
         if self.read_only() {
             return Err(VolumeError::ReadOnly);
         }
+        if let Some(z) = *lock_ignoring_poison(&self.broken_zone) {
+            return Err(self.broken_zone_err(z));
+        }
         let ss = u64::from(self.sector_size());
         let total = self.size() / ss;
         let first = self.keys_read().wm;
         if first < total {
             let end = (first + ZONE_SECTORS).min(total);
-            self.convert_zone(&ctl, first, end)?;
+            let span = Span { first, end };
+            let _zone = self.locks.lock(span);
+            if let Err((e, recorded)) = self.convert_zone(&ctl, first, end) {
+                // Nothing changed on disk before the zone was recorded: a retry is safe.
+                let Some(zone) = recorded else {
+                    return Err(e);
+                };
+                // Part of the zone may be under the new key already: finish it from the
+                // recorded hashes now, while it is still locked.
+                tracing::error!(path = %self.path(), "re-encryption step failed after recording its zone ({e}); finishing the zone from the recorded hashes");
+                if let Err(e2) = self.finish_zone(&ctl, &zone) {
+                    *lock_ignoring_poison(&self.broken_zone) = Some(span);
+                    tracing::error!(path = %self.path(), "{}", self.broken_zone_err(span));
+                    return Err(self.reenc_err(format!(
+                        "a re-encryption step failed ({e}) and could not be finished ({e2}); \
+                         I/O to that zone is refused until the volume is opened again \
+                         (restart the daemon), which finishes the step from the header"
+                    )));
+                }
+            }
         }
         let wm = self.keys_read().wm;
         if wm >= total {
@@ -181,16 +203,41 @@ impl Volume {
         }))
     }
 
-    /// One step over sectors `[first, end)`.
-    fn convert_zone(&self, ctl: &Ctl, first: u64, end: u64) -> Result<(), VolumeError> {
+    fn broken_zone_err(&self, z: Span) -> VolumeError {
+        let ss = u64::from(self.sector_size());
+        self.reenc_err(format!(
+            "bytes [{}, {}) are in a re-encryption zone whose step failed; they cannot be read \
+             or written until the volume is opened again (restart the daemon), which finishes \
+             the step from the header",
+            z.first * ss,
+            z.end * ss
+        ))
+    }
+
+    /// Refuses I/O overlapping a zone whose re-encryption step failed half-way.
+    pub(super) fn check_broken_zone(&self, span: Span) -> Result<(), VolumeError> {
+        match *lock_ignoring_poison(&self.broken_zone) {
+            Some(z) if z.first < span.end && span.first < z.end => Err(self.broken_zone_err(z)),
+            _ => Ok(()),
+        }
+    }
+
+    /// One step over sectors `[first, end)`, whose range lock the caller holds. On error,
+    /// the hotzone when it had been recorded (the zone may then be partly converted).
+    fn convert_zone(
+        &self,
+        ctl: &Ctl,
+        first: u64,
+        end: u64,
+    ) -> Result<(), (VolumeError, Option<Hotzone>)> {
+        let before = |e: VolumeError| (e, None);
         let ss = self.sector_size() as usize;
         let n = (end - first) as usize;
-        let _zone = self.locks.lock(Span { first, end });
         // The allocation map on disk must agree with memory for this zone (which chunks
         // hold data is what decides which sectors are converted).
-        self.flush()?;
+        self.flush().map_err(before)?;
         let mut buf = vec![0u8; n * ss];
-        self.read_sectors_raw(&mut buf, first)?;
+        self.read_sectors_raw(&mut buf, first).map_err(before)?;
         let convert: Vec<bool> = (0..n as u64)
             .map(|i| self.sector_allocated(first + i))
             .collect();
@@ -200,30 +247,34 @@ impl Volume {
             let next = keys
                 .next
                 .as_ref()
-                .ok_or_else(|| self.reenc_err("the new key is not loaded"))?;
+                .ok_or_else(|| before(self.reenc_err("the new key is not loaded")))?;
             for (i, c) in buf.chunks_exact_mut(ss).enumerate() {
                 if convert[i] {
                     let sector = first + i as u64;
-                    keys.cur.decrypt_sectors(c, sector)?;
-                    next.encrypt_sectors(c, sector)?;
+                    keys.cur
+                        .decrypt_sectors(c, sector)
+                        .map_err(|e| before(e.into()))?;
+                    next.encrypt_sectors(c, sector)
+                        .map_err(|e| before(e.into()))?;
                     hashes[i] = sector_hash(c);
                 }
             }
         }
         let path = Path::new(self.path());
-        let mut h = self.header_now()?;
-        let r = h
-            .reencrypt
-            .as_mut()
-            .ok_or_else(|| self.reenc_err("the header no longer records the re-encryption"))?;
-        r.watermark = first * ss as u64;
-        r.hotzone = Some(Hotzone {
+        let mut h = self.header_now().map_err(before)?;
+        let zone = Hotzone {
             offset: first * ss as u64,
             len: (n * ss) as u64,
             hashes,
-        });
-        write_header(path, &mut h, &ctl.dek)?;
+        };
+        let r = h.reencrypt.as_mut().ok_or_else(|| {
+            before(self.reenc_err("the header no longer records the re-encryption"))
+        })?;
+        r.watermark = first * ss as u64;
+        r.hotzone = Some(zone.clone());
+        write_header(path, &mut h, &ctl.dek).map_err(before)?;
         crash_point("reencrypt-after-hotzone");
+        let after = |e: VolumeError| (e, Some(zone.clone()));
         let runs = runs_of(&convert);
         for (k, (a, b)) in runs.iter().enumerate() {
             if k == runs.len() / 2 && crash_point_active("reencrypt-mid-zone") {
@@ -232,20 +283,24 @@ impl Volume {
             }
             #[cfg(test)]
             if k == runs.len() / 2 && tests::INTERRUPT.with(std::cell::Cell::get) {
-                return Err(self.reenc_err("test: interrupted in the middle of a zone"));
+                return Err(after(
+                    self.reenc_err("test: interrupted in the middle of a zone"),
+                ));
             }
-            self.write_sectors_raw(&buf[a * ss..b * ss], first + *a as u64)?;
+            self.write_sectors_raw(&buf[a * ss..b * ss], first + *a as u64)
+                .map_err(after)?;
         }
-        self.sync_data()?;
+        self.sync_data().map_err(after)?;
         crash_point("reencrypt-after-zone-data");
-        self.with_keys_mut(|k| k.wm = end);
         // Record the new watermark with no hotzone, so that writes to this zone from now
-        // on (under the new key) are never mistaken for unconverted sectors.
+        // on (under the new key) are never mistaken for unconverted sectors; only then
+        // does the watermark move in memory (the zone is still locked).
         if let Some(r) = h.reencrypt.as_mut() {
             r.watermark = end * ss as u64;
             r.hotzone = None;
         }
-        write_header(path, &mut h, &ctl.dek)?;
+        write_header(path, &mut h, &ctl.dek).map_err(after)?;
+        self.with_keys_mut(|k| k.wm = end);
         Ok(())
     }
 
@@ -280,11 +335,23 @@ impl Volume {
         Ok(())
     }
 
-    /// Finishes a step interrupted by a crash (called by open, before any I/O): every
-    /// sector of the hotzone whose ciphertext is not the recorded new one still holds
-    /// the old ciphertext, and is converted now.
+    /// Finishes a step interrupted by a crash (called by open, before any I/O).
     pub(super) fn recover_hotzone(&self, zone: &Hotzone) -> Result<(), VolumeError> {
         let ctl = lock_ignoring_poison(&self.ctl);
+        let converted = self.finish_zone(&ctl, zone)?;
+        tracing::warn!(path = %self.path(), converted, "finished a re-encryption step interrupted by a crash");
+        Ok(())
+    }
+
+    /// Finishes the recorded zone: every sector whose ciphertext is not the recorded new
+    /// one still holds the old ciphertext and is converted now; then the watermark moves
+    /// past the zone (header first). Returns the number of sectors converted. The caller
+    /// holds the control mutex and, unless the volume is being opened, the zone's lock.
+    fn finish_zone(&self, ctl: &Ctl, zone: &Hotzone) -> Result<usize, VolumeError> {
+        #[cfg(test)]
+        if tests::FAIL_FINISH.with(std::cell::Cell::get) {
+            return Err(self.reenc_err("test: finishing the zone fails too"));
+        }
         let ss = self.sector_size() as usize;
         let first = zone.offset / ss as u64;
         let n = zone.hashes.len();
@@ -316,15 +383,14 @@ impl Volume {
         }
         self.sync_data()?;
         let end = first + n as u64;
-        self.with_keys_mut(|k| k.wm = end);
         let mut h = self.header_now()?;
         if let Some(r) = h.reencrypt.as_mut() {
             r.watermark = end * ss as u64;
             r.hotzone = None;
         }
         write_header(Path::new(self.path()), &mut h, &ctl.dek)?;
-        tracing::warn!(path = %self.path(), converted = fixed.iter().filter(|&&f| f).count(), "finished a re-encryption step interrupted by a crash");
-        Ok(())
+        self.with_keys_mut(|k| k.wm = end);
+        Ok(fixed.iter().filter(|&&f| f).count())
     }
 }
 
@@ -769,10 +835,10 @@ impl SnapshotView {
     }
 }
 
-/// Test-only slow-down of snapshot reads (so that tests can write while a snapshot is
-/// being read out): `CRYPTVOL_TEST_SNAPSHOT_DELAY_MS`, honoured only together with
-/// `CRYPTVOL_FAULT_INJECTION=1`.
-fn test_delay() {
+/// Test-only slow-down of each snapshot chunk read or restore write (so that tests can
+/// write while a snapshot is read out, or interrupt one reliably however fast the build):
+/// `CRYPTVOL_TEST_SNAPSHOT_DELAY_MS`, honoured only with `CRYPTVOL_FAULT_INJECTION=1`.
+pub fn test_delay() {
     if std::env::var_os("CRYPTVOL_FAULT_INJECTION").is_some_and(|v| v == "1") {
         if let Some(ms) = std::env::var("CRYPTVOL_TEST_SNAPSHOT_DELAY_MS")
             .ok()
@@ -845,6 +911,9 @@ pub(super) mod tests {
     thread_local! {
         /// Makes the next zone conversion stop half-way, as a crash would.
         pub(in crate::volume) static INTERRUPT: Cell<bool> = const { Cell::new(false) };
+        /// Makes finishing an interrupted zone in-process fail too (as when the
+        /// process dies: the zone is left for the next open).
+        pub(in crate::volume) static FAIL_FINISH: Cell<bool> = const { Cell::new(false) };
     }
 
     fn copy(d: &Dek) -> Dek {
@@ -966,11 +1035,19 @@ pub(super) mod tests {
         let new = begin(&v);
         v.reencrypt_step().expect("first zone");
         INTERRUPT.with(|f| f.set(true));
+        FAIL_FINISH.with(|f| f.set(true));
         assert!(
             v.reencrypt_step().is_err(),
             "interrupted half-way through zone 2"
         );
         INTERRUPT.with(|f| f.set(false));
+        FAIL_FINISH.with(|f| f.set(false));
+        // The zone is refused until the volume is opened again; the rest works.
+        let mut b = vec![0u8; 4096];
+        assert!(v.read_at(&mut b, ZONE_SECTORS * 4096 + 8192).is_err());
+        assert!(v.write_at(&b, ZONE_SECTORS * 4096, false).is_err());
+        assert!(v.reencrypt_step().is_err(), "no more steps until reopened");
+        v.read_at(&mut b, 0).expect("outside the zone");
         drop(v);
         let (h2, _) = crate::volume::read_header(&path).expect("header");
         let r = h2.reencrypt.clone().expect("in progress");
@@ -1094,6 +1171,34 @@ pub(super) mod tests {
             cbt_decode(&side, &h.uuid, Tracking::nwords(size)).is_none(),
             "an in-use sidecar is not trusted"
         );
+    }
+
+    /// A step that fails half-way while the process keeps running (EIO, ENOSPC) is
+    /// finished in-process from the recorded hashes: no read ever sees a half-converted
+    /// zone with the wrong key, and a retry converts nothing twice.
+    #[test]
+    fn a_failed_step_is_finished_in_process() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let size = 2 * ZONE_SECTORS * 4096;
+        let (path, h, dek) = new_volume(dir.path(), size, 4096);
+        let v = Volume::open(&path, &h, copy(&dek), OpenOptions::default()).expect("open");
+        let mut data = vec![0u8; size as usize];
+        for c in (0..size / 65536).step_by(2) {
+            let o = (c * 65536) as usize;
+            for (i, b) in data[o..o + 65536].iter_mut().enumerate() {
+                *b = ((o + i) % 251) as u8 | 1;
+            }
+            v.write_at(&data[o..o + 65536], o as u64, false).expect("w");
+        }
+        v.flush().expect("flush");
+        begin(&v);
+        INTERRUPT.with(|f| f.set(true));
+        let st = v.reencrypt_step();
+        INTERRUPT.with(|f| f.set(false));
+        assert!(st.is_ok(), "finished in-process: {st:?}");
+        assert_eq!(image(&v), data, "no sector read with the wrong key");
+        while v.reencrypt_step().expect("step").is_some() {}
+        assert_eq!(image(&v), data, "nothing converted twice");
     }
 
     #[test]

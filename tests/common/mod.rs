@@ -9,9 +9,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The cryptvol binary under test.
+/// The cryptvol binary under test: `$CRYPTVOL_BIN` when set (scripts/test.sh points it
+/// at the release build, so the tests exercise what ships while the test code itself is
+/// built quickly in debug), else the binary cargo built with the tests.
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_cryptvol"))
+    match std::env::var_os("CRYPTVOL_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_cryptvol")),
+    }
 }
 
 /// Panics (fails the test) when a peer program is missing.
