@@ -112,6 +112,15 @@ impl Volume {
             return Err(self.reenc_err("the new data key is the current one"));
         }
         let engine = XtsEngine::new(&new_dek, self.sector_size() as usize)?;
+        // Snapshot views and re-encryption exclude each other: a view's preserved chunks
+        // are ciphertext under the current key. Checked and set under the view mutex,
+        // which `snapshot_view` holds while it checks `reencrypting`.
+        let cow = lock_ignoring_poison(&self.cow);
+        if cow.is_some() {
+            return Err(self.reenc_err(
+                "a snapshot of this volume is being taken; re-encrypt after it finishes",
+            ));
+        }
         let mut h = self.header_now()?;
         if h.reencrypt.is_some() {
             return Err(self.reenc_err("the header already records a re-encryption"));
@@ -146,6 +155,7 @@ impl Volume {
         });
         ctl.next = Some(new_dek);
         self.reencrypting.store(true, Ordering::Release);
+        drop(cow);
         tracing::info!(path = %self.path(), "re-encryption under a new data key started");
         Ok(())
     }
@@ -696,14 +706,14 @@ impl Volume {
             first: 0,
             end: self.size() / ss,
         });
-        if self.reencrypting.load(Ordering::Acquire) {
-            return Err(VolumeError::Snapshot {
-                path: self.path().to_string(),
-                detail: "a re-encryption is in progress; snapshot after it finishes".into(),
-            });
-        }
         {
             let mut cow = lock_ignoring_poison(&self.cow);
+            if self.reencrypting.load(Ordering::Acquire) {
+                return Err(VolumeError::Snapshot {
+                    path: self.path().to_string(),
+                    detail: "a re-encryption is in progress; snapshot after it finishes".into(),
+                });
+            }
             if cow.is_some() {
                 return Err(VolumeError::Snapshot {
                     path: self.path().to_string(),
@@ -1199,6 +1209,27 @@ pub(super) mod tests {
         assert_eq!(image(&v), data, "no sector read with the wrong key");
         while v.reencrypt_step().expect("step").is_some() {}
         assert_eq!(image(&v), data, "nothing converted twice");
+    }
+
+    #[test]
+    fn snapshot_views_and_reencryption_exclude_each_other() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, h, dek) = new_volume(dir.path(), 2 << 20, 4096);
+        let v =
+            Arc::new(Volume::open(&path, &h, copy(&dek), OpenOptions::default()).expect("open"));
+        let view = v.snapshot_view(SNAPSHOT_CHUNK).expect("view");
+        let e = v.reencrypt_begin(
+            Dek::generate().expect("d"),
+            vec![dummy_slot(&v.uuid(), "n")],
+        );
+        assert!(matches!(e, Err(VolumeError::Reencrypt { .. })), "{e:?}");
+        drop(view);
+        begin(&v);
+        assert!(matches!(
+            v.snapshot_view(SNAPSHOT_CHUNK),
+            Err(VolumeError::Snapshot { .. })
+        ));
+        assert!(matches!(v.data_key(), Err(VolumeError::Snapshot { .. })));
     }
 
     #[test]
