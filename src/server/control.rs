@@ -34,7 +34,7 @@ use super::{Listener, ListenerSpec, ServerError, Shared};
 use crate::crypto::Dek;
 use crate::keys::WrappedDek;
 use crate::progress::Progress;
-use crate::volume::{SnapshotView, Volume};
+use crate::volume::{SnapshotView, Volume, VolumeError};
 
 // ---------------------------------------------------------------------------------------
 // Protocol (pure)
@@ -753,10 +753,32 @@ async fn reencrypt(
                 .await
                 .map_err(|e| format!("cannot make the new data key for {export:?}: {e}"))?;
             let vol = volume.clone();
-            tokio::task::spawn_blocking(move || vol.reencrypt_begin(dek, slots))
-                .await
-                .map_err(|e| format!("re-encryption start task failed: {e}"))?
-                .map_err(|e| format!("cannot start re-encrypting {export:?}: {e}"))?;
+            let name = export.to_string();
+            tokio::task::spawn_blocking(move || {
+                // A snapshot being read out must not see the data key change under it
+                // (its preserved chunks hold old ciphertext). Snapshot views are
+                // exclusive and refused during a re-encryption, so holding one while the
+                // re-encryption begins makes "no snapshot in progress" and "the
+                // re-encryption started" one step. The view is dropped unread (its
+                // changed-chunk bits go back to the tracking).
+                let guard = vol.snapshot_view(SNAPSHOT_CHUNK_SIZE).map_err(|e| match e {
+                    VolumeError::Snapshot { .. } if vol.reencrypt_status().is_some() => {
+                        format!("cannot start re-encrypting {name:?}: a re-encryption is already in progress")
+                    }
+                    VolumeError::Snapshot { .. } => format!(
+                        "cannot start re-encrypting {name:?}: a snapshot of it is in progress; \
+                         re-encrypt after it finishes"
+                    ),
+                    e => format!("cannot start re-encrypting {name:?}: {e}"),
+                })?;
+                let r = vol
+                    .reencrypt_begin(dek, slots)
+                    .map_err(|e| format!("cannot start re-encrypting {name:?}: {e}"));
+                drop(guard);
+                r
+            })
+            .await
+            .map_err(|e| format!("re-encryption start task failed: {e}"))??;
             tracing::info!(export, "online re-encryption started under a new data key");
             st.jobs
                 .start(export, volume.clone(), st.shared.shutdown.clone())
