@@ -2,8 +2,8 @@
 //! point in time under load (nbdsh overwrites and fio with verify while the snapshot is
 //! read out), copy-before-write, incremental snapshots with changed-chunk tracking across
 //! a clean restart and after a kill -9, restore under the same and another key, no
-//! plaintext in the store, and the errors (unknown export, a second snapshot, snapshot vs
-//! re-encryption in both orders).
+//! plaintext in the store, and the errors (unknown export, shutdown during a snapshot, a
+//! second snapshot, snapshot vs re-encryption in both orders).
 //!
 //! The daemon runs with `CRYPTVOL_FAULT_INJECTION=1 CRYPTVOL_TEST_SNAPSHOT_DELAY_MS=N`,
 //! which makes every chunk read of a snapshot view sleep N ms first, so that writes
@@ -561,21 +561,22 @@ fn served_snapshot_point_in_time_incremental_tracking_and_restore() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
-/// Errors through the daemon: an unknown export, a second snapshot of the same volume,
-/// a re-encryption asked for during a snapshot, a snapshot asked for during a
-/// re-encryption; each is a clear error and the daemon keeps serving.
+/// Errors through the daemon: an unknown export, SIGTERM during a snapshot (abandoned,
+/// prompt clean stop), a second snapshot of the same volume, a re-encryption asked for
+/// during a snapshot, a snapshot asked for during a re-encryption; each is a clear error
+/// and the daemon keeps serving.
 #[test]
 fn served_snapshot_errors_and_reencryption_conflicts() {
     require("qemu-io");
     let env = Env::new();
     // 1 GiB thin: a re-encryption takes a while even when nothing is allocated (one
     // crash-safe header update per 4 MiB zone), and a snapshot with a 10 ms delay per
-    // chunk takes ~5 s.
+    // chunk (2048 chunks, 4 at a time) takes ~5 s.
     let vol = env.create("big.img", "1G", &[]);
     let store = env.path("store");
-    let srv = serve(&env, &vol, 10);
-    let uri = srv.uri("big");
-    qemu_io(&uri, &["write -P 0x5a 1020M 1M"]);
+    // 20 ms per chunk: a snapshot takes ~10 s.
+    let srv = serve(&env, &vol, 20);
+    qemu_io(&srv.uri("big"), &["write -P 0x5a 1020M 1M"]);
 
     // Unknown export.
     let err = fails(&mut snapshot_cmd(&env, "nope", &store, &[]));
@@ -584,6 +585,37 @@ fn served_snapshot_errors_and_reencryption_conflicts() {
         "{err}"
     );
     assert!(chunk_files(&store).is_empty());
+
+    // SIGTERM during a snapshot: the daemon does not wait for it (it abandons it, no
+    // manifest is written) and stops cleanly; the client is told why.
+    let manifests = std::fs::read_dir(store.join("snapshots")).map_or(0, |d| d.count());
+    let running = snapshot_cmd(&env, "big", &store, &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn snapshot");
+    wait_log(&srv, "snapshot started", 1, Duration::from_secs(30));
+    let t = Instant::now();
+    let log = srv.stop();
+    let stopped = t.elapsed();
+    assert!(!log.contains("panicked"), "{log}");
+    let out = running.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("the daemon is shutting down; the snapshot was abandoned"),
+        "{err}"
+    );
+    assert!(
+        stopped < Duration::from_secs(8),
+        "shutdown waited {stopped:?} for the snapshot"
+    );
+    assert_eq!(
+        std::fs::read_dir(store.join("snapshots")).map_or(0, |d| d.count()),
+        manifests
+    );
+    let srv = serve(&env, &vol, 10);
+    let uri = srv.uri("big");
 
     // A snapshot in progress refuses a second one and a re-encryption.
     let running = snapshot_cmd(&env, "big", &store, &[])
@@ -603,7 +635,7 @@ fn served_snapshot_errors_and_reencryption_conflicts() {
             .arg(ctl(&env)),
     );
     assert!(
-        err.contains("snapshot") && err.contains("in progress"),
+        err.contains("cannot start re-encrypting \"big\": a snapshot of it is in progress; re-encrypt after it finishes"),
         "re-encryption during a snapshot: {err}"
     );
     let out = finish(running, "the first snapshot");

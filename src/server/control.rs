@@ -39,14 +39,15 @@ use crate::volume::{SnapshotView, Volume, VolumeError};
 // ---------------------------------------------------------------------------------------
 // Protocol (pure)
 
-/// Longest request line accepted (the newline included).
-pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
+/// Longest request line accepted (the newline included): room for the longest export
+/// name, store and description below, even with every character escaped.
+pub const MAX_REQUEST_BYTES: usize = 32 * 1024;
 /// Longest export name (the NBD limit).
 pub const MAX_EXPORT_LEN: usize = 4096;
 /// Longest snapshot store specification.
 pub const MAX_STORE_LEN: usize = 4096;
-/// Longest snapshot description.
-pub const MAX_DESCRIPTION_LEN: usize = 1024;
+/// Longest snapshot description (as in a snapshot manifest).
+pub const MAX_DESCRIPTION_LEN: usize = 4096;
 /// Longest parent snapshot id.
 pub const MAX_PARENT_LEN: usize = 256;
 /// Chunk size of snapshot views taken through the daemon (as EBS: 512 KiB).
@@ -881,9 +882,19 @@ async fn snapshot(
     tokio::pin!(work);
     let mut tick = tokio::time::interval(PROGRESS_EVERY);
     let mut client_gone = false;
+    let mut shutdown = st.shared.shutdown.clone();
     let result = loop {
         tokio::select! {
             r = &mut work => break r,
+            // Shutdown does not wait for a snapshot (it may take hours to a remote
+            // store): it is abandoned, its view dropped (the changed-chunk bits go back
+            // to the tracking); no manifest was written, so it does not exist.
+            _ = async { shutdown.wait_for(|s| *s).await.is_ok() } => {
+                break Err(HookError::from(
+                    "the daemon is shutting down; the snapshot was abandoned (take it again: \
+                     chunks already uploaded are not uploaded twice)",
+                ));
+            }
             _ = tick.tick() => {
                 if !client_gone {
                     let ev = ProgressEvent::new("snapshot", &export, progress.done(), total, None);
