@@ -54,13 +54,16 @@ fn wait_for_socket(p: &Path) {
 }
 
 /// `cryptvol serve --control <env>/control.sock VOL` on `<env>/nbd.sock`, with snapshot
-/// reads slowed down by `delay_ms` per chunk.
-fn serve(env: &Env, vol: &Path, delay_ms: u64) -> Server {
+/// reads slowed down by `delay_ms` per chunk, and `extra` options.
+fn serve(env: &Env, vol: &Path, delay_ms: u64, extra: &[&str]) -> Server {
     let delay = delay_ms.to_string();
+    let control = ctl(env);
+    let mut args = vec!["--control", s(&control)];
+    args.extend_from_slice(extra);
     let srv = env.serve_env(
         &nbd_sock(env),
         &[s(vol)],
-        &["--control", s(&ctl(env))],
+        &args,
         false,
         &[
             ("CRYPTVOL_FAULT_INJECTION", "1"),
@@ -311,7 +314,7 @@ fn served_snapshot_point_in_time_incremental_tracking_and_restore() {
     let env = Env::new();
     let vol = env.create("vol.img", "128M", &[]);
     let store = env.path("store");
-    let srv = serve(&env, &vol, DELAY_MS);
+    let srv = serve(&env, &vol, DELAY_MS, &["--discard"]);
     let uri = srv.uri("vol");
 
     // ---- 1. Point in time under load ----------------------------------------------
@@ -338,15 +341,14 @@ fn served_snapshot_point_in_time_incremental_tracking_and_restore() {
     for piece in (0..7u64).rev() {
         put(&uri, "B", piece * 8 * MIB, 8 * MIB);
     }
-    // Write-zeroes over [1 MiB, 49 MiB) and a trim of [1 MiB, 41 MiB) during the
-    // snapshot, too.
+    // A trim of [1 MiB, 25 MiB) and write-zeroes over [25 MiB, 49 MiB) during the
+    // snapshot, too (both unallocate whole chunks of a thin volume).
     py(
         &uri,
         &format!(
-            "h.zero({z}, {m})\nif h.can_trim():\n    h.trim({t}, {m})\nh.flush()",
+            "assert h.can_trim()\nh.trim({n}, {m})\nh.zero({n}, {m} + {n})\nh.flush()",
             m = MIB,
-            z = 48 * MIB,
-            t = 40 * MIB
+            n = 24 * MIB
         ),
     );
     let b_done = before_start.elapsed();
@@ -420,7 +422,7 @@ fn served_snapshot_point_in_time_incremental_tracking_and_restore() {
     // in time): B covered 128 chunks, fio most of the others.
     let log = srv.stop();
     assert!(!log.contains("panicked"), "{log}");
-    let srv = serve(&env, &vol, 0);
+    let srv = serve(&env, &vol, 0, &[]);
     let uri = srv.uri("vol");
     let s2 = snapshot(&env, "vol", &store, &[]);
     assert_eq!(s2["parent"], id1.as_str(), "{s2}");
@@ -448,7 +450,8 @@ fn served_snapshot_point_in_time_incremental_tracking_and_restore() {
     assert_eq!(count(&s3, "read"), 2, "{s3}");
     assert_eq!(count(&s3, "from_parent"), 254, "{s3}");
     assert_eq!(count(&s3, "uploaded"), 2, "{s3}");
-    // [1 MiB, 49 MiB) was zeroed: 96 chunks are holes, one of them written again (C).
+    // [1 MiB, 49 MiB) was trimmed or zeroed: 96 chunks are holes, one of them written
+    // again (C).
     assert_eq!(count(&s3, "data_chunks"), 256 - 96 + 1, "{s3}");
     assert_eq!(chunk_files(&store).len(), files + 2);
     wait_log(&srv, "changed=2", 1, Duration::from_secs(5));
@@ -456,7 +459,7 @@ fn served_snapshot_point_in_time_incremental_tracking_and_restore() {
     // Again a clean stop: after the restart, one changed chunk is read.
     let log = srv.stop();
     assert!(!log.contains("panicked"), "{log}");
-    let srv = serve(&env, &vol, 0);
+    let srv = serve(&env, &vol, 0, &[]);
     let uri = srv.uri("vol");
     py(
         &uri,
@@ -487,7 +490,7 @@ fn served_snapshot_point_in_time_incremental_tracking_and_restore() {
     // chunk, but content addressing still uploads only the changed one.
     srv.signal("KILL");
     let _ = srv.wait_exit(Duration::from_secs(10));
-    let srv = serve(&env, &vol, 0);
+    let srv = serve(&env, &vol, 0, &[]);
     let uri = srv.uri("vol");
     assert!(
         srv.log_text().contains("changed-chunk tracking restarts"),
@@ -575,7 +578,7 @@ fn served_snapshot_errors_and_reencryption_conflicts() {
     let vol = env.create("big.img", "1G", &[]);
     let store = env.path("store");
     // 20 ms per chunk: a snapshot takes ~10 s.
-    let srv = serve(&env, &vol, 20);
+    let srv = serve(&env, &vol, 20, &[]);
     qemu_io(&srv.uri("big"), &["write -P 0x5a 1020M 1M"]);
 
     // Unknown export.
@@ -614,7 +617,7 @@ fn served_snapshot_errors_and_reencryption_conflicts() {
         std::fs::read_dir(store.join("snapshots")).map_or(0, |d| d.count()),
         manifests
     );
-    let srv = serve(&env, &vol, 10);
+    let srv = serve(&env, &vol, 10, &[]);
     let uri = srv.uri("big");
 
     // A snapshot in progress refuses a second one and a re-encryption.
