@@ -2296,7 +2296,8 @@ impl SnapshotTaker for DaemonSnapshots {
             progress,
         )
         .await?;
-        Ok(serde_json::json!({ "snapshot": stats }))
+        // The daemon answers {"export": …, "snapshot": <this>}.
+        Ok(serde_json::to_value(&stats)?)
     }
 }
 
@@ -2381,7 +2382,9 @@ async fn control_call(
     let answer = tokio::task::spawn_blocking(move || {
         let mut bar: Option<crate::progress::Progress> = None;
         let mut last_error: Option<String> = None;
+        let mut total = 0;
         let r = ctl::request(&path, &req, |ev: &ProgressEvent| {
+            total = ev.total;
             bar.get_or_insert_with(|| crate::progress::Progress::new(what.clone(), ev.total))
                 .set_done(ev.done);
             if ev.error.is_some() && ev.error != last_error {
@@ -2392,6 +2395,10 @@ async fn control_call(
             last_error.clone_from(&ev.error);
         });
         if let Some(b) = bar {
+            // Progress events are sampled: a job that succeeded is complete.
+            if r.is_ok() {
+                b.set_done(total);
+            }
             b.finish();
         }
         r
@@ -2693,7 +2700,19 @@ async fn snapshot_create_online(
             .and_then(|v| v.as_str())
             .map(str::to_string)
             .unwrap_or_else(|| snap.to_string());
-        println!("snapshot {id} of export {export} stored in {store}");
+        let n = |k: &str| snap.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        println!(
+            "snapshot {id} of export {export} in {store}: {} chunks, {} with data, {} read, {} uploaded ({}){}",
+            n("chunks"),
+            n("data_chunks"),
+            n("read"),
+            n("uploaded"),
+            format_size(n("uploaded_bytes")),
+            match snap.get("parent").and_then(|v| v.as_str()) {
+                Some(p) => format!(", incremental to {p}"),
+                None => String::new(),
+            }
+        );
     }
     Ok(())
 }

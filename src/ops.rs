@@ -38,7 +38,7 @@ pub enum OpsError {
     Keyslot { path: String, reason: String },
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
-    #[error("{path} is being served by a running cryptvol (its open lock is held): a served volume is snapshotted through the daemon that serves it (cryptvol snapshot create EXPORT), or stop serving it first")]
+    #[error("{path} is being served by a running cryptvol (its open lock is held): a served volume is snapshotted through the daemon that serves it (`cryptvol snapshot create EXPORT [--control SOCKET]`), or stop serving it first")]
     VolumeServed { path: String },
 }
 

@@ -34,19 +34,20 @@ use super::{Listener, ListenerSpec, ServerError, Shared};
 use crate::crypto::Dek;
 use crate::keys::WrappedDek;
 use crate::progress::Progress;
-use crate::volume::{SnapshotView, Volume};
+use crate::volume::{SnapshotView, Volume, VolumeError};
 
 // ---------------------------------------------------------------------------------------
 // Protocol (pure)
 
-/// Longest request line accepted (the newline included).
-pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
+/// Longest request line accepted (the newline included): room for the longest export
+/// name, store and description below, even with every character escaped.
+pub const MAX_REQUEST_BYTES: usize = 32 * 1024;
 /// Longest export name (the NBD limit).
 pub const MAX_EXPORT_LEN: usize = 4096;
 /// Longest snapshot store specification.
 pub const MAX_STORE_LEN: usize = 4096;
-/// Longest snapshot description.
-pub const MAX_DESCRIPTION_LEN: usize = 1024;
+/// Longest snapshot description (as in a snapshot manifest).
+pub const MAX_DESCRIPTION_LEN: usize = 4096;
 /// Longest parent snapshot id.
 pub const MAX_PARENT_LEN: usize = 256;
 /// Chunk size of snapshot views taken through the daemon (as EBS: 512 KiB).
@@ -773,10 +774,32 @@ async fn reencrypt(
                 .await
                 .map_err(|e| format!("cannot make the new data key for {export:?}: {e}"))?;
             let vol = volume.clone();
-            tokio::task::spawn_blocking(move || vol.reencrypt_begin(dek, slots))
-                .await
-                .map_err(|e| format!("re-encryption start task failed: {e}"))?
-                .map_err(|e| format!("cannot start re-encrypting {export:?}: {e}"))?;
+            let name = export.to_string();
+            tokio::task::spawn_blocking(move || {
+                // A snapshot being read out must not see the data key change under it
+                // (its preserved chunks hold old ciphertext). Snapshot views are
+                // exclusive and refused during a re-encryption, so holding one while the
+                // re-encryption begins makes "no snapshot in progress" and "the
+                // re-encryption started" one step. The view is dropped unread (its
+                // changed-chunk bits go back to the tracking).
+                let guard = vol.snapshot_view(SNAPSHOT_CHUNK_SIZE).map_err(|e| match e {
+                    VolumeError::Snapshot { .. } if vol.reencrypt_status().is_some() => {
+                        format!("cannot start re-encrypting {name:?}: a re-encryption is already in progress")
+                    }
+                    VolumeError::Snapshot { .. } => format!(
+                        "cannot start re-encrypting {name:?}: a snapshot of it is in progress; \
+                         re-encrypt after it finishes"
+                    ),
+                    e => format!("cannot start re-encrypting {name:?}: {e}"),
+                })?;
+                let r = vol
+                    .reencrypt_begin(dek, slots)
+                    .map_err(|e| format!("cannot start re-encrypting {name:?}: {e}"));
+                drop(guard);
+                r
+            })
+            .await
+            .map_err(|e| format!("re-encryption start task failed: {e}"))??;
             tracing::info!(export, "online re-encryption started under a new data key");
             st.jobs
                 .start(export, volume.clone(), st.shared.shutdown.clone())
@@ -879,9 +902,19 @@ async fn snapshot(
     tokio::pin!(work);
     let mut tick = tokio::time::interval(PROGRESS_EVERY);
     let mut client_gone = false;
+    let mut shutdown = st.shared.shutdown.clone();
     let result = loop {
         tokio::select! {
             r = &mut work => break r,
+            // Shutdown does not wait for a snapshot (it may take hours to a remote
+            // store): it is abandoned, its view dropped (the changed-chunk bits go back
+            // to the tracking); no manifest was written, so it does not exist.
+            _ = async { shutdown.wait_for(|s| *s).await.is_ok() } => {
+                break Err(HookError::from(
+                    "the daemon is shutting down; the snapshot was abandoned (take it again: \
+                     chunks already uploaded are not uploaded twice)",
+                ));
+            }
             _ = tick.tick() => {
                 if !client_gone {
                     let ev = ProgressEvent::new("snapshot", &export, progress.done(), total, None);

@@ -123,6 +123,15 @@ impl Store {
                     format!("directory {} does not exist", path.display()),
                 ));
             }
+            if path.exists() {
+                return Err(bad(
+                    spec,
+                    format!(
+                        "{} exists and is not a directory; give a directory (it is created if missing)",
+                        path.display()
+                    ),
+                ));
+            }
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
                 .recursive(true)
