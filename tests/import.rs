@@ -359,7 +359,7 @@ fn interrupt_import(
         .cmd()
         .args(["import", s(src), s(vol)])
         .env("CRYPTVOL_FAULT_INJECTION", "1")
-        .env("CRYPTVOL_TEST_IMPORT_DELAY_MS", "250")
+        .env("CRYPTVOL_TEST_IMPORT_DELAY_MS", "1000")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

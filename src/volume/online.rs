@@ -599,6 +599,7 @@ fn spill_file(volume: &Path) -> std::io::Result<File> {
 impl Volume {
     /// Starts changed-chunk tracking (the server does, for every writable export):
     /// loads the sidecar `<volume>.cbt` if it was closed cleanly and marks it in use.
+    /// When the sidecar cannot be written, tracking stays off (logged), never an error.
     pub fn enable_change_tracking(&self) -> Result<(), VolumeError> {
         if self.read_only() || self.tracking.get().is_some() {
             return Ok(());
@@ -620,7 +621,12 @@ impl Volume {
             meta: Mutex::new(TrackMeta { base }),
             sidecar,
         };
-        t.save(&self.uuid(), true).map_err(|e| self.io_error(e))?;
+        // Tracking is an optimisation: without a writable sidecar (a read-only
+        // directory, a filesystem without rename), snapshots simply read every chunk.
+        if let Err(e) = t.save(&self.uuid(), true) {
+            tracing::warn!(path = %self.path(), sidecar = %t.sidecar.display(), "changed-chunk tracking is off: cannot write its file ({e}); snapshots of this volume read every chunk (only changed ones are uploaded)");
+            return Ok(());
+        }
         let _ = self.tracking.set(t);
         Ok(())
     }
