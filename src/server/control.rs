@@ -34,7 +34,7 @@ use super::{Listener, ListenerSpec, ServerError, Shared};
 use crate::crypto::Dek;
 use crate::keys::WrappedDek;
 use crate::progress::Progress;
-use crate::volume::{SnapshotView, Volume, VolumeError};
+use crate::volume::{SnapshotView, Volume};
 
 // ---------------------------------------------------------------------------------------
 // Protocol (pure)
@@ -776,27 +776,10 @@ async fn reencrypt(
             let vol = volume.clone();
             let name = export.to_string();
             tokio::task::spawn_blocking(move || {
-                // A snapshot being read out must not see the data key change under it
-                // (its preserved chunks hold old ciphertext). Snapshot views are
-                // exclusive and refused during a re-encryption, so holding one while the
-                // re-encryption begins makes "no snapshot in progress" and "the
-                // re-encryption started" one step. The view is dropped unread (its
-                // changed-chunk bits go back to the tracking).
-                let guard = vol.snapshot_view(SNAPSHOT_CHUNK_SIZE).map_err(|e| match e {
-                    VolumeError::Snapshot { .. } if vol.reencrypt_status().is_some() => {
-                        format!("cannot start re-encrypting {name:?}: a re-encryption is already in progress")
-                    }
-                    VolumeError::Snapshot { .. } => format!(
-                        "cannot start re-encrypting {name:?}: a snapshot of it is in progress; \
-                         re-encrypt after it finishes"
-                    ),
-                    e => format!("cannot start re-encrypting {name:?}: {e}"),
-                })?;
-                let r = vol
-                    .reencrypt_begin(dek, slots)
-                    .map_err(|e| format!("cannot start re-encrypting {name:?}: {e}"));
-                drop(guard);
-                r
+                // The volume layer refuses this while a snapshot is being taken (and a
+                // snapshot while a re-encryption runs), atomically.
+                vol.reencrypt_begin(dek, slots)
+                    .map_err(|e| format!("cannot start re-encrypting {name:?}: {e}"))
             })
             .await
             .map_err(|e| format!("re-encryption start task failed: {e}"))??;
