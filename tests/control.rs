@@ -279,22 +279,48 @@ fn fio(env: &Env, uri: &str, extra: &[&str]) -> String {
     text
 }
 
-fn spawn_serve(env: &Env, sock: &Path, vol: &Path, log: &Path) -> Child {
-    let logf = std::fs::File::create(log).expect("log");
-    env.cmd()
-        .args(["serve", "--unix"])
-        .arg(sock)
-        .arg("--control")
-        .arg(ctl(env))
-        .arg(vol)
-        .stdout(Stdio::null())
-        .stderr(logf)
-        .spawn()
-        .expect("spawn serve")
+/// A daemon started by hand; killed on drop, so a failing test leaves no server behind.
+struct Daemon(Child);
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
 }
 
-/// Acceptance test of online re-encryption (issue 9). FAILS AGAINST THE STUBS of
-/// src/volume/online.rs; passes once the volume layer implements re-encryption.
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn spawn_serve(env: &Env, sock: &Path, vol: &Path, log: &Path) -> Daemon {
+    let logf = std::fs::File::create(log).expect("log");
+    Daemon(
+        env.cmd()
+            .args(["serve", "--unix"])
+            .arg(sock)
+            .arg("--control")
+            .arg(ctl(env))
+            .arg(vol)
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn serve"),
+    )
+}
+
+/// Acceptance test of online re-encryption (issue 9).
 ///
 /// fio writes with verification through the daemon while it re-encrypts; the daemon is
 /// killed with SIGKILL in the middle; a restarted daemon resumes by itself while fio
