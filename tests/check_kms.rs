@@ -4,92 +4,7 @@
 
 mod common;
 
-use std::net::TcpStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
 use common::*;
-
-// The moto harness of tests/keys_kms.rs.
-/// A running moto_server; killed on drop.
-struct Moto {
-    child: Child,
-    port: u16,
-}
-
-impl Moto {
-    fn start(log: &Path) -> Moto {
-        let ok = Command::new("python3")
-            .args(["-c", "import moto.server, flask"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(
-            ok,
-            "moto[server] is not installed for python3; run scripts/install-deps.sh \
-             (pip install 'moto[server]')"
-        );
-        let port = free_port();
-        let logf = std::fs::File::create(log).expect("moto log");
-        let child = Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .expect("spawn moto_server");
-        let mut m = Moto { child, port };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(st)) = m.child.try_wait() {
-                panic!(
-                    "moto_server exited ({st}): {}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        m
-    }
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Points every AWS client of this process and its children at moto.
-fn aws_env(endpoint: &str, home: &Path) {
-    // This file's KMS test is the only test touching these variables.
-    for (k, v) in [
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_SESSION_TOKEN", "testing"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-        ("AWS_ENDPOINT_URL", endpoint),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ] {
-        std::env::set_var(k, v);
-    }
-    std::env::set_var("AWS_CONFIG_FILE", home.join("aws-config"));
-    std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", home.join("aws-credentials"));
-    std::env::remove_var("AWS_PROFILE");
-    std::env::remove_var("AWS_ENDPOINT_URL_KMS");
-}
 
 fn check(env: &Env, args: &[&str]) -> (i32, serde_json::Value) {
     let out = run(env.cmd().arg("check").arg("--json").args(args));
@@ -120,7 +35,7 @@ fn codes(r: &serde_json::Value, field: &str) -> Vec<String> {
 #[tokio::test]
 async fn kms_key_states_and_required_keys() {
     let env = Env::new();
-    let moto = Moto::start(&env.path("moto.log"));
+    let moto = Moto::start(&env.path("moto.log"), &[]);
     aws_env(&moto.endpoint(), env.dir.path());
     let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .load()

@@ -5,10 +5,9 @@
 
 mod common;
 
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -593,65 +592,6 @@ fn ctrl_c_leaves_nothing_half_made_and_the_next_run_resumes() {
     srv.stop();
 }
 
-/// A running moto_server; killed on drop.
-struct Moto {
-    child: Child,
-    port: u16,
-}
-
-impl Moto {
-    fn start(log: &Path) -> Moto {
-        let ok = Command::new("python3")
-            .args(["-c", "import moto.server, flask, boto3"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(
-            ok,
-            "moto[server] is not installed for python3; run scripts/install-deps.sh \
-             (pip install 'moto[server]')"
-        );
-        let port = free_port();
-        let logf = std::fs::File::create(log).expect("moto log");
-        let child = Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .expect("spawn moto_server");
-        let mut m = Moto { child, port };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(st)) = m.child.try_wait() {
-                panic!(
-                    "moto_server exited ({st}): {}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        m
-    }
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Points a command at moto with throwaway credentials.
 fn aws(c: &mut Command, endpoint: &str, home: &Path) {
     for (k, v) in [
@@ -689,7 +629,7 @@ fn s3_keys(endpoint: &str, home: &Path, bucket: &str, prefix: &str) -> Vec<Strin
 fn s3_store_against_moto() {
     require("qemu-io");
     let env = Env::new();
-    let moto = Moto::start(&env.path("moto.log"));
+    let moto = Moto::start(&env.path("moto.log"), &["boto3"]);
     let ep = moto.endpoint();
     let home = env.dir.path().to_path_buf();
     let mut c = Command::new("python3");

@@ -671,3 +671,88 @@ pub fn serve_fails(env: &Env, vol: &Path) -> String {
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+// ---------------------------------------------------------------------------------------------
+// moto: AWS KMS and S3 served locally (tests/keys_kms.rs, check_kms.rs, snapshots.rs).
+
+/// A running moto_server; killed on drop.
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Moto {
+    /// Starts it on a free loopback port; fails the test when `moto[server]` (or one of
+    /// the extra Python `modules`, e.g. boto3) is not installed.
+    pub fn start(log: &Path, modules: &[&str]) -> Moto {
+        let import = [&["moto.server", "flask"][..], modules].concat().join(", ");
+        let ok = Command::new("python3")
+            .args(["-c", &format!("import {import}")])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "moto[server] is not installed for python3; run scripts/install-deps.sh \
+             (pip install 'moto[server]')"
+        );
+        let port = free_port();
+        let logf = std::fs::File::create(log).expect("moto log");
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn moto_server");
+        let mut m = Moto { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(st)) = m.child.try_wait() {
+                panic!(
+                    "moto_server exited ({st}): {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        m
+    }
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Points every AWS client of this process and its children at moto.
+/// (Each KMS test file has one test touching these variables.)
+pub fn aws_env(endpoint: &str, home: &Path) {
+    for (k, v) in [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_SESSION_TOKEN", "testing"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+        ("AWS_ENDPOINT_URL", endpoint),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ] {
+        std::env::set_var(k, v);
+    }
+    std::env::set_var("AWS_CONFIG_FILE", home.join("aws-config"));
+    std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", home.join("aws-credentials"));
+    std::env::remove_var("AWS_PROFILE");
+    std::env::remove_var("AWS_ENDPOINT_URL_KMS");
+}
