@@ -299,7 +299,45 @@ async fn unlock_slots(
     order: &[usize],
     verify: &(dyn Fn(&Dek) -> Result<(), VolumeError> + Sync),
 ) -> Result<(Dek, usize), OpsError> {
-    let ctx = EncryptionContext::for_volume(&header.uuid);
+    let check = |d: &Dek| match verify(d) {
+        Ok(()) => Ok(true),
+        Err(VolumeError::KeyCheckFailed { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    };
+    let target = SlotTarget {
+        ctx: EncryptionContext::for_volume(&header.uuid),
+        check: &check,
+        wrong_key: "it holds a data key that is not this volume's (key check failed)",
+        name: path.display().to_string(),
+        uuid: header.uuid.to_string(),
+    };
+    unlock_from(slots, keys, op, order, &target).await
+}
+
+/// What keyslots are unlocked for (a volume, a re-encryption's new key, a snapshot).
+struct SlotTarget<'a> {
+    /// The encryption context the slots are bound to.
+    ctx: EncryptionContext,
+    /// Checks an unwrapped DEK: `Ok(true)` it is the one, `Ok(false)` a data key that is
+    /// not this target's (key check failed: try the next slot), `Err` stop.
+    check: &'a (dyn Fn(&Dek) -> Result<bool, OpsError> + Sync),
+    /// The failure line for `Ok(false)`.
+    wrong_key: &'a str,
+    /// How errors name the target, and its UUID.
+    name: String,
+    uuid: String,
+}
+
+/// The keyslot loop shared by volumes and snapshots: tries `slots` in `order` (reading
+/// the passphrase once, when the first passphrase slot comes), returns the first DEK
+/// `target.check` accepts and its slot, else `NoUsableKeyslot` listing why each failed.
+async fn unlock_from(
+    slots: &[WrappedDek],
+    keys: &KeyOptions,
+    op: KeyOp,
+    order: &[usize],
+    target: &SlotTarget<'_>,
+) -> Result<(Dek, usize), OpsError> {
     let svc = keys.service();
     let mut failures = Vec::new();
     let mut passphrase: Option<PassphraseBackend> = None;
@@ -318,19 +356,19 @@ async fn unlock_slots(
                 }
             }
         }
-        match svc.unwrap(slot, &ctx, op, passphrase.as_ref()).await {
-            Ok(dek) => match verify(&dek) {
-                Ok(()) => {
-                    tracing::debug!(path = %path.display(), slot = i, backend = %slot.backend, "unlocked volume");
+        match svc.unwrap(slot, &target.ctx, op, passphrase.as_ref()).await {
+            Ok(dek) => {
+                if (target.check)(&dek)? {
+                    tracing::debug!(target = %target.name, slot = i, backend = %slot.backend, "unlocked");
                     return Ok((dek, i));
                 }
-                Err(VolumeError::KeyCheckFailed { .. }) => failures.push(format!(
-                    "  keyslot {i} ({}{}): it holds a data key that is not this volume's (key check failed)",
+                failures.push(format!(
+                    "  keyslot {i} ({}{}): {}",
                     slot.backend.escape_debug(),
-                    key_suffix(slot)
-                )),
-                Err(e) => return Err(e.into()),
-            },
+                    key_suffix(slot),
+                    target.wrong_key
+                ));
+            }
             Err(e) => failures.push(format!(
                 "  keyslot {i} ({}{}): {e}",
                 slot.backend.escape_debug(),
@@ -342,8 +380,8 @@ async fn unlock_slots(
         failures.push("  (no keyslot to try)".to_string());
     }
     Err(OpsError::NoUsableKeyslot {
-        path: path.display().to_string(),
-        uuid: header.uuid.to_string(),
+        path: target.name.clone(),
+        uuid: target.uuid.clone(),
         details: failures.join("\n"),
     })
 }
@@ -797,47 +835,20 @@ pub async fn snapshot_create(
 /// manifest with it (key check value: a wrong key; then the MAC: tampering). Returns the
 /// DEK and the keyslot that gave it.
 pub async fn unlock_snapshot(m: &Manifest, keys: &KeyOptions) -> Result<(Dek, usize), OpsError> {
-    let ctx = m.expected_context()?;
-    let svc = keys.service();
-    let mut failures = Vec::new();
-    let mut passphrase: Option<PassphraseBackend> = None;
-    for (i, slot) in m.keyslots.iter().enumerate() {
-        if slot.backend == crate::keys::PASSPHRASE && passphrase.is_none() {
-            match &keys.passphrase {
-                Some(source) => {
-                    passphrase = Some(PassphraseBackend::new(source.read(false)?, keys.argon2))
-                }
-                None => {
-                    failures.push(format!("  keyslot {i} (passphrase): no passphrase given (use --passphrase-file FILE or --passphrase-fd N)"));
-                    continue;
-                }
-            }
-        }
-        match svc.unwrap(slot, &ctx, KeyOp::Unwrap, passphrase.as_ref()).await {
-            Ok(dek) => match m.verify(&dek) {
-                Ok(()) => return Ok((dek, i)),
-                Err(SnapshotError::WrongKey { .. }) => failures.push(format!(
-                    "  keyslot {i} ({}{}): wrong key: it holds a data key that is not this snapshot's (key check failed)",
-                    slot.backend.escape_debug(),
-                    key_suffix(slot)
-                )),
-                Err(e) => return Err(e.into()),
-            },
-            Err(e) => failures.push(format!(
-                "  keyslot {i} ({}{}): {e}",
-                slot.backend.escape_debug(),
-                key_suffix(slot)
-            )),
-        }
-    }
-    if failures.is_empty() {
-        failures.push("  (no keyslot to try)".to_string());
-    }
-    Err(OpsError::NoUsableKeyslot {
-        path: format!("snapshot {}", m.id),
+    let check = |d: &Dek| match m.verify(d) {
+        Ok(()) => Ok(true),
+        Err(SnapshotError::WrongKey { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    };
+    let target = SlotTarget {
+        ctx: m.expected_context()?,
+        check: &check,
+        wrong_key: "wrong key: it holds a data key that is not this snapshot's (key check failed)",
+        name: format!("snapshot {}", m.id),
         uuid: m.volume_uuid.to_string(),
-        details: failures.join("\n"),
-    })
+    };
+    let order: Vec<usize> = (0..m.keyslots.len()).collect();
+    unlock_from(&m.keyslots, keys, KeyOp::Unwrap, &order, &target).await
 }
 
 /// Whether `target` names the master key of keyslot `slot` (which unlocked the DEK).
