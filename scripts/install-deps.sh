@@ -49,7 +49,14 @@ if ! have qemu-system-x86_64; then
     qver=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
     if [[ "$qver" == *bpo* ]]; then
         if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-            echo 'deb http://deb.debian.org/debian bookworm-backports main' > /etc/apt/sources.list.d/backports.list
+            # The mirror this machine's apt already uses: no host name is written here.
+            . "$(dirname "${BASH_SOURCE[0]}")/lib/debian-mirror.sh"
+            mirror=$(debian_mirror)
+            if [ -z "$mirror" ]; then
+                echo "install-deps: cannot find the Debian mirror in /etc/apt to add bookworm-backports" >&2
+                exit 1
+            fi
+            echo "deb $mirror bookworm-backports main" > /etc/apt/sources.list.d/backports.list
             apt_updated=0
         fi
         apt_update

@@ -96,13 +96,8 @@ kt_apt_update() {
 }
 
 # The Debian mirror the machine already uses (so no host name is baked in here).
-kt_debian_mirror() {
-    local uri
-    uri=$(sed -n 's/^URIs:[[:space:]]*\([^[:space:]]*\/debian\/*\)$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n 1)
-    [ -n "$uri" ] || uri=$(sed -n 's/^deb[[:space:]]\+\(\[[^]]*\][[:space:]]\+\)\?\([^[:space:]]*\/debian\/*\)[[:space:]].*/\2/p' \
-        /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | head -n 1)
-    printf '%s\n' "${uri%/}"
-}
+. "$(dirname "${BASH_SOURCE[0]}")/lib/debian-mirror.sh"
+kt_debian_mirror() { debian_mirror; }
 
 # Installs what the test needs and is missing (a CI machine starts without most of it).
 kt_ensure_deps() {
