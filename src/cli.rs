@@ -239,6 +239,13 @@ struct InfoArgs {
 }
 
 const SERVE_AFTER_HELP: &str = "\
+Listeners: with no --tcp/--unix and none in the config file, cryptvol listens on one Unix
+socket only (mode 0600): /run/cryptvol/nbd.sock when run as root, else
+$XDG_RUNTIME_DIR/cryptvol/nbd.sock. TCP is opened only when asked for; a non-loopback TCP
+address needs --tls require, or --insecure (plaintext for anyone on the network; the log
+repeats a warning). Limits apply to each listener separately, and per peer (a uid on Unix
+sockets, an IP address on TCP).
+
 With --config FILE (TOML, see systemd/cryptvol.toml.example): VOLUME arguments are added to
 the file's exports; --read-only/--discard apply to all exports; any --tcp/--unix replaces the
 file's listeners; other flags override the file. Sockets passed by systemd socket activation
@@ -252,20 +259,38 @@ struct ServeArgs {
     /// /etc/cryptvol/cryptvol.toml).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Listen on TCP HOST:PORT (repeatable) [default: 127.0.0.1:10809 when no listener is
-    /// configured].
+    /// Listen on TCP HOST:PORT (repeatable; none by default). A non-loopback address needs
+    /// --tls require or --insecure.
     #[arg(long, value_name = "HOST:PORT")]
     tcp: Vec<String>,
-    /// Listen on a Unix socket at PATH (repeatable).
+    /// Listen on a Unix socket at PATH (repeatable) [default, when no listener is
+    /// configured: /run/cryptvol/nbd.sock for root, $XDG_RUNTIME_DIR/cryptvol/nbd.sock for
+    /// other users].
     #[arg(long, value_name = "PATH")]
     unix: Vec<PathBuf>,
     /// Permissions of Unix sockets (octal) [default: 0600].
     #[arg(long, value_name = "MODE", value_parser = parse_mode)]
     socket_mode: Option<u32>,
-    /// Allow TCP listeners on non-loopback addresses (NBD has no TLS here: anyone on the
-    /// network can read and write the volume).
+    /// Allow non-loopback TCP listeners without TLS: anyone who can reach them can read and
+    /// write the volumes. Logged as a warning at startup and repeatedly.
     #[arg(long)]
+    insecure: bool,
+    /// Deprecated name of --insecure.
+    #[arg(long, hide = true)]
     allow_remote: bool,
+    /// Connections at once on each listener; more are closed at once [default: 256].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections: Option<u64>,
+    /// Connections at once of one peer (a uid on Unix sockets, an IP address on TCP) on
+    /// each listener [default: 32, room for nbd-client -C 16 while it reconnects].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections_per_peer: Option<u64>,
+    /// Seconds a client may take for the whole handshake [default: 30].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    handshake_timeout: Option<u64>,
+    /// Close a connection that sent no request for SECS seconds (0: never) [default: 0].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    idle_timeout: Option<u64>,
     /// Serve every volume read-only.
     #[arg(long)]
     read_only: bool,
@@ -605,9 +630,10 @@ struct DemoArgs {
     /// Size of the demo volume.
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size_arg)]
     size: u64,
-    /// TCP address to listen on too.
-    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:10809")]
-    tcp: String,
+    /// Also listen on this loopback TCP address (plaintext: any local account can connect
+    /// to it; the Unix socket in DIR is mode 0600). E.g. 127.0.0.1:10809.
+    #[arg(long, value_name = "HOST:PORT")]
+    tcp: Option<String>,
 }
 
 const CHECK_AFTER_HELP: &str = "\
@@ -1290,11 +1316,26 @@ async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
         Some(path) => Some((path.as_path(), config::load(path)?)),
         None => None,
     };
+    match server::raise_nofile_limit() {
+        Ok(n) => tracing::debug!("open file limit: {n}"),
+        Err(e) => tracing::warn!("cannot raise the open file limit: {e}"),
+    }
+    if a.allow_remote {
+        tracing::warn!("--allow-remote is deprecated: use --insecure (same meaning)");
+    }
     let overrides = CliOverrides {
         tcp: a.tcp.clone(),
         unix: a.unix.clone(),
         socket_mode: a.socket_mode,
-        allow_remote: a.allow_remote,
+        insecure: a.insecure || a.allow_remote,
+        default_unix: config::default_unix_socket(
+            nix::unistd::geteuid().is_root(),
+            std::env::var_os("XDG_RUNTIME_DIR").as_deref(),
+        ),
+        max_connections: a.max_connections,
+        max_connections_per_peer: a.max_connections_per_peer,
+        handshake_timeout: a.handshake_timeout,
+        idle_timeout: a.idle_timeout,
         read_only: a.read_only,
         discard: a.discard,
         max_inflight: a.max_inflight,
@@ -1305,6 +1346,9 @@ async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
         control: a.control.clone(),
     };
     let settings = config::resolve(file, overrides)?;
+    if settings.deprecated_allow_remote {
+        tracing::warn!("allow_remote in the config file is deprecated: write insecure = true");
+    }
     let keys = KeyOptions {
         keystore: settings.keystore,
         passphrase: settings.passphrase,
@@ -1329,6 +1373,11 @@ async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
         tracing::info!("socket activation: using {desc}");
     }
     let exports = open_exports(&settings.exports, &keys).await?;
+    if inherited.is_empty() {
+        if let Some((dir, mode)) = &settings.default_socket_dir {
+            make_socket_dir(dir, *mode)?;
+        }
+    }
     // A control socket given explicitly must be opened; the implicit default (root) is
     // skipped with a warning when another daemon owns it or it cannot be made.
     let explicit = settings.control.is_some();
@@ -1383,12 +1432,44 @@ async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
         }
         inherited
     };
+    let lim = settings.limits;
     let config = ServerConfig {
         max_inflight_bytes: usize::try_from(settings.max_inflight).unwrap_or(usize::MAX),
         threads_per_connection: usize::from(a.threads),
-        ..ServerConfig::default()
+        max_connections: usize::try_from(lim.max_connections).unwrap_or(usize::MAX),
+        max_connections_per_peer: usize::try_from(lim.max_connections_per_peer)
+            .unwrap_or(usize::MAX),
+        handshake_timeout: std::time::Duration::from_secs(lim.handshake_timeout_secs),
+        idle_timeout: (lim.idle_timeout_secs > 0)
+            .then(|| std::time::Duration::from_secs(lim.idle_timeout_secs)),
+        insecure_tcp: settings.insecure,
     };
     run_server(exports, listeners, config, control).await
+}
+
+/// Creates the directory of the default Unix socket with `mode` if it does not exist, and
+/// refuses anything there that is not a directory (a symlink is not followed).
+fn make_socket_dir(dir: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    match std::fs::DirBuilder::new().mode(mode).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "cannot create {} for the default Unix socket; pass --unix PATH to listen elsewhere",
+                dir.display()
+            )))
+        }
+    }
+    let meta = std::fs::symlink_metadata(dir)
+        .with_context(|| format!("cannot inspect {}", dir.display()))?;
+    if !meta.is_dir() {
+        anyhow::bail!(
+            "{} is not a directory: cannot put the default Unix socket there; pass --unix PATH",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 async fn open_exports(specs: &[ExportSpec], keys: &KeyOptions) -> Result<Exports> {
@@ -1493,17 +1574,17 @@ async fn demo(a: DemoArgs) -> Result<()> {
         };
         ops::create_volume(&vol, &spec, NewKey::Key(KeyRef::Local(None)), &keys).await?;
     }
-    print_demo_help(&dir, &keystore, &vol, &sock, &a.tcp);
-    let specs = vec![
-        ListenerSpec::Unix {
-            path: sock.clone(),
-            mode: 0o600,
-        },
-        ListenerSpec::Tcp {
-            addr: config::parse_tcp(&a.tcp).map_err(anyhow::Error::msg)?,
+    let mut specs = vec![ListenerSpec::Unix {
+        path: sock.clone(),
+        mode: 0o600,
+    }];
+    if let Some(tcp) = &a.tcp {
+        specs.push(ListenerSpec::Tcp {
+            addr: config::parse_tcp(tcp).map_err(anyhow::Error::msg)?,
             allow_remote: false,
-        },
-    ];
+        });
+    }
+    print_demo_help(&dir, &keystore, &vol, &sock, a.tcp.as_deref());
     let export = ExportSpec {
         name: "demo".to_string(),
         path: vol.clone(),
@@ -1520,8 +1601,14 @@ async fn demo(a: DemoArgs) -> Result<()> {
     .await
 }
 
-fn print_demo_help(dir: &Path, keystore: &Path, vol: &Path, sock: &Path, tcp: &str) {
-    let (host, port) = tcp.rsplit_once(':').unwrap_or((tcp, "10809"));
+fn print_demo_help(dir: &Path, keystore: &Path, vol: &Path, sock: &Path, tcp: Option<&str>) {
+    let tcp_line = match tcp {
+        Some(t) => {
+            let (host, port) = t.rsplit_once(':').unwrap_or((t, "10809"));
+            format!("\n  # over TCP too (plaintext, loopback only):\n  nbdinfo 'nbd://{host}:{port}/demo'")
+        }
+        None => String::new(),
+    };
     println!(
         "\
 cryptvol demo: serving {vol} as export \"demo\"
@@ -1535,7 +1622,7 @@ Use it from another terminal:
   mkdir -p {dir}/fuse && nbdfuse {dir}/fuse/disk 'nbd+unix:///demo?socket={sock}' &
   sudo losetup -f --show --sector-size 4096 {dir}/fuse/disk   # then mkfs.ext4 / mount the printed /dev/loopN
   # on a host with the nbd kernel module:
-  sudo modprobe nbd && sudo nbd-client {host} {port} /dev/nbd0 -N demo -b 4096
+  sudo modprobe nbd && sudo nbd-client -u {sock} /dev/nbd0 -N demo -b 4096{tcp_line}
 
 Stop with Ctrl-C (in-flight requests finish and the volume is flushed).",
         vol = vol.display(),

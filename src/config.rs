@@ -7,10 +7,16 @@
 //! - exports: the file's `[[export]]` tables, then every `VOLUME` argument (added); an export
 //!   name used twice is an error. `--read-only` / `--discard` apply to every export.
 //! - listeners: any `--tcp` or `--unix` flag replaces the file's `[listen]` addresses; with
-//!   none anywhere, `127.0.0.1:10809`. Sockets passed by systemd socket activation replace
-//!   all of them (see `server::systemd`).
+//!   none anywhere, one Unix socket (mode `socket_mode`, default 0600): for root
+//!   `/run/cryptvol/nbd.sock` (directory created 0755 if missing), for other users
+//!   `$XDG_RUNTIME_DIR/cryptvol/nbd.sock` (directory 0700), and without `XDG_RUNTIME_DIR`
+//!   an error asking for `--unix PATH`. TCP is only opened when asked for; a non-loopback
+//!   TCP address needs TLS required (`--tls require`) or `--insecure`. Sockets passed by
+//!   systemd socket activation replace all of them (see `server::systemd`).
 //! - scalars (`--socket-mode`, `--max-inflight`, `--keystore`, `--audit-log`, a passphrase
-//!   option) override the file; `--allow-remote` is or-ed with the file's `allow_remote`.
+//!   option, the connection limits and timeouts) override the file; `--insecure` is or-ed
+//!   with the file's `insecure` (`allow_remote`, its former name, is still read, with a
+//!   warning).
 //! - relative paths in the file are relative to the directory of the file.
 
 use std::path::{Path, PathBuf};
@@ -24,8 +30,10 @@ use crate::volume::OpenOptions;
 
 /// The configuration file the systemd unit passes to `cryptvol serve --config`.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/cryptvol/cryptvol.toml";
-/// The listener used when neither the file nor the command line names one.
+/// The NBD port: the TCP address `demo --tcp` and the docs use.
 pub const DEFAULT_TCP: &str = "127.0.0.1:10809";
+/// The Unix socket a daemon running as root listens on when nothing else is configured.
+pub const DEFAULT_ROOT_SOCKET: &str = "/run/cryptvol/nbd.sock";
 /// Default permissions of Unix sockets.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 /// Default bytes of request payload in memory at once.
@@ -79,9 +87,21 @@ pub struct ListenSection {
     pub unix: Vec<PathBuf>,
     /// Permissions of the Unix sockets: a string "0600" or an integer written 0o600.
     pub socket_mode: Option<toml::Value>,
-    /// Allow TCP listeners on non-loopback addresses.
+    /// Serve plaintext NBD on non-loopback TCP addresses although TLS is not required.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Deprecated name of `insecure`.
     #[serde(default)]
     pub allow_remote: bool,
+    /// Connections at once on each listener.
+    pub max_connections: Option<u64>,
+    /// Connections at once of one peer (a uid on Unix sockets, an IP address on TCP) on
+    /// each listener.
+    pub max_connections_per_peer: Option<u64>,
+    /// Seconds a client may take to finish the handshake.
+    pub handshake_timeout: Option<u64>,
+    /// Seconds without a request after which a connection is closed (0: never).
+    pub idle_timeout: Option<u64>,
 }
 
 /// One `[[export]]`.
@@ -104,7 +124,8 @@ pub struct CliOverrides {
     pub tcp: Vec<String>,
     pub unix: Vec<PathBuf>,
     pub socket_mode: Option<u32>,
-    pub allow_remote: bool,
+    /// `--insecure` (or its deprecated alias `--allow-remote`).
+    pub insecure: bool,
     pub read_only: bool,
     pub discard: bool,
     pub max_inflight: Option<u64>,
@@ -115,7 +136,27 @@ pub struct CliOverrides {
     pub volumes: Vec<String>,
     /// `--control PATH`.
     pub control: Option<PathBuf>,
+    /// The Unix socket (and the mode of its directory) to use when no listener is
+    /// configured: [`default_unix_socket`]. `None`: no default, an error.
+    pub default_unix: Option<(PathBuf, u32)>,
+    pub max_connections: Option<u64>,
+    pub max_connections_per_peer: Option<u64>,
+    pub handshake_timeout: Option<u64>,
+    pub idle_timeout: Option<u64>,
 }
+
+/// The connection limits and timeouts, resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: u64,
+    pub max_connections_per_peer: u64,
+    pub handshake_timeout_secs: u64,
+    /// 0: no idle timeout.
+    pub idle_timeout_secs: u64,
+}
+
+/// Upper bound of both timeouts, in seconds (a day).
+pub const MAX_TIMEOUT_SECS: u64 = 86_400;
 
 /// One volume to serve.
 #[derive(Debug, Clone)]
@@ -129,8 +170,19 @@ pub struct ExportSpec {
 pub struct ServeSettings {
     /// Configured listeners (used unless systemd passes sockets).
     pub listeners: Vec<ListenerSpec>,
-    /// Whether non-loopback TCP is allowed (also checked for inherited sockets).
+    /// Whether non-loopback TCP is allowed (also checked for inherited sockets): TLS is
+    /// required, or `insecure`.
     pub allow_remote: bool,
+    /// TLS is required on every connection (`--tls require`; filled by the TLS settings,
+    /// false until then).
+    pub tls_required: bool,
+    /// `--insecure`: plaintext NBD allowed on non-loopback TCP.
+    pub insecure: bool,
+    /// The configuration used the deprecated `allow_remote` / `--allow-remote`.
+    pub deprecated_allow_remote: bool,
+    /// The default Unix socket is used: its directory and the mode to create it with.
+    pub default_socket_dir: Option<(PathBuf, u32)>,
+    pub limits: Limits,
     pub exports: Vec<ExportSpec>,
     /// `None`: `$CRYPTVOL_KEYSTORE`, else the built-in default.
     pub keystore: Option<PathBuf>,
@@ -184,17 +236,57 @@ pub fn resolve(
         (None, Some(v)) => mode_value(v).map_err(|e| ConfigError::Invalid(in_file(&e)))?,
         (None, None) => DEFAULT_SOCKET_MODE,
     };
-    let allow_remote = cli.allow_remote || listen.allow_remote;
-    let (tcp, unix) = if !cli.tcp.is_empty() || !cli.unix.is_empty() {
+    // TLS settings are resolved elsewhere (`--tls`); until they are, TLS is not required.
+    let tls_required = false;
+    let insecure = cli.insecure || listen.insecure || listen.allow_remote;
+    let allow_remote = tls_required || insecure;
+    let (tcp, mut unix) = if !cli.tcp.is_empty() || !cli.unix.is_empty() {
         (cli.tcp, cli.unix)
     } else {
         let unix = listen.unix.iter().map(|u| base.join(u)).collect();
         (listen.tcp, unix)
     };
-    let tcp = if tcp.is_empty() && unix.is_empty() {
-        vec![DEFAULT_TCP.to_string()]
-    } else {
-        tcp
+    let mut default_socket_dir = None;
+    if tcp.is_empty() && unix.is_empty() {
+        let Some((path, dir_mode)) = cli.default_unix else {
+            return Err(ConfigError::Invalid(in_file(
+                "no listener configured and no default Unix socket for this user \
+                 ($XDG_RUNTIME_DIR is not set): pass --unix PATH (or --tcp HOST:PORT)",
+            )));
+        };
+        if let Some(dir) = path.parent() {
+            default_socket_dir = Some((dir.to_path_buf(), dir_mode));
+        }
+        unix.push(path);
+    }
+    let limits = Limits {
+        max_connections: count_setting(
+            "max_connections",
+            cli.max_connections.or(listen.max_connections),
+            crate::server::DEFAULT_MAX_CONNECTIONS as u64,
+        )
+        .map_err(|e| ConfigError::Invalid(in_file(&e)))?,
+        max_connections_per_peer: count_setting(
+            "max_connections_per_peer",
+            cli.max_connections_per_peer
+                .or(listen.max_connections_per_peer),
+            crate::server::DEFAULT_MAX_CONNECTIONS_PER_PEER as u64,
+        )
+        .map_err(|e| ConfigError::Invalid(in_file(&e)))?,
+        handshake_timeout_secs: timeout_setting(
+            "handshake_timeout",
+            cli.handshake_timeout.or(listen.handshake_timeout),
+            crate::server::DEFAULT_HANDSHAKE_TIMEOUT.as_secs(),
+            false,
+        )
+        .map_err(|e| ConfigError::Invalid(in_file(&e)))?,
+        idle_timeout_secs: timeout_setting(
+            "idle_timeout",
+            cli.idle_timeout.or(listen.idle_timeout),
+            0,
+            true,
+        )
+        .map_err(|e| ConfigError::Invalid(in_file(&e)))?,
     };
     let mut listeners = Vec::new();
     for t in &tcp {
@@ -260,6 +352,11 @@ pub fn resolve(
     Ok(ServeSettings {
         listeners,
         allow_remote,
+        tls_required,
+        insecure: insecure && !tls_required,
+        deprecated_allow_remote: listen.allow_remote,
+        default_socket_dir,
+        limits,
         exports,
         keystore: cli.keystore.or(file.keystore.map(|k| base.join(k))),
         audit_log: cli.audit_log.or(file.audit_log.map(|k| base.join(k))),
@@ -267,6 +364,43 @@ pub fn resolve(
         max_inflight,
         control: cli.control.or(file.control.map(|c| base.join(c))),
     })
+}
+
+/// The Unix socket `cryptvol serve` listens on when nothing else is configured, and the
+/// mode to create its directory with: for root `/run/cryptvol/nbd.sock` (0755: the
+/// socket's own mode, 0600 by default, is what restricts access, and a group-shared
+/// `socket_mode` keeps working); for other users `$XDG_RUNTIME_DIR/cryptvol/nbd.sock`
+/// (0700). `None` for a user without an absolute `XDG_RUNTIME_DIR`.
+pub fn default_unix_socket(
+    is_root: bool,
+    xdg_runtime_dir: Option<&std::ffi::OsStr>,
+) -> Option<(PathBuf, u32)> {
+    if is_root {
+        return Some((PathBuf::from(DEFAULT_ROOT_SOCKET), 0o755));
+    }
+    let dir = Path::new(xdg_runtime_dir?);
+    dir.is_absolute()
+        .then(|| (dir.join("cryptvol").join("nbd.sock"), 0o700))
+}
+
+fn count_setting(name: &str, v: Option<u64>, default: u64) -> Result<u64, String> {
+    match v {
+        None => Ok(default),
+        Some(0) => Err(format!("{name} must be at least 1")),
+        Some(n) if n > 1_000_000 => Err(format!("{name} {n} is too large (at most 1000000)")),
+        Some(n) => Ok(n),
+    }
+}
+
+fn timeout_setting(name: &str, v: Option<u64>, default: u64, zero_ok: bool) -> Result<u64, String> {
+    match v {
+        None => Ok(default),
+        Some(0) if !zero_ok => Err(format!("{name} must be at least 1 second")),
+        Some(n) if n > MAX_TIMEOUT_SECS => Err(format!(
+            "{name} {n} is too long (at most {MAX_TIMEOUT_SECS} seconds)"
+        )),
+        Some(n) => Ok(n),
+    }
 }
 
 fn add_export(exports: &mut Vec<ExportSpec>, e: ExportSpec) -> Result<(), ConfigError> {
@@ -370,7 +504,11 @@ max_inflight = "128M"
 tcp = ["127.0.0.1:10809", "[::1]:10810"]
 unix = ["/run/cryptvol/nbd.sock"]
 socket_mode = "0660"
-allow_remote = false
+insecure = false
+max_connections = 100
+max_connections_per_peer = 8
+handshake_timeout = 10
+idle_timeout = 600
 
 [[export]]
 name = "data"
@@ -392,6 +530,13 @@ discard = true
             Some((Path::new("/etc/cryptvol/cryptvol.toml"), file(FULL))),
             cli,
         )
+    }
+
+    fn with_default_socket() -> CliOverrides {
+        CliOverrides {
+            default_unix: Some(("/tmp/d/nbd.sock".into(), 0o700)),
+            ..CliOverrides::default()
+        }
     }
 
     fn tcp_addrs(s: &ServeSettings) -> Vec<String> {
@@ -438,6 +583,16 @@ discard = true
         assert_eq!(s.exports[1].path, PathBuf::from("/srv/backup.img"));
         assert!(s.exports[1].options.read_only && s.exports[1].options.discard);
         assert!(!s.allow_remote);
+        assert_eq!(
+            s.limits,
+            Limits {
+                max_connections: 100,
+                max_connections_per_peer: 8,
+                handshake_timeout_secs: 10,
+                idle_timeout_secs: 600,
+            }
+        );
+        assert!(s.default_socket_dir.is_none());
     }
 
     #[test]
@@ -471,7 +626,7 @@ discard = true
         ] {
             let err = match parse(text, Path::new("/x/c.toml")) {
                 Err(e) => e,
-                Ok(f) => resolve(Some((Path::new("/x/c.toml"), f)), CliOverrides::default())
+                Ok(f) => resolve(Some((Path::new("/x/c.toml"), f)), with_default_socket())
                     .err()
                     .expect("invalid"),
             };
@@ -530,10 +685,16 @@ discard = true
             keystore: Some("/k".into()),
             audit_log: Some("/a.jsonl".into()),
             passphrase: Some(PassphraseSource::Fd(5)),
-            allow_remote: true,
+            insecure: true,
+            max_connections: Some(7),
+            idle_timeout: Some(0),
             ..CliOverrides::default()
         };
         let s = resolve_full(cli).expect("resolves");
+        assert_eq!(s.limits.max_connections, 7);
+        assert_eq!(s.limits.max_connections_per_peer, 8);
+        assert_eq!(s.limits.idle_timeout_secs, 0);
+        assert!(s.insecure && !s.deprecated_allow_remote);
         assert_eq!(s.max_inflight, 1 << 20);
         assert_eq!(s.keystore, Some(PathBuf::from("/k")));
         assert_eq!(s.audit_log, Some(PathBuf::from("/a.jsonl")));
@@ -554,14 +715,14 @@ discard = true
         let file = parse(text, Path::new("/etc/cv/c.toml")).expect("parses");
         let s = resolve(
             Some((Path::new("/etc/cv/c.toml"), file)),
-            CliOverrides::default(),
+            with_default_socket(),
         )
         .expect("resolves");
         assert_eq!(s.control, Some(PathBuf::from("/etc/cv/run/ctl.sock")));
         let file = parse(text, Path::new("/etc/cv/c.toml")).expect("parses");
         let cli = CliOverrides {
             control: Some("/tmp/c.sock".into()),
-            ..CliOverrides::default()
+            ..with_default_socket()
         };
         let s = resolve(Some((Path::new("/etc/cv/c.toml"), file)), cli).expect("resolves");
         assert_eq!(s.control, Some(PathBuf::from("/tmp/c.sock")));
@@ -573,8 +734,34 @@ discard = true
             volumes: vec!["v.img".into()],
             ..CliOverrides::default()
         };
+        let err = resolve(None, cli).err().expect("no default socket");
+        assert!(err.to_string().contains("--unix PATH"), "{err}");
+        let cli = CliOverrides {
+            volumes: vec!["v.img".into()],
+            default_unix: default_unix_socket(true, None),
+            ..CliOverrides::default()
+        };
         let s = resolve(None, cli).expect("resolves");
-        assert_eq!(tcp_addrs(&s), [DEFAULT_TCP]);
+        // No TCP unless asked for: only the root default Unix socket, mode 0600.
+        assert!(tcp_addrs(&s).is_empty());
+        assert_eq!(
+            unix_paths(&s),
+            [(PathBuf::from(DEFAULT_ROOT_SOCKET), DEFAULT_SOCKET_MODE)]
+        );
+        assert_eq!(
+            s.default_socket_dir,
+            Some((PathBuf::from("/run/cryptvol"), 0o755))
+        );
+        assert!(!s.allow_remote && !s.insecure);
+        assert_eq!(
+            s.limits,
+            Limits {
+                max_connections: 256,
+                max_connections_per_peer: 32,
+                handshake_timeout_secs: 30,
+                idle_timeout_secs: 0,
+            }
+        );
         assert_eq!(s.max_inflight, DEFAULT_MAX_INFLIGHT);
         assert!(s.keystore.is_none() && s.passphrase.is_none() && s.audit_log.is_none());
         assert_eq!(s.exports[0].name, "v");
@@ -582,8 +769,61 @@ discard = true
     }
 
     #[test]
+    fn default_socket_of_a_user_is_in_the_runtime_directory() {
+        assert_eq!(
+            default_unix_socket(false, Some(std::ffi::OsStr::new("/run/user/1000"))),
+            Some((PathBuf::from("/run/user/1000/cryptvol/nbd.sock"), 0o700))
+        );
+        assert_eq!(default_unix_socket(false, None), None);
+        assert_eq!(
+            default_unix_socket(false, Some(std::ffi::OsStr::new("relative"))),
+            None
+        );
+    }
+
+    #[test]
+    fn non_loopback_tcp_needs_insecure_and_allow_remote_still_works() {
+        let text = "[[export]]\nname=\"a\"\npath=\"/a\"\n[listen]\ntcp=[\"0.0.0.0:10809\"]\n";
+        let s = resolve(Some((Path::new("/c.toml"), file(text))), CliOverrides::default())
+            .expect("ok");
+        assert!(matches!(
+            s.listeners[..],
+            [ListenerSpec::Tcp {
+                allow_remote: false,
+                ..
+            }]
+        ));
+        let old = format!("{text}allow_remote = true\n");
+        let s = resolve(Some((Path::new("/c.toml"), file(&old))), CliOverrides::default())
+            .expect("ok");
+        assert!(s.allow_remote && s.insecure && s.deprecated_allow_remote);
+        let new = format!("{text}insecure = true\n");
+        let s = resolve(Some((Path::new("/c.toml"), file(&new))), CliOverrides::default())
+            .expect("ok");
+        assert!(s.allow_remote && s.insecure && !s.deprecated_allow_remote);
+    }
+
+    #[test]
+    fn limits_are_bounded() {
+        for bad in [
+            "max_connections = 0\n",
+            "max_connections_per_peer = 0\n",
+            "handshake_timeout = 0\n",
+            "handshake_timeout = 100000\n",
+            "idle_timeout = 100000\n",
+            "max_connections = 10000000\n",
+        ] {
+            let text = format!("[[export]]\nname=\"a\"\npath=\"/a\"\n[listen]\nunix=[\"/s\"]\n{bad}");
+            let err = resolve(Some((Path::new("/c.toml"), file(&text))), CliOverrides::default())
+                .err()
+                .expect(bad);
+            assert!(err.to_string().contains("/c.toml"), "{err}");
+        }
+    }
+
+    #[test]
     fn nothing_to_serve_is_an_error() {
-        let err = resolve(None, CliOverrides::default())
+        let err = resolve(None, with_default_socket())
             .err()
             .expect("no exports");
         assert!(err.to_string().contains("nothing to serve"), "{err}");
@@ -597,9 +837,13 @@ discard = true
     #[test]
     fn modes_and_sizes_in_either_form() {
         let f = file("max_inflight = 1048576\n[listen]\nsocket_mode = 0o640\n[[export]]\nname=\"a\"\npath=\"/a\"\n");
-        let s = resolve(Some((Path::new("/c.toml"), f)), CliOverrides::default()).expect("ok");
+        let cli = CliOverrides {
+            default_unix: Some(("/tmp/d/nbd.sock".into(), 0o700)),
+            ..CliOverrides::default()
+        };
+        let s = resolve(Some((Path::new("/c.toml"), f)), cli).expect("ok");
         assert_eq!(s.max_inflight, 1 << 20);
-        assert_eq!(s.listeners.len(), 1); // default TCP; mode unused but valid
+        assert_eq!(unix_paths(&s), [(PathBuf::from("/tmp/d/nbd.sock"), 0o640)]);
         for bad in [
             "max_inflight = -1\n",
             "max_inflight = 0\n",
@@ -616,7 +860,7 @@ discard = true
                 text
             };
             let f = file(&text);
-            let err = resolve(Some((Path::new("/c.toml"), f)), CliOverrides::default())
+            let err = resolve(Some((Path::new("/c.toml"), f)), with_default_socket())
                 .err()
                 .expect(bad);
             assert!(err.to_string().contains("/c.toml"), "{err}");

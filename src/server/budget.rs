@@ -3,6 +3,30 @@
 
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
+/// Payload buffers at least this large are given back to the system when freed.
+pub(crate) const MMAP_THRESHOLD: usize = 128 * 1024;
+
+/// Makes freed payload buffers leave the process (RSS), so that memory held after the
+/// requests that needed it stays within the budget.
+///
+/// glibc malloc serves blocks of at least `M_MMAP_THRESHOLD` (128 KiB) with `mmap` and
+/// unmaps them on free, but by default it raises that threshold to the size of every
+/// mmapped block freed (up to 32 MiB): after the first 4 MiB buffer is freed, later ones
+/// come from the heap arenas (one per thread), whose free memory usually stays
+/// resident. Setting the threshold explicitly turns that adjustment off. Process-wide;
+/// idempotent.
+pub(crate) fn return_freed_memory_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes allocator parameters; it takes plain integers and
+        // is safe to call at any time, from any thread.
+        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int) };
+        if ok != 1 {
+            tracing::warn!("mallopt(M_MMAP_THRESHOLD) failed: freed buffers may stay resident");
+        }
+    }
+}
+
 /// A counting semaphore over bytes.
 pub(crate) struct ByteBudget {
     available: Mutex<usize>,

@@ -77,6 +77,19 @@ impl BlockingStream {
             BlockingStream::Unix(s) => BlockingStream::Unix(s.try_clone()?),
         })
     }
+    /// Sets `SO_RCVTIMEO` and `SO_SNDTIMEO` (shared by every clone of the socket).
+    fn set_timeouts(&self, t: Option<std::time::Duration>) -> std::io::Result<()> {
+        match self {
+            BlockingStream::Tcp(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            BlockingStream::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
     fn shutdown(&self, how: Shutdown) {
         let _ = match self {
             BlockingStream::Tcp(s) => s.shutdown(how),
@@ -169,6 +182,7 @@ pub(crate) async fn run<S: IntoBlocking>(
         shared.budget.clone(),
         id,
         shared.config.threads_per_connection,
+        shared.config.idle_timeout,
     ) {
         Ok(c) => Arc::new(c),
         Err(e) => {
@@ -254,8 +268,11 @@ async fn read_or_closed<R: AsyncRead + Unpin>(
     }
 }
 
-/// Idle per-thread buffers larger than this are freed after use.
-const KEEP_BUFFER: usize = 4 << 20;
+/// A transmission thread keeps a payload buffer up to this size between requests; a
+/// larger one is freed as soon as its request is answered, so that the memory idle
+/// connections hold stays small (payload memory in use is bounded by the byte budget;
+/// see `budget::return_freed_memory_to_the_system` for why freeing really returns it).
+const KEEP_BUFFER: usize = 64 * 1024;
 
 /// The transmission state of one connection, shared by its threads.
 struct Conn {
@@ -268,6 +285,8 @@ struct Conn {
     budget: Arc<ByteBudget>,
     id: u64,
     max_threads: usize,
+    /// `--idle-timeout`: the socket's receive/send timeout.
+    idle_timeout: Option<std::time::Duration>,
     /// Set once no further request may be read (DISC, EOF, error, shutdown).
     closing: AtomicBool,
     /// Threads alive / threads waiting to read a request.
@@ -299,7 +318,11 @@ impl Conn {
         budget: Arc<ByteBudget>,
         id: u64,
         max_threads: usize,
+        idle_timeout: Option<std::time::Duration>,
     ) -> std::io::Result<Conn> {
+        if idle_timeout.is_some() {
+            stream.set_timeouts(idle_timeout)?;
+        }
         let writer = stream.try_clone()?;
         Ok(Conn {
             reader: Mutex::new(BufReader::with_capacity(64 * 1024, stream)),
@@ -310,6 +333,7 @@ impl Conn {
             budget,
             id,
             max_threads: max_threads.max(1),
+            idle_timeout,
             closing: AtomicBool::new(false),
             threads: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
@@ -408,10 +432,11 @@ impl Conn {
                         }
                     }
                     let ok = self.serve(cookie, req, &mut buf);
-                    drop(guard);
+                    // Free a large buffer before its bytes go back to the budget.
                     if buf.capacity() > KEEP_BUFFER {
                         buf = Vec::new();
                     }
+                    drop(guard);
                     if !ok {
                         return;
                     }
@@ -427,13 +452,36 @@ impl Conn {
             return Incoming::Stop;
         }
         let mut hdr = [0u8; REQUEST_HEADER_LEN];
-        if let Err(e) = rd.read_exact(&mut hdr) {
-            self.close(&if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                "client closed the connection without NBD_CMD_DISC".to_string()
-            } else {
-                format!("read error: {e}")
-            });
-            return Incoming::Stop;
+        let mut filled = 0;
+        while filled < hdr.len() {
+            match rd.read(&mut hdr[filled..]) {
+                Ok(0) => {
+                    self.close(if filled == 0 {
+                        "client closed the connection without NBD_CMD_DISC"
+                    } else {
+                        "client closed the connection in the middle of a request"
+                    });
+                    return Incoming::Stop;
+                }
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => {
+                    // The idle timeout: no request for that long. A request still being
+                    // served (by another thread) means the client is not idle.
+                    if self.busy() {
+                        continue;
+                    }
+                    let secs = self.idle_timeout.map_or(0, |t| t.as_secs());
+                    self.close(&format!(
+                        "no request for {secs} s: idle timeout (--idle-timeout)"
+                    ));
+                    return Incoming::Stop;
+                }
+                Err(e) => {
+                    self.close(&format!("read error: {e}"));
+                    return Incoming::Stop;
+                }
+            }
         }
         let req = match parse_request(&hdr) {
             Ok(r) => r,
@@ -486,6 +534,12 @@ impl Conn {
             }
             _ => Incoming::Serve(req.cookie, valid, None),
         }
+    }
+
+    /// Whether a request is being served by some thread of this connection (called by
+    /// the reading thread, which counts itself as waiting).
+    fn busy(&self) -> bool {
+        self.threads.load(Ordering::SeqCst) > self.waiting.load(Ordering::SeqCst)
     }
 
     /// Takes `len` bytes of the server-wide budget (blocks while it is exhausted).
@@ -655,6 +709,14 @@ impl Conn {
             }
         }
     }
+}
+
+/// Whether an I/O error is the expiry of `SO_RCVTIMEO`/`SO_SNDTIMEO`.
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }
 
 /// The message of a structured error reply to a request refused by validation.

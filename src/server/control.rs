@@ -692,10 +692,12 @@ fn status_body(st: &ControlState) -> Value {
             }
         })
         .collect();
-    let total = st.shared.config.max_connections;
     let reply = StatusReply {
         pid: std::process::id(),
-        connections: total.saturating_sub(st.shared.connections.available_permits()),
+        connections: st
+            .shared
+            .open_connections
+            .load(std::sync::atomic::Ordering::SeqCst),
         exports,
     };
     serde_json::to_value(reply).unwrap_or(Value::Null)

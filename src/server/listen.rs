@@ -1,11 +1,20 @@
-//! Listeners (TCP and Unix sockets) and the accept loop.
+//! Listeners (TCP and Unix sockets), the accept loop and the connection limits.
+//!
+//! Every listener has its own connection limit (`ServerConfig::max_connections`) and a
+//! limit per peer (`max_connections_per_peer`: per uid on Unix sockets, from
+//! `SO_PEERCRED`; per IP address on TCP), so that one local account flooding the TCP
+//! port cannot lock root out of its Unix socket, and one peer cannot fill a listener.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
 
 use super::{conn, ServerError, Shared};
 
@@ -14,6 +23,8 @@ use super::{conn, ServerError, Shared};
 pub enum ListenerSpec {
     Tcp {
         addr: SocketAddr,
+        /// Whether a non-loopback address may be used (TLS is required, or the operator
+        /// passed `--insecure`).
         allow_remote: bool,
     },
     Unix {
@@ -68,16 +79,16 @@ impl Listener {
                         source,
                     })?;
                 }
-                let listener = UnixListener::bind(path).map_err(|source| ServerError::Bind {
-                    addr: path.display().to_string(),
-                    source,
-                })?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).map_err(
-                    |source| ServerError::Io {
-                        path: path.display().to_string(),
+                let std_listener =
+                    bind_unix_with_mode(path, *mode).map_err(|source| ServerError::Bind {
+                        addr: path.display().to_string(),
                         source,
-                    },
-                )?;
+                    })?;
+                let listener =
+                    UnixListener::from_std(std_listener).map_err(|source| ServerError::Bind {
+                        addr: path.display().to_string(),
+                        source,
+                    })?;
                 Ok(Listener::Unix {
                     listener,
                     path: path.clone(),
@@ -97,14 +108,218 @@ impl Listener {
             Listener::Unix { path, .. } => format!("unix://{}", path.display()),
         }
     }
+
+    /// Whether this is a TCP listener on an address other than loopback.
+    fn is_remote_tcp(&self) -> bool {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map_or(true, |a| !a.ip().is_loopback()),
+            Listener::Unix { .. } => false,
+        }
+    }
+}
+
+/// Binds a listening Unix stream socket at `path` that never exists with a mode looser
+/// than `mode`, whatever the process umask.
+///
+/// On Linux, `bind` creates the socket file with the mode of the socket's own inode
+/// minus the umask (`af_unix.c`: `S_IFSOCK | (SOCK_INODE(sock)->i_mode & ~umask)`).
+/// That inode starts as 0777, so a plain bind under umask 000 created a 0777 socket
+/// that stayed reachable by everyone until the chmod after it. Here the socket inode is
+/// `fchmod`-ed to `mode` before `bind`, so the file is created with `mode & ~umask`
+/// (never more than `mode`), and then set to exactly `mode` (which can only add bits
+/// the caller asked for). No window, no process-wide umask change, and no effect on
+/// other threads creating files.
+pub(crate) fn bind_unix_with_mode(
+    path: &Path,
+    mode: u32,
+) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use nix::sys::socket::{listen, Backlog};
+
+    let mode = mode & 0o777;
+    let fd = bind_unix_socket(path, mode)?;
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    let bound = (|| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        listen(&listener, Backlog::new(1024)?)?;
+        listener.set_nonblocking(true)
+    })();
+    if let Err(e) = bound {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
+/// Creates a Unix stream socket, sets its inode's mode to `mode`, then binds it at
+/// `path` (the file appears with `mode & !umask`). Not listening yet.
+fn bind_unix_socket(path: &Path, mode: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use nix::sys::stat::{fchmod, Mode};
+
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(mode))?;
+    bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(fd)
+}
+
+/// The uid of the process at the other end of a Unix stream (`SO_PEERCRED`).
+pub(crate) fn peer_uid(s: &tokio::net::UnixStream) -> Option<u32> {
+    nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::PeerCredentials)
+        .ok()
+        .map(|c| c.uid())
+}
+
+/// Who a connection counts against for the per-peer limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum PeerKey {
+    Uid(u32),
+    Ip(IpAddr),
+    /// `SO_PEERCRED` failed: all such connections share one allowance.
+    Unknown,
+}
+
+/// Why a new connection was refused.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    Listener,
+    Peer,
+}
+
+/// The connection limits of one listener.
+struct Limits {
+    listener: Arc<Semaphore>,
+    per_peer: usize,
+    peers: Mutex<HashMap<PeerKey, usize>>,
+}
+
+/// One admitted connection: releases its places when dropped.
+struct Admission {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    limits: Arc<Limits>,
+    key: PeerKey,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Limits {
+    fn new(max_connections: usize, per_peer: usize) -> Arc<Limits> {
+        Arc::new(Limits {
+            listener: Arc::new(Semaphore::new(max_connections.max(1))),
+            per_peer: per_peer.max(1),
+            peers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Admits a connection of `key` if neither its peer's nor the listener's limit is
+    /// reached. A peer at its limit takes no place of the listener.
+    fn admit(
+        self: &Arc<Self>,
+        key: PeerKey,
+        open: &Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Result<Admission, Refusal> {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = peers.get(&key).copied().unwrap_or(0);
+        if count >= self.per_peer {
+            return Err(Refusal::Peer);
+        }
+        let permit = self
+            .listener
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refusal::Listener)?;
+        peers.insert(key, count + 1);
+        open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Admission {
+            _permit: permit,
+            limits: self.clone(),
+            key,
+            open: open.clone(),
+        })
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        let mut peers = self
+            .limits
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = peers.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                peers.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// A warning logged at most once per interval, with the number of occurrences between.
+struct Throttled {
+    interval: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttled {
+    fn new(interval: Duration) -> Throttled {
+        Throttled {
+            interval,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(n)` when the warning is due now (`n`: occurrences suppressed since the last).
+    fn due(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        match self.last {
+            Some(t) if now.duration_since(t) < self.interval => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// How often the warning about plaintext NBD on a non-loopback TCP listener repeats.
+const INSECURE_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+/// How often refusals by the connection limits are logged (with a count in between).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+fn insecure_warning(desc: &str) {
+    tracing::warn!(
+        listener = %desc,
+        "INSECURE: serving NBD in plaintext on a non-loopback TCP address (--insecure, no \
+         TLS): anyone who can reach it can read and write the volumes; use --tls require"
+    );
 }
 
 /// Accepts connections until shutdown, then waits for the open connections to finish.
 pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
     let mut conns = tokio::task::JoinSet::new();
-    let mut next_id: u64 = 0;
     let desc = listener.describe();
+    let limits = Limits::new(
+        shared.config.max_connections,
+        shared.config.max_connections_per_peer,
+    );
+    let insecure = shared.config.insecure_tcp && listener.is_remote_tcp();
+    let mut insecure_log = Throttled::new(INSECURE_WARNING_INTERVAL);
+    if insecure && insecure_log.due().is_some() {
+        insecure_warning(&desc);
+    }
+    let mut refusal_log = Throttled::new(REFUSAL_LOG_INTERVAL);
+    let mut next_id: u64 = 0;
     loop {
         if *shutdown.borrow() {
             break;
@@ -115,7 +330,7 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             a = accept(&listener) => a,
         };
-        let (stream, peer) = match accepted {
+        let (stream, peer, key) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(listener = %desc, "accept failed: {e}");
@@ -124,13 +339,39 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        next_id += 1;
-        // The permit moves into the connection task and is released when it ends.
-        let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
-            tracing::warn!(peer = %peer, "too many connections; closing new connection");
-            drop(stream);
-            continue;
+        // The admission moves into the connection task and is released when it ends.
+        let admission = match limits.admit(key, &shared.open_connections) {
+            Ok(a) => a,
+            Err(why) => {
+                if let Some(suppressed) = refusal_log.due() {
+                    let what = match why {
+                        Refusal::Listener => format!(
+                            "this listener has {} connections (--max-connections)",
+                            shared.config.max_connections
+                        ),
+                        Refusal::Peer => format!(
+                            "this peer has {} connections (--max-connections-per-peer)",
+                            shared.config.max_connections_per_peer
+                        ),
+                    };
+                    tracing::warn!(
+                        listener = %desc,
+                        peer = %peer,
+                        refused_since_last_warning = suppressed,
+                        "connection refused: {what}"
+                    );
+                }
+                drop(stream);
+                continue;
+            }
         };
+        if insecure {
+            if let Some(n) = insecure_log.due() {
+                insecure_warning(&desc);
+                tracing::warn!(listener = %desc, peer = %peer, "INSECURE: plaintext connection ({n} more since the last warning)");
+            }
+        }
+        next_id += 1;
         let id = next_id;
         let shared2 = shared.clone();
         match stream {
@@ -138,13 +379,13 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
                 let _ = s.set_nodelay(true);
                 conns.spawn(async move {
                     conn::run(s, peer, id, shared2).await;
-                    drop(permit);
+                    drop(admission);
                 });
             }
             Accepted::Unix(s) => {
                 conns.spawn(async move {
                     conn::run(s, peer, id, shared2).await;
-                    drop(permit);
+                    drop(admission);
                 });
             }
         }
@@ -164,15 +405,115 @@ enum Accepted {
     Unix(tokio::net::UnixStream),
 }
 
-async fn accept(l: &Listener) -> std::io::Result<(Accepted, String)> {
+async fn accept(l: &Listener) -> std::io::Result<(Accepted, String, PeerKey)> {
     match l {
         Listener::Tcp(l) => {
             let (s, a) = l.accept().await?;
-            Ok((Accepted::Tcp(s), a.to_string()))
+            let key = PeerKey::Ip(a.ip().to_canonical());
+            Ok((Accepted::Tcp(s), a.to_string(), key))
         }
         Listener::Unix { listener, path, .. } => {
             let (s, _) = listener.accept().await?;
-            Ok((Accepted::Unix(s), format!("unix:{}", path.display())))
+            let uid = peer_uid(&s);
+            let peer = match uid {
+                Some(u) => format!("unix:{} uid={u}", path.display()),
+                None => format!("unix:{}", path.display()),
+            };
+            let key = uid.map_or(PeerKey::Unknown, PeerKey::Uid);
+            Ok((Accepted::Unix(s), peer, key))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt as _;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Serialises the tests that change the process umask.
+    static UMASK: Mutex<()> = Mutex::new(());
+
+    #[test]
+    fn unix_socket_bound_under_umask_000_is_never_looser_than_its_mode() {
+        let _g = UMASK.lock().unwrap_or_else(PoisonError::into_inner);
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (i, mode) in [0o600u32, 0o660, 0o640, 0o700].into_iter().enumerate() {
+            let path = dir.path().join(format!("s{i}.sock"));
+            let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+            // The file as bind(2) created it, before the final chmod: the window of B9.
+            let fd = bind_unix_socket(&path, mode);
+            let seen = std::fs::symlink_metadata(&path).map(|m| m.mode() & 0o777);
+            std::fs::remove_file(&path).expect("rm");
+            // And the real function, under umask 000.
+            let l = bind_unix_with_mode(&path, mode).expect("bind_unix_with_mode");
+            let after = std::fs::symlink_metadata(&path).expect("stat").mode() & 0o777;
+            nix::sys::stat::umask(old);
+            let _fd = fd.expect("bind");
+            assert_eq!(seen.expect("stat"), mode, "mode right after bind with umask 000");
+            assert_eq!(after, mode, "final mode");
+            drop(l);
+        }
+    }
+
+    #[test]
+    fn unix_socket_mode_is_exact_under_a_restrictive_umask() {
+        let _g = UMASK.lock().unwrap_or_else(PoisonError::into_inner);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("g.sock");
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+        let l = bind_unix_with_mode(&path, 0o660);
+        nix::sys::stat::umask(old);
+        let _l = l.expect("bind");
+        let m = std::fs::symlink_metadata(&path).expect("stat");
+        assert!(m.file_type().is_socket());
+        assert_eq!(m.mode() & 0o777, 0o660);
+    }
+
+    #[test]
+    fn limits_per_peer_and_per_listener() {
+        let open = Arc::new(AtomicUsize::new(0));
+        let l = Limits::new(3, 2);
+        let a = PeerKey::Uid(1000);
+        let b = PeerKey::Ip("192.0.2.1".parse().expect("ip"));
+        let a1 = l.admit(a, &open).expect("a1");
+        let _a2 = l.admit(a, &open).expect("a2");
+        assert_eq!(l.admit(a, &open).err(), Some(Refusal::Peer));
+        let b1 = l.admit(b, &open).expect("b1");
+        // The listener is full: another peer is refused too.
+        assert_eq!(
+            l.admit(PeerKey::Uid(0), &open).err(),
+            Some(Refusal::Listener)
+        );
+        assert_eq!(open.load(std::sync::atomic::Ordering::SeqCst), 3);
+        drop(a1);
+        let _a3 = l.admit(a, &open).expect("a3 after a1 closed");
+        drop(b1);
+        assert!(l.peers.lock().expect("lock").get(&b).is_none());
+        assert_eq!(open.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_peer_at_its_limit_takes_no_place_of_the_listener() {
+        let open = Arc::new(AtomicUsize::new(0));
+        let l = Limits::new(2, 1);
+        let _a = l.admit(PeerKey::Uid(65534), &open).expect("a");
+        for _ in 0..100 {
+            assert_eq!(
+                l.admit(PeerKey::Uid(65534), &open).err(),
+                Some(Refusal::Peer)
+            );
+        }
+        assert!(l.admit(PeerKey::Uid(0), &open).is_ok());
+    }
+
+    #[test]
+    fn throttled_warning_counts_what_it_suppressed() {
+        let mut t = Throttled::new(Duration::from_secs(3600));
+        assert_eq!(t.due(), Some(0));
+        assert_eq!(t.due(), None);
+        assert_eq!(t.due(), None);
+        t.last = Some(Instant::now() - Duration::from_secs(7200));
+        assert_eq!(t.due(), Some(2));
     }
 }

@@ -23,7 +23,9 @@ pub use reencrypt::JobState;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Semaphore};
+use std::sync::atomic::AtomicUsize;
+
+use tokio::sync::watch;
 
 /// Errors of the server layer.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +35,7 @@ pub enum ServerError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("refusing to listen on {0}: it is not a loopback address and NBD traffic is not encrypted or authenticated (no TLS yet); pass --allow-remote if the network is trusted")]
+    #[error("refusing to listen on {0}: it is not a loopback address and TLS is not required, so anyone who can reach it could read and write the volumes; use --tls require (with a certificate), or pass --insecure if the network is trusted")]
     NotLoopback(String),
     #[error("unix socket {0} is in use by a running server; stop it or choose another path")]
     SocketInUse(String),
@@ -53,20 +55,41 @@ pub enum ServerError {
 pub struct ServerConfig {
     /// Bytes of request/reply payload held in memory at once, across all connections.
     pub max_inflight_bytes: usize,
-    /// Maximum time a client may take to finish the handshake.
+    /// Maximum time a client may take to finish the handshake (a total: trickling bytes
+    /// does not extend it).
     pub handshake_timeout: Duration,
-    /// Maximum simultaneous connections; further ones are closed at once.
+    /// Maximum simultaneous connections of each listener; further ones are closed at once.
     pub max_connections: usize,
+    /// Maximum simultaneous connections of one peer on one listener (a uid on Unix
+    /// sockets, an IP address on TCP).
+    pub max_connections_per_peer: usize,
+    /// Close a connection in transmission that sent no request for this long.
+    pub idle_timeout: Option<Duration>,
+    /// Non-loopback TCP listeners serve plaintext because the operator passed `--insecure`
+    /// (not because TLS is required): the logs repeat a warning.
+    pub insecure_tcp: bool,
     /// Transmission threads per connection (started as requests overlap).
     pub threads_per_connection: usize,
 }
+
+/// Default of [`ServerConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Default of [`ServerConfig::max_connections_per_peer`]: room for the kernel's
+/// multi-connection attach (`nbd-client -C 16`) twice over, as connections of a dead
+/// session may linger while the kernel reconnects.
+pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 32;
+/// Default of [`ServerConfig::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_inflight_bytes: 64 * 1024 * 1024,
-            handshake_timeout: Duration::from_secs(30),
-            max_connections: 1024,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            idle_timeout: None,
+            insecure_tcp: false,
             threads_per_connection: 4,
         }
     }
@@ -78,7 +101,8 @@ pub(crate) struct Shared {
     pub config: ServerConfig,
     /// Byte budget for payloads in flight (units: bytes, at least 1 per request).
     pub budget: Arc<budget::ByteBudget>,
-    pub connections: Arc<Semaphore>,
+    /// NBD connections open on every listener (including those still negotiating).
+    pub open_connections: Arc<AtomicUsize>,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -124,12 +148,13 @@ pub async fn serve_with(
     if listeners.is_empty() {
         return Err(ServerError::NoListeners);
     }
+    budget::return_freed_memory_to_the_system();
     let shared = Arc::new(Shared {
         exports,
         budget: Arc::new(budget::ByteBudget::new(
             config.max_inflight_bytes.max(nbd_max_payload()),
         )),
-        connections: Arc::new(Semaphore::new(config.max_connections)),
+        open_connections: Arc::new(AtomicUsize::new(0)),
         config,
         shutdown: shutdown.0.subscribe(),
     });
@@ -193,7 +218,32 @@ pub async fn serve_with(
     Ok(())
 }
 
-/// A fresh shutdown handle.
+/// Raises the soft limit of open descriptors (`RLIMIT_NOFILE`) to the hard limit, so that
+/// the connection limits, not the descriptor limit, decide which connection is refused.
+/// Returns the new soft limit.
+pub fn raise_nofile_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only into the struct passed by reference.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct passed by reference.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        lim = raised;
+    }
+    Ok(lim.rlim_cur)
+}
+
 /// How often changed allocation maps are written back when no client flushes.
 const MAP_WRITEBACK_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -225,6 +275,7 @@ async fn map_writeback(shared: Arc<Shared>) {
     }
 }
 
+/// A fresh shutdown handle.
 pub fn shutdown_handle() -> ShutdownHandle {
     let (tx, _rx) = watch::channel(false);
     ShutdownHandle(Arc::new(tx))

@@ -3,7 +3,9 @@
 //!
 //! Socket activation rule: when systemd passes at least one socket, `cryptvol serve` listens
 //! on exactly the passed sockets and opens none of its configured listeners. The TCP ones
-//! obey the same loopback rule as configured listeners (`allow_remote`).
+//! obey the same rule as configured listeners: a non-loopback one is refused unless TLS
+//! is required or the operator passed `--insecure` (`allow_remote`), and they get the
+//! same per-listener and per-peer connection limits.
 
 use std::ffi::OsStr;
 use std::os::fd::{FromRawFd as _, OwnedFd, RawFd};
@@ -55,7 +57,8 @@ impl ActivatedSocket {
     }
 
     /// Registers the socket with the tokio runtime (must be called inside it). A TCP
-    /// socket on a non-loopback address is refused unless `allow_remote`.
+    /// socket on a non-loopback address is refused unless `allow_remote` (TLS required, or
+    /// `--insecure`).
     pub fn into_listener(self, allow_remote: bool) -> Result<Listener, ServerError> {
         let desc = self.describe();
         let io_err = |source| ServerError::Bind {
