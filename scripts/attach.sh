@@ -12,9 +12,11 @@ Usage: attach.sh EXPORT [options]
 Attach the cryptvol export EXPORT as a kernel block device (/dev/nbdN) and print the
 device path. Needs root and the nbd kernel module.
 
-Where the daemon listens (default: --unix /run/cryptvol/nbd.sock):
+Where the daemon listens (default: --unix /run/cryptvol/nbd.sock, the socket of a daemon
+run by root; one run by another user listens on its $XDG_RUNTIME_DIR/cryptvol/nbd.sock):
   --unix PATH          connect to the Unix socket PATH
-  --host HOST          connect over TCP to HOST (instead of a Unix socket)
+  --host HOST          connect over TCP to HOST (instead of a Unix socket; the daemon
+                       listens on TCP only when started with --tcp or [listen] tcp)
   --port PORT          TCP port (default 10809)
 
 Device options:
@@ -173,7 +175,7 @@ fi
 # "$@" now holds nbd-client's server arguments.
 
 # 1. Is the daemon reachable, and does it serve the export? (No kernel module needed.)
-daemon_hint="is the daemon running? (systemctl status cryptvol.service; or cryptvol serve)"
+daemon_hint="is the daemon running? (systemctl status cryptvol.service; or cryptvol serve); a daemon not run by root listens on \$XDG_RUNTIME_DIR/cryptvol/nbd.sock of its user: pass --unix PATH"
 if command -v nbdinfo >/dev/null 2>&1; then
     if ! nbdinfo --list "$list_uri" >/dev/null 2>&1; then
         die "cannot reach the cryptvol daemon at $where: $daemon_hint"

@@ -784,8 +784,11 @@ discard = true
     #[test]
     fn non_loopback_tcp_needs_insecure_and_allow_remote_still_works() {
         let text = "[[export]]\nname=\"a\"\npath=\"/a\"\n[listen]\ntcp=[\"0.0.0.0:10809\"]\n";
-        let s = resolve(Some((Path::new("/c.toml"), file(text))), CliOverrides::default())
-            .expect("ok");
+        let s = resolve(
+            Some((Path::new("/c.toml"), file(text))),
+            CliOverrides::default(),
+        )
+        .expect("ok");
         assert!(matches!(
             s.listeners[..],
             [ListenerSpec::Tcp {
@@ -794,12 +797,18 @@ discard = true
             }]
         ));
         let old = format!("{text}allow_remote = true\n");
-        let s = resolve(Some((Path::new("/c.toml"), file(&old))), CliOverrides::default())
-            .expect("ok");
+        let s = resolve(
+            Some((Path::new("/c.toml"), file(&old))),
+            CliOverrides::default(),
+        )
+        .expect("ok");
         assert!(s.allow_remote && s.insecure && s.deprecated_allow_remote);
         let new = format!("{text}insecure = true\n");
-        let s = resolve(Some((Path::new("/c.toml"), file(&new))), CliOverrides::default())
-            .expect("ok");
+        let s = resolve(
+            Some((Path::new("/c.toml"), file(&new))),
+            CliOverrides::default(),
+        )
+        .expect("ok");
         assert!(s.allow_remote && s.insecure && !s.deprecated_allow_remote);
     }
 
@@ -813,10 +822,14 @@ discard = true
             "idle_timeout = 100000\n",
             "max_connections = 10000000\n",
         ] {
-            let text = format!("[[export]]\nname=\"a\"\npath=\"/a\"\n[listen]\nunix=[\"/s\"]\n{bad}");
-            let err = resolve(Some((Path::new("/c.toml"), file(&text))), CliOverrides::default())
-                .err()
-                .expect(bad);
+            let text =
+                format!("[[export]]\nname=\"a\"\npath=\"/a\"\n[listen]\nunix=[\"/s\"]\n{bad}");
+            let err = resolve(
+                Some((Path::new("/c.toml"), file(&text))),
+                CliOverrides::default(),
+            )
+            .err()
+            .expect(bad);
             assert!(err.to_string().contains("/c.toml"), "{err}");
         }
     }

@@ -202,7 +202,16 @@ fn units_carry_the_required_settings() {
 
     let s = unit_settings("cryptvol.socket");
     assert_has(&s, "ListenStream", "/run/cryptvol/nbd.sock");
-    assert_has(&s, "ListenStream", "127.0.0.1:10809");
+    // No TCP socket by default: any local account could reach it (issue 14, B1).
+    let streams: Vec<&String> = s
+        .iter()
+        .filter(|(k, _)| k == "ListenStream")
+        .map(|(_, v)| v)
+        .collect();
+    assert!(
+        streams.iter().all(|v| v.starts_with('/')),
+        "cryptvol.socket listens on TCP by default: {streams:?}"
+    );
     assert_has(&s, "SocketMode", "0600");
 
     let s = unit_settings("cryptvol-attach@.service");

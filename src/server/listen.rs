@@ -450,7 +450,11 @@ mod tests {
             let after = std::fs::symlink_metadata(&path).expect("stat").mode() & 0o777;
             nix::sys::stat::umask(old);
             let _fd = fd.expect("bind");
-            assert_eq!(seen.expect("stat"), mode, "mode right after bind with umask 000");
+            assert_eq!(
+                seen.expect("stat"),
+                mode,
+                "mode right after bind with umask 000"
+            );
             assert_eq!(after, mode, "final mode");
             drop(l);
         }
