@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tokio::net::{TcpListener, UnixListener};
 
+use super::peer::{PeerIdentity, UnixCred};
 use super::{conn, ServerError, Shared};
 
 /// Where to listen, as configured.
@@ -115,7 +116,7 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             a = accept(&listener) => a,
         };
-        let (stream, peer) = match accepted {
+        let (stream, peer_addr) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(listener = %desc, "accept failed: {e}");
@@ -127,7 +128,7 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         next_id += 1;
         // The permit moves into the connection task and is released when it ends.
         let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
-            tracing::warn!(peer = %peer, "too many connections; closing new connection");
+            tracing::warn!(peer = %peer_addr, "too many connections; closing new connection");
             drop(stream);
             continue;
         };
@@ -136,12 +137,14 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         match stream {
             Accepted::Tcp(s) => {
                 let _ = s.set_nodelay(true);
+                let peer = PeerIdentity::tcp(peer_addr, desc.clone());
                 conns.spawn(async move {
                     conn::run(s, peer, id, shared2).await;
                     drop(permit);
                 });
             }
             Accepted::Unix(s) => {
+                let peer = PeerIdentity::unix(peer_addr, desc.clone(), peer_cred(&s));
                 conns.spawn(async move {
                     conn::run(s, peer, id, shared2).await;
                     drop(permit);
@@ -157,6 +160,22 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
     }
     drop(listener);
     while conns.join_next().await.is_some() {}
+}
+
+/// `SO_PEERCRED` of a Unix-socket peer: the credentials the kernel recorded when it
+/// called `connect` (a descriptor passed on to another process keeps them).
+fn peer_cred(s: &tokio::net::UnixStream) -> Option<UnixCred> {
+    match s.peer_cred() {
+        Ok(c) => Some(UnixCred {
+            uid: c.uid(),
+            gid: c.gid(),
+            pid: c.pid(),
+        }),
+        Err(e) => {
+            tracing::warn!("cannot read the credentials of a Unix-socket client: {e}");
+            None
+        }
+    }
 }
 
 enum Accepted {
