@@ -815,8 +815,11 @@ name = "b"
 path = "/b"
 allow_anyone = true
 "#;
-        let s = resolve(Some((Path::new("/c.toml"), file(text))), CliOverrides::default())
-            .expect("resolves");
+        let s = resolve(
+            Some((Path::new("/c.toml"), file(text))),
+            CliOverrides::default(),
+        )
+        .expect("resolves");
         let a = &s.exports[0].access;
         assert_eq!(a.allow_uid, [1001, 0]);
         assert_eq!(a.allow_gid, [0, 2000]);
@@ -837,17 +840,26 @@ allow_anyone = true
         for (bad, key) in [
             ("allow_uid = [-1]", "allow_uid"),
             ("allow_uid = [4294967296]", "allow_uid"),
-            ("allow_uid = [\"no-such-user-cryptvol\"]", "no-such-user-cryptvol"),
-            ("allow_gid = [\"no-such-group-cryptvol\"]", "no-such-group-cryptvol"),
+            (
+                "allow_uid = [\"no-such-user-cryptvol\"]",
+                "no-such-user-cryptvol",
+            ),
+            (
+                "allow_gid = [\"no-such-group-cryptvol\"]",
+                "no-such-group-cryptvol",
+            ),
             ("allow_gid = [true]", "allow_gid"),
             ("allow_tls_subject = [\" \"]", "allow_tls_subject"),
             ("allow_tls_san = [\"c.example.org\"]", "allow_tls_san"),
             ("allow_tls_san = [\"DNS:\"]", "allow_tls_san"),
         ] {
             let text = format!("[[export]]\nname = \"v\"\npath = \"/v\"\n{bad}\n");
-            let err = resolve(Some((Path::new("/c.toml"), file(&text))), CliOverrides::default())
-                .err()
-                .expect(bad);
+            let err = resolve(
+                Some((Path::new("/c.toml"), file(&text))),
+                CliOverrides::default(),
+            )
+            .err()
+            .expect(bad);
             let msg = err.to_string();
             assert!(msg.contains("/c.toml"), "{msg}");
             assert!(msg.contains("export \"v\""), "{msg}");

@@ -195,7 +195,11 @@ impl AuditLog {
 
     /// Opens the log and appends the record of a refused client; `daemon` is the
     /// server's own user.
-    pub fn record_access(&self, event: &AccessEvent<'_>, daemon: &Principal) -> Result<(), KeyError> {
+    pub fn record_access(
+        &self,
+        event: &AccessEvent<'_>,
+        daemon: &Principal,
+    ) -> Result<(), KeyError> {
         self.open()?.write_line(&encode_access(event, daemon))
     }
 }

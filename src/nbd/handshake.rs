@@ -364,7 +364,7 @@ impl Negotiation {
         }
         let (export, contexts) = match meta_request(OPT, data, QueryMode::Set, catalog) {
             Ok(request) => request,
-            Err(outcome) => return outcome,
+            Err(outcome) => return *outcome,
         };
         let mut reply = Vec::new();
         for &context in &contexts {
@@ -461,7 +461,7 @@ fn list_meta_context(data: &[u8], catalog: &dyn ExportCatalog) -> OptionOutcome 
     const OPT: u32 = OPT_LIST_META_CONTEXT;
     let contexts = match meta_request(OPT, data, QueryMode::List, catalog) {
         Ok((_, contexts)) => contexts,
-        Err(outcome) => return outcome,
+        Err(outcome) => return *outcome,
     };
     let mut reply = Vec::new();
     for context in contexts {
@@ -484,15 +484,15 @@ fn meta_request(
     data: &[u8],
     mode: QueryMode,
     catalog: &dyn ExportCatalog,
-) -> Result<(ExportInfo, Vec<MetaContext>), OptionOutcome> {
+) -> Result<(ExportInfo, Vec<MetaContext>), Box<OptionOutcome>> {
     let invalid = |msg: String| {
         let msg = format!("malformed {} request: {msg}", option_name(option));
-        OptionOutcome::error(option, REP_ERR_INVALID, &msg)
+        Box::new(OptionOutcome::error(option, REP_ERR_INVALID, &msg))
     };
     let request = parse_meta_request(data, mode).map_err(invalid)?;
     let name = check_name(request.export).map_err(invalid)?;
-    let export =
-        resolve_export(name, catalog).map_err(|e| OptionOutcome::not_resolved(option, e))?;
+    let export = resolve_export(name, catalog)
+        .map_err(|e| Box::new(OptionOutcome::not_resolved(option, e)))?;
     Ok((export, request.contexts))
 }
 

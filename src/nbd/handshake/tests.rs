@@ -1160,7 +1160,10 @@ impl ExportCatalog for Guarded {
 
 fn guarded(names: &[&'static str], denied: &[&'static str]) -> Guarded {
     Guarded {
-        all: names.iter().map(|n| described(n, "hidden description")).collect(),
+        all: names
+            .iter()
+            .map(|n| described(n, "hidden description"))
+            .collect(),
         denied: denied.to_vec(),
     }
 }
@@ -1241,11 +1244,21 @@ fn unknown_export_stays_unknown_and_does_not_list_denied_ones() {
 fn default_export_does_not_depend_on_who_asks() {
     // The only export, denied: "" names it, and the answer is a policy refusal.
     let one = guarded(&["private"], &["private"]);
-    let out = on(&mut Negotiation::new(FIXED), OPT_GO, &go_data("", &[]), &one);
+    let out = on(
+        &mut Negotiation::new(FIXED),
+        OPT_GO,
+        &go_data("", &[]),
+        &one,
+    );
     assert_policy_refusal(&out, OPT_GO, "private");
     // Two exports, one visible: still no default export, and only the visible one is named.
     let two = guarded(&["open", "private"], &["private"]);
-    let out = on(&mut Negotiation::new(FIXED), OPT_GO, &go_data("", &[]), &two);
+    let out = on(
+        &mut Negotiation::new(FIXED),
+        OPT_GO,
+        &go_data("", &[]),
+        &two,
+    );
     let r = replies(&out);
     assert_eq!(r[0].reply_type, REP_ERR_UNKNOWN);
     let msg = message(&r[0]);
