@@ -363,7 +363,8 @@ kt_server_start() {
         cryptvol)
             local opts=()
             if [ "$mode" = ro ]; then opts+=(--read-only); else opts+=(--discard); fi
-            NO_COLOR=1 "$CRYPTVOL_BIN" serve --tcp "127.0.0.1:$port" "${opts[@]}" --keystore "$KT_WORK/keystore" "$@" \
+            # --allow-anyone: the guest's nbd-client comes over plaintext TCP, with no identity.
+            NO_COLOR=1 "$CRYPTVOL_BIN" serve --tcp "127.0.0.1:$port" --allow-anyone "${opts[@]}" --keystore "$KT_WORK/keystore" "$@" \
                 >> "$logf" 2>&1 < /dev/null &
             pid=$!
             ;;

@@ -250,7 +250,13 @@ With --config FILE (TOML, see systemd/cryptvol.toml.example): VOLUME arguments a
 the file's exports; --read-only/--discard apply to all exports; any --tcp/--unix replaces the
 file's listeners; other flags override the file. Sockets passed by systemd socket activation
 (LISTEN_FDS) replace all configured listeners. With NOTIFY_SOCKET set, READY=1 is sent once
-every volume is unlocked and the listeners are open, STOPPING=1 on SIGTERM/SIGINT.";
+every volume is unlocked and the listeners are open, STOPPING=1 on SIGTERM/SIGINT.
+
+Who may open an export: a Unix-socket client running as the daemon's own user, plus those the
+--allow-* options (for VOLUME arguments) or an [[export]] table's allow_* keys admit; a client
+allowed by any of its identities is let in. Everyone else gets NBD_REP_ERR_POLICY, does not see
+the export in a listing, and is recorded in the audit log. Plaintext TCP clients have no
+identity: they need --allow-anyone.";
 
 #[derive(Args)]
 #[command(after_help = SERVE_AFTER_HELP)]
@@ -304,6 +310,29 @@ struct ServeArgs {
     /// Transmission threads per connection: requests of one connection served at once.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
+    /// Let Unix-socket clients running as USER (name or uid) open the exports of VOLUME
+    /// arguments, besides the daemon's own user (repeatable; root is not implied).
+    #[arg(long, value_name = "USER")]
+    allow_uid: Vec<String>,
+    /// Let Unix-socket clients whose primary group (from SO_PEERCRED; supplementary groups
+    /// are not visible) is GROUP (name or gid) open the exports of VOLUME arguments
+    /// (repeatable).
+    #[arg(long, value_name = "GROUP")]
+    allow_gid: Vec<String>,
+    /// Let TLS clients whose verified certificate has exactly this subject (e.g.
+    /// "CN=client1,O=Example") open the exports of VOLUME arguments (repeatable). Without
+    /// any --allow-tls-*, every certificate the client CA verifies is allowed.
+    #[arg(long, value_name = "SUBJECT")]
+    allow_tls_subject: Vec<String>,
+    /// Let TLS clients whose verified certificate has exactly this subject alternative
+    /// name (DNS:NAME, EMAIL:ADDR, IP:ADDR or URI:URI) open the exports of VOLUME arguments
+    /// (repeatable).
+    #[arg(long, value_name = "SAN")]
+    allow_tls_san: Vec<String>,
+    /// Let every client that can connect open the exports of VOLUME arguments, with no
+    /// identity check. Plaintext TCP clients have no identity and are refused without it.
+    #[arg(long)]
+    allow_anyone: bool,
     /// Control socket for `cryptvol status`, `reencrypt EXPORT`, `snapshot create EXPORT`
     /// (mode 0600) [default: the config file's `control`, else /run/cryptvol/control.sock
     /// when running as root, else none].
@@ -1344,6 +1373,13 @@ async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
         passphrase: a.pass.source(),
         volumes: a.volumes.clone(),
         control: a.control.clone(),
+        allow: config::AllowFlags {
+            uid: a.allow_uid.clone(),
+            gid: a.allow_gid.clone(),
+            tls_subject: a.allow_tls_subject.clone(),
+            tls_san: a.allow_tls_san.clone(),
+            anyone: a.allow_anyone,
+        },
     };
     let settings = config::resolve(file, overrides)?;
     if settings.deprecated_allow_remote {
@@ -1443,6 +1479,7 @@ async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
         idle_timeout: (lim.idle_timeout_secs > 0)
             .then(|| std::time::Duration::from_secs(lim.idle_timeout_secs)),
         insecure_tcp: settings.insecure,
+        audit_log: Some(keys.service().audit_log().clone()),
     };
     run_server(exports, listeners, config, control).await
 }
@@ -1487,11 +1524,38 @@ async fn open_exports(specs: &[ExportSpec], keys: &KeyOptions) -> Result<Exports
             size = header.size,
             sector_size = header.sector_size,
             read_only = opts.read_only,
+            access = %access_summary(&spec.access),
             "export opened"
         );
-        exports.push(Export::new(name.clone(), vol));
+        exports.push(Export::new(name.clone(), vol).with_policy(spec.access.clone()));
     }
     Ok(Exports::new(exports))
+}
+
+/// Who may open an export, for the start-up log.
+fn access_summary(p: &server::AccessPolicy) -> String {
+    if p.allow_anyone {
+        return "anyone who can connect".to_string();
+    }
+    let mut parts = vec!["the daemon's uid".to_string()];
+    let list = |v: &[String]| v.join(" ");
+    let nums = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(" ");
+    if !p.allow_uid.is_empty() {
+        parts.push(format!("uid {}", nums(&p.allow_uid)));
+    }
+    if !p.allow_gid.is_empty() {
+        parts.push(format!("gid {}", nums(&p.allow_gid)));
+    }
+    if !p.allow_tls_subject.is_empty() {
+        parts.push(format!("TLS subject {}", list(&p.allow_tls_subject)));
+    }
+    if !p.allow_tls_san.is_empty() {
+        parts.push(format!("TLS SAN {}", list(&p.allow_tls_san)));
+    }
+    if p.allow_tls_subject.is_empty() && p.allow_tls_san.is_empty() {
+        parts.push("any verified TLS client certificate".to_string());
+    }
+    parts.join(", ")
 }
 
 async fn bind_all(specs: &[ListenerSpec]) -> Result<Vec<Listener>> {
@@ -1587,16 +1651,20 @@ async fn demo(a: DemoArgs) -> Result<()> {
         name: "demo".to_string(),
         path: vol.clone(),
         options: OpenOptions::default(),
+        // The demo's user, and root for the kernel client (`sudo nbd-client`); root can
+        // read this user's keystore anyway.
+        access: server::AccessPolicy {
+            allow_uid: vec![0],
+            ..server::AccessPolicy::default()
+        },
     };
     let exports = open_exports(&[export], &keys).await?;
     let listeners = bind_all(&specs).await?;
-    run_server(
-        exports,
-        listeners,
-        ServerConfig::default(),
-        server::Control::default(),
-    )
-    .await
+    let config = ServerConfig {
+        audit_log: Some(keys.service().audit_log().clone()),
+        ..ServerConfig::default()
+    };
+    run_server(exports, listeners, config, server::Control::default()).await
 }
 
 fn print_demo_help(dir: &Path, keystore: &Path, vol: &Path, sock: &Path, tcp: Option<&str>) {

@@ -6,6 +6,9 @@
 //!
 //! - exports: the file's `[[export]]` tables, then every `VOLUME` argument (added); an export
 //!   name used twice is an error. `--read-only` / `--discard` apply to every export.
+//! - access: each `[[export]]` has its own `allow_*` keys; the `--allow-*` flags apply to
+//!   the exports named by `VOLUME` arguments only (giving them without one is an error).
+//!   User and group names are resolved once, here, at start-up.
 //! - listeners: any `--tcp` or `--unix` flag replaces the file's `[listen]` addresses; with
 //!   none anywhere, one Unix socket (mode `socket_mode`, default 0600): for root
 //!   `/run/cryptvol/nbd.sock` (directory created 0755 if missing), for other users
@@ -24,7 +27,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::keys::PassphraseSource;
-use crate::server::ListenerSpec;
+use crate::server::{AccessPolicy, ListenerSpec};
 use crate::size::parse_size;
 use crate::volume::OpenOptions;
 
@@ -116,6 +119,44 @@ pub struct ExportSection {
     pub read_only: bool,
     #[serde(default)]
     pub discard: bool,
+    /// Unix-socket clients with these users (names or uids) may open the export, besides
+    /// the daemon's own user.
+    #[serde(default)]
+    pub allow_uid: Vec<toml::Value>,
+    /// Unix-socket clients whose primary group (name or gid) is one of these.
+    #[serde(default)]
+    pub allow_gid: Vec<toml::Value>,
+    /// TLS clients whose verified certificate has exactly this subject ("CN=a,O=b").
+    #[serde(default)]
+    pub allow_tls_subject: Vec<String>,
+    /// TLS clients whose verified certificate has exactly this SAN ("DNS:host", ...).
+    #[serde(default)]
+    pub allow_tls_san: Vec<String>,
+    /// Every client that can connect, with no identity check (plaintext TCP needs it).
+    #[serde(default)]
+    pub allow_anyone: bool,
+}
+
+/// The `--allow-*` flags (they apply to the exports of `VOLUME` arguments).
+#[derive(Default)]
+pub struct AllowFlags {
+    /// User names or uids.
+    pub uid: Vec<String>,
+    /// Group names or gids.
+    pub gid: Vec<String>,
+    pub tls_subject: Vec<String>,
+    pub tls_san: Vec<String>,
+    pub anyone: bool,
+}
+
+impl AllowFlags {
+    fn is_empty(&self) -> bool {
+        self.uid.is_empty()
+            && self.gid.is_empty()
+            && self.tls_subject.is_empty()
+            && self.tls_san.is_empty()
+            && !self.anyone
+    }
 }
 
 /// What the command line says, before combining with a file.
@@ -143,6 +184,9 @@ pub struct CliOverrides {
     pub max_connections_per_peer: Option<u64>,
     pub handshake_timeout: Option<u64>,
     pub idle_timeout: Option<u64>,
+    /// `--allow-uid`, `--allow-gid`, `--allow-tls-subject`, `--allow-tls-san`,
+    /// `--allow-anyone`.
+    pub allow: AllowFlags,
 }
 
 /// The connection limits and timeouts, resolved.
@@ -164,6 +208,8 @@ pub struct ExportSpec {
     pub name: String,
     pub path: PathBuf,
     pub options: OpenOptions,
+    /// Who may open it.
+    pub access: AccessPolicy,
 }
 
 /// The effective settings of `cryptvol serve`.
@@ -307,6 +353,8 @@ pub fn resolve(
                 "an [[export]] has an empty name or path",
             )));
         }
+        let access = file_policy(&e)
+            .map_err(|m| ConfigError::Invalid(in_file(&format!("export {:?}: {m}", e.name))))?;
         add_export(
             &mut exports,
             ExportSpec {
@@ -316,9 +364,19 @@ pub fn resolve(
                     read_only: e.read_only || cli.read_only,
                     discard: e.discard || cli.discard,
                 },
+                access,
             },
         )?;
     }
+    if cli.volumes.is_empty() && !cli.allow.is_empty() {
+        return Err(ConfigError::Invalid(
+            "the --allow-* options apply to the exports of VOLUME arguments, and none is given; \
+             for the config file's exports set allow_uid, allow_gid, allow_tls_subject, \
+             allow_tls_san or allow_anyone in their [[export]] tables"
+                .to_string(),
+        ));
+    }
+    let cli_access = cli_policy(&cli.allow).map_err(ConfigError::Invalid)?;
     for v in &cli.volumes {
         let (name, path) = parse_volume_arg(v).map_err(ConfigError::Invalid)?;
         let options = OpenOptions {
@@ -331,6 +389,7 @@ pub fn resolve(
                 name,
                 path,
                 options,
+                access: cli_access.clone(),
             },
         )?;
     }
@@ -400,6 +459,123 @@ fn timeout_setting(name: &str, v: Option<u64>, default: u64, zero_ok: bool) -> R
             "{name} {n} is too long (at most {MAX_TIMEOUT_SECS} seconds)"
         )),
         Some(n) => Ok(n),
+    }
+}
+
+/// The access policy of an `[[export]]` table.
+fn file_policy(e: &ExportSection) -> Result<AccessPolicy, String> {
+    let ids = |values: &[toml::Value], key: &str, kind: IdKind| {
+        values
+            .iter()
+            .map(|v| match v {
+                toml::Value::Integer(i) => u32::try_from(*i)
+                    .map_err(|_| format!("{key}: {i} is not a valid {}", kind.id_name())),
+                toml::Value::String(s) => resolve_id(s, kind).map_err(|m| format!("{key}: {m}")),
+                other => Err(format!(
+                    "{key}: expected {} names or numbers, not {}",
+                    kind.noun(),
+                    other.type_str()
+                )),
+            })
+            .collect::<Result<Vec<u32>, String>>()
+    };
+    let policy = AccessPolicy {
+        allow_uid: ids(&e.allow_uid, "allow_uid", IdKind::User)?,
+        allow_gid: ids(&e.allow_gid, "allow_gid", IdKind::Group)?,
+        allow_tls_subject: e.allow_tls_subject.clone(),
+        allow_tls_san: e.allow_tls_san.clone(),
+        allow_anyone: e.allow_anyone,
+    };
+    check_tls_lists(&policy, "allow_tls_subject", "allow_tls_san")?;
+    Ok(policy)
+}
+
+/// The access policy the `--allow-*` flags give.
+fn cli_policy(a: &AllowFlags) -> Result<AccessPolicy, String> {
+    let ids = |values: &[String], flag: &str, kind: IdKind| {
+        values
+            .iter()
+            .map(|s| resolve_id(s, kind).map_err(|m| format!("{flag}: {m}")))
+            .collect::<Result<Vec<u32>, String>>()
+    };
+    let policy = AccessPolicy {
+        allow_uid: ids(&a.uid, "--allow-uid", IdKind::User)?,
+        allow_gid: ids(&a.gid, "--allow-gid", IdKind::Group)?,
+        allow_tls_subject: a.tls_subject.clone(),
+        allow_tls_san: a.tls_san.clone(),
+        allow_anyone: a.anyone,
+    };
+    check_tls_lists(&policy, "--allow-tls-subject", "--allow-tls-san")?;
+    Ok(policy)
+}
+
+/// SAN kinds a client certificate's names are written with.
+const SAN_PREFIXES: [&str; 4] = ["DNS:", "EMAIL:", "IP:", "URI:"];
+
+/// Subjects must be non-empty; SANs must name their kind, or they could never match.
+fn check_tls_lists(p: &AccessPolicy, subject_key: &str, san_key: &str) -> Result<(), String> {
+    if p.allow_tls_subject.iter().any(|s| s.trim().is_empty()) {
+        return Err(format!(
+            "{subject_key}: an empty subject; write it like \"CN=client1,O=Example\""
+        ));
+    }
+    for san in &p.allow_tls_san {
+        let ok = SAN_PREFIXES
+            .iter()
+            .any(|pre| san.len() > pre.len() && san.starts_with(pre));
+        if !ok {
+            return Err(format!(
+                "{san_key}: {san:?} does not start with one of {}; write e.g. \
+                 \"DNS:client.example.org\" or \"IP:192.0.2.7\"",
+                SAN_PREFIXES.join(" ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum IdKind {
+    User,
+    Group,
+}
+
+impl IdKind {
+    fn noun(self) -> &'static str {
+        match self {
+            IdKind::User => "user",
+            IdKind::Group => "group",
+        }
+    }
+    fn id_name(self) -> &'static str {
+        match self {
+            IdKind::User => "uid",
+            IdKind::Group => "gid",
+        }
+    }
+}
+
+/// A user or group given by number or by name (looked up in the user database now).
+fn resolve_id(s: &str, kind: IdKind) -> Result<u32, String> {
+    let s = s.trim();
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse::<u32>()
+            .map_err(|_| format!("{s} is not a valid {}", kind.id_name()));
+    }
+    let found = match kind {
+        IdKind::User => nix::unistd::User::from_name(s).map(|u| u.map(|u| u.uid.as_raw())),
+        IdKind::Group => nix::unistd::Group::from_name(s).map(|g| g.map(|g| g.gid.as_raw())),
+    };
+    match found {
+        Ok(Some(id)) => Ok(id),
+        Ok(None) => Err(format!(
+            "no {} named {:?} on this host; give a name or a numeric {}",
+            kind.noun(),
+            s,
+            kind.id_name()
+        )),
+        Err(e) => Err(format!("cannot look up the {} {s:?}: {e}", kind.noun())),
     }
 }
 
@@ -878,6 +1054,117 @@ discard = true
                 .expect(bad);
             assert!(err.to_string().contains("/c.toml"), "{err}");
         }
+    }
+
+    #[test]
+    fn export_access_keys_resolve_numbers_and_names() {
+        let text = r#"
+[[export]]
+name = "a"
+path = "/a"
+allow_uid = [1001, "root"]
+allow_gid = ["0", 2000]
+allow_tls_subject = ["CN=client1,O=Example"]
+allow_tls_san = ["DNS:c.example.org", "IP:192.0.2.7"]
+
+[[export]]
+name = "b"
+path = "/b"
+allow_anyone = true
+"#;
+        let s = resolve(
+            Some((Path::new("/c.toml"), file(text))),
+            CliOverrides::default(),
+        )
+        .expect("resolves");
+        let a = &s.exports[0].access;
+        assert_eq!(a.allow_uid, [1001, 0]);
+        assert_eq!(a.allow_gid, [0, 2000]);
+        assert_eq!(a.allow_tls_subject, ["CN=client1,O=Example"]);
+        assert_eq!(a.allow_tls_san, ["DNS:c.example.org", "IP:192.0.2.7"]);
+        assert!(!a.allow_anyone);
+        assert_eq!(
+            s.exports[1].access,
+            AccessPolicy {
+                allow_anyone: true,
+                ..AccessPolicy::default()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_export_access_keys_are_refused_naming_file_export_and_key() {
+        for (bad, key) in [
+            ("allow_uid = [-1]", "allow_uid"),
+            ("allow_uid = [4294967296]", "allow_uid"),
+            (
+                "allow_uid = [\"no-such-user-cryptvol\"]",
+                "no-such-user-cryptvol",
+            ),
+            (
+                "allow_gid = [\"no-such-group-cryptvol\"]",
+                "no-such-group-cryptvol",
+            ),
+            ("allow_gid = [true]", "allow_gid"),
+            ("allow_tls_subject = [\" \"]", "allow_tls_subject"),
+            ("allow_tls_san = [\"c.example.org\"]", "allow_tls_san"),
+            ("allow_tls_san = [\"DNS:\"]", "allow_tls_san"),
+        ] {
+            let text = format!("[[export]]\nname = \"v\"\npath = \"/v\"\n{bad}\n");
+            let err = resolve(
+                Some((Path::new("/c.toml"), file(&text))),
+                CliOverrides::default(),
+            )
+            .err()
+            .expect(bad);
+            let msg = err.to_string();
+            assert!(msg.contains("/c.toml"), "{msg}");
+            assert!(msg.contains("export \"v\""), "{msg}");
+            assert!(msg.contains(key), "{msg}");
+        }
+    }
+
+    #[test]
+    fn allow_flags_apply_to_volume_arguments_only() {
+        let cli = CliOverrides {
+            volumes: vec!["extra=/tmp/e.img".into()],
+            allow: AllowFlags {
+                uid: vec!["65534".into(), "root".into()],
+                gid: vec!["root".into()],
+                tls_san: vec!["EMAIL:a@example.org".into()],
+                ..AllowFlags::default()
+            },
+            ..CliOverrides::default()
+        };
+        let s = resolve_full(cli).expect("resolves");
+        assert_eq!(s.exports[0].access, AccessPolicy::default(), "file export");
+        let extra = &s.exports[2].access;
+        assert_eq!(extra.allow_uid, [65534, 0]);
+        assert_eq!(extra.allow_gid, [0]);
+        assert_eq!(extra.allow_tls_san, ["EMAIL:a@example.org"]);
+
+        // Without a VOLUME argument the flags would do nothing: an error says where to
+        // put them instead.
+        let cli = CliOverrides {
+            allow: AllowFlags {
+                anyone: true,
+                ..AllowFlags::default()
+            },
+            ..CliOverrides::default()
+        };
+        let err = resolve_full(cli).err().expect("flags without volumes");
+        assert!(err.to_string().contains("[[export]]"), "{err}");
+
+        let cli = CliOverrides {
+            volumes: vec!["/tmp/v.img".into()],
+            allow: AllowFlags {
+                uid: vec!["no-such-user-cryptvol".into()],
+                ..AllowFlags::default()
+            },
+            ..CliOverrides::default()
+        };
+        let err = resolve(None, cli).err().expect("unknown user");
+        assert!(err.to_string().contains("--allow-uid"), "{err}");
     }
 
     #[test]

@@ -349,7 +349,8 @@ fn socket_activation_serves_on_the_passed_unix_and_tcp_sockets() {
     let cfg = write_config(
         &env,
         &format!(
-            "[listen]\nunix = [\"{}\"]\n[[export]]\nname = \"act\"\npath = \"{}\"\n",
+            // allow_anyone: the TCP client below has no identity.
+            "[listen]\nunix = [\"{}\"]\n[[export]]\nname = \"act\"\npath = \"{}\"\nallow_anyone = true\n",
             configured.display(),
             vol.display()
         ),

@@ -1,5 +1,6 @@
 //! The key audit log: one JSON object per line for every key operation (generate, wrap,
-//! unwrap, rewrap, state and policy changes, denials). Never key material.
+//! unwrap, rewrap, state and policy changes, denials), and for every client the server
+//! refused to let open an export ([`AccessEvent`]). Never key material.
 //!
 //! Each record is appended with a single `write(2)` on a descriptor opened with
 //! `O_APPEND` (so concurrent writers never interleave inside a line) and synced. The file
@@ -65,6 +66,46 @@ struct Line<'a> {
     message: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<&'a str>,
+}
+
+/// A client the server refused to let open an export (operation `open-export`, result
+/// `denied`): who, which export, from where, why.
+pub struct AccessEvent<'a> {
+    pub export: &'a str,
+    /// The listener the client came in on (`unix:///run/cryptvol/nbd.sock`, `tcp://...`).
+    pub listener: &'a str,
+    /// The client's address (`IP:PORT`, or `unix:PATH`).
+    pub peer: &'a str,
+    /// `SO_PEERCRED` of a Unix-socket client.
+    pub peer_uid: Option<u32>,
+    pub peer_gid: Option<u32>,
+    pub peer_pid: Option<i32>,
+    /// Subject of the client's verified TLS certificate.
+    pub tls_subject: Option<&'a str>,
+    pub reason: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct AccessLine<'a> {
+    time: String,
+    /// The daemon's user and pid, as in key records.
+    principal: String,
+    uid: u32,
+    pid: u32,
+    operation: &'static str,
+    result: &'static str,
+    export: &'a str,
+    listener: &'a str,
+    peer: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer_uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer_gid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer_pid: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_subject: Option<&'a str>,
+    reason: &'a str,
 }
 
 /// An open audit log (or none, when the default log's keystore does not exist).
@@ -151,16 +192,29 @@ impl AuditLog {
     pub fn record(&self, event: &AuditEvent<'_>) -> Result<(), KeyError> {
         self.open()?.write(event)
     }
+
+    /// Opens the log and appends the record of a refused client; `daemon` is the
+    /// server's own user.
+    pub fn record_access(
+        &self,
+        event: &AccessEvent<'_>,
+        daemon: &Principal,
+    ) -> Result<(), KeyError> {
+        self.open()?.write_line(&encode_access(event, daemon))
+    }
 }
 
 impl AuditWriter {
     /// Appends one record: one line, one `write(2)`, then fdatasync.
     pub fn write(&self, event: &AuditEvent<'_>) -> Result<(), KeyError> {
+        self.write_line(&encode(event))
+    }
+
+    fn write_line(&self, line: &[u8]) -> Result<(), KeyError> {
         let Some(mut file) = self.file.as_ref() else {
             return Ok(());
         };
-        let line = encode(event);
-        let written = file.write(&line).and_then(|n| {
+        let written = file.write(line).and_then(|n| {
             if n == line.len() {
                 Ok(())
             } else {
@@ -198,6 +252,30 @@ fn encode(event: &AuditEvent<'_>) -> Vec<u8> {
         error,
         message,
         detail: event.detail,
+    };
+    // Serializing plain strings and numbers cannot fail.
+    let mut out = serde_json::to_vec(&line).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+/// The JSON line of a refused client, newline-terminated.
+fn encode_access(event: &AccessEvent<'_>, daemon: &Principal) -> Vec<u8> {
+    let line = AccessLine {
+        time: clock::now_rfc3339_millis(),
+        principal: daemon.short(),
+        uid: daemon.uid,
+        pid: std::process::id(),
+        operation: "open-export",
+        result: "denied",
+        export: event.export,
+        listener: event.listener,
+        peer: event.peer,
+        peer_uid: event.peer_uid,
+        peer_gid: event.peer_gid,
+        peer_pid: event.peer_pid,
+        tls_subject: event.tls_subject,
+        reason: event.reason,
     };
     // Serializing plain strings and numbers cannot fail.
     let mut out = serde_json::to_vec(&line).unwrap_or_default();
@@ -269,6 +347,57 @@ mod tests {
             .contains("access denied"));
         let mode = std::fs::metadata(&path).unwrap().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn access_refusals_are_json_lines_beside_key_records() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a.jsonl");
+        let log = AuditLog::at(&path);
+        let daemon = Principal::from_uid(0);
+        log.record_access(
+            &AccessEvent {
+                export: "data",
+                listener: "unix:///run/cryptvol/nbd.sock",
+                peer: "unix:/run/cryptvol/nbd.sock",
+                peer_uid: Some(65534),
+                peer_gid: Some(65534),
+                peer_pid: Some(4242),
+                tls_subject: None,
+                reason: "uid 65534 is not allowed",
+            },
+            &daemon,
+        )
+        .unwrap();
+        log.record_access(
+            &AccessEvent {
+                export: "x\"y\n",
+                listener: "tcp://0.0.0.0:10809",
+                peer: "192.0.2.1:5000",
+                peer_uid: None,
+                peer_gid: None,
+                peer_pid: None,
+                tls_subject: Some("CN=c1,O=Example"),
+                reason: "no match",
+            },
+            &daemon,
+        )
+        .unwrap();
+        let lines = read_lines(&path);
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["operation"], "open-export");
+        assert_eq!(lines[0]["result"], "denied");
+        assert_eq!(lines[0]["export"], "data");
+        assert_eq!(lines[0]["peer_uid"], 65534);
+        assert_eq!(lines[0]["peer_gid"], 65534);
+        assert_eq!(lines[0]["peer_pid"], 4242);
+        assert_eq!(lines[0]["principal"], "root");
+        assert!(lines[0].get("tls_subject").is_none());
+        assert_eq!(lines[0]["reason"], "uid 65534 is not allowed");
+        // A hostile export name stays inside its JSON string.
+        assert_eq!(lines[1]["export"], "x\"y\n");
+        assert_eq!(lines[1]["tls_subject"], "CN=c1,O=Example");
+        assert!(lines[1].get("peer_uid").is_none());
     }
 
     #[test]

@@ -24,7 +24,7 @@ mod principal;
 mod seal;
 mod service;
 
-pub use audit::{AuditEvent, AuditLog, AuditWriter, AUDIT_FILE};
+pub use audit::{AccessEvent, AuditEvent, AuditLog, AuditWriter, AUDIT_FILE};
 pub use aws_kms::AwsKmsBackend;
 pub use exec::{ExecBackend, ExecSpec, EXEC_PROTOCOL_VERSION};
 pub use keyref::{KeyRef, AWS_KMS, EXEC, LOCAL, PASSPHRASE};

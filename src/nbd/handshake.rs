@@ -14,7 +14,7 @@ use super::consts::*;
 use super::meta::{meta_context_payload, parse_meta_request, MetaContext, QueryMode};
 use super::transmission::{transmission_flags, MAX_PAYLOAD};
 use super::wire::Reader;
-use super::{ExportCatalog, ExportInfo};
+use super::{ExportCatalog, ExportInfo, LookupError};
 
 /// Largest option payload the server reads; larger ones are skipped and answered with an error.
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
@@ -112,11 +112,23 @@ pub enum Next {
     Close,
 }
 
+/// An export the client asked for and was refused by the catalog's policy
+/// ([`LookupError::Denied`]), for the server to log and audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The export's name as resolved (never `""` unless an export is really called that).
+    pub export: String,
+    /// The catalog's reason (never sent to the client).
+    pub reason: String,
+}
+
 /// Bytes to send and what to do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OptionOutcome {
     pub reply: Vec<u8>,
     pub next: Next,
+    /// Set when this option asked for an export the client may not open.
+    pub refusal: Option<Refusal>,
 }
 
 impl OptionOutcome {
@@ -124,6 +136,7 @@ impl OptionOutcome {
         OptionOutcome {
             reply,
             next: Next::Continue,
+            refusal: None,
         }
     }
 
@@ -131,6 +144,22 @@ impl OptionOutcome {
         OptionOutcome {
             reply,
             next: Next::Close,
+            refusal: None,
+        }
+    }
+
+    /// The answer to a name that did not resolve: `NBD_REP_ERR_UNKNOWN` with the
+    /// message, or `NBD_REP_ERR_POLICY` (recording the refusal); negotiation continues.
+    fn not_resolved(option: u32, err: Unresolved) -> OptionOutcome {
+        match err {
+            Unresolved::Unknown(msg) => OptionOutcome::error(option, REP_ERR_UNKNOWN, &msg),
+            Unresolved::Denied(refusal) => {
+                let msg = denied_message(&refusal.export);
+                OptionOutcome {
+                    refusal: Some(refusal),
+                    ..OptionOutcome::error(option, REP_ERR_POLICY, &msg)
+                }
+            }
         }
     }
 
@@ -335,7 +364,7 @@ impl Negotiation {
         }
         let (export, contexts) = match meta_request(OPT, data, QueryMode::Set, catalog) {
             Ok(request) => request,
-            Err(outcome) => return outcome,
+            Err(outcome) => return *outcome,
         };
         let mut reply = Vec::new();
         for &context in &contexts {
@@ -357,13 +386,20 @@ impl Negotiation {
 
 /// `NBD_OPT_EXPORT_NAME`: the whole payload is the name. No error reply is possible, so any
 /// failure closes the connection without sending anything.
+/// A refused export closes the connection the same way, recording the refusal.
 fn export_name(data: &[u8], client: ClientFlags, catalog: &dyn ExportCatalog) -> OptionOutcome {
-    let export = match check_name(data)
-        .ok()
-        .and_then(|name| resolve_export(name, catalog).ok())
-    {
-        Some(export) => export,
-        None => return OptionOutcome::close(Vec::new()),
+    let Ok(name) = check_name(data) else {
+        return OptionOutcome::close(Vec::new());
+    };
+    let export = match resolve_export(name, catalog) {
+        Ok(export) => export,
+        Err(Unresolved::Unknown(_)) => return OptionOutcome::close(Vec::new()),
+        Err(Unresolved::Denied(refusal)) => {
+            return OptionOutcome {
+                refusal: Some(refusal),
+                ..OptionOutcome::close(Vec::new())
+            }
+        }
     };
     let flags = transmission_flags(&export);
     let mut reply = Vec::with_capacity(10 + EXPORT_NAME_PADDING);
@@ -375,6 +411,7 @@ fn export_name(data: &[u8], client: ClientFlags, catalog: &dyn ExportCatalog) ->
     OptionOutcome {
         reply,
         next: Next::Transmit { export, flags },
+        refusal: None,
     }
 }
 
@@ -424,7 +461,7 @@ fn list_meta_context(data: &[u8], catalog: &dyn ExportCatalog) -> OptionOutcome 
     const OPT: u32 = OPT_LIST_META_CONTEXT;
     let contexts = match meta_request(OPT, data, QueryMode::List, catalog) {
         Ok((_, contexts)) => contexts,
-        Err(outcome) => return outcome,
+        Err(outcome) => return *outcome,
     };
     let mut reply = Vec::new();
     for context in contexts {
@@ -440,21 +477,22 @@ fn list_meta_context(data: &[u8], catalog: &dyn ExportCatalog) -> OptionOutcome 
 }
 
 /// Parses a LIST/SET_META_CONTEXT payload and resolves its export: malformed data or a bad
-/// name give `NBD_REP_ERR_INVALID`, an export not served `NBD_REP_ERR_UNKNOWN`.
+/// name give `NBD_REP_ERR_INVALID`, an export not served `NBD_REP_ERR_UNKNOWN`, one the
+/// client may not open `NBD_REP_ERR_POLICY`.
 fn meta_request(
     option: u32,
     data: &[u8],
     mode: QueryMode,
     catalog: &dyn ExportCatalog,
-) -> Result<(ExportInfo, Vec<MetaContext>), OptionOutcome> {
+) -> Result<(ExportInfo, Vec<MetaContext>), Box<OptionOutcome>> {
     let invalid = |msg: String| {
         let msg = format!("malformed {} request: {msg}", option_name(option));
-        OptionOutcome::error(option, REP_ERR_INVALID, &msg)
+        Box::new(OptionOutcome::error(option, REP_ERR_INVALID, &msg))
     };
     let request = parse_meta_request(data, mode).map_err(invalid)?;
     let name = check_name(request.export).map_err(invalid)?;
     let export = resolve_export(name, catalog)
-        .map_err(|msg| OptionOutcome::error(option, REP_ERR_UNKNOWN, &msg))?;
+        .map_err(|e| Box::new(OptionOutcome::not_resolved(option, e)))?;
     Ok((export, request.contexts))
 }
 
@@ -464,7 +502,8 @@ fn meta_request(
 /// (the name is omitted if it would not fit; the description if it is empty),
 /// `NBD_INFO_BLOCK_SIZE` always (see [`block_size_info`]), then `NBD_REP_ACK`. `GO` then
 /// enters transmission. Malformed data gives `NBD_REP_ERR_INVALID`, an unknown export
-/// `NBD_REP_ERR_UNKNOWN`; negotiation continues in both cases. Block size negotiation is
+/// `NBD_REP_ERR_UNKNOWN`, one the client may not open `NBD_REP_ERR_POLICY` (with nothing
+/// about the export itself); negotiation continues in all cases. Block size negotiation is
 /// never required (no `NBD_REP_ERR_BLOCK_SIZE_REQD`): nbd-client never asks for it.
 fn info_or_go(option: u32, data: &[u8], catalog: &dyn ExportCatalog) -> OptionOutcome {
     let request = match parse_info_request(data) {
@@ -476,7 +515,7 @@ fn info_or_go(option: u32, data: &[u8], catalog: &dyn ExportCatalog) -> OptionOu
     };
     let export = match resolve_export(request.name, catalog) {
         Ok(export) => export,
-        Err(msg) => return OptionOutcome::error(option, REP_ERR_UNKNOWN, &msg),
+        Err(e) => return OptionOutcome::not_resolved(option, e),
     };
     let flags = transmission_flags(&export);
     let wants = |info: u16| request.infos.contains(&info);
@@ -510,7 +549,11 @@ fn info_or_go(option: u32, data: &[u8], catalog: &dyn ExportCatalog) -> OptionOu
     } else {
         Next::Continue
     };
-    OptionOutcome { reply, next }
+    OptionOutcome {
+        reply,
+        next,
+        refusal: None,
+    }
 }
 
 /// The `NBD_INFO_BLOCK_SIZE` values `(minimum, preferred, maximum payload)` for an export.
@@ -612,30 +655,57 @@ fn check_name(name: &[u8]) -> Result<&str, String> {
     Ok(name)
 }
 
+/// Why [`resolve_export`] found no export to open.
+enum Unresolved {
+    /// No such export (or no default export): a message for the client.
+    Unknown(String),
+    /// The export exists but the catalog refuses this client.
+    Denied(Refusal),
+}
+
+/// What a refused client is told: that policy refuses it, nothing about the export or
+/// about what would be allowed.
+fn denied_message(export: &str) -> String {
+    let shown = truncate_utf8(export, ECHOED_NAME_LEN);
+    format!(
+        "access to export {shown:?} is not permitted for this client by the server's \
+         policy; the refusal was logged on the server"
+    )
+}
+
 /// Finds the export a client asked for; `""` is the default export, which exists only when
-/// the catalog holds exactly one export. The error is a message for the client.
-fn resolve_export(name: &str, catalog: &dyn ExportCatalog) -> Result<ExportInfo, String> {
-    if !name.is_empty() {
-        return catalog.lookup(name).ok_or_else(|| {
-            let shown = truncate_utf8(name, ECHOED_NAME_LEN);
+/// the server has exactly one export ([`ExportCatalog::default_export`]).
+fn resolve_export(name: &str, catalog: &dyn ExportCatalog) -> Result<ExportInfo, Unresolved> {
+    let resolved = if name.is_empty() {
+        match catalog.default_export() {
+            Some(only) => only,
+            None => {
+                let visible = catalog.list();
+                let mut msg = format!(
+                    "no export name given and there is no default export ({} exports); \
+                     choose one by name (e.g. nbd-client -N NAME)",
+                    visible.len()
+                );
+                append_available(&mut msg, &visible);
+                return Err(Unresolved::Unknown(msg));
+            }
+        }
+    } else {
+        name.to_owned()
+    };
+    match catalog.lookup(&resolved) {
+        Ok(export) => Ok(export),
+        Err(LookupError::Denied(reason)) => Err(Unresolved::Denied(Refusal {
+            export: resolved,
+            reason,
+        })),
+        Err(LookupError::Unknown) => {
+            let shown = truncate_utf8(&resolved, ECHOED_NAME_LEN);
             let mut msg = format!("unknown export {shown:?}");
             append_available(&mut msg, &catalog.list());
-            msg
-        });
-    }
-    let mut all = catalog.list();
-    if all.len() == 1 {
-        if let Some(only) = all.pop() {
-            return Ok(only);
+            Err(Unresolved::Unknown(msg))
         }
     }
-    let mut msg = format!(
-        "no export name given and there is no default export ({} exports); \
-         choose one by name (e.g. nbd-client -N NAME)",
-        all.len()
-    );
-    append_available(&mut msg, &all);
-    Err(msg)
 }
 
 /// Appends `"; available: a, b"` (or a note that there are none), stopping once the

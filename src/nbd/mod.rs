@@ -24,8 +24,8 @@ mod wire;
 
 pub use handshake::{
     block_size_info, parse_client_flags, parse_option_header, server_greeting, ClientFlags,
-    HandshakeError, Negotiated, Negotiation, Next, OptionHeader, OptionOutcome, MAX_HUMAN_STRING,
-    MAX_NAME_LEN, MAX_OPTION_LEN, MAX_REPLY_PAYLOAD,
+    HandshakeError, Negotiated, Negotiation, Next, OptionHeader, OptionOutcome, Refusal,
+    MAX_HUMAN_STRING, MAX_NAME_LEN, MAX_OPTION_LEN, MAX_REPLY_PAYLOAD,
 };
 pub use meta::{MetaContext, BASE_ALLOCATION, BASE_ALLOCATION_ID, STATE_HOLE, STATE_ZERO};
 pub use transmission::{
@@ -49,10 +49,32 @@ pub struct ExportInfo {
     pub max_block: u32,
 }
 
-/// The set of exports a server offers.
+/// Why an export name does not give an export this client may open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LookupError {
+    /// The server has no export of that name.
+    Unknown,
+    /// The export exists but this client may not open it (`NBD_REP_ERR_POLICY`). The
+    /// reason is for the server's log and audit only; the client is never sent it.
+    Denied(String),
+}
+
+/// The set of exports a server offers, as one client sees it: an implementation may
+/// authorize per client, hiding from [`ExportCatalog::list`] the exports it refuses and
+/// answering [`LookupError::Denied`] for them.
 pub trait ExportCatalog {
     /// Looks an export up by name (`""` is resolved by the handshake code, not here).
-    fn lookup(&self, name: &str) -> Option<ExportInfo>;
-    /// All exports, for `NBD_OPT_LIST` and the default-export rule.
+    fn lookup(&self, name: &str) -> Result<ExportInfo, LookupError>;
+    /// The exports this client may open, for `NBD_OPT_LIST` and error messages.
     fn list(&self) -> Vec<ExportInfo>;
+    /// The name the empty export name stands for: the server's only export, if it has
+    /// exactly one, whether or not this client may open it (so the rule does not depend
+    /// on who asks). The default implementation suits a catalog that refuses nobody.
+    fn default_export(&self) -> Option<String> {
+        let mut all = self.list();
+        match all.len() {
+            1 => all.pop().map(|e| e.name),
+            _ => None,
+        }
+    }
 }

@@ -19,12 +19,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 use super::budget::{BudgetGuard, ByteBudget};
-use super::export::errno_for;
+use super::export::{errno_for, AuthorizedCatalog};
+use super::peer::PeerIdentity;
 use super::Shared;
 use crate::nbd::{
     self, encode_simple_reply, parse_client_flags, parse_option_header, parse_request,
     server_greeting, structured, validate_negotiated, NbdErrno, Negotiated, Negotiation, Next,
-    ValidRequest, MAX_OPTION_LEN, REQUEST_HEADER_LEN, STATE_HOLE, STATE_ZERO,
+    Refusal, ValidRequest, MAX_OPTION_LEN, REQUEST_HEADER_LEN, STATE_HOLE, STATE_ZERO,
 };
 use crate::volume::Volume;
 
@@ -41,7 +42,13 @@ enum HandshakeFailure {
     Timeout,
     #[error("server is shutting down")]
     Shutdown,
+    #[error("more than {MAX_REFUSALS} requests for exports the client may not open")]
+    TooManyRefusals,
 }
+
+/// Refused export requests a connection may make before it is closed (a client probing
+/// names costs at most this many audit records per connection).
+const MAX_REFUSALS: usize = 16;
 
 /// A socket that can leave the async runtime for blocking transmission threads.
 pub(crate) trait IntoBlocking: AsyncRead + AsyncWrite + Unpin + Send + 'static {
@@ -128,13 +135,13 @@ impl Write for BlockingStream {
 /// Runs one connection to completion. Never panics on client input.
 pub(crate) async fn run<S: IntoBlocking>(
     mut stream: S,
-    peer: String,
+    peer: PeerIdentity,
     id: u64,
     shared: Arc<Shared>,
 ) {
     let mut shutdown = shared.shutdown.clone();
     let negotiated = tokio::select! {
-        r = tokio::time::timeout(shared.config.handshake_timeout, handshake(&mut stream, &shared)) => {
+        r = tokio::time::timeout(shared.config.handshake_timeout, handshake(&mut stream, &shared, &peer)) => {
             match r {
                 Ok(r) => r,
                 Err(_) => Err(HandshakeFailure::Timeout),
@@ -223,10 +230,16 @@ pub(crate) async fn run<S: IntoBlocking>(
     );
 }
 
-async fn handshake<S>(s: &mut S, shared: &Shared) -> Result<(String, Negotiated), HandshakeFailure>
+async fn handshake<S>(
+    s: &mut S,
+    shared: &Shared,
+    peer: &PeerIdentity,
+) -> Result<(String, Negotiated), HandshakeFailure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let daemon_uid = nix::unistd::geteuid().as_raw();
+    let mut refusals = Refusals::default();
     s.write_all(&server_greeting()).await?;
     let mut flags = [0u8; 4];
     read_or_closed(s, &mut flags).await?;
@@ -246,14 +259,79 @@ where
         } else {
             let mut data = vec![0u8; hdr.len as usize];
             read_or_closed(s, &mut data).await?;
-            neg.handle_option(&hdr, &data, &shared.exports)
+            let catalog = AuthorizedCatalog {
+                exports: &shared.exports,
+                peer,
+                daemon_uid,
+            };
+            neg.handle_option(&hdr, &data, &catalog)
         };
+        if let Some(refusal) = &outcome.refusal {
+            // Recorded before the client hears of it.
+            refusals.record(shared, peer, refusal).await?;
+        }
         s.write_all(&outcome.reply).await?;
         match outcome.next {
             Next::Continue => {}
             Next::Transmit { export, .. } => return Ok((export.name, neg.negotiated())),
             Next::Close => return Err(HandshakeFailure::Closed),
         }
+    }
+}
+
+/// The refusals of one connection: each export's first refusal is logged and audited.
+#[derive(Default)]
+struct Refusals {
+    count: usize,
+    audited: Vec<String>,
+}
+
+impl Refusals {
+    async fn record(
+        &mut self,
+        shared: &Shared,
+        peer: &PeerIdentity,
+        refusal: &Refusal,
+    ) -> Result<(), HandshakeFailure> {
+        self.count += 1;
+        if self.count > MAX_REFUSALS {
+            return Err(HandshakeFailure::TooManyRefusals);
+        }
+        if self.audited.contains(&refusal.export) {
+            return Ok(());
+        }
+        self.audited.push(refusal.export.clone());
+        tracing::warn!(
+            peer = %peer,
+            listener = %peer.listener,
+            export = %refusal.export,
+            "refused: the client may not open this export: {}",
+            refusal.reason
+        );
+        let Some(log) = shared.config.audit_log.clone() else {
+            return Ok(());
+        };
+        let (peer, refusal) = (peer.clone(), refusal.clone());
+        let written = tokio::task::spawn_blocking(move || {
+            let event = crate::keys::AccessEvent {
+                export: &refusal.export,
+                listener: &peer.listener,
+                peer: &peer.addr,
+                peer_uid: peer.cred.map(|c| c.uid),
+                peer_gid: peer.cred.map(|c| c.gid),
+                peer_pid: peer.cred.and_then(|c| c.pid),
+                tls_subject: peer.cert.as_ref().map(|c| c.subject.as_str()),
+                reason: &refusal.reason,
+            };
+            log.record_access(&event, &crate::keys::Principal::current())
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("cannot audit a refused client: {e}"),
+            Err(e) => tracing::error!("cannot audit a refused client: {e}"),
+        }
+        Ok(())
     }
 }
 

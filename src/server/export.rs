@@ -3,13 +3,16 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::nbd::{ExportCatalog, ExportInfo, NbdErrno, MAX_PAYLOAD};
+use super::peer::{authorize, AccessPolicy, PeerIdentity};
+use crate::nbd::{ExportCatalog, ExportInfo, LookupError, NbdErrno, MAX_PAYLOAD};
 use crate::volume::{Volume, VolumeError};
 
 /// One served volume.
 pub struct Export {
     pub info: ExportInfo,
     pub volume: Arc<Volume>,
+    /// Who may open it.
+    pub policy: AccessPolicy,
     /// Connections in transmission on this export.
     active: AtomicUsize,
 }
@@ -38,8 +41,15 @@ impl Export {
         Export {
             info,
             volume: Arc::new(volume),
+            policy: AccessPolicy::default(),
             active: AtomicUsize::new(0),
         }
+    }
+
+    /// The same export with this access policy (the default admits only the daemon's uid).
+    pub fn with_policy(mut self, policy: AccessPolicy) -> Export {
+        self.policy = policy;
+        self
     }
 
     /// Connections in transmission on this export.
@@ -78,12 +88,38 @@ impl Exports {
     }
 }
 
-impl ExportCatalog for Exports {
-    fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        self.get(name).map(|e| e.info.clone())
+/// The exports as one connection's peer sees them: those it may not open are hidden from
+/// `NBD_OPT_LIST` and refused with `NBD_REP_ERR_POLICY` (see [`super::peer`] for the rules).
+pub(crate) struct AuthorizedCatalog<'a> {
+    pub exports: &'a Exports,
+    pub peer: &'a PeerIdentity,
+    /// The daemon's effective uid (always admitted on Unix sockets).
+    pub daemon_uid: u32,
+}
+
+impl ExportCatalog for AuthorizedCatalog<'_> {
+    fn lookup(&self, name: &str) -> Result<ExportInfo, LookupError> {
+        let export = self.exports.get(name).ok_or(LookupError::Unknown)?;
+        match authorize(&export.policy, self.peer, self.daemon_uid) {
+            Ok(grant) => {
+                tracing::debug!(export = %name, peer = %self.peer, ?grant, "access granted");
+                Ok(export.info.clone())
+            }
+            Err(reason) => Err(LookupError::Denied(reason)),
+        }
     }
     fn list(&self) -> Vec<ExportInfo> {
-        self.0.iter().map(|e| e.info.clone()).collect()
+        self.exports
+            .iter()
+            .filter(|e| authorize(&e.policy, self.peer, self.daemon_uid).is_ok())
+            .map(|e| e.info.clone())
+            .collect()
+    }
+    fn default_export(&self) -> Option<String> {
+        match self.exports.0.as_slice() {
+            [only] => Some(only.info.name.clone()),
+            _ => None,
+        }
     }
 }
 

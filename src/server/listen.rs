@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 
+use super::peer::{PeerIdentity, UnixCred};
 use super::{conn, ServerError, Shared};
 
 /// Where to listen, as configured.
@@ -165,13 +166,6 @@ fn bind_unix_socket(path: &Path, mode: u32) -> std::io::Result<std::os::fd::Owne
     fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(mode))?;
     bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
     Ok(fd)
-}
-
-/// The uid of the process at the other end of a Unix stream (`SO_PEERCRED`).
-pub(crate) fn peer_uid(s: &tokio::net::UnixStream) -> Option<u32> {
-    nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::PeerCredentials)
-        .ok()
-        .map(|c| c.uid())
 }
 
 /// Who a connection counts against for the per-peer limit.
@@ -377,12 +371,14 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         match stream {
             Accepted::Tcp(s) => {
                 let _ = s.set_nodelay(true);
+                let peer = PeerIdentity::tcp(peer, desc.clone());
                 conns.spawn(async move {
                     conn::run(s, peer, id, shared2).await;
                     drop(admission);
                 });
             }
-            Accepted::Unix(s) => {
+            Accepted::Unix(s, cred) => {
+                let peer = PeerIdentity::unix(peer, desc.clone(), cred);
                 conns.spawn(async move {
                     conn::run(s, peer, id, shared2).await;
                     drop(admission);
@@ -400,9 +396,26 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
     while conns.join_next().await.is_some() {}
 }
 
+/// `SO_PEERCRED` of a Unix-socket peer: the credentials the kernel recorded when it
+/// called `connect` (a descriptor passed on to another process keeps them).
+fn peer_cred(s: &tokio::net::UnixStream) -> Option<UnixCred> {
+    match s.peer_cred() {
+        Ok(c) => Some(UnixCred {
+            uid: c.uid(),
+            gid: c.gid(),
+            pid: c.pid(),
+        }),
+        Err(e) => {
+            tracing::warn!("cannot read the credentials of a Unix-socket client: {e}");
+            None
+        }
+    }
+}
+
 enum Accepted {
     Tcp(tokio::net::TcpStream),
-    Unix(tokio::net::UnixStream),
+    /// With the peer's `SO_PEERCRED` credentials (`None` if they could not be read).
+    Unix(tokio::net::UnixStream, Option<UnixCred>),
 }
 
 async fn accept(l: &Listener) -> std::io::Result<(Accepted, String, PeerKey)> {
@@ -414,13 +427,13 @@ async fn accept(l: &Listener) -> std::io::Result<(Accepted, String, PeerKey)> {
         }
         Listener::Unix { listener, path, .. } => {
             let (s, _) = listener.accept().await?;
-            let uid = peer_uid(&s);
-            let peer = match uid {
-                Some(u) => format!("unix:{} uid={u}", path.display()),
+            let cred = peer_cred(&s);
+            let peer = match cred {
+                Some(c) => format!("unix:{} uid={}", path.display(), c.uid),
                 None => format!("unix:{}", path.display()),
             };
-            let key = uid.map_or(PeerKey::Unknown, PeerKey::Uid);
-            Ok((Accepted::Unix(s), peer, key))
+            let key = cred.map_or(PeerKey::Unknown, |c| PeerKey::Uid(c.uid));
+            Ok((Accepted::Unix(s, cred), peer, key))
         }
     }
 }

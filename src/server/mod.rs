@@ -11,12 +11,14 @@ mod conn;
 pub mod control;
 mod export;
 mod listen;
+mod peer;
 mod reencrypt;
 pub mod systemd;
 
 pub use control::{ControlHooks, ControlSocket};
 pub use export::{errno_for, Export, Exports};
 pub use listen::{Listener, ListenerSpec};
+pub use peer::AccessPolicy;
 pub(crate) use reencrypt::test_step_delay as reencrypt_test_step_delay;
 pub use reencrypt::JobState;
 
@@ -70,6 +72,9 @@ pub struct ServerConfig {
     pub insecure_tcp: bool,
     /// Transmission threads per connection (started as requests overlap).
     pub threads_per_connection: usize,
+    /// Where clients refused by an export's access policy are recorded (the key audit
+    /// log); `None`: only the server's log.
+    pub audit_log: Option<crate::keys::AuditLog>,
 }
 
 /// Default of [`ServerConfig::max_connections`].
@@ -91,6 +96,7 @@ impl Default for ServerConfig {
             idle_timeout: None,
             insecure_tcp: false,
             threads_per_connection: 4,
+            audit_log: None,
         }
     }
 }

@@ -119,7 +119,8 @@ impl Env {
         let mut c = self.cmd();
         c.arg("serve").arg("--unix").arg(&sock);
         if let Some(p) = port {
-            c.args(["--tcp", &format!("127.0.0.1:{p}")]);
+            // Plaintext TCP clients have no identity: the exports must admit anyone.
+            c.args(["--tcp", &format!("127.0.0.1:{p}"), "--allow-anyone"]);
         }
         c.args(extra).args(volumes);
         c.envs(envs.iter().copied());
