@@ -12,6 +12,10 @@
 //! (which the spec allows for replies without payload). Option reply payloads always stay
 //! below 4096 bytes (nbd-client refuses larger ones).
 //!
+//! Authorization is the server's: the [`ExportCatalog`] a negotiation consults is one
+//! client's view, and an export it refuses ([`LookupError::Denied`]) is answered with
+//! `NBD_REP_ERR_POLICY` and reported in [`OptionOutcome::refusal`].
+//!
 //! [`client`] holds client-side encoders/decoders for tests, fuzzers and tools.
 
 pub mod client;
