@@ -211,6 +211,19 @@ pub enum KeyError {
         operation: String,
         principal: String,
     },
+    /// AWS refused a KMS call: an IAM policy, a key policy or the credentials. `action`
+    /// is the KMS action refused (`kms:Decrypt`), `operation` the cryptvol key operation
+    /// that needed it, `principal` the AWS principal (an ARN when known), `aws_said` what
+    /// AWS answered and `remedy` what to do.
+    #[error("access denied by AWS KMS: {principal} may not perform {action} on key {key} (needed for {operation}); AWS said \"{aws_said}\"; to fix: {remedy}")]
+    KmsAccessDenied {
+        key: String,
+        operation: String,
+        action: String,
+        principal: String,
+        aws_said: String,
+        remedy: String,
+    },
     /// `state` says what the key is and how to make it usable again.
     #[error("key {key} is {state}")]
     KeyUnusable { key: String, state: String },
@@ -243,7 +256,7 @@ impl KeyError {
     pub fn kind(&self) -> &'static str {
         match self {
             KeyError::NotFound { .. } => "NotFound",
-            KeyError::AccessDenied { .. } => "AccessDenied",
+            KeyError::AccessDenied { .. } | KeyError::KmsAccessDenied { .. } => "AccessDenied",
             KeyError::KeyUnusable { .. } => "KeyUnusable",
             KeyError::InvalidState { .. } => "InvalidState",
             KeyError::Audit { .. } => "Audit",
