@@ -101,17 +101,11 @@ impl<'a> Denied<'a> {
                 operation,
                 action: None,
             }),
-            KeyError::KmsAccessDenied {
-                key,
-                operation,
-                action,
-                principal,
-                ..
-            } => Some(Denied {
-                principal,
-                key,
-                operation,
-                action: Some(action),
+            KeyError::KmsAccessDenied(d) => Some(Denied {
+                principal: &d.principal,
+                key: &d.key,
+                operation: &d.operation,
+                action: Some(&d.action),
             }),
             _ => None,
         }
@@ -331,14 +325,14 @@ mod tests {
         let me = Principal::from_uid(0);
         let key = "arn:aws:kms:us-east-1:1:key/x";
         let user = "arn:aws:iam::1:user/bob";
-        let kms = KeyError::KmsAccessDenied {
+        let kms = KeyError::KmsAccessDenied(Box::new(crate::keys::KmsDenial {
             key: key.into(),
             operation: "unwrap".into(),
             action: "kms:Decrypt".into(),
             principal: user.into(),
             aws_said: "AccessDeniedException: no".into(),
             remedy: "grant it".into(),
-        };
+        }));
         let local = KeyError::AccessDenied {
             key: "mk-1".into(),
             operation: "unwrap".into(),

@@ -36,7 +36,9 @@ use aws_sdk_kms::types::KeyState as AwsKeyState;
 use zeroize::Zeroize;
 
 use super::keyref::AWS_KMS;
-use super::{EncryptionContext, KeyBackend, KeyDescription, KeyError, KeyState, WrappedDek};
+use super::{
+    EncryptionContext, KeyBackend, KeyDescription, KeyError, KeyState, KmsDenial, WrappedDek,
+};
 use crate::crypto::{Dek, DEK_LEN};
 
 /// Attempts per call (first try + retries).
@@ -151,7 +153,7 @@ fn code_and_message(
 /// An access denial by an IAM or key policy: `principal` may not perform `action` on
 /// `key`, needed for the cryptvol operation `op`.
 fn kms_denied(key: &str, op: &str, action: &str, principal: &str, aws_said: String) -> KeyError {
-    KeyError::KmsAccessDenied {
+    KeyError::KmsAccessDenied(Box::new(KmsDenial {
         key: key.to_string(),
         operation: op.to_string(),
         action: action.to_string(),
@@ -162,7 +164,7 @@ fn kms_denied(key: &str, op: &str, action: &str, principal: &str, aws_said: Stri
              the key policy if that restricts or denies it), or run cryptvol with the \
              credentials of a principal that has it"
         ),
-    }
+    }))
 }
 
 /// Maps an SDK error of the KMS call `action` (`kms:Decrypt`), made for the cryptvol
@@ -182,10 +184,10 @@ where
             let status = se.raw().status().as_u16();
             let (code, message) =
                 code_and_message(se.err().code(), se.err().message(), se.raw().body().bytes());
-            let aws_said = if code.is_empty() {
-                format!("HTTP {status} {message}")
-            } else {
-                format!("{code}: {message}")
+            let aws_said = match (code.is_empty(), message.is_empty()) {
+                (true, _) => format!("HTTP {status} {message}").trim_end().to_string(),
+                (false, true) => code.clone(),
+                (false, false) => format!("{code}: {message}"),
             };
             let code = code.as_str();
             if DENIED_CODES.contains(&code) || (code.is_empty() && status == 403) {
@@ -201,7 +203,7 @@ where
                 );
             }
             if CREDENTIAL_CODES.contains(&code) {
-                return KeyError::KmsAccessDenied {
+                return KeyError::KmsAccessDenied(Box::new(KmsDenial {
                     key,
                     operation: op.to_string(),
                     action: action.to_string(),
@@ -211,7 +213,7 @@ where
                              AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (or AWS_PROFILE and \
                              its files), that they have not expired, and the system clock"
                         .to_string(),
-                };
+                }));
             }
             match code {
                 "NotFoundException" => KeyError::NotFound {
@@ -524,14 +526,7 @@ impl AwsKmsBackend {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         match map_err(err, key, op, action) {
-            KeyError::KmsAccessDenied {
-                key,
-                operation,
-                action,
-                principal,
-                aws_said,
-                ..
-            } if principal == UNKNOWN_PRINCIPAL => {
+            KeyError::KmsAccessDenied(d) if d.principal == UNKNOWN_PRINCIPAL => {
                 let caller = self
                     .sts
                     .get_caller_identity()
@@ -539,8 +534,10 @@ impl AwsKmsBackend {
                     .await
                     .ok()
                     .and_then(|out| out.arn().map(shown));
-                let principal = caller.unwrap_or(principal);
-                kms_denied(&key, &operation, &action, &principal, aws_said)
+                match caller {
+                    Some(arn) => kms_denied(&d.key, &d.operation, &d.action, &arn, d.aws_said),
+                    None => KeyError::KmsAccessDenied(d),
+                }
             }
             other => other,
         }
@@ -710,13 +707,9 @@ mod tests {
     /// The fields of a KmsAccessDenied, or a panic naming what came instead.
     fn denied(e: &KeyError) -> (&str, &str, &str, &str, String) {
         match e {
-            KeyError::KmsAccessDenied {
-                key,
-                operation,
-                action,
-                principal,
-                ..
-            } => (key, operation, action, principal, e.to_string()),
+            KeyError::KmsAccessDenied(d) => {
+                (&d.key, &d.operation, &d.action, &d.principal, e.to_string())
+            }
             other => panic!("not a KMS access denial: {other:?}"),
         }
     }
