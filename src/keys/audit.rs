@@ -6,6 +6,11 @@
 //! `O_APPEND` (so concurrent writers never interleave inside a line) and synced. The file
 //! is created with mode 0600. The format is documented in `docs/keys.md`.
 //!
+//! A refused operation (a local key policy, an exec backend's `access_denied`, an AWS IAM
+//! or key policy) is a record with `result: "error"`, `error: "AccessDenied"` and a
+//! `denied` object naming who was refused (the Unix user, or the AWS principal ARN), the
+//! key, the operation and, for AWS KMS, the KMS action (`kms:Decrypt`).
+//!
 //! Auditing fails closed: when the log cannot be opened, a cryptographic operation is
 //! refused before it is attempted; when the record of a successful operation cannot be
 //! written, the operation's result is withheld (for a state change, which is already
@@ -66,6 +71,46 @@ struct Line<'a> {
     message: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<&'a str>,
+    /// Present when the outcome is an access denial.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    denied: Option<Denied<'a>>,
+}
+
+/// Who was refused what, on which key.
+#[derive(serde::Serialize)]
+struct Denied<'a> {
+    /// The refused principal: a Unix user for local keys, an ARN for AWS KMS.
+    principal: &'a str,
+    key: &'a str,
+    /// The key operation (`unwrap`, `generate`, ...).
+    operation: &'a str,
+    /// The service's action, for AWS KMS (`kms:Decrypt`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    action: Option<&'a str>,
+}
+
+impl<'a> Denied<'a> {
+    fn of(e: &'a KeyError) -> Option<Denied<'a>> {
+        match e {
+            KeyError::AccessDenied {
+                key,
+                operation,
+                principal,
+            } => Some(Denied {
+                principal,
+                key,
+                operation,
+                action: None,
+            }),
+            KeyError::KmsAccessDenied(d) => Some(Denied {
+                principal: &d.principal,
+                key: &d.key,
+                operation: &d.operation,
+                action: Some(&d.action),
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// A client the server refused to let open an export (operation `open-export`, result
@@ -252,6 +297,7 @@ fn encode(event: &AuditEvent<'_>) -> Vec<u8> {
         error,
         message,
         detail: event.detail,
+        denied: event.outcome.err().and_then(Denied::of),
     };
     // Serializing plain strings and numbers cannot fail.
     let mut out = serde_json::to_vec(&line).unwrap_or_default();
@@ -398,6 +444,55 @@ mod tests {
         assert_eq!(lines[1]["export"], "x\"y\n");
         assert_eq!(lines[1]["tls_subject"], "CN=c1,O=Example");
         assert!(lines[1].get("peer_uid").is_none());
+    }
+
+    #[test]
+    fn access_denials_are_recorded_with_principal_key_and_action() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a.jsonl");
+        let log = AuditLog::at(&path);
+        let me = Principal::from_uid(0);
+        let key = "arn:aws:kms:us-east-1:1:key/x";
+        let user = "arn:aws:iam::1:user/bob";
+        let kms = KeyError::KmsAccessDenied(Box::new(crate::keys::KmsDenial {
+            key: key.into(),
+            operation: "unwrap".into(),
+            action: "kms:Decrypt".into(),
+            principal: user.into(),
+            aws_said: "AccessDeniedException: no".into(),
+            remedy: "grant it".into(),
+        }));
+        let local = KeyError::AccessDenied {
+            key: "mk-1".into(),
+            operation: "unwrap".into(),
+            principal: "user bob (uid 1001)".into(),
+        };
+        let other = KeyError::WrongKey { key: "mk-1".into() };
+        for (backend, e) in [("aws-kms", &kms), ("local", &local), ("local", &other)] {
+            log.record(&AuditEvent {
+                operation: "unwrap",
+                backend,
+                key_id: "k",
+                context: None,
+                principal: &me,
+                outcome: Err(e),
+                detail: None,
+            })
+            .unwrap();
+        }
+        let lines = read_lines(&path);
+        assert_eq!(lines[0]["error"], "AccessDenied");
+        assert_eq!(
+            lines[0]["denied"],
+            serde_json::json!({"principal": user, "key": key, "operation": "unwrap",
+                               "action": "kms:Decrypt"})
+        );
+        assert_eq!(
+            lines[1]["denied"],
+            serde_json::json!({"principal": "user bob (uid 1001)", "key": "mk-1",
+                               "operation": "unwrap"})
+        );
+        assert!(lines[2].get("denied").is_none(), "{}", lines[2]);
     }
 
     #[test]

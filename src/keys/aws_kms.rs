@@ -17,6 +17,12 @@
 //! - wrap (a DEK we hold, e.g. rekey from another backend): `DescribeKey`, `Encrypt`.
 //! - rewrap between two KMS keys: `DescribeKey` on both, `ReEncrypt`.
 //!
+//! Access denials (an IAM policy or a key policy without the action, or credentials AWS
+//! does not accept) become [`KeyError::KmsAccessDenied`], naming the key, the KMS action,
+//! the cryptvol operation and the AWS principal: the ARN from AWS's message ("User: ARN is
+//! not authorized to perform: ACTION ..."), else from one `sts:GetCallerIdentity` call made
+//! only on that error path.
+//!
 //! The plaintext data key is moved out of the SDK's `Blob` into a zeroizing locked
 //! [`Dek`] at once and the SDK's buffer is wiped. Buffers inside the HTTP and JSON layers
 //! of the SDK (base64 text) cannot be reached; this residual risk is documented.
@@ -30,7 +36,9 @@ use aws_sdk_kms::types::KeyState as AwsKeyState;
 use zeroize::Zeroize;
 
 use super::keyref::AWS_KMS;
-use super::{EncryptionContext, KeyBackend, KeyDescription, KeyError, KeyState, WrappedDek};
+use super::{
+    EncryptionContext, KeyBackend, KeyDescription, KeyError, KeyState, KmsDenial, WrappedDek,
+};
 use crate::crypto::{Dek, DEK_LEN};
 
 /// Attempts per call (first try + retries).
@@ -44,6 +52,8 @@ const MAX_MESSAGE_LEN: usize = 300;
 #[derive(Clone, Debug)]
 pub struct AwsKmsBackend {
     client: aws_sdk_kms::Client,
+    /// Only for `GetCallerIdentity` when a denial does not name the principal.
+    sts: aws_sdk_sts::Client,
 }
 
 /// What `DescribeKey` told about a usable key.
@@ -75,11 +85,95 @@ fn context_map(ctx: &EncryptionContext) -> HashMap<String, String> {
     ctx.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
-/// Maps an SDK error of operation `op` on `key` to the typed key errors.
+/// Error codes of a refusal by an IAM policy or a key policy.
+const DENIED_CODES: &[&str] = &[
+    "AccessDeniedException",
+    "AccessDenied",
+    "NotAuthorizedException",
+];
+/// Error codes of credentials AWS did not accept (authentication, not authorization).
+const CREDENTIAL_CODES: &[&str] = &[
+    "UnrecognizedClientException",
+    "InvalidClientTokenId",
+    "InvalidSignatureException",
+    "SignatureDoesNotMatch",
+    "IncompleteSignature",
+    "MissingAuthenticationToken",
+    "ExpiredTokenException",
+    "ExpiredToken",
+];
+/// The principal of a denial whose message does not name it (replaced by the caller ARN
+/// from `sts:GetCallerIdentity` when that answers).
+const UNKNOWN_PRINCIPAL: &str = "the configured AWS principal";
+/// The principal of a refusal of the credentials themselves.
+const REFUSED_CREDENTIALS: &str = "the configured AWS credentials";
+/// How much of an unparsed error body is searched for an XML error code and message.
+const MAX_ERROR_BODY: usize = 8192;
+
+/// The text between `<tag>` and `</tag>` in an XML error body, entities decoded.
+fn xml_element(body: &str, tag: &str) -> Option<String> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    let start = body.find(&open)? + open.len();
+    let len = body[start..].find(&close)?;
+    Some(
+        body[start..start + len]
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&apos;", "'")
+            .replace("&amp;", "&"),
+    )
+}
+
+/// The error code and message of a service error: the SDK's parsed metadata, else an XML
+/// `<Code>`/`<Message>` in the raw body. (moto, and some proxies, answer a refusal of a
+/// JSON API such as KMS with an XML body that the SDK's JSON error parser cannot read.)
+fn code_and_message(
+    code: Option<&str>,
+    message: Option<&str>,
+    body: Option<&[u8]>,
+) -> (String, String) {
+    let code = code.unwrap_or("");
+    if !code.is_empty() {
+        return (code.to_string(), shown(message.unwrap_or("")));
+    }
+    let text = body
+        .map(|b| String::from_utf8_lossy(&b[..b.len().min(MAX_ERROR_BODY)]).into_owned())
+        .unwrap_or_default();
+    match xml_element(&text, "Code") {
+        Some(c) => (
+            shown(&c),
+            shown(&xml_element(&text, "Message").unwrap_or_default()),
+        ),
+        None => (String::new(), shown(message.unwrap_or(""))),
+    }
+}
+
+/// An access denial by an IAM or key policy: `principal` may not perform `action` on
+/// `key`, needed for the cryptvol operation `op`.
+fn kms_denied(key: &str, op: &str, action: &str, principal: &str, aws_said: String) -> KeyError {
+    KeyError::KmsAccessDenied(Box::new(KmsDenial {
+        key: key.to_string(),
+        operation: op.to_string(),
+        action: action.to_string(),
+        principal: principal.to_string(),
+        aws_said,
+        remedy: format!(
+            "grant {action} on {key} to {principal} (in the principal's IAM policy, and in \
+             the key policy if that restricts or denies it), or run cryptvol with the \
+             credentials of a principal that has it"
+        ),
+    }))
+}
+
+/// Maps an SDK error of the KMS call `action` (`kms:Decrypt`), made for the cryptvol
+/// operation `op` on `key`, to the typed key errors.
 fn map_err<E>(
     err: SdkError<E, aws_sdk_kms::config::http::HttpResponse>,
     key: &str,
     op: &str,
+    action: &str,
 ) -> KeyError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -87,22 +181,44 @@ where
     let key = shown(key);
     match &err {
         SdkError::ServiceError(se) => {
-            let code = se.err().code().unwrap_or("");
-            let message = shown(se.err().message().unwrap_or(""));
             let status = se.raw().status().as_u16();
+            let (code, message) =
+                code_and_message(se.err().code(), se.err().message(), se.raw().body().bytes());
+            let aws_said = match (code.is_empty(), message.is_empty()) {
+                (true, _) => format!("HTTP {status} {message}").trim_end().to_string(),
+                (false, true) => code.clone(),
+                (false, false) => format!("{code}: {message}"),
+            };
+            let code = code.as_str();
+            if DENIED_CODES.contains(&code) || (code.is_empty() && status == 403) {
+                // AWS names the action it refused ("... to perform: kms:ReEncryptTo ...").
+                let action = action_from(&message).unwrap_or_else(|| action.to_string());
+                let principal = principal_from(&message);
+                return kms_denied(
+                    &key,
+                    op,
+                    &action,
+                    principal.as_deref().unwrap_or(UNKNOWN_PRINCIPAL),
+                    aws_said,
+                );
+            }
+            if CREDENTIAL_CODES.contains(&code) {
+                return KeyError::KmsAccessDenied(Box::new(KmsDenial {
+                    key,
+                    operation: op.to_string(),
+                    action: action.to_string(),
+                    principal: REFUSED_CREDENTIALS.to_string(),
+                    aws_said,
+                    remedy: "AWS did not accept the credentials: check AWS_ACCESS_KEY_ID, \
+                             AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (or AWS_PROFILE and \
+                             its files), that they have not expired, and the system clock"
+                        .to_string(),
+                }));
+            }
             match code {
                 "NotFoundException" => KeyError::NotFound {
                     backend: AWS_KMS.into(),
                     key: format!("{key} ({message})"),
-                },
-                "AccessDeniedException"
-                | "UnrecognizedClientException"
-                | "InvalidSignatureException"
-                | "ExpiredTokenException"
-                | "NotAuthorizedException" => KeyError::AccessDenied {
-                    key,
-                    operation: format!("{op} (AWS KMS said {code}: {message})"),
-                    principal: principal_from(&message),
                 },
                 "DisabledException" | "KMSInvalidStateException" | "KeyUnavailableException" => {
                     KeyError::KeyUnusable {
@@ -139,13 +255,24 @@ where
     }
 }
 
-/// KMS's AccessDenied messages usually read "User: arn:... is not authorized ...".
-fn principal_from(message: &str) -> String {
+/// AWS's AccessDenied messages usually read "User: ARN is not authorized to perform:
+/// ACTION on resource: ...": the ARN.
+fn principal_from(message: &str) -> Option<String> {
     message
         .split_once("User: ")
         .and_then(|(_, rest)| rest.split_whitespace().next())
+        .filter(|p| p.starts_with("arn:"))
         .map(str::to_string)
-        .unwrap_or_else(|| "the configured AWS principal".to_string())
+}
+
+/// The action of such a message ("... to perform: kms:Decrypt ...").
+fn action_from(message: &str) -> Option<String> {
+    message
+        .split_once("to perform: ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .map(|a| a.trim_end_matches([',', '.', ';']))
+        .filter(|a| a.contains(':'))
+        .map(str::to_string)
 }
 
 /// Copies a plaintext data key out of the SDK's blob into a locked, zeroizing [`Dek`]
@@ -190,19 +317,17 @@ impl AwsKmsBackend {
         }
         Ok(AwsKmsBackend {
             client: aws_sdk_kms::Client::new(&conf),
+            sts: aws_sdk_sts::Client::new(&conf),
         })
     }
 
     /// Resolves `key` (ARN, key id, alias name or alias ARN) with `DescribeKey` and
     /// refuses a key that is not Enabled.
     async fn resolve(&self, key: &str, op: &str) -> Result<Resolved, KeyError> {
-        let out = self
-            .client
-            .describe_key()
-            .key_id(key)
-            .send()
-            .await
-            .map_err(|e| map_err(e, key, op))?;
+        let out = match self.client.describe_key().key_id(key).send().await {
+            Ok(out) => out,
+            Err(e) => return Err(self.fail(e, key, op, "kms:DescribeKey").await),
+        };
         let meta = out.key_metadata().ok_or_else(|| {
             KeyError::Malformed(format!(
                 "AWS KMS DescribeKey returned no metadata for {}",
@@ -241,13 +366,10 @@ impl AwsKmsBackend {
 
     /// Describes `key` (must be given: AWS KMS has no implicit default key here).
     pub async fn describe(&self, key: &str) -> Result<KeyDescription, KeyError> {
-        let out = self
-            .client
-            .describe_key()
-            .key_id(key)
-            .send()
-            .await
-            .map_err(|e| map_err(e, key, "describe"))?;
+        let out = match self.client.describe_key().key_id(key).send().await {
+            Ok(out) => out,
+            Err(e) => return Err(self.fail(e, key, "describe", "kms:DescribeKey").await),
+        };
         let meta = out.key_metadata().ok_or_else(|| {
             KeyError::Malformed(format!(
                 "AWS KMS DescribeKey returned no metadata for {}",
@@ -282,15 +404,22 @@ impl AwsKmsBackend {
         ctx: &EncryptionContext,
     ) -> Result<(Dek, WrappedDek), KeyError> {
         let r = self.resolve(key, "generate").await?;
-        let mut out = self
+        let sent = self
             .client
             .generate_data_key()
             .key_id(&r.arn)
             .number_of_bytes(DEK_LEN as i32)
             .set_encryption_context(Some(context_map(ctx)))
             .send()
-            .await
-            .map_err(|e| map_err(e, &r.arn, "generate"))?;
+            .await;
+        let mut out = match sent {
+            Ok(out) => out,
+            Err(e) => {
+                return Err(self
+                    .fail(e, &r.arn, "generate", "kms:GenerateDataKey")
+                    .await)
+            }
+        };
         let dek = take_dek(out.plaintext.take(), &r.arn)?;
         let blob = ciphertext(out.ciphertext_blob.take(), "GenerateDataKey", &r.arn)?;
         Ok((dek, self.slot(&r, blob, ctx)))
@@ -306,15 +435,18 @@ impl AwsKmsBackend {
         let r = self.resolve(key, "wrap").await?;
         // The SDK takes ownership of this copy and does not wipe it (residual risk, as
         // for its HTTP buffers).
-        let out = self
+        let sent = self
             .client
             .encrypt()
             .key_id(&r.arn)
             .plaintext(Blob::new(dek.expose().to_vec()))
             .set_encryption_context(Some(context_map(ctx)))
             .send()
-            .await
-            .map_err(|e| map_err(e, &r.arn, "wrap"))?;
+            .await;
+        let out = match sent {
+            Ok(out) => out,
+            Err(e) => return Err(self.fail(e, &r.arn, "wrap", "kms:Encrypt").await),
+        };
         let blob = ciphertext(out.ciphertext_blob, "Encrypt", &r.arn)?;
         Ok(self.slot(&r, blob, ctx))
     }
@@ -327,15 +459,18 @@ impl AwsKmsBackend {
     ) -> Result<Dek, KeyError> {
         check_slot(wrapped, expected)?;
         let r = self.resolve(&wrapped.key_id, "unwrap").await?;
-        let mut out = self
+        let sent = self
             .client
             .decrypt()
             .key_id(&r.arn)
             .ciphertext_blob(Blob::new(wrapped.blob.clone()))
             .set_encryption_context(Some(context_map(expected)))
             .send()
-            .await
-            .map_err(|e| map_err(e, &r.arn, "unwrap"))?;
+            .await;
+        let mut out = match sent {
+            Ok(out) => out,
+            Err(e) => return Err(self.fail(e, &r.arn, "unwrap", "kms:Decrypt").await),
+        };
         take_dek(out.plaintext.take(), &r.arn)
     }
 
@@ -350,7 +485,7 @@ impl AwsKmsBackend {
         check_slot(wrapped, expected)?;
         let from = self.resolve(&wrapped.key_id, "rewrap-from").await?;
         let dest = self.resolve(to, "rewrap-to").await?;
-        let out = self
+        let sent = self
             .client
             .re_encrypt()
             .ciphertext_blob(Blob::new(wrapped.blob.clone()))
@@ -359,10 +494,53 @@ impl AwsKmsBackend {
             .destination_key_id(&dest.arn)
             .set_destination_encryption_context(Some(context_map(expected)))
             .send()
-            .await
-            .map_err(|e| map_err(e, &from.arn, "rewrap"))?;
+            .await;
+        let out = match sent {
+            Ok(out) => out,
+            Err(e) => {
+                // A refused kms:ReEncryptTo is about the destination key.
+                let to_dest = e
+                    .as_service_error()
+                    .and_then(|se| se.message())
+                    .and_then(action_from)
+                    .is_some_and(|a| a == "kms:ReEncryptTo");
+                let key = if to_dest { &dest.arn } else { &from.arn };
+                return Err(self.fail(e, key, "rewrap", "kms:ReEncryptFrom").await);
+            }
+        };
         let blob = ciphertext(out.ciphertext_blob, "ReEncrypt", &dest.arn)?;
         Ok(self.slot(&dest, blob, expected))
+    }
+
+    /// The typed error of a failed KMS call; an access denial whose message did not name
+    /// the principal gets the caller ARN from `sts:GetCallerIdentity` (one call, on this
+    /// error path only; the call is always allowed in AWS).
+    async fn fail<E>(
+        &self,
+        err: SdkError<E, aws_sdk_kms::config::http::HttpResponse>,
+        key: &str,
+        op: &str,
+        action: &str,
+    ) -> KeyError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        match map_err(err, key, op, action) {
+            KeyError::KmsAccessDenied(d) if d.principal == UNKNOWN_PRINCIPAL => {
+                let caller = self
+                    .sts
+                    .get_caller_identity()
+                    .send()
+                    .await
+                    .ok()
+                    .and_then(|out| out.arn().map(shown));
+                match caller {
+                    Some(arn) => kms_denied(&d.key, &d.operation, &d.action, &arn, d.aws_said),
+                    None => KeyError::KmsAccessDenied(d),
+                }
+            }
+            other => other,
+        }
     }
 
     fn slot(&self, r: &Resolved, blob: Vec<u8>, ctx: &EncryptionContext) -> WrappedDek {
@@ -448,14 +626,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn principal_is_taken_from_kms_messages() {
+    fn principal_and_action_are_taken_from_kms_messages() {
+        let m = "User: arn:aws:iam::1:user/bob is not authorized to perform: kms:Decrypt on \
+                 resource: arn:aws:kms:us-east-1:1:key/x";
         assert_eq!(
-            principal_from(
-                "User: arn:aws:iam::1:user/bob is not authorized to perform: kms:Decrypt"
-            ),
-            "arn:aws:iam::1:user/bob"
+            principal_from(m).as_deref(),
+            Some("arn:aws:iam::1:user/bob")
         );
-        assert_eq!(principal_from("nope"), "the configured AWS principal");
+        assert_eq!(action_from(m).as_deref(), Some("kms:Decrypt"));
+        assert_eq!(
+            action_from("User: x is not authorized to perform: kms:ReEncryptTo.").as_deref(),
+            Some("kms:ReEncryptTo")
+        );
+        assert_eq!(principal_from("nope"), None);
+        assert_eq!(principal_from("User: bob is not authorized"), None);
+        assert_eq!(action_from("Action kms:DescribeKey is now allowed"), None);
     }
 
     #[test]
@@ -483,14 +668,12 @@ mod tests {
         assert!(check_slot(&empty, &a).is_err());
     }
 
-    fn service_error(
-        status: u16,
-        code: &str,
-        message: &str,
-    ) -> SdkError<
+    type DecryptSdkError = SdkError<
         aws_sdk_kms::operation::decrypt::DecryptError,
         aws_sdk_kms::config::http::HttpResponse,
-    > {
+    >;
+
+    fn service_error(status: u16, code: &str, message: &str) -> DecryptSdkError {
         let meta = aws_sdk_kms::error::ErrorMetadata::builder()
             .code(code)
             .message(message)
@@ -505,50 +688,168 @@ mod tests {
         )
     }
 
+    /// A response whose body the SDK's JSON error parser could not read (no code).
+    fn unparsed_error(status: u16, body: &str) -> DecryptSdkError {
+        let meta = aws_sdk_kms::error::ErrorMetadata::builder().build();
+        let raw = aws_sdk_kms::config::http::HttpResponse::new(
+            status.try_into().expect("status"),
+            body.to_string().into(),
+        );
+        SdkError::service_error(
+            aws_sdk_kms::operation::decrypt::DecryptError::generic(meta),
+            raw,
+        )
+    }
+
+    const KEY: &str = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+    const BOB: &str = "arn:aws:iam::111122223333:user/bob";
+
+    /// The fields of a KmsAccessDenied, or a panic naming what came instead.
+    fn denied(e: &KeyError) -> (&str, &str, &str, &str, String) {
+        match e {
+            KeyError::KmsAccessDenied(d) => {
+                (&d.key, &d.operation, &d.action, &d.principal, e.to_string())
+            }
+            other => panic!("not a KMS access denial: {other:?}"),
+        }
+    }
+
     #[test]
     fn kms_errors_map_to_typed_errors() {
-        let k = "arn:aws:kms:us-east-1:1:key/x";
-        let e = map_err(service_error(400, "NotFoundException", "gone"), k, "unwrap");
+        let k = KEY;
+        let m = |e, op| map_err(e, k, op, "kms:Decrypt");
+        let e = m(service_error(400, "NotFoundException", "gone"), "unwrap");
         assert!(matches!(e, KeyError::NotFound { .. }), "{e:?}");
-        let e = map_err(
+        let e = m(
             service_error(
                 400,
                 "AccessDeniedException",
-                "User: arn:aws:iam::1:user/bob is not authorized to perform: kms:Decrypt",
+                &format!("User: {BOB} is not authorized to perform: kms:Decrypt"),
             ),
-            k,
             "unwrap",
         );
-        match &e {
-            KeyError::AccessDenied {
-                key,
-                operation,
-                principal,
-            } => {
-                assert_eq!(key, k);
-                assert!(operation.starts_with("unwrap"), "{operation}");
-                assert_eq!(principal, "arn:aws:iam::1:user/bob");
-            }
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(e.kind(), "AccessDenied");
+        let (key, op, action, principal, _) = denied(&e);
+        assert_eq!(
+            (key, op, action, principal),
+            (k, "unwrap", "kms:Decrypt", BOB)
+        );
         for code in ["DisabledException", "KMSInvalidStateException"] {
-            let e = map_err(service_error(400, code, "no"), k, "unwrap");
+            let e = m(service_error(400, code, "no"), "unwrap");
             assert!(matches!(e, KeyError::KeyUnusable { .. }), "{e:?}");
         }
         for code in ["InvalidCiphertextException", "IncorrectKeyException"] {
-            let e = map_err(service_error(400, code, ""), k, "unwrap");
+            let e = m(service_error(400, code, ""), "unwrap");
             assert!(matches!(e, KeyError::WrongKey { .. }), "{e:?}");
         }
-        let e = map_err(service_error(400, "ThrottlingException", ""), k, "unwrap");
+        let e = m(service_error(400, "ThrottlingException", ""), "unwrap");
         assert!(matches!(e, KeyError::Transient(_)), "{e:?}");
-        let e = map_err(service_error(503, "SomethingNew", ""), k, "unwrap");
+        let e = m(service_error(503, "SomethingNew", ""), "unwrap");
         assert!(matches!(e, KeyError::Transient(_)), "{e:?}");
-        let e = map_err(
-            service_error(400, "ValidationException", "bad"),
-            k,
-            "unwrap",
-        );
+        let e = m(service_error(400, "ValidationException", "bad"), "unwrap");
         assert!(matches!(e, KeyError::Unsupported(_)), "{e:?}");
+    }
+
+    /// A KEY POLICY denial: moto does not enforce key policies on Decrypt, so this is the
+    /// test of that path. AWS answers it as an IAM denial is answered (same code, the
+    /// message says "explicit deny in a resource-based policy"), and it must read the same.
+    #[test]
+    fn key_policy_denial_of_decrypt_names_key_action_principal_and_remedy() {
+        let aws = format!(
+            "User: {BOB} is not authorized to perform: kms:Decrypt on resource: {KEY} with an \
+             explicit deny in a resource-based policy"
+        );
+        let e = map_err(
+            service_error(400, "AccessDeniedException", &aws),
+            KEY,
+            "unwrap",
+            "kms:Decrypt",
+        );
+        let (key, op, action, principal, text) = denied(&e);
+        assert_eq!(
+            (key, op, action, principal),
+            (KEY, "unwrap", "kms:Decrypt", BOB)
+        );
+        assert!(text.starts_with("access denied"), "{text}");
+        assert!(
+            text.contains(&format!("grant kms:Decrypt on {KEY} to {BOB}")),
+            "{text}"
+        );
+        assert!(
+            text.contains("resource-based policy"),
+            "AWS's words kept: {text}"
+        );
+        // The same for GenerateDataKey at create.
+        let aws = format!(
+            "User: {BOB} is not authorized to perform: kms:GenerateDataKey on resource: {KEY}"
+        );
+        let e = map_err(
+            service_error(400, "AccessDeniedException", &aws),
+            KEY,
+            "generate",
+            "kms:GenerateDataKey",
+        );
+        assert!(e
+            .to_string()
+            .contains(&format!("grant kms:GenerateDataKey on {KEY} to {BOB}")));
+    }
+
+    /// moto refuses a JSON API call by IAM policy with HTTP 403 and an XML body.
+    #[test]
+    fn xml_denial_body_is_read_when_the_sdk_found_no_code() {
+        let body = format!(
+            "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<ErrorResponse><Errors><Error>\
+             <Code>AccessDenied</Code><Message>User: {BOB} is not authorized to perform: \
+             kms:GenerateDataKey</Message><Type>Sender</Type></Error></Errors></ErrorResponse>"
+        );
+        let e = map_err(
+            unparsed_error(403, &body),
+            KEY,
+            "generate",
+            "kms:GenerateDataKey",
+        );
+        let (key, op, action, principal, text) = denied(&e);
+        assert_eq!(
+            (key, op, action, principal),
+            (KEY, "generate", "kms:GenerateDataKey", BOB)
+        );
+        assert!(!text.contains("<Code>"), "{text}");
+        // A bare 403 without a readable code is still a denial, with the principal to be
+        // looked up.
+        let e = map_err(
+            unparsed_error(403, "forbidden"),
+            KEY,
+            "unwrap",
+            "kms:Decrypt",
+        );
+        let (_, _, action, principal, text) = denied(&e);
+        assert_eq!((action, principal), ("kms:Decrypt", UNKNOWN_PRINCIPAL));
+        assert!(text.contains("HTTP 403"), "{text}");
+        assert_eq!(
+            xml_element("<Message>a &lt;b&gt; &amp; c</Message>", "Message").as_deref(),
+            Some("a <b> & c")
+        );
+        assert_eq!(xml_element("<Message>unterminated", "Message"), None);
+    }
+
+    #[test]
+    fn refused_credentials_say_to_check_them() {
+        for code in [
+            "UnrecognizedClientException",
+            "InvalidClientTokenId",
+            "ExpiredTokenException",
+        ] {
+            let e = map_err(
+                service_error(400, code, "bad token"),
+                KEY,
+                "unwrap",
+                "kms:Decrypt",
+            );
+            let (_, _, _, principal, text) = denied(&e);
+            assert_eq!(principal, REFUSED_CREDENTIALS);
+            assert!(text.contains("AWS_ACCESS_KEY_ID"), "{text}");
+            assert!(!text.contains("grant"), "{text}");
+        }
     }
 
     #[test]

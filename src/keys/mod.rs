@@ -200,6 +200,34 @@ pub struct KeyDescription {
     pub created_at: String,
 }
 
+/// Who AWS refused what ([`KeyError::KmsAccessDenied`]).
+#[derive(Debug)]
+pub struct KmsDenial {
+    /// The key ARN (or the reference as given, when it did not resolve).
+    pub key: String,
+    /// The cryptvol key operation that needed the call (`unwrap`, `generate`, ...).
+    pub operation: String,
+    /// The KMS action refused (`kms:Decrypt`).
+    pub action: String,
+    /// The AWS principal (an ARN when known).
+    pub principal: String,
+    /// What AWS answered.
+    pub aws_said: String,
+    /// What to do.
+    pub remedy: String,
+}
+
+impl std::fmt::Display for KmsDenial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "access denied by AWS KMS: {} may not perform {} on key {} (needed for {}); AWS \
+             said \"{}\"; to fix: {}",
+            self.principal, self.action, self.key, self.operation, self.aws_said, self.remedy
+        )
+    }
+}
+
 /// Typed key-backend errors.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -211,6 +239,9 @@ pub enum KeyError {
         operation: String,
         principal: String,
     },
+    /// AWS refused a KMS call: an IAM policy, a key policy or the credentials.
+    #[error("{0}")]
+    KmsAccessDenied(Box<KmsDenial>),
     /// `state` says what the key is and how to make it usable again.
     #[error("key {key} is {state}")]
     KeyUnusable { key: String, state: String },
@@ -243,7 +274,7 @@ impl KeyError {
     pub fn kind(&self) -> &'static str {
         match self {
             KeyError::NotFound { .. } => "NotFound",
-            KeyError::AccessDenied { .. } => "AccessDenied",
+            KeyError::AccessDenied { .. } | KeyError::KmsAccessDenied(_) => "AccessDenied",
             KeyError::KeyUnusable { .. } => "KeyUnusable",
             KeyError::InvalidState { .. } => "InvalidState",
             KeyError::Audit { .. } => "Audit",

@@ -686,6 +686,12 @@ impl Moto {
     /// Starts it on a free loopback port; fails the test when `moto[server]` (or one of
     /// the extra Python `modules`, e.g. boto3) is not installed.
     pub fn start(log: &Path, modules: &[&str]) -> Moto {
+        Moto::start_with(log, modules, &[])
+    }
+
+    /// Like [`Moto::start`], with extra environment variables for moto_server (e.g.
+    /// `INITIAL_NO_AUTH_ACTION_COUNT`, which switches on its IAM enforcement).
+    pub fn start_with(log: &Path, modules: &[&str], envs: &[(&str, &str)]) -> Moto {
         let import = [&["moto.server", "flask"][..], modules].concat().join(", ");
         let ok = Command::new("python3")
             .args(["-c", &format!("import {import}")])
@@ -708,6 +714,7 @@ impl Moto {
                 "-p",
                 &port.to_string(),
             ])
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
@@ -756,4 +763,46 @@ pub fn aws_env(endpoint: &str, home: &Path) {
     std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", home.join("aws-credentials"));
     std::env::remove_var("AWS_PROFILE");
     std::env::remove_var("AWS_ENDPOINT_URL_KMS");
+}
+
+/// The environment of a cryptvol child acting as one AWS principal (an IAM user's access
+/// key) against moto, without touching this process's environment: tests running in
+/// parallel can act as different principals. Every variable the AWS chain reads is set
+/// (an empty session token counts as none).
+pub fn aws_user_env(
+    endpoint: &str,
+    home: &Path,
+    access_key_id: &str,
+    secret_access_key: &str,
+) -> Vec<(String, String)> {
+    // Empty config files: nothing from ~/.aws, and no warning about missing files.
+    for f in ["aws-config", "aws-credentials"] {
+        let p = home.join(f);
+        if !p.exists() {
+            std::fs::write(&p, b"").expect("empty AWS config file");
+        }
+    }
+    [
+        ("AWS_ACCESS_KEY_ID", access_key_id.to_string()),
+        ("AWS_SECRET_ACCESS_KEY", secret_access_key.to_string()),
+        ("AWS_SESSION_TOKEN", String::new()),
+        ("AWS_REGION", "us-east-1".to_string()),
+        ("AWS_DEFAULT_REGION", "us-east-1".to_string()),
+        ("AWS_ENDPOINT_URL", endpoint.to_string()),
+        ("AWS_ENDPOINT_URL_KMS", endpoint.to_string()),
+        ("AWS_ENDPOINT_URL_STS", endpoint.to_string()),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
+        ("AWS_PROFILE", "default".to_string()),
+        (
+            "AWS_CONFIG_FILE",
+            home.join("aws-config").display().to_string(),
+        ),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            home.join("aws-credentials").display().to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
