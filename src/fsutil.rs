@@ -139,7 +139,10 @@ fn check_private_regular(file: &File, path: &Path) -> io::Result<()> {
     }
     let euid = nix::unistd::geteuid().as_raw();
     if md.uid() != euid {
-        return refuse(format!("belongs to uid {}, not to us (uid {euid})", md.uid()));
+        return refuse(format!(
+            "belongs to uid {}, not to us (uid {euid})",
+            md.uid()
+        ));
     }
     Ok(())
 }
@@ -264,7 +267,10 @@ mod tests {
         write_atomically(&p, b"new", 0o600, Durability::Durable).unwrap();
         assert_eq!(std::fs::read(&v).unwrap(), b"precious");
         assert_eq!(std::fs::read(&p).unwrap(), b"new");
-        assert!(!std::fs::symlink_metadata(&p).unwrap().file_type().is_symlink());
+        assert!(!std::fs::symlink_metadata(&p)
+            .unwrap()
+            .file_type()
+            .is_symlink());
         assert!(!tmp.exists());
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);

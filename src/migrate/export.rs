@@ -175,11 +175,12 @@ fn open_sink(plan: Plan, vol: &Volume) -> Result<Sink, MigrateError> {
         } => {
             // O_EXCL | O_NOFOLLOW: never through a symlink (a dangling one planted at DEST
             // included) and never onto a file that appeared since the check.
-            let file = crate::fsutil::create_new_nofollow(&path, 0o600)
-                .map_err(|e| MigrateError::Open {
+            let file = crate::fsutil::create_new_nofollow(&path, 0o600).map_err(|e| {
+                MigrateError::Open {
                     path: path.display().to_string(),
                     err: e,
-                })?;
+                }
+            })?;
             Ok(Sink::File {
                 file,
                 path,

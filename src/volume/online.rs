@@ -1301,7 +1301,10 @@ pub(super) mod tests {
         let sidecar = PathBuf::from(format!("{}.cbt", path.display()));
         let md = std::fs::symlink_metadata(&sidecar).expect("sidecar written");
         assert!(md.file_type().is_file(), "{md:?}");
-        assert!(std::fs::symlink_metadata(&tmp).is_err(), "temporary left behind");
+        assert!(
+            std::fs::symlink_metadata(&tmp).is_err(),
+            "temporary left behind"
+        );
         assert!(v.tracking.get().is_some(), "tracking stayed off");
 
         // A symlink planted at the sidecar itself is replaced, not written through, and
