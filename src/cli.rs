@@ -131,6 +131,13 @@ fn passphrase_source(
     if let Some(f) = file {
         Some(PassphraseSource::File(f.clone()))
     } else if let Some(fd) = fd {
+        // The descriptor was opened by our caller without close-on-exec: mark it now, so
+        // that no program we start (an exec key backend) inherits the passphrase source.
+        // A descriptor that is not open is reported when it is read.
+        let _ = nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
         Some(PassphraseSource::Fd(fd))
     } else if prompt {
         Some(PassphraseSource::Prompt)
@@ -487,6 +494,10 @@ enum ExecCommand {
         /// Seconds the program may take per operation.
         #[arg(long, value_name = "SECS", default_value_t = 10)]
         timeout: u64,
+        /// Pass environment variable NAME on to the program (repeatable). It otherwise
+        /// gets only PATH, LANG, LC_ALL, LC_CTYPE, TZ and CRYPTVOL_EXEC_PROTOCOL.
+        #[arg(long = "env", value_name = "NAME")]
+        env: Vec<String>,
         /// The program and its fixed arguments, after `--`.
         #[arg(last = true, required = true, value_name = "PROGRAM [ARGS]")]
         command: Vec<String>,
@@ -741,6 +752,13 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    // Every command may hold key material (a DEK, a master key, a KEK, a passphrase), so
+    // all of them, not only `serve`: no core dumps, no ptrace or /proc/PID/mem access by
+    // other processes of the same uid. Programs we start (exec key backends) are
+    // dumpable again after their execve, as usual.
+    if let Err(e) = crate::crypto::harden_process() {
+        tracing::warn!("could not harden the process against core dumps: {e}");
+    }
     // Socket activation: adopt the sockets systemd passed while this process still has a
     // single thread (the LISTEN_* variables are removed from the environment).
     let activated = match cli.command {
@@ -1165,6 +1183,7 @@ fn key(k: KeyCommand) -> Result<()> {
             ExecCommand::Add {
                 name,
                 timeout,
+                env,
                 command,
                 keystore,
             } => {
@@ -1175,6 +1194,7 @@ fn key(k: KeyCommand) -> Result<()> {
                     program: PathBuf::from(program),
                     args: args.to_vec(),
                     timeout_secs: timeout,
+                    env,
                 };
                 opts(&keystore).local(true)?.exec_add(&name, spec)?;
                 println!("registered exec backend {name}: use it as --key exec:{name}[:KEY]");
@@ -1191,8 +1211,13 @@ fn key(k: KeyCommand) -> Result<()> {
                     println!("no exec backends registered");
                 } else {
                     for (name, spec) in &list {
+                        let env = if spec.env.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", environment {}", spec.env.join(" "))
+                        };
                         println!(
-                            "{name}: {} {} (timeout {} s)",
+                            "{name}: {} {} (timeout {} s{env})",
                             spec.program.display(),
                             spec.args.join(" "),
                             spec.timeout_secs
@@ -1337,10 +1362,6 @@ fn aliases_suffix(k: &KeyInfo) -> String {
 }
 
 async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
-    // Before any data key exists: no core dumps, no ptrace by same-uid processes.
-    if let Err(e) = crate::crypto::harden_process() {
-        tracing::warn!("could not harden the process against core dumps: {e}");
-    }
     let file = match &a.config {
         Some(path) => Some((path.as_path(), config::load(path)?)),
         None => None,
@@ -1613,10 +1634,6 @@ async fn wait_for_signal() {
 }
 
 async fn demo(a: DemoArgs) -> Result<()> {
-    // Before any data key exists: no core dumps, no ptrace by same-uid processes.
-    if let Err(e) = crate::crypto::harden_process() {
-        tracing::warn!("could not harden the process against core dumps: {e}");
-    }
     std::fs::create_dir_all(&a.dir)
         .with_context(|| format!("cannot create {}", a.dir.display()))?;
     let dir = std::fs::canonicalize(&a.dir)?;
@@ -2294,10 +2311,6 @@ fn cancel_on_signal(what: &'static str) -> crate::migrate::Cancel {
 
 async fn import(a: ImportArgs) -> Result<()> {
     use crate::migrate::{ImportRequest, ResumeMode};
-    // Before any data key exists: no core dumps, no ptrace by same-uid processes.
-    if let Err(e) = crate::crypto::harden_process() {
-        tracing::warn!("could not harden the process against core dumps: {e}");
-    }
     let keys = key_options(&a.keystore, Some(&a.pass), a.kdf.params());
     let key = new_volume_key(a.key.as_deref(), &keys)?;
     let key_label = match (&keys.passphrase, &a.key) {
@@ -2366,9 +2379,6 @@ async fn import(a: ImportArgs) -> Result<()> {
 
 async fn export(a: ExportArgs) -> Result<()> {
     use crate::migrate::ExportRequest;
-    if let Err(e) = crate::crypto::harden_process() {
-        tracing::warn!("could not harden the process against core dumps: {e}");
-    }
     let keys = key_options(&a.keystore, Some(&a.pass), Argon2Params::default());
     let req = ExportRequest {
         volume: &a.file,

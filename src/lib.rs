@@ -12,6 +12,7 @@
 //! - [`progress`]: progress bars / periodic log lines for long operations.
 //! - [`compliance`]: `cryptvol check`, the compliance scanner (headers and key metadata only).
 //! - [`snapshot`]: encrypted, incremental snapshots in a local or S3-compatible object store.
+//! - [`fsutil`]: creating and rewriting files without following symlinks.
 //! - [`config`]: the `serve` configuration file and how it combines with the command line.
 //! - [`cli`]: the thin clap front end.
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod compliance;
 pub mod config;
 pub mod crypto;
+pub mod fsutil;
 pub mod keys;
 pub mod migrate;
 pub mod nbd;

@@ -1020,7 +1020,9 @@ pub async fn restore_snapshot(
         generate_for(keys, &svc, &t, &ctx).await?
     };
     let partial = partial_path(path);
-    if partial.exists() {
+    // symlink_metadata: a (dangling) symlink planted at the derived name is removed too;
+    // the partial volume itself is then created with O_EXCL.
+    if std::fs::symlink_metadata(&partial).is_ok() {
         tracing::info!(
             "removing {} left by an interrupted restore",
             partial.display()

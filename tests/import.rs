@@ -600,3 +600,42 @@ fn block_device_import_and_export() {
         "export wrote past the volume's end"
     );
 }
+
+/// Issue 14 B6: an import run by root opened its journal `.FILE.import` through a
+/// symlink planted there and rewrote the file it pointed to. A symlink or a hard link
+/// planted at the journal's name must be refused with a clear error, the victim left
+/// unchanged, and nothing created at the target.
+#[test]
+fn import_journal_never_written_through_a_planted_link() {
+    let env = Env::new();
+    let src = env.path("s.raw");
+    std::fs::write(&src, pattern(MIB, 9)).expect("write");
+    let elsewhere = env.path("etc");
+    std::fs::create_dir(&elsewhere).expect("mkdir");
+    // No trailing newline: the journal reader would cut it off (a torn last line).
+    let original = b"root-owned configuration, no final newline".to_vec();
+    let victim = elsewhere.join("victim.conf");
+    std::fs::write(&victim, &original).expect("victim");
+    let vol = env.path("v.img");
+    let journal = env.path(".v.img.import");
+
+    std::os::unix::fs::symlink(&victim, &journal).expect("plant symlink");
+    let err = fails(env.cmd().args(["import", s(&src), s(&vol)]));
+    assert!(err.contains("symbolic link"), "{err}");
+    assert_eq!(read(&victim), original, "the victim was written through");
+    assert!(std::fs::symlink_metadata(&vol).is_err(), "target created");
+    assert!(!env.path(".v.img.partial").exists(), "partial left behind");
+
+    std::fs::remove_file(&journal).expect("rm");
+    std::fs::hard_link(&victim, &journal).expect("plant hard link");
+    let err = fails(env.cmd().args(["import", s(&src), s(&vol)]));
+    assert!(err.contains("hard links"), "{err}");
+    assert_eq!(read(&victim), original, "the victim was written through");
+    assert!(std::fs::symlink_metadata(&vol).is_err(), "target created");
+
+    // With the planted link gone, the same import works.
+    std::fs::remove_file(&journal).expect("rm");
+    run_ok(env.cmd().args(["import", s(&src), s(&vol)]));
+    assert_eq!(read(&victim), original);
+    no_leftovers(&vol);
+}

@@ -188,3 +188,103 @@ async fn exec_backend_volume_lifecycle() {
         .filter(|r| r["operation"] == "generate")
         .all(|r| r["volume_uuid"].as_str().is_some()));
 }
+
+/// Records its environment and open descriptors in the file named by its first argument,
+/// then becomes the program named by the rest (the example backend), which answers.
+const DUMPER: &str = r#"
+import json, os, sys
+fds = []
+for fd in range(0, 4096):
+    try:
+        os.fstat(fd)
+        fds.append(fd)
+    except OSError:
+        pass
+with open(sys.argv[1], "w") as f:
+    json.dump({"env": dict(os.environ), "fds": fds}, f)
+os.execv(sys.executable, [sys.executable] + sys.argv[2:])
+"#;
+
+/// Issue 14 B8: the exec backend's program inherited cryptvol's whole environment (AWS
+/// credentials included) and its open descriptors, the `--passphrase-fd` one included.
+/// It must get a cleared environment (the allow-list plus the names registered with
+/// `--env`) and only descriptors 0, 1 and 2.
+#[test]
+fn exec_program_inherits_no_environment_and_no_descriptors() {
+    require_python_cryptography();
+    let env = Env::new();
+    let keys = env.path("example-keys");
+    example_admin(&keys, &["create-key", "k1"]);
+    let dumper = env.path("dumper.py");
+    std::fs::write(&dumper, DUMPER).expect("write");
+    let dump = env.path("dump.json");
+    run_ok(
+        env.cmd()
+            .args(["key", "exec", "add", "dump", "--timeout", "30"])
+            .args(["--env", "KEEP_ME", "--"])
+            .arg("/usr/bin/python3")
+            .arg(&dumper)
+            .arg(&dump)
+            .arg(example())
+            .arg("--dir")
+            .arg(&keys),
+    );
+    let list = run_ok(env.cmd().args(["key", "exec", "list"]));
+    assert!(list.contains("environment KEEP_ME"), "{list}");
+    let pass = env.path("pass");
+    std::fs::write(&pass, "correct horse battery staple\n").expect("write");
+    let vol = env.create(
+        "v.img",
+        "4M",
+        &[
+            "--passphrase-file",
+            s(&pass),
+            "--pbkdf-memory",
+            "8192",
+            "--pbkdf-time",
+            "1",
+        ],
+    );
+    // Descriptor 7 holds the passphrase, opened by the shell (so not close-on-exec),
+    // and the environment carries credentials the program must not see.
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(r#"exec "$0" "$@" 7<"$PASSFILE""#)
+        .arg(bin())
+        .args(["keyslot", "add", s(&vol), "--key", "exec:dump:k1"])
+        .args(["--unlock-passphrase-fd", "7"])
+        .env("PASSFILE", &pass)
+        .env("CRYPTVOL_KEYSTORE", env.keystore())
+        .env("AWS_ACCESS_KEY_ID", "AKIAEXAMPLELEAKED")
+        .env("AWS_SECRET_ACCESS_KEY", "leaked-secret")
+        .env("CRYPTVOL_SOMETHING", "leaked")
+        .env("HOME", "/root/leaked-home")
+        .env("KEEP_ME", "kept")
+        .env("LANG", "C.UTF-8");
+    run_ok(&mut cmd);
+    let d: serde_json::Value =
+        serde_json::from_slice(&read(&dump)).expect("the program did not record its state");
+    let child_env = d["env"].as_object().expect("env");
+    let names: Vec<&String> = child_env.keys().collect();
+    for n in &names {
+        assert!(
+            !n.starts_with("AWS_")
+                && (!n.starts_with("CRYPTVOL_") || *n == "CRYPTVOL_EXEC_PROTOCOL"),
+            "the program inherited {n}: {names:?}"
+        );
+    }
+    assert!(!child_env.contains_key("HOME"), "{names:?}");
+    assert!(!child_env.contains_key("PASSFILE"), "{names:?}");
+    assert_eq!(child_env["KEEP_ME"], "kept");
+    assert_eq!(child_env["LANG"], "C.UTF-8");
+    assert_eq!(child_env["CRYPTVOL_EXEC_PROTOCOL"], "1");
+    assert!(child_env.contains_key("PATH"), "{names:?}");
+    assert_eq!(
+        d["fds"],
+        serde_json::json!([0, 1, 2]),
+        "inherited descriptors"
+    );
+    // The operation itself went through: keyslot 1 is the program's.
+    let info = info_json(&env, &vol);
+    assert_eq!(info["keyslots"][1]["key_id"], "dump:k1");
+}

@@ -179,9 +179,77 @@ impl<T> Drop for Locked<T> {
     }
 }
 
+/// A byte string of fixed length in its own locked, non-dumpable pages (a master key, a
+/// KEK, a passphrase). The pages are wiped, unlocked and unmapped on drop.
+pub(crate) struct LockedBytes {
+    pages: Pages,
+    len: usize,
+}
+
+// SAFETY: `LockedBytes` owns its mapping exclusively (like `Box<[u8]>`); shared access
+// only hands out `&[u8]`.
+unsafe impl Send for LockedBytes {}
+// SAFETY: as above; `&LockedBytes` only gives `&[u8]`.
+unsafe impl Sync for LockedBytes {}
+
+impl LockedBytes {
+    /// Copies `bytes` into fresh locked pages.
+    pub(crate) fn from_slice(bytes: &[u8]) -> Result<LockedBytes, CryptoError> {
+        let pages = Pages::new(bytes.len())?;
+        // SAFETY: the mapping is at least `bytes.len()` bytes, writable and ours alone; the
+        // source is a distinct allocation.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                pages.base.as_ptr().cast::<u8>(),
+                bytes.len(),
+            )
+        };
+        Ok(LockedBytes {
+            pages,
+            len: bytes.len(),
+        })
+    }
+
+    /// `len` zero bytes in fresh locked pages (a buffer to read a secret into).
+    pub(crate) fn zeroed(len: usize) -> Result<LockedBytes, CryptoError> {
+        // A fresh anonymous mapping reads as zeros.
+        Ok(LockedBytes {
+            pages: Pages::new(len)?,
+            len,
+        })
+    }
+
+    /// Shortens the visible length (the pages are still wiped whole on drop).
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Whether the pages are locked in RAM (false when `mlock` was refused).
+    pub(crate) fn is_locked(&self) -> bool {
+        self.pages.locked
+    }
+}
+
+impl std::ops::DerefMut for LockedBytes {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `deref`, and `&mut self` guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.pages.base.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+impl std::ops::Deref for LockedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the mapping holds at least `len` initialised bytes for the whole life of
+        // `self`, and is only written through `&mut self`.
+        unsafe { std::slice::from_raw_parts(self.pages.base.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
 /// Hardens the current process for holding keys: not dumpable (no core dumps, no
 /// `ptrace` attach by other same-uid processes, `/proc/PID` owned by root) and a core
-/// size limit of zero. Called by the daemon at start.
+/// size limit of zero. Called at the start of every command (`cli::main`).
 pub fn harden_process() -> Result<(), CryptoError> {
     nix::sys::prctl::set_dumpable(false)
         .map_err(|e| CryptoError::Memory(format!("prctl(PR_SET_DUMPABLE, 0) failed: {e}")))?;
@@ -222,6 +290,19 @@ mod tests {
         let s = Locked::new(String::from("abc")).expect("map");
         assert_eq!(s.as_str(), "abc");
         drop(s);
+    }
+
+    #[test]
+    fn locked_bytes_hold_their_content() {
+        let b = LockedBytes::from_slice(b"master key material").expect("map");
+        assert_eq!(&b[..], b"master key material");
+        let empty = LockedBytes::from_slice(b"").expect("map");
+        assert!(empty.is_empty());
+        let mut z = LockedBytes::zeroed(10_000).expect("map");
+        assert!(z.iter().all(|&b| b == 0));
+        z[9_999] = 1;
+        z.truncate(5);
+        assert_eq!(&z[..], &[0; 5]);
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod secret;
 mod xts;
 
 pub use locked::harden_process;
+pub(crate) use locked::LockedBytes;
 pub use secret::{Dek, SecretBytes, DEK_LEN};
 pub use xts::XtsEngine;
 

@@ -33,7 +33,7 @@ use super::{
     EncryptionContext, KeyBackend, KeyDescription, KeyError, KeyState, LocalKeystore, Principal,
     WrappedDek,
 };
-use crate::crypto::{Dek, DEK_LEN};
+use crate::crypto::{Dek, LockedBytes, DEK_LEN};
 
 /// Version of the request/response protocol (the `protocol` field of requests).
 pub const EXEC_PROTOCOL_VERSION: u32 = 1;
@@ -66,6 +66,27 @@ pub struct ExecSpec {
     pub args: Vec<String>,
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
+    /// Names of environment variables passed on to the program (from cryptvol's own
+    /// environment, when set) besides the fixed allow-list [`BASE_ENV`]. Nothing else is:
+    /// the program never sees AWS credentials, `CRYPTVOL_*` settings or anything else it
+    /// was not registered with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+}
+
+/// Variables every program gets when they are set in cryptvol's environment.
+pub const BASE_ENV: &[&str] = &["PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ"];
+/// `PATH` when cryptvol's own environment has none.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+const MAX_ENV: usize = 32;
+
+/// A portable environment variable name: a letter or `_`, then letters, digits or `_`.
+fn is_env_name(n: &str) -> bool {
+    let mut c = n.chars();
+    (1..=64).contains(&n.len())
+        && c.next()
+            .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
 }
 
 impl ExecSpec {
@@ -80,6 +101,19 @@ impl ExecSpec {
             return Err(format!(
                 "the timeout must be 1 to {MAX_TIMEOUT_SECS} seconds, not {}",
                 self.timeout_secs
+            ));
+        }
+        if self.env.len() > MAX_ENV {
+            return Err(format!(
+                "at most {MAX_ENV} environment variables can be passed on, not {}",
+                self.env.len()
+            ));
+        }
+        if let Some(bad) = self.env.iter().find(|n| !is_env_name(n)) {
+            return Err(format!(
+                "{} is not an environment variable name (letters, digits and '_', not \
+                 starting with a digit)",
+                shown(bad)
             ));
         }
         Ok(())
@@ -277,7 +311,8 @@ struct Response<'a> {
 
 /// What a finished program produced.
 struct Output {
-    stdout: Zeroizing<Vec<u8>>,
+    /// In locked pages: an unwrap answer carries the plaintext DEK.
+    stdout: LockedBytes,
     stderr: String,
     status: std::process::ExitStatus,
 }
@@ -295,6 +330,28 @@ impl ExecBackend {
         &self.name
     }
 
+    /// The program's whole environment: the allow-list [`BASE_ENV`] and the variables
+    /// named at registration, each only if set in ours (`PATH` has a default).
+    fn child_env(&self) -> Vec<(String, std::ffi::OsString)> {
+        let mut env: Vec<(String, std::ffi::OsString)> = Vec::new();
+        let names = BASE_ENV
+            .iter()
+            .map(|n| n.to_string())
+            .chain(self.spec.env.iter().cloned());
+        for n in names {
+            if env.iter().any(|(k, _)| *k == n) {
+                continue;
+            }
+            if let Some(v) = std::env::var_os(&n) {
+                env.push((n, v));
+            }
+        }
+        if !env.iter().any(|(k, _)| k == "PATH") {
+            env.push(("PATH".into(), DEFAULT_PATH.into()));
+        }
+        env
+    }
+
     /// `NAME:KEY`, as stored in keyslots.
     fn slot_key_id(&self, key: &str) -> String {
         format!("{}:{key}", self.name)
@@ -308,7 +365,7 @@ impl ExecBackend {
         plaintext_b64: Option<&str>,
         wrapped: Option<&WrappedDek>,
         context: Option<&EncryptionContext>,
-    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    ) -> Result<LockedBytes, KeyError> {
         let request = Request {
             protocol: EXEC_PROTOCOL_VERSION,
             op,
@@ -320,28 +377,52 @@ impl ExecBackend {
             context: context.map(|c| &c.0),
             params: wrapped.map(|w| &w.params),
         };
-        let mut buf = Zeroizing::new(Vec::with_capacity(MAX_REQUEST + 1024));
-        serde_json::to_writer(&mut *buf, &request)
-            .map_err(|e| exec_err(&self.name, format!("cannot encode the request: {e}")))?;
-        buf.push(b'\n');
-        if buf.len() > MAX_REQUEST {
-            return Err(exec_err(&self.name, "the request is too large"));
-        }
+        // Encoded straight into locked pages: a wrap request carries the plaintext DEK.
+        let mut buf = LockedBytes::zeroed(MAX_REQUEST)?;
+        let len = {
+            let mut w = std::io::Cursor::new(&mut buf[..]);
+            serde_json::to_writer(&mut w, &request)
+                .and_then(|()| w.write_all(b"\n").map_err(serde_json::Error::io))
+                .map_err(|e| {
+                    if e.is_io() {
+                        exec_err(&self.name, "the request is too large")
+                    } else {
+                        exec_err(&self.name, format!("cannot encode the request: {e}"))
+                    }
+                })?;
+            w.position() as usize
+        };
+        buf.truncate(len);
         let this = self.clone();
-        seal::blocking(move || this.run(&buf)).await
+        seal::blocking(move || this.run(buf)).await
     }
 
     /// Runs the program once with `request` on stdin (blocking).
-    fn run(&self, request: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    fn run(&self, request: LockedBytes) -> Result<LockedBytes, KeyError> {
         let name = &self.name;
         let program = self.spec.program.display().to_string();
-        let mut child = Command::new(&self.spec.program)
-            .args(&self.spec.args)
+        let mut cmd = Command::new(&self.spec.program);
+        cmd.args(&self.spec.args)
+            .env_clear()
+            .envs(self.child_env())
             .env("CRYPTVOL_EXEC_PROTOCOL", EXEC_PROTOCOL_VERSION.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
+            .process_group(0);
+        // Descriptors we were given (a --passphrase-fd, a systemd socket, whatever our
+        // parent left open without FD_CLOEXEC) must not reach the program: in the child,
+        // between fork and exec, mark every descriptor from 3 up close-on-exec, so that
+        // only the three pipes (dup2-ed onto 0, 1, 2 before this runs) survive the exec.
+        // Marking rather than closing keeps std's own close-on-exec error pipe working,
+        // so a program that cannot be executed is still reported as such.
+        // SAFETY: the closure runs in the forked child before exec and only makes the
+        // close_range(2) and fcntl(2) system calls, which are async-signal-safe; it does
+        // not allocate, lock or touch memory shared with other threads.
+        unsafe {
+            cmd.pre_exec(cloexec_from_3);
+        }
+        let mut child = cmd
             .spawn()
             .map_err(|e| exec_err(name, format!("cannot run {program}: {e}")))?;
         let out = self.collect(&mut child, request);
@@ -379,7 +460,7 @@ impl ExecBackend {
     }
 
     /// Writes the request, reads both outputs within the deadline and reaps the child.
-    fn collect(&self, child: &mut Child, request: &[u8]) -> Result<Output, KeyError> {
+    fn collect(&self, child: &mut Child, request: LockedBytes) -> Result<Output, KeyError> {
         let name = &self.name;
         let timeout = Duration::from_secs(self.spec.timeout_secs);
         let deadline = Instant::now() + timeout;
@@ -409,20 +490,31 @@ impl ExecBackend {
         std::thread::spawn(move || {
             let _ = err_tx.send(read_stderr(stderr));
         });
-        // The request fits in the pipe buffer, so this does not block on a program that
-        // never reads; a program that exits without reading gives EPIPE, which is fine.
-        match stdin.write_all(request) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::BrokenPipe => {}
-            Err(e) => return Err(exec_err(name, format!("cannot write the request: {e}"))),
-        }
-        drop(stdin);
+        // The request is written by its own thread, so the deadline covers a program that
+        // never reads its stdin: a pipe buffer can be as small as one page (when the
+        // user's pipe quota is used up), and a write into a full pipe blocks until the
+        // reader reads or dies. When the deadline passes, the caller kills the program's
+        // group, which closes the pipe and ends the write with EPIPE. A program that
+        // answers and exits without reading everything also gives EPIPE: fine.
+        let (in_tx, in_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let r = match stdin.write_all(&request) {
+                Err(e) if e.kind() != ErrorKind::BrokenPipe => Err(e),
+                _ => Ok(()),
+            };
+            drop(stdin);
+            let _ = in_tx.send(r);
+        });
         let left = deadline.saturating_duration_since(Instant::now());
         let stdout = match out_rx.recv_timeout(left) {
             Ok(Ok(buf)) => buf,
             Ok(Err(e)) => return Err(exec_err(name, e)),
             Err(_) => return Err(too_slow()),
         };
+        // Its stdout is closed: it has read what it wanted (or exited).
+        if let Ok(Err(e)) = in_rx.try_recv() {
+            return Err(exec_err(name, format!("cannot write the request: {e}")));
+        }
         let status = loop {
             match child.try_wait() {
                 Ok(Some(status)) => break status,
@@ -529,10 +621,11 @@ impl ExecBackend {
     }
 }
 
-/// Reads stdout to EOF into a preallocated zeroizing buffer, refusing more than
-/// `MAX_OUTPUT` bytes.
-fn read_bounded(mut r: impl Read) -> Result<Zeroizing<Vec<u8>>, String> {
-    let mut buf = Zeroizing::new(vec![0u8; MAX_OUTPUT + 1]);
+/// Reads stdout to EOF into a preallocated buffer in locked pages (wiped on drop),
+/// refusing more than `MAX_OUTPUT` bytes.
+fn read_bounded(mut r: impl Read) -> Result<LockedBytes, String> {
+    let mut buf = LockedBytes::zeroed(MAX_OUTPUT + 1)
+        .map_err(|e| format!("cannot allocate a buffer for its answer: {e}"))?;
     let mut len = 0;
     loop {
         if len == buf.len() {
@@ -573,6 +666,30 @@ fn stderr_suffix(stderr: &str) -> String {
     } else {
         format!("; its stderr: {}", shown(stderr))
     }
+}
+
+/// The descriptors covered when `close_range` is unavailable (kernels before 5.11):
+/// 3 up to this bound, one `fcntl` each (a few milliseconds at most).
+const FALLBACK_FD_LIMIT: i32 = 1 << 16;
+
+/// In the child between fork and exec: every descriptor from 3 up becomes close-on-exec.
+/// Only async-signal-safe system calls, no allocation.
+fn cloexec_from_3() -> std::io::Result<()> {
+    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only sets flags on descriptors of
+    // this process; it takes no pointers.
+    let r = unsafe { libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) };
+    if r == 0 {
+        return Ok(());
+    }
+    // Kernels before 5.11: one fcntl per descriptor (EBADF for those not open).
+    for fd in 3..FALLBACK_FD_LIMIT {
+        // SAFETY: fcntl(2) F_SETFD on an integer descriptor; no pointers, and a
+        // descriptor that is not open only yields EBADF.
+        unsafe {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+    }
+    Ok(())
 }
 
 /// Kills the program's whole process group (it was started as a group leader) and

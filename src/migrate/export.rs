@@ -173,15 +173,14 @@ fn open_sink(plan: Plan, vol: &Volume) -> Result<Sink, MigrateError> {
             path,
             existing: false,
         } => {
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(|e| MigrateError::Open {
+            // O_EXCL | O_NOFOLLOW: never through a symlink (a dangling one planted at DEST
+            // included) and never onto a file that appeared since the check.
+            let file = crate::fsutil::create_new_nofollow(&path, 0o600).map_err(|e| {
+                MigrateError::Open {
                     path: path.display().to_string(),
                     err: e,
-                })?;
+                }
+            })?;
             Ok(Sink::File {
                 file,
                 path,
@@ -193,8 +192,12 @@ fn open_sink(plan: Plan, vol: &Volume) -> Result<Sink, MigrateError> {
             path,
             existing: true,
         } => {
+            // An existing DEST is replaced only with --force, and then a symlink the user
+            // named is followed on purpose, as `qemu-img convert` and `dd` do: DEST is
+            // typically a /dev/disk/by-id/... or /dev/VG/LV link to the block device.
             let file = std::fs::OpenOptions::new()
                 .write(true)
+                .custom_flags(libc::O_CLOEXEC)
                 .open(&path)
                 .map_err(|e| MigrateError::Open {
                     path: path.display().to_string(),

@@ -9,7 +9,6 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -67,13 +66,9 @@ impl Journal {
     /// Opens (creating) and locks the journal at `path`; returns it with its records.
     pub fn open(path: &Path, target: &Path) -> Result<(Journal, Vec<Record>), MigrateError> {
         let file = loop {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(path)
+            // The journal's name is derived from the target's, in a directory others may
+            // write to: never through a symlink or a planted hard link, only our own file.
+            let file = crate::fsutil::open_or_create_nofollow(path, 0o600)
                 .map_err(|e| MigrateError::io(path, e))?;
             let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(f) => f,

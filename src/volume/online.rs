@@ -487,18 +487,19 @@ fn cbt_decode(b: &[u8], uuid: &uuid::Uuid, nwords: usize) -> Option<(String, Vec
     Some((base, words))
 }
 
+/// Replaces the sidecar through `<volume>.cbt.tmp`. Both names are derived from the
+/// volume's path, in a directory others may write to: the temporary is created with
+/// `O_EXCL | O_NOFOLLOW` (a symlink planted there is removed, never written through) and
+/// renamed over the sidecar (which replaces a symlink at `.cbt`, not its target).
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
     let tmp = path.with_extension("cbt.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_data()?;
-    std::fs::rename(&tmp, path)
+    crate::fsutil::write_atomically_via(
+        path,
+        &tmp,
+        bytes,
+        0o600,
+        crate::fsutil::Durability::DataOnly,
+    )
 }
 
 impl Tracking {
@@ -606,7 +607,9 @@ impl Volume {
         }
         let sidecar = PathBuf::from(format!("{}.cbt", self.path()));
         let n = Tracking::nwords(self.size());
-        let (base, words) = match std::fs::read(&sidecar) {
+        // Largest well-formed sidecar: fixed fields, a base name of at most 64 KiB, the words.
+        let max = 27 + 65_535 + 16 + (n as u64).saturating_mul(8) + 32;
+        let (base, words) = match crate::fsutil::read_own_file_nofollow(&sidecar, max) {
             Ok(b) => match cbt_decode(&b, &self.uuid(), n) {
                 Some((base, w)) => (Some(base), w),
                 None => {
@@ -614,7 +617,12 @@ impl Volume {
                     (None, vec![0; n])
                 }
             },
-            Err(_) => (None, vec![0; n]),
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %self.path(), "changed-chunk tracking restarts: {e}");
+                }
+                (None, vec![0; n])
+            }
         };
         let t = Tracking {
             words: words.into_iter().map(AtomicU64::new).collect(),
@@ -1270,5 +1278,49 @@ pub(super) mod tests {
         begin(&v);
         while v.reencrypt_step().expect("step").is_some() {}
         assert_eq!(image(&v), want);
+    }
+
+    /// Issue 14 B6: root followed a symlink planted at `<volume>.cbt.tmp` and overwrote
+    /// the file it pointed to. The temporary must be created afresh (O_EXCL|O_NOFOLLOW),
+    /// the victim left alone, and tracking still work.
+    #[test]
+    fn cbt_temporary_never_written_through_a_planted_symlink() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let victims = tempfile::tempdir().expect("tempdir");
+        let victim = victims.path().join("shadow");
+        std::fs::write(&victim, b"root:secret-hash:19000::::::\n").expect("victim");
+        let (path, h, dek) = new_volume(dir.path(), 4 * SNAPSHOT_CHUNK, 4096);
+        let tmp = PathBuf::from(format!("{}.cbt.tmp", path.display()));
+        std::os::unix::fs::symlink(&victim, &tmp).expect("plant");
+        let v = Volume::open(&path, &h, copy(&dek), OpenOptions::default()).expect("open");
+        v.enable_change_tracking().expect("tracking");
+        assert_eq!(
+            std::fs::read(&victim).expect("victim"),
+            b"root:secret-hash:19000::::::\n"
+        );
+        let sidecar = PathBuf::from(format!("{}.cbt", path.display()));
+        let md = std::fs::symlink_metadata(&sidecar).expect("sidecar written");
+        assert!(md.file_type().is_file(), "{md:?}");
+        assert!(
+            std::fs::symlink_metadata(&tmp).is_err(),
+            "temporary left behind"
+        );
+        assert!(v.tracking.get().is_some(), "tracking stayed off");
+
+        // A symlink planted at the sidecar itself is replaced, not written through, and
+        // its target is not read as a sidecar.
+        drop(v);
+        std::fs::remove_file(&sidecar).expect("rm");
+        std::os::unix::fs::symlink(&victim, &sidecar).expect("plant");
+        let v = Volume::open(&path, &h, copy(&dek), OpenOptions::default()).expect("open");
+        v.enable_change_tracking().expect("tracking");
+        assert_eq!(
+            std::fs::read(&victim).expect("victim"),
+            b"root:secret-hash:19000::::::\n"
+        );
+        assert!(std::fs::symlink_metadata(&sidecar)
+            .expect("sidecar")
+            .file_type()
+            .is_file());
     }
 }

@@ -23,6 +23,7 @@ fn example(dir: &Path) -> ExecBackend {
                 dir.join("example-keys").display().to_string(),
             ],
             timeout_secs: 30,
+            env: vec![],
         },
         Principal::current(),
     )
@@ -39,6 +40,7 @@ fn script(dir: &Path, body: &str, timeout_secs: u64) -> ExecBackend {
             program: path,
             args: vec![],
             timeout_secs,
+            env: vec![],
         },
         Principal::current(),
     )
@@ -155,6 +157,7 @@ async fn failing_and_garbled_programs() {
             program: tmp.path().join("no-such-program"),
             args: vec![],
             timeout_secs: 5,
+            env: vec![],
         },
         Principal::current(),
     );
@@ -227,6 +230,7 @@ fn registry_add_list_remove_and_audit() {
         program: PathBuf::from("/usr/bin/true"),
         args: vec!["a".into()],
         timeout_secs: 5,
+        env: vec!["VAULT_ADDR".into()],
     };
     ks.exec_add("vault", spec.clone()).unwrap();
     assert_eq!(ks.exec_backends().unwrap().get("vault"), Some(&spec));
@@ -268,4 +272,89 @@ fn registry_add_list_remove_and_audit() {
             ("exec-remove".to_string(), "error".to_string()),
         ]
     );
+}
+
+/// Issue 14 B8: the request was written before the deadline started to count, so a
+/// program that never reads its stdin, behind a pipe that is already full (pipes can be
+/// one page when the user's pipe quota is used up), blocked cryptvol forever. The
+/// timeout must cover writing the request too.
+#[test]
+fn program_that_never_reads_its_stdin_is_killed_at_the_timeout() {
+    use std::os::fd::AsRawFd;
+    let tmp = tempfile::tempdir().unwrap();
+    let b = script(tmp.path(), "exec sleep 60", 1);
+    let mut child = Command::new(&b.spec.program)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    // Fill the stdin pipe so that the next write blocks.
+    {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let stdin = child.stdin.as_mut().unwrap();
+        let fd = stdin.as_raw_fd();
+        fcntl(fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).unwrap();
+        let block = [b' '; 4096];
+        loop {
+            match stdin.write(&block) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        fcntl(fd, FcntlArg::F_SETFL(OFlag::empty())).unwrap();
+    }
+    let start = Instant::now();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let request = LockedBytes::from_slice(b"{\"protocol\":1}\n").unwrap();
+        let r = b.collect(&mut child, request);
+        kill_group(&mut child);
+        let _ = tx.send(r.err());
+    });
+    let err = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("still blocked writing the request long after the 1 s timeout")
+        .expect("an error");
+    assert!(matches!(err, KeyError::Transient(_)), "{err:?}");
+    assert!(err.to_string().contains("1 s"), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn registered_environment_names_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ks = LocalKeystore::open(&tmp.path().join("keys"), true).unwrap();
+    let spec = |env: &[&str]| ExecSpec {
+        program: PathBuf::from("/usr/bin/true"),
+        args: vec![],
+        timeout_secs: 5,
+        env: env.iter().map(|s| s.to_string()).collect(),
+    };
+    for bad in ["", "1X", "A=B", "A B", "X\n"] {
+        let err = ks.exec_add("e", spec(&[bad])).expect_err(bad);
+        assert!(err.to_string().contains("environment variable"), "{err}");
+    }
+    let many: Vec<String> = (0..33).map(|i| format!("V{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    assert!(ks.exec_add("e", spec(&many)).is_err());
+    ks.exec_add("e", spec(&["VAULT_ADDR", "_X1"])).unwrap();
+    let back = ks.exec_backends().unwrap();
+    assert_eq!(back["e"].env, vec!["VAULT_ADDR", "_X1"]);
+    // The child's environment: the allow-list, the registered names, a PATH always.
+    let b = ExecBackend::new("e", back["e"].clone(), Principal::current());
+    let names: Vec<String> = b.child_env().into_iter().map(|(k, _)| k).collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| BASE_ENV.contains(&n.as_str()) || n == "VAULT_ADDR" || n == "_X1"),
+        "{names:?}"
+    );
+    assert!(names.iter().any(|n| n == "PATH"), "{names:?}");
 }

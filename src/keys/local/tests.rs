@@ -494,3 +494,43 @@ fn key_id_format() {
     assert!(!is_key_id("mk-../../../../../../../etc/passwd"));
     assert!(!is_key_id("0123456789abcdef0123456789abcdef"));
 }
+
+/// Issue 14 B6 (keystore side): a symlink planted in the keystore after it was opened
+/// (at the lock file, a key record, the audit log) is never written through: the
+/// operation fails and the file it points to is unchanged.
+#[test]
+fn keystore_writes_never_follow_a_planted_symlink() {
+    let (tmp, ks) = new_store();
+    let info = ks.create_key(Some("alias/planted")).unwrap();
+    let victim = tmp.path().join("victim");
+    fs::write(&victim, b"precious").unwrap();
+    let plant = |at: &Path| {
+        let _ = fs::remove_file(at);
+        std::os::unix::fs::symlink(&victim, at).unwrap();
+    };
+
+    let lock = ks.dir().join(LOCK_FILE);
+    plant(&lock);
+    assert!(ks.rotate(&info.key_id).is_err());
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    fs::remove_file(&lock).unwrap();
+
+    let record = ks.key_path(&info.key_id);
+    let saved = fs::read(&record).unwrap();
+    plant(&record);
+    assert!(ks.rotate(&info.key_id).is_err());
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    fs::remove_file(&record).unwrap();
+    fs::write(&record, saved).unwrap();
+    fs::set_permissions(&record, Permissions::from_mode(0o600)).unwrap();
+
+    let audit = ks.dir().join(crate::keys::audit::AUDIT_FILE);
+    plant(&audit);
+    let err = ks.rotate(&info.key_id).unwrap_err();
+    assert!(err.to_string().contains("audit"), "{err}");
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    fs::remove_file(&audit).unwrap();
+
+    // Unplanted, the same operation works.
+    assert_eq!(ks.rotate(&info.key_id).unwrap(), 2);
+}
