@@ -639,3 +639,37 @@ fn import_journal_never_written_through_a_planted_link() {
     assert_eq!(read(&victim), original);
     no_leftovers(&vol);
 }
+
+/// Issue 14 B6 (the partial volume): resuming an import opened `.FILE.partial` by name,
+/// so a symlink planted there made root write the source into the volume it pointed to.
+/// The resume must refuse it and leave that volume untouched.
+#[test]
+fn resumed_import_never_writes_through_a_planted_partial_link() {
+    let env = Env::new();
+    let src = env.path("big.raw");
+    let data = pattern(24 * MIB, 21);
+    std::fs::write(&src, &data).expect("write source");
+    let vol = env.path("vol.img");
+    let partial = env.path(".vol.img.partial");
+    let _ = interrupt_import(&env, &src, &vol, 0, "INT");
+    assert!(partial.exists());
+    // The real partial volume moves elsewhere (it stands for any volume root can
+    // unlock) and a symlink to it takes its place.
+    let elsewhere = env.path("elsewhere");
+    std::fs::create_dir(&elsewhere).expect("mkdir");
+    let victim = elsewhere.join("victim.img");
+    std::fs::rename(&partial, &victim).expect("move");
+    let before = sha256(&read(&victim));
+    std::os::unix::fs::symlink(&victim, &partial).expect("plant");
+    let err = fails(env.cmd().args(["import", s(&src), s(&vol)]));
+    assert!(
+        err.contains("cannot resume") && err.contains("not a regular file"),
+        "{err}"
+    );
+    assert_eq!(sha256(&read(&victim)), before, "written through the link");
+    assert!(std::fs::symlink_metadata(&vol).is_err(), "target published");
+    // --restart removes the link (not its target) and imports afresh.
+    run_ok(env.cmd().args(["import", "--restart", s(&src), s(&vol)]));
+    assert_eq!(sha256(&read(&victim)), before);
+    no_leftovers(&vol);
+}

@@ -11,7 +11,10 @@
 //! One process runs per operation: cryptvol writes one JSON request to its stdin and
 //! closes it, then reads one JSON response from its stdout (at most 64 KiB) within the
 //! registered timeout, after which the program's process group is killed. The plaintext
-//! data key travels only over these pipes, in zeroizing buffers on our side.
+//! data key travels only over these pipes, in locked, wiped buffers on our side.
+//!
+//! The program gets a cleared environment (an allow-list plus the names registered for
+//! it) and no descriptors but its three pipes.
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
@@ -41,7 +44,7 @@ const REGISTRY_FILE: &str = "exec-backends.json";
 const REGISTRY_VERSION: u32 = 1;
 /// Largest response accepted on stdout.
 const MAX_OUTPUT: usize = 64 * 1024;
-/// Largest request written (keeps it within one pipe buffer).
+/// Largest request written (its buffer is allocated in locked pages up front).
 const MAX_REQUEST: usize = 48 * 1024;
 /// Bytes of stderr kept for error messages.
 const MAX_STDERR: usize = 2048;

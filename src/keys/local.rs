@@ -75,7 +75,7 @@ use super::{
     EncryptionContext, KeyBackend, KeyDescription, KeyError, KeyOp, KeyRef, KeyState, Permission,
     Principal, WrappedDek,
 };
-use crate::crypto::{CryptoError, Dek, SecretBytes};
+use crate::crypto::{CryptoError, Dek, LockedBytes, SecretBytes};
 
 /// Alias of the local default key, created on first use.
 pub const DEFAULT_KEY_ALIAS: &str = "alias/cryptvol/default";
@@ -492,14 +492,15 @@ fn newer_format(path: &Path, version: u32) -> KeyError {
     )
 }
 
-/// A keystore file's content (zeroizing) and its owner's uid.
+/// A keystore file's content (in locked pages, wiped on drop) and its owner's uid.
 struct FileContent {
-    bytes: Zeroizing<Vec<u8>>,
+    bytes: LockedBytes,
     owner: u32,
 }
 
-/// Reads a keystore file (no symlinks, private mode, bounded size) into a zeroizing
-/// buffer. `None` if it does not exist.
+/// Reads a keystore file (no symlinks, private mode, bounded size) into a buffer in
+/// locked, non-dumpable pages (a key file holds master key material). `None` if it does
+/// not exist.
 fn read_private_file(path: &Path) -> Result<Option<FileContent>, KeyError> {
     let mut file = match OpenOptions::new()
         .read(true)
@@ -520,16 +521,25 @@ fn read_private_file(path: &Path) -> Result<Option<FileContent>, KeyError> {
     if md.len() > MAX_FILE_LEN {
         return Err(ks_err(path, "file is too large to be a keystore file"));
     }
-    // Capacity covers the whole file so reading never reallocates (which would leave
-    // unzeroized copies of key material behind).
-    let mut buf = Zeroizing::new(Vec::with_capacity(md.len() as usize + 1));
-    (&mut file)
-        .take(MAX_FILE_LEN + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| io_err(path, "cannot read", e))?;
-    if buf.len() as u64 > MAX_FILE_LEN {
-        return Err(ks_err(path, "file is too large to be a keystore file"));
+    // One byte more than the file: a file that grew meanwhile is noticed, never
+    // reallocated into (which would leave copies of key material behind).
+    let mut buf = LockedBytes::zeroed(md.len() as usize + 1)?;
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            return Err(ks_err(
+                path,
+                "the file changed while it was read; try again",
+            ));
+        }
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err(path, "cannot read", e)),
+        }
     }
+    buf.truncate(len);
     Ok(Some(FileContent {
         bytes: buf,
         owner: md.uid(),

@@ -290,6 +290,23 @@ async fn resume(
     if let Some(r) = reason {
         return Err(cannot_resume(paths, r));
     }
+    // The partial volume's name is derived from the target's, in a directory others may
+    // write to: never resume through a symbolic link (it would write the source into
+    // whatever volume it points to).
+    match std::fs::symlink_metadata(&paths.partial) {
+        Ok(m) if m.file_type().is_file() => {}
+        Ok(_) => {
+            return Err(cannot_resume(
+                paths,
+                format!(
+                    "the partial volume {} is not a regular file (a symbolic link?); remove it \
+                     and add --restart to start over",
+                    paths.partial.display()
+                ),
+            ))
+        }
+        Err(e) => return Err(MigrateError::io(&paths.partial, e)),
+    }
     let (header, _) = volume::read_header(&paths.partial)?;
     if header.uuid.to_string() != p.uuid || header.size != p.volume_size {
         return Err(cannot_resume(
@@ -315,6 +332,19 @@ async fn resume(
         ));
     }
     let (vol, _, _) = ops::unlock(&paths.partial, keys, OpenOptions::default()).await?;
+    // Checked again on the volume actually opened (the name could have been swapped
+    // since the header was read).
+    if vol.uuid().to_string() != p.uuid {
+        return Err(cannot_resume(
+            paths,
+            format!(
+                "the partial volume {} changed while it was opened (UUID {}); add --restart to \
+                 start over",
+                paths.partial.display(),
+                vol.uuid()
+            ),
+        ));
+    }
     journal.append(&Record::Resume { from: p.done })?;
     tracing::info!(
         "resuming the import into {} at offset {} of {} ({} bytes already done, {} earlier resume(s))",
