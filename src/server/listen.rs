@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -140,7 +140,7 @@ pub(crate) fn bind_unix_with_mode(
     let fd = bind_unix_socket(path, mode)?;
     let listener = std::os::unix::net::UnixListener::from(fd);
     let bound = (|| {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        set_mode_nofollow(path, mode)?;
         listen(&listener, Backlog::new(1024)?)?;
         listener.set_nonblocking(true)
     })();
@@ -149,6 +149,20 @@ pub(crate) fn bind_unix_with_mode(
         return Err(e);
     }
     Ok(listener)
+}
+
+/// Sets `path`'s mode without following a symlink: if the socket file was replaced by a
+/// link since `bind`, the change fails (glibc's `fchmodat(AT_SYMLINK_NOFOLLOW)` refuses
+/// links with `EOPNOTSUPP`) instead of changing the mode of whatever the link names.
+fn set_mode_nofollow(path: &Path, mode: u32) -> std::io::Result<()> {
+    use nix::sys::stat::{fchmodat, FchmodatFlags, Mode};
+    fchmodat(
+        None,
+        path,
+        Mode::from_bits_truncate(mode),
+        FchmodatFlags::NoFollowSymlink,
+    )?;
+    Ok(())
 }
 
 /// Creates a Unix stream socket, sets its inode's mode to `mode`, then binds it at
@@ -471,6 +485,20 @@ mod tests {
             assert_eq!(after, mode, "final mode");
             drop(l);
         }
+    }
+
+    #[test]
+    fn socket_mode_is_never_set_through_a_swapped_in_symlink() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"x").expect("write");
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let link = dir.path().join("nbd.sock");
+        std::os::unix::fs::symlink(&victim, &link).expect("symlink");
+        assert!(set_mode_nofollow(&link, 0o666).is_err());
+        let m = std::fs::metadata(&victim).expect("stat").mode() & 0o777;
+        assert_eq!(m, 0o600, "the link's target kept its mode");
     }
 
     #[test]
