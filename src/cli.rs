@@ -1454,10 +1454,12 @@ fn make_socket_dir(dir: &Path, mode: u32) -> Result<()> {
     match std::fs::DirBuilder::new().mode(mode).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(anyhow::Error::new(e).context(format!(
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!(
             "cannot create {} for the default Unix socket; pass --unix PATH to listen elsewhere",
             dir.display()
-        ))),
+        )))
+        }
     }
     let meta = std::fs::symlink_metadata(dir)
         .with_context(|| format!("cannot inspect {}", dir.display()))?;

@@ -266,7 +266,7 @@ fn handshake_timeout_cannot_be_extended_by_trickling_bytes() {
     bytes.extend_from_slice(&0x4948_4156_454F_5054u64.to_be_bytes());
     bytes.extend_from_slice(&7u32.to_be_bytes());
     bytes.extend_from_slice(&1000u32.to_be_bytes());
-    bytes.extend(std::iter::repeat(0u8).take(1000));
+    bytes.extend(std::iter::repeat_n(0u8, 1000));
     let mut closed = false;
     for b in bytes {
         if r.s.write_all(&[b]).is_err() {

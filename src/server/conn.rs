@@ -181,8 +181,7 @@ pub(crate) async fn run<S: IntoBlocking>(
         negotiated,
         shared.budget.clone(),
         id,
-        shared.config.threads_per_connection,
-        shared.config.idle_timeout,
+        &shared.config,
     ) {
         Ok(c) => Arc::new(c),
         Err(e) => {
@@ -317,9 +316,9 @@ impl Conn {
         negotiated: Negotiated,
         budget: Arc<ByteBudget>,
         id: u64,
-        max_threads: usize,
-        idle_timeout: Option<std::time::Duration>,
+        config: &super::ServerConfig,
     ) -> std::io::Result<Conn> {
+        let idle_timeout = config.idle_timeout;
         if idle_timeout.is_some() {
             stream.set_timeouts(idle_timeout)?;
         }
@@ -332,7 +331,7 @@ impl Conn {
             negotiated,
             budget,
             id,
-            max_threads: max_threads.max(1),
+            max_threads: config.threads_per_connection.max(1),
             idle_timeout,
             closing: AtomicBool::new(false),
             threads: AtomicUsize::new(0),
