@@ -360,11 +360,7 @@ fn on_connections(srv: &Server, n: usize, f: fn(&mut Raw, usize)) -> Vec<Raw> {
 fn idle_connections_after_4mib_reads_keep_rss_within_the_budget() {
     let env = Env::new();
     let vol = env.create("v.img", "64M", &[]);
-    let srv = env.serve(
-        &[s(&vol)],
-        &["--max-inflight", "64M", "--max-connections-per-peer", "100"],
-        false,
-    );
+    let srv = env.serve(&[s(&vol)], &["--max-inflight", "64M"], false);
     {
         let (mut w, _, _) = Raw::open(&srv, "v");
         let data = pattern(4 << 20, 7);
@@ -393,11 +389,7 @@ fn idle_connections_after_4mib_reads_keep_rss_within_the_budget() {
 fn idle_connections_after_pipelined_reads_and_large_writes_keep_rss_within_the_budget() {
     let env = Env::new();
     let vol = env.create("v.img", "64M", &[]);
-    let srv = env.serve(
-        &[s(&vol)],
-        &["--max-inflight", "64M", "--max-connections-per-peer", "100"],
-        false,
-    );
+    let srv = env.serve(&[s(&vol)], &["--max-inflight", "64M"], false);
     {
         let (mut w, _, _) = Raw::open(&srv, "v");
         w.s.set_read_timeout(Some(Duration::from_secs(120)))

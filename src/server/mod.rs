@@ -61,7 +61,8 @@ pub struct ServerConfig {
     /// Maximum simultaneous connections of each listener; further ones are closed at once.
     pub max_connections: usize,
     /// Maximum simultaneous connections of one peer on one listener (a uid on Unix
-    /// sockets, an IP address on TCP).
+    /// sockets, an IP address on TCP). Root and the daemon's own user are exempt on Unix
+    /// sockets.
     pub max_connections_per_peer: usize,
     /// Close a connection in transmission that sent no request for this long.
     pub idle_timeout: Option<Duration>,
