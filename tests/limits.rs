@@ -421,3 +421,41 @@ fn idle_connections_after_pipelined_reads_and_large_writes_keep_rss_within_the_b
     );
     drop(conns);
 }
+
+/// A3: TCP beyond loopback needs TLS required or an explicit `--insecure`, which the log
+/// states at startup; `--allow-remote` still works as a deprecated alias.
+#[test]
+fn non_loopback_tcp_needs_insecure_and_the_log_says_so() {
+    let env = Env::new();
+    let vol = env.create("v.img", "16M", &[]);
+    let any = format!("0.0.0.0:{}", free_port());
+    let err = fails(
+        env.cmd()
+            .args(["serve", "--unix", s(&env.path("r.sock")), "--tcp", &any])
+            .arg(&vol),
+    );
+    assert!(err.contains("not a loopback address"), "{err}");
+    assert!(
+        err.contains("--tls require") && err.contains("--insecure"),
+        "{err}"
+    );
+
+    let srv = env.serve(&[s(&vol)], &["--tcp", &any, "--insecure"], false);
+    wait_log(&srv, "INSECURE");
+    drop(srv);
+    let any = format!("0.0.0.0:{}", free_port());
+    let srv = env.serve(&[s(&vol)], &["--tcp", &any, "--allow-remote"], false);
+    wait_log(&srv, "INSECURE");
+    let log = srv.log_text();
+    assert!(log.contains("--allow-remote is deprecated"), "{log}");
+}
+
+/// Waits (bounded) until the server's log contains `needle`.
+fn wait_log(srv: &Server, needle: &str) {
+    wait_for(
+        needle,
+        Duration::from_secs(30),
+        || srv.log_text().contains(needle),
+        &|| srv.log_text(),
+    );
+}
