@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
-use super::budget::{BudgetGuard, ByteBudget};
+use super::budget::{BudgetGuard, BufferPool, ByteBudget};
 use super::export::errno_for;
 use super::Shared;
 use crate::nbd::{
@@ -180,6 +180,7 @@ pub(crate) async fn run<S: IntoBlocking>(
         exp.info.clone(),
         negotiated,
         shared.budget.clone(),
+        shared.buffers.clone(),
         id,
         &shared.config,
     ) {
@@ -268,9 +269,10 @@ async fn read_or_closed<R: AsyncRead + Unpin>(
 }
 
 /// A transmission thread keeps a payload buffer up to this size between requests; a
-/// larger one is freed as soon as its request is answered, so that the memory idle
-/// connections hold stays small (payload memory in use is bounded by the byte budget;
-/// see `budget::return_freed_memory_to_the_system` for why freeing really returns it).
+/// larger one goes back to the server-wide [`BufferPool`] (bounded) as soon as its
+/// request is answered, so that the memory idle connections hold stays small (payload
+/// memory in use is bounded by the byte budget; see
+/// `budget::return_freed_memory_to_the_system` for why freeing really returns it).
 const KEEP_BUFFER: usize = 64 * 1024;
 
 /// The transmission state of one connection, shared by its threads.
@@ -282,6 +284,7 @@ struct Conn {
     /// Structured replies and metadata contexts, as the handshake settled them.
     negotiated: Negotiated,
     budget: Arc<ByteBudget>,
+    buffers: Arc<BufferPool>,
     id: u64,
     max_threads: usize,
     /// `--idle-timeout`: the socket's receive/send timeout.
@@ -315,6 +318,7 @@ impl Conn {
         info: nbd::ExportInfo,
         negotiated: Negotiated,
         budget: Arc<ByteBudget>,
+        buffers: Arc<BufferPool>,
         id: u64,
         config: &super::ServerConfig,
     ) -> std::io::Result<Conn> {
@@ -330,6 +334,7 @@ impl Conn {
             info,
             negotiated,
             budget,
+            buffers,
             id,
             max_threads: config.threads_per_connection.max(1),
             idle_timeout,
@@ -431,9 +436,9 @@ impl Conn {
                         }
                     }
                     let ok = self.serve(cookie, req, &mut buf);
-                    // Free a large buffer before its bytes go back to the budget.
+                    // Give a large buffer back before its bytes go back to the budget.
                     if buf.capacity() > KEEP_BUFFER {
-                        buf = Vec::new();
+                        self.buffers.put(std::mem::take(&mut buf));
                     }
                     drop(guard);
                     if !ok {
@@ -516,6 +521,7 @@ impl Conn {
             ValidRequest::Write { len, .. } => {
                 let guard = self.budget_for(len);
                 let len = len as usize;
+                self.payload_buffer(buf, len);
                 if buf.len() < len {
                     buf.resize(len, 0);
                 }
@@ -528,10 +534,21 @@ impl Conn {
             }
             ValidRequest::Read { len, .. } => {
                 let guard = self.budget_for(len);
+                self.payload_buffer(buf, len as usize);
                 self.bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
                 Incoming::Serve(req.cookie, valid, Some(guard))
             }
             _ => Incoming::Serve(req.cookie, valid, None),
+        }
+    }
+
+    /// Makes `buf` a buffer with room for `len` bytes, from the pool when it has one (a
+    /// new one is allocated by the caller's resize otherwise).
+    fn payload_buffer(&self, buf: &mut Vec<u8>, len: usize) {
+        if buf.capacity() < len {
+            if let Some(b) = self.buffers.take(len) {
+                *buf = b;
+            }
         }
     }
 

@@ -102,6 +102,8 @@ pub(crate) struct Shared {
     pub config: ServerConfig,
     /// Byte budget for payloads in flight (units: bytes, at least 1 per request).
     pub budget: Arc<budget::ByteBudget>,
+    /// Large payload buffers between requests (at most half the byte budget).
+    pub buffers: Arc<budget::BufferPool>,
     /// NBD connections open on every listener (including those still negotiating).
     pub open_connections: Arc<AtomicUsize>,
     pub shutdown: watch::Receiver<bool>,
@@ -154,6 +156,9 @@ pub async fn serve_with(
         exports,
         budget: Arc::new(budget::ByteBudget::new(
             config.max_inflight_bytes.max(nbd_max_payload()),
+        )),
+        buffers: Arc::new(budget::BufferPool::new(
+            config.max_inflight_bytes.max(nbd_max_payload()) / 2,
         )),
         open_connections: Arc::new(AtomicUsize::new(0)),
         config,
