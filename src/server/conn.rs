@@ -179,10 +179,8 @@ pub(crate) async fn run<S: IntoBlocking>(
         exp.volume.clone(),
         exp.info.clone(),
         negotiated,
-        shared.budget.clone(),
-        shared.buffers.clone(),
         id,
-        &shared.config,
+        &shared,
     ) {
         Ok(c) => Arc::new(c),
         Err(e) => {
@@ -317,11 +315,10 @@ impl Conn {
         volume: Arc<Volume>,
         info: nbd::ExportInfo,
         negotiated: Negotiated,
-        budget: Arc<ByteBudget>,
-        buffers: Arc<BufferPool>,
         id: u64,
-        config: &super::ServerConfig,
+        shared: &Shared,
     ) -> std::io::Result<Conn> {
+        let config = &shared.config;
         let idle_timeout = config.idle_timeout;
         if idle_timeout.is_some() {
             stream.set_timeouts(idle_timeout)?;
@@ -333,8 +330,8 @@ impl Conn {
             volume,
             info,
             negotiated,
-            budget,
-            buffers,
+            budget: shared.budget.clone(),
+            buffers: shared.buffers.clone(),
             id,
             max_threads: config.threads_per_connection.max(1),
             idle_timeout,
