@@ -459,3 +459,70 @@ fn wait_log(srv: &Server, needle: &str) {
         &|| srv.log_text(),
     );
 }
+
+/// B9: started under umask 000, the daemon's Unix socket is never seen with a mode other
+/// than the one asked for (0600 by default), from the moment it appears. The design
+/// makes a looser mode impossible by construction (the socket inode gets its mode before
+/// bind creates the file; see `bind_unix_with_mode` and its unit test, which checks the
+/// mode right after bind, and fails without it); this watches the path from outside
+/// while the daemon starts (the old window was too short to be caught reliably this way),
+/// then checks that uid 65534 cannot connect.
+#[test]
+fn unix_socket_under_umask_000_never_appears_with_a_looser_mode() {
+    require("nbdinfo");
+    let env = Env::new();
+    chmod(env.dir.path(), 0o755);
+    let vol = env.create("v.img", "16M", &[]);
+    let sock = env.path("u.sock");
+    let log = env.path("serve.log");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (sock, stop) = (sock.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeSet::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(m) = std::fs::symlink_metadata(&sock) {
+                    seen.insert(m.mode() & 0o7777);
+                }
+            }
+            seen
+        })
+    };
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(r#"umask 000 && exec "$0" serve --unix "$1" "$2""#)
+        .arg(bin())
+        .arg(&sock)
+        .arg(&vol)
+        .env("CRYPTVOL_KEYSTORE", env.keystore())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn");
+    let mut daemon = Kill(child);
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for(
+        "the socket to answer",
+        Duration::from_secs(60),
+        || {
+            if let Ok(Some(st)) = daemon.0.try_wait() {
+                panic!("cryptvol serve exited ({st}):\n{}", read_log());
+            }
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        },
+        &read_log,
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut seen = watcher.join().expect("watcher");
+    seen.insert(std::fs::symlink_metadata(&sock).expect("stat").mode() & 0o7777);
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        [0o600],
+        "modes the socket was seen with"
+    );
+    let uri = format!("nbd+unix:///v?socket={}", sock.display());
+    let out = run(as_nobody("nbdinfo").args(["--size", &uri]));
+    assert!(!out.status.success(), "uid {NOBODY} connected");
+    run_ok(Command::new("nbdinfo").args(["--size", &uri]));
+}
