@@ -295,13 +295,15 @@ struct ServeArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_connections: Option<u64>,
     /// Connections at once of one peer (a uid on Unix sockets, an IP address on TCP) on
-    /// each listener [default: 32, room for nbd-client -C 16 while it reconnects].
+    /// each listener; root and the daemon's own user are exempt on Unix sockets
+    /// [default: 32, room for nbd-client -C 16 while it reconnects].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_connections_per_peer: Option<u64>,
     /// Seconds a client may take for the whole handshake [default: 30].
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     handshake_timeout: Option<u64>,
     /// Close a connection that sent no request for SECS seconds (0: never) [default: 0].
+    /// Not for kernel attaches: an idle /dev/nbdN sends no request for hours.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=86_400))]
     idle_timeout: Option<u64>,
     /// Serve every volume read-only.

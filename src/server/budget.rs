@@ -27,6 +27,54 @@ pub(crate) fn return_freed_memory_to_the_system() {
     }
 }
 
+/// Large payload buffers kept between requests, shared by every connection, so that a
+/// busy server does not map and fault in a fresh multi-MiB buffer for every request.
+/// Holds at most `limit` bytes (capacity); what does not fit is freed. Idle connections
+/// hold none of it: a thread takes a buffer for one request and puts it back after.
+pub(crate) struct BufferPool {
+    free: Mutex<(Vec<Vec<u8>>, usize)>,
+    limit: usize,
+}
+
+impl BufferPool {
+    pub fn new(limit: usize) -> BufferPool {
+        BufferPool {
+            free: Mutex::new((Vec::new(), 0)),
+            limit,
+        }
+    }
+
+    /// The smallest pooled buffer with room for `len` bytes, if any.
+    pub fn take(&self, len: usize) -> Option<Vec<u8>> {
+        let mut g = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        let (bufs, bytes) = &mut *g;
+        let i = bufs
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i)?;
+        let b = bufs.swap_remove(i);
+        *bytes -= b.capacity();
+        Some(b)
+    }
+
+    /// Keeps `buf` for later requests if the pool has room, else frees it.
+    pub fn put(&self, buf: Vec<u8>) {
+        let mut g = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        let (bufs, bytes) = &mut *g;
+        if *bytes + buf.capacity() <= self.limit {
+            *bytes += buf.capacity();
+            bufs.push(buf);
+        }
+    }
+
+    #[cfg(test)]
+    fn pooled(&self) -> usize {
+        self.free.lock().unwrap_or_else(PoisonError::into_inner).1
+    }
+}
+
 /// A counting semaphore over bytes.
 pub(crate) struct ByteBudget {
     available: Mutex<usize>,
@@ -111,6 +159,24 @@ mod tests {
         let g = b.acquire(1000);
         assert_eq!(b.available(), 0);
         drop(g);
+    }
+
+    #[test]
+    fn buffer_pool_stays_within_its_limit_and_hands_out_the_smallest_fit() {
+        let p = BufferPool::new(10 << 20);
+        p.put(Vec::with_capacity(4 << 20));
+        p.put(Vec::with_capacity(1 << 20));
+        p.put(Vec::with_capacity(4 << 20));
+        // 9 MiB pooled; another 4 MiB would pass the limit and is freed instead.
+        p.put(Vec::with_capacity(4 << 20));
+        assert!(p.pooled() <= 10 << 20);
+        let b = p.take(512 << 10).expect("fits");
+        assert!(b.capacity() >= 512 << 10 && b.capacity() < 4 << 20);
+        assert!(p.take(8 << 20).is_none());
+        let b4 = p.take(4 << 20).expect("a 4 MiB buffer");
+        assert!(b4.capacity() >= 4 << 20);
+        drop((b, b4));
+        assert!(p.pooled() >= 4 << 20);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
-use super::budget::{BudgetGuard, ByteBudget};
+use super::budget::{BudgetGuard, BufferPool, ByteBudget};
 use super::export::{errno_for, AuthorizedCatalog};
 use super::peer::PeerIdentity;
 use super::Shared;
@@ -186,10 +186,8 @@ pub(crate) async fn run<S: IntoBlocking>(
         exp.volume.clone(),
         exp.info.clone(),
         negotiated,
-        shared.budget.clone(),
         id,
-        shared.config.threads_per_connection,
-        shared.config.idle_timeout,
+        &shared,
     ) {
         Ok(c) => Arc::new(c),
         Err(e) => {
@@ -347,9 +345,10 @@ async fn read_or_closed<R: AsyncRead + Unpin>(
 }
 
 /// A transmission thread keeps a payload buffer up to this size between requests; a
-/// larger one is freed as soon as its request is answered, so that the memory idle
-/// connections hold stays small (payload memory in use is bounded by the byte budget;
-/// see `budget::return_freed_memory_to_the_system` for why freeing really returns it).
+/// larger one goes back to the server-wide [`BufferPool`] (bounded) as soon as its
+/// request is answered, so that the memory idle connections hold stays small (payload
+/// memory in use is bounded by the byte budget; see
+/// `budget::return_freed_memory_to_the_system` for why freeing really returns it).
 const KEEP_BUFFER: usize = 64 * 1024;
 
 /// The transmission state of one connection, shared by its threads.
@@ -361,6 +360,7 @@ struct Conn {
     /// Structured replies and metadata contexts, as the handshake settled them.
     negotiated: Negotiated,
     budget: Arc<ByteBudget>,
+    buffers: Arc<BufferPool>,
     id: u64,
     max_threads: usize,
     /// `--idle-timeout`: the socket's receive/send timeout.
@@ -393,11 +393,11 @@ impl Conn {
         volume: Arc<Volume>,
         info: nbd::ExportInfo,
         negotiated: Negotiated,
-        budget: Arc<ByteBudget>,
         id: u64,
-        max_threads: usize,
-        idle_timeout: Option<std::time::Duration>,
+        shared: &Shared,
     ) -> std::io::Result<Conn> {
+        let config = &shared.config;
+        let idle_timeout = config.idle_timeout;
         if idle_timeout.is_some() {
             stream.set_timeouts(idle_timeout)?;
         }
@@ -408,9 +408,10 @@ impl Conn {
             volume,
             info,
             negotiated,
-            budget,
+            budget: shared.budget.clone(),
+            buffers: shared.buffers.clone(),
             id,
-            max_threads: max_threads.max(1),
+            max_threads: config.threads_per_connection.max(1),
             idle_timeout,
             closing: AtomicBool::new(false),
             threads: AtomicUsize::new(0),
@@ -510,9 +511,9 @@ impl Conn {
                         }
                     }
                     let ok = self.serve(cookie, req, &mut buf);
-                    // Free a large buffer before its bytes go back to the budget.
+                    // Give a large buffer back before its bytes go back to the budget.
                     if buf.capacity() > KEEP_BUFFER {
-                        buf = Vec::new();
+                        self.buffers.put(std::mem::take(&mut buf));
                     }
                     drop(guard);
                     if !ok {
@@ -595,6 +596,7 @@ impl Conn {
             ValidRequest::Write { len, .. } => {
                 let guard = self.budget_for(len);
                 let len = len as usize;
+                self.payload_buffer(buf, len);
                 if buf.len() < len {
                     buf.resize(len, 0);
                 }
@@ -607,10 +609,21 @@ impl Conn {
             }
             ValidRequest::Read { len, .. } => {
                 let guard = self.budget_for(len);
+                self.payload_buffer(buf, len as usize);
                 self.bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
                 Incoming::Serve(req.cookie, valid, Some(guard))
             }
             _ => Incoming::Serve(req.cookie, valid, None),
+        }
+    }
+
+    /// Makes `buf` a buffer with room for `len` bytes, from the pool when it has one (a
+    /// new one is allocated by the caller's resize otherwise).
+    fn payload_buffer(&self, buf: &mut Vec<u8>, len: usize) {
+        if buf.capacity() < len {
+            if let Some(b) = self.buffers.take(len) {
+                *buf = b;
+            }
         }
     }
 

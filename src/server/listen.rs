@@ -4,6 +4,8 @@
 //! limit per peer (`max_connections_per_peer`: per uid on Unix sockets, from
 //! `SO_PEERCRED`; per IP address on TCP), so that one local account flooding the TCP
 //! port cannot lock root out of its Unix socket, and one peer cannot fill a listener.
+//! Root and the daemon's own user are exempt from the per-peer limit on Unix sockets
+//! (not from the listener's).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -186,6 +188,10 @@ fn bind_unix_socket(path: &Path, mode: u32) -> std::io::Result<std::os::fd::Owne
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum PeerKey {
     Uid(u32),
+    /// Root or the daemon's own user on a Unix socket: exempt from the per-peer limit
+    /// (the listener's limit still applies), so that the owner cannot lock itself out,
+    /// e.g. with many multi-connection kernel attaches.
+    Owner,
     Ip(IpAddr),
     /// `SO_PEERCRED` failed: all such connections share one allowance.
     Unknown,
@@ -231,7 +237,7 @@ impl Limits {
     ) -> Result<Admission, Refusal> {
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         let count = peers.get(&key).copied().unwrap_or(0);
-        if count >= self.per_peer {
+        if count >= self.per_peer && key != PeerKey::Owner {
             return Err(Refusal::Peer);
         }
         let permit = self
@@ -446,7 +452,12 @@ async fn accept(l: &Listener) -> std::io::Result<(Accepted, String, PeerKey)> {
                 Some(c) => format!("unix:{} uid={}", path.display(), c.uid),
                 None => format!("unix:{}", path.display()),
             };
-            let key = cred.map_or(PeerKey::Unknown, |c| PeerKey::Uid(c.uid));
+            let owner = nix::unistd::geteuid().as_raw();
+            let key = match cred.map(|c| c.uid) {
+                Some(u) if u == 0 || u == owner => PeerKey::Owner,
+                Some(u) => PeerKey::Uid(u),
+                None => PeerKey::Unknown,
+            };
             Ok((Accepted::Unix(s, cred), peer, key))
         }
     }
@@ -550,6 +561,20 @@ mod tests {
             );
         }
         assert!(l.admit(PeerKey::Uid(0), &open).is_ok());
+    }
+
+    #[test]
+    fn the_owner_is_exempt_from_the_per_peer_limit_but_not_the_listeners() {
+        let open = Arc::new(AtomicUsize::new(0));
+        let l = Limits::new(4, 1);
+        let held: Vec<_> = (0..4)
+            .map(|_| l.admit(PeerKey::Owner, &open).expect("owner"))
+            .collect();
+        assert_eq!(
+            l.admit(PeerKey::Owner, &open).err(),
+            Some(Refusal::Listener)
+        );
+        drop(held);
     }
 
     #[test]

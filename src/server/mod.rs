@@ -63,7 +63,8 @@ pub struct ServerConfig {
     /// Maximum simultaneous connections of each listener; further ones are closed at once.
     pub max_connections: usize,
     /// Maximum simultaneous connections of one peer on one listener (a uid on Unix
-    /// sockets, an IP address on TCP).
+    /// sockets, an IP address on TCP). Root and the daemon's own user are exempt on Unix
+    /// sockets.
     pub max_connections_per_peer: usize,
     /// Close a connection in transmission that sent no request for this long.
     pub idle_timeout: Option<Duration>,
@@ -107,6 +108,8 @@ pub(crate) struct Shared {
     pub config: ServerConfig,
     /// Byte budget for payloads in flight (units: bytes, at least 1 per request).
     pub budget: Arc<budget::ByteBudget>,
+    /// Large payload buffers between requests (at most half the byte budget).
+    pub buffers: Arc<budget::BufferPool>,
     /// NBD connections open on every listener (including those still negotiating).
     pub open_connections: Arc<AtomicUsize>,
     pub shutdown: watch::Receiver<bool>,
@@ -159,6 +162,9 @@ pub async fn serve_with(
         exports,
         budget: Arc::new(budget::ByteBudget::new(
             config.max_inflight_bytes.max(nbd_max_payload()),
+        )),
+        buffers: Arc::new(budget::BufferPool::new(
+            config.max_inflight_bytes.max(nbd_max_payload()) / 2,
         )),
         open_connections: Arc::new(AtomicUsize::new(0)),
         config,
