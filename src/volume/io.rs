@@ -263,13 +263,8 @@ impl Volume {
         }
         let map = match &header.allocation_map {
             Some(layout) => {
-                let map =
-                    AllocMap::open(&file, *layout, header.uuid, header.size).map_err(|e| {
-                        VolumeError::Io {
-                            path: p.clone(),
-                            source: e,
-                        }
-                    })?;
+                let map = AllocMap::open(&file, *layout, header.uuid, header.size)
+                    .map_err(|e| super::map_error(path, e))?;
                 let h = map.health();
                 if !h.pages_damaged.is_empty() {
                     tracing::warn!(path = %p, pages = ?h.pages_damaged, "allocation map pages damaged in both copies: their chunks are treated as allocated (never-written blocks there read as random bytes); the map is rewritten on the next flush");
