@@ -150,10 +150,21 @@ struct PassphraseArgs {
     /// Prompt for the passphrase on the terminal.
     #[arg(long, group = "pass")]
     passphrase: bool,
+    /// The most Argon2 memory (KiB) a passphrase keyslot may ask for on this host (it may
+    /// use at most 16 passes of it), checked before any work since keyslots are not
+    /// authenticated before they are opened [default: 1048576, 1 GiB].
+    #[arg(long, value_name = "KIB", env = crate::keys::ARGON2_MAX_MEMORY_ENV,
+          value_parser = clap::value_parser!(u32).range(8..=i64::from(crate::keys::ARGON2_MAX_MEMORY_KIB)))]
+    max_argon2_memory: Option<u32>,
 }
 
 impl PassphraseArgs {
+    /// The passphrase source; also installs `--max-argon2-memory` as this process's
+    /// Argon2 limit.
     fn source(&self) -> Option<PassphraseSource> {
+        if let Some(kib) = self.max_argon2_memory {
+            crate::keys::set_host_max_memory_kib(kib);
+        }
         passphrase_source(&self.passphrase_file, self.passphrase_fd, self.passphrase)
     }
 }

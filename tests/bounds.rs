@@ -120,3 +120,158 @@ fn sidecar_magic_does_not_make_an_unencrypted_image_compliant() {
         assert_eq!(v["content"], "ext4", "{name}: {v:#}");
     }
 }
+
+/// `cryptvol serve` of `vol` expected to fail at startup, bounded by `timeout 30` (so a
+/// stall fails the test instead of hanging it); returns its stderr and how long it took.
+fn serve_fails_timed(
+    env: &Env,
+    vol: &Path,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> (String, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let out = run(Command::new("timeout")
+        .arg("30")
+        .arg(bin())
+        .env("CRYPTVOL_KEYSTORE", env.keystore())
+        .envs(envs.iter().copied())
+        .arg("serve")
+        .arg("--unix")
+        .arg(env.path("fail.sock"))
+        .args(extra)
+        .arg(vol));
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && out.status.code() != Some(124),
+        "serve should fail at startup ({}, after {took:?}): {err}",
+        out.status
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    (err, took)
+}
+
+fn passphrase_volume(env: &Env, name: &str, memory_kib: &str) -> (std::path::PathBuf, String) {
+    let pass = env.path("pass");
+    std::fs::write(&pass, "correct horse battery staple\n").expect("write");
+    let pass = pass.display().to_string();
+    let vol = env.create(
+        name,
+        "8M",
+        &[
+            "--passphrase-file",
+            &pass,
+            "--pbkdf-memory",
+            memory_kib,
+            "--pbkdf-time",
+            "1",
+            "--pbkdf-parallel",
+            "1",
+        ],
+    );
+    (vol, pass)
+}
+
+#[test]
+fn forged_argon2_costs_in_a_keyslot_are_refused_before_any_work() {
+    let env = Env::new();
+    let (vol, pass) = passphrase_volume(&env, "p.img", "8192");
+    // 4 GiB x 100 passes: within the format's bounds, hours of work for an unlock.
+    forge_header(&vol, &|m| {
+        m["keyslots"][0]["params"]["memory_kib"] = "4194304".into();
+        m["keyslots"][0]["params"]["time"] = "100".into();
+    });
+
+    // `info` needs no key and derives nothing.
+    let started = std::time::Instant::now();
+    let info = run_ok(env.cmd().arg("info").arg(&vol));
+    assert!(info.contains("passphrase"), "{info}");
+    assert!(started.elapsed().as_secs() < 20, "{:?}", started.elapsed());
+
+    // Without a passphrase source, passphrase slots are not tried at all.
+    let (err, took) = serve_fails_timed(&env, &vol, &[], &[]);
+    assert!(err.contains("no passphrase given"), "{err}");
+    assert!(took.as_secs() < 20, "{took:?}");
+
+    // With one: refused before Argon2 runs, saying what to raise.
+    let (err, took) = serve_fails_timed(&env, &vol, &["--passphrase-file", &pass], &[]);
+    assert!(
+        err.contains("keyslot 0 (passphrase)")
+            && err.contains("asks for Argon2 memory 4194304 KiB x 100 passes")
+            && err.contains("--max-argon2-memory"),
+        "{err}"
+    );
+    assert!(took.as_secs() < 20, "took {took:?}: {err}");
+    // Raising the memory limit to the format's maximum still does not admit 100 passes.
+    let (err, took) = serve_fails_timed(
+        &env,
+        &vol,
+        &["--passphrase-file", &pass, "--max-argon2-memory", "4194304"],
+        &[],
+    );
+    assert!(
+        err.contains("x 100 passes, above this host's limit"),
+        "{err}"
+    );
+    assert!(took.as_secs() < 20, "took {took:?}: {err}");
+}
+
+#[test]
+fn argon2_work_of_one_unlock_is_bounded_across_keyslots() {
+    let env = Env::new();
+    let (vol, pass) = passphrase_volume(&env, "p.img", "8192");
+    // 32 passphrase slots (the format's most), each at this host's limit (64 KiB here,
+    // so that the test is fast) and 16 passes: each alone is admitted, all together are
+    // not.
+    forge_header(&vol, &|m| {
+        let mut slot = m["keyslots"][0].clone();
+        slot["params"]["memory_kib"] = "64".into();
+        slot["params"]["time"] = "16".into();
+        m["keyslots"] = serde_json::Value::Array(vec![slot; 32]);
+    });
+    let (err, _) = serve_fails_timed(
+        &env,
+        &vol,
+        &["--passphrase-file", &pass],
+        &[("CRYPTVOL_ARGON2_MAX_MEMORY", "64")],
+    );
+    let tried = err.matches("wrong passphrase").count();
+    let refused = err
+        .matches("not tried: the keyslots tried before it already used this unlock's Argon2 budget")
+        .count();
+    assert_eq!((tried, refused), (2, 30), "{err}");
+}
+
+#[test]
+fn a_keyslot_above_the_host_argon2_limit_opens_once_the_limit_is_raised() {
+    require("qemu-io");
+    let env = Env::new();
+    let (vol, pass) = passphrase_volume(&env, "p.img", "16384");
+    let low = [("CRYPTVOL_ARGON2_MAX_MEMORY", "8192")];
+    let (err, _) = serve_fails_timed(&env, &vol, &["--passphrase-file", &pass], &low);
+    assert!(
+        err.contains(
+            "asks for Argon2 memory 16384 KiB x 1 passes, above this host's limit of 8192 KiB"
+        ),
+        "{err}"
+    );
+    // The flag wins over the environment.
+    let srv = env.serve_env(
+        &env.path("ok.sock"),
+        &[s(&vol)],
+        &["--passphrase-file", &pass, "--max-argon2-memory", "16384"],
+        false,
+        &low,
+    );
+    qemu_io(&srv.uri("p"), &["read -P 0 0 64k"]);
+    srv.stop();
+    // Creating a keyslot this host could not open is refused up front.
+    let err = fails(
+        env.cmd()
+            .env("CRYPTVOL_ARGON2_MAX_MEMORY", "8192")
+            .args(["create", "--size", "8M", "--passphrase-file", &pass])
+            .args(["--pbkdf-memory", "16384", "--pbkdf-time", "1"])
+            .arg(env.path("q.img")),
+    );
+    assert!(err.contains("above this host's limit"), "{err}");
+}
