@@ -174,10 +174,9 @@ struct CreateArgs {
     /// Volume size, e.g. 512M, 10G, 1T (binary units); a multiple of the sector size.
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg, required_unless_present = "from_snapshot", conflicts_with = "from_snapshot")]
     size: Option<u64>,
-    /// Restore the volume from this snapshot (size and sector size come from it). Without
-    /// --key (or with the snapshot's own key) the volume shares the snapshot's data key,
-    /// rewrapped for the new volume; with another key it gets a new data key and every
-    /// chunk is re-encrypted.
+    /// Restore the volume from this snapshot (size and sector size come from it). The
+    /// volume gets its own new data key, wrapped by --key (default: the snapshot's own
+    /// master key), and every chunk is re-encrypted under it.
     #[arg(long, value_name = "SNAPSHOT-ID", requires = "store")]
     from_snapshot: Option<String>,
     /// The snapshot store of --from-snapshot.
@@ -1828,18 +1827,13 @@ async fn restore(a: CreateArgs) -> Result<()> {
         );
     }
     println!(
-        "created {} from snapshot {id} ({}, {}-byte sectors, uuid {}, {} of {} chunks with data), {}, data key wrapped by {}",
+        "created {} from snapshot {id} ({}, {}-byte sectors, uuid {}, {} of {} chunks with data), re-encrypted under a new data key, data key wrapped by {}",
         a.file.display(),
         format_size(out.header.size),
         out.header.sector_size,
         out.header.uuid,
         out.stats.data_chunks,
         out.stats.chunks,
-        if out.shared_dek {
-            "sharing the snapshot's data key"
-        } else {
-            "re-encrypted under a new data key"
-        },
         out.header
             .keyslots
             .first()
