@@ -87,6 +87,8 @@ fn forged_allocation_map_geometry_is_a_clear_error_not_an_abort() {
         report.contains("the header is damaged or forged"),
         "{report}"
     );
+    assert!(report.contains("HEADER_INVALID"), "{report}");
+    assert!(!report.contains("ALLOCATION_MAP_DAMAGED"), "{report}");
 }
 
 /// An ext4 image whose first eight bytes are the changed-chunk sidecar's magic.

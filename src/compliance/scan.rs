@@ -305,6 +305,7 @@ impl Scanner {
                 key: self.key_facts(s).await,
             });
         }
+        let map = crate::volume::map_summary(path, h);
         VolumeFacts {
             uuid: h.uuid,
             health,
@@ -312,7 +313,7 @@ impl Scanner {
             needed_len: h.data_offset.saturating_add(h.size),
             file_len: device_len(path, md),
             slots,
-            map_problem: match crate::volume::map_summary(path, h) {
+            map_problem: match &map {
                 Ok(Some(m)) if !m.health.is_healthy() => {
                     Some(if m.health.pages_damaged.is_empty() {
                         format!(
@@ -327,8 +328,12 @@ impl Scanner {
                         )
                     })
                 }
-                Ok(_) => None,
+                Ok(_) | Err(VolumeError::InvalidHeader { .. }) => None,
                 Err(e) => Some(format!("cannot read it: {e}")),
+            },
+            header_invalid: match map {
+                Err(VolumeError::InvalidHeader { detail, .. }) => Some(detail),
+                _ => None,
             },
         }
     }
