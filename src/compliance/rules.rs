@@ -457,8 +457,9 @@ fn volume_findings(v: &VolumeFacts, policy: &Policy, now: u64) -> Vec<Finding> {
         out.push(Finding::new(
             Code::HeaderInvalid,
             format!(
-                "the header cannot be right for this file ({why}); cryptvol serve refuses \
-                 it (the header MAC does not verify): restore the header from a backup"
+                "the header cannot be right for this file ({why}); the volume cannot be \
+                 opened: restore the header from a backup (or the file, if it was cut \
+                 short)"
             ),
         ));
     }
