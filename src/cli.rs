@@ -157,10 +157,21 @@ struct PassphraseArgs {
     /// Prompt for the passphrase on the terminal.
     #[arg(long, group = "pass")]
     passphrase: bool,
+    /// The most Argon2 memory (KiB) a passphrase keyslot may ask for on this host (it may
+    /// use at most 16 passes of it), checked before any work since keyslots are not
+    /// authenticated before they are opened [default: 1048576, 1 GiB].
+    #[arg(long, value_name = "KIB", env = crate::keys::ARGON2_MAX_MEMORY_ENV,
+          value_parser = clap::value_parser!(u32).range(8..=i64::from(crate::keys::ARGON2_MAX_MEMORY_KIB)))]
+    max_argon2_memory: Option<u32>,
 }
 
 impl PassphraseArgs {
+    /// The passphrase source; also installs `--max-argon2-memory` as this process's
+    /// Argon2 limit.
     fn source(&self) -> Option<PassphraseSource> {
+        if let Some(kib) = self.max_argon2_memory {
+            crate::keys::set_host_max_memory_kib(kib);
+        }
         passphrase_source(&self.passphrase_file, self.passphrase_fd, self.passphrase)
     }
 }
@@ -170,10 +181,9 @@ struct CreateArgs {
     /// Volume size, e.g. 512M, 10G, 1T (binary units); a multiple of the sector size.
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg, required_unless_present = "from_snapshot", conflicts_with = "from_snapshot")]
     size: Option<u64>,
-    /// Restore the volume from this snapshot (size and sector size come from it). Without
-    /// --key (or with the snapshot's own key) the volume shares the snapshot's data key,
-    /// rewrapped for the new volume; with another key it gets a new data key and every
-    /// chunk is re-encrypted.
+    /// Restore the volume from this snapshot (size and sector size come from it). The
+    /// volume gets its own new data key, wrapped by --key (default: the snapshot's own
+    /// master key), and every chunk is re-encrypted under it.
     #[arg(long, value_name = "SNAPSHOT-ID", requires = "store")]
     from_snapshot: Option<String>,
     /// The snapshot store of --from-snapshot.
@@ -1991,18 +2001,13 @@ async fn restore(a: CreateArgs) -> Result<()> {
         );
     }
     println!(
-        "created {} from snapshot {id} ({}, {}-byte sectors, uuid {}, {} of {} chunks with data), {}, data key wrapped by {}",
+        "created {} from snapshot {id} ({}, {}-byte sectors, uuid {}, {} of {} chunks with data), re-encrypted under a new data key, data key wrapped by {}",
         a.file.display(),
         format_size(out.header.size),
         out.header.sector_size,
         out.header.uuid,
         out.stats.data_chunks,
         out.stats.chunks,
-        if out.shared_dek {
-            "sharing the snapshot's data key"
-        } else {
-            "re-encrypted under a new data key"
-        },
         out.header
             .keyslots
             .first()

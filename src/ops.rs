@@ -972,16 +972,16 @@ impl Drop for RemoveOnDrop {
 #[derive(Debug)]
 pub struct RestoreOutcome {
     pub header: Header,
-    /// The new volume shares the snapshot's DEK (same master key); else it got a new DEK
-    /// and every chunk was re-encrypted.
-    pub shared_dek: bool,
     pub stats: RestoreStats,
 }
 
-/// Creates the volume `path` from snapshot `id` of `store`. `target` `None` (or naming
-/// the snapshot's own master key) keeps the snapshot's DEK, rewrapped for the new
-/// volume's encryption context; another key gets a new DEK and every chunk is
-/// re-encrypted. The manifest MAC and every chunk hash are verified. The volume is built
+/// Creates the volume `path` from snapshot `id` of `store`, under a new random DEK
+/// wrapped by `target` (`None`: the snapshot's own master key): every chunk is decrypted
+/// with the snapshot's DEK and re-encrypted with the new one. The restore writes every
+/// chunk anyway, so this costs nothing, and it keeps the rule that every volume has its
+/// own data key: two volumes sharing one would let whoever holds both files compare
+/// their ciphertexts sector by sector (which sectors hold the same data). There is no
+/// option to keep the snapshot's DEK. The manifest MAC and every chunk hash are verified. The volume is built
 /// under `.FILE.partial` and renamed only when complete: on any error (or when the future
 /// is dropped, e.g. on Ctrl-C) the partial file is removed; one left by a killed process
 /// is removed by the next restore to the same name.
@@ -1000,25 +1000,14 @@ pub async fn restore_snapshot(
     }
     let m = snapshot::restore::load_manifest(store, id).await?;
     let (dek, slot) = unlock_snapshot(&m, keys).await?;
-    let unlocked = &m.keyslots[slot];
-    let shared = match &target {
-        None => true,
-        Some(t) => same_master_key(t, unlocked, keys),
-    };
     let uuid = uuid::Uuid::new_v4();
     let ctx = EncryptionContext::for_volume(&uuid);
     let svc = keys.service();
-    let (new_dek, wrapped) = if shared {
-        let to = match target {
-            Some(t) => t,
-            None => slot_key(unlocked, keys)?,
-        };
-        let w = wrap_for(keys, &svc, &to, &dek, &ctx, KeyOp::RewrapTo).await?;
-        (dek_copy(&dek)?, w)
-    } else {
-        let t = target.unwrap_or(NewKey::Default);
-        generate_for(keys, &svc, &t, &ctx).await?
+    let to = match target {
+        Some(t) => t,
+        None => slot_key(&m.keyslots[slot], keys)?,
     };
+    let (new_dek, wrapped) = generate_for(keys, &svc, &to, &ctx).await?;
     let partial = partial_path(path);
     // symlink_metadata: a (dangling) symlink planted at the derived name is removed too;
     // the partial volume itself is then created with O_EXCL.
@@ -1049,11 +1038,7 @@ pub async fn restore_snapshot(
     drop(vol);
     publish_partial(&partial, path)?;
     guard.0 = None;
-    Ok(RestoreOutcome {
-        header,
-        shared_dek: shared,
-        stats,
-    })
+    Ok(RestoreOutcome { header, stats })
 }
 
 /// Copies snapshot `id` from `from` to `to`. Without `target` (or with the snapshot's own

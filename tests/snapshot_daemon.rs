@@ -392,7 +392,7 @@ fn served_snapshot_point_in_time_incremental_tracking_and_restore() {
 
     // The snapshot holds exactly generation A, everywhere.
     let (r1, out) = restore(&env, &id1, &store, "r1", &[]);
-    assert!(out.contains("sharing the snapshot's data key"), "{out}");
+    assert!(out.contains("re-encrypted under a new data key"), "{out}");
     let rs = env.serve(&[s(&r1)], &["--read-only"], false);
     check(&rs.uri("r1"), "A", 0, 128 * MIB);
     rs.stop();

@@ -152,6 +152,43 @@ fn data_offset(env: &Env, file: &Path) -> u64 {
     info_json(env, file)["data_offset"].as_u64().unwrap()
 }
 
+/// Issue 14 B7: a restore under the snapshot's own master key used to keep the source
+/// volume's DEK, so the two volume files held the same ciphertext for the same data at
+/// the same sector (comparable sector by sector).
+#[test]
+fn a_volume_restored_under_the_same_key_gets_its_own_data_key() {
+    require("qemu-io");
+    let env = Env::new();
+    let vol = env.create("src.img", "4M", &[]);
+    write_through_nbd(&env, &vol, &["write -P 0x3c 0 1M"]);
+    let store = env.path("store");
+    let id = snapshot(&env, &vol, s(&store), &[])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let restored = env.path("restored.img");
+    let out = restore(&env, &id, s(&store), &restored, &[]);
+    // Both under the same master key.
+    let (ia, ib) = (info_json(&env, &vol), info_json(&env, &restored));
+    assert_eq!(ia["keyslots"][0]["key_id"], ib["keyslots"][0]["key_id"]);
+    // The same plaintext sectors...
+    let srv = env.serve(&[s(&vol), s(&restored)], &[], false);
+    qemu_io(&srv.uri("src"), &["read -P 0x3c 0 1M"]);
+    qemu_io(&srv.uri("restored"), &["read -P 0x3c 0 1M"]);
+    srv.stop();
+    // ...are different ciphertext at the same place of each data area.
+    let (oa, ob) = (data_offset(&env, &vol), data_offset(&env, &restored));
+    for sector in [0u64, 1, 255] {
+        let (a, b) = (
+            read_at(&vol, oa + sector * 4096, 4096),
+            read_at(&restored, ob + sector * 4096, 4096),
+        );
+        assert!(a != vec![0x3c; 4096], "sector {sector} is plaintext");
+        assert!(a != b, "sector {sector}: same ciphertext in both volumes");
+    }
+    assert!(out.contains("re-encrypted under a new data key"), "{out}");
+}
+
 #[test]
 fn snapshot_restore_same_and_other_key_never_plaintext() {
     require("qemu-io");
@@ -246,11 +283,13 @@ fn snapshot_restore_same_and_other_key_never_plaintext() {
     ])));
     assert!(other_volume.as_array().unwrap().is_empty());
 
-    // Restore under the same key: byte-identical plaintext, the DEK is shared (same
-    // ciphertext at the same place), a new UUID and the keyslot bound to it.
+    // Restore under the same key: byte-identical plaintext, its own DEK (different
+    // ciphertext at the same place, see
+    // a_volume_restored_under_the_same_key_gets_its_own_data_key), a new UUID and the
+    // keyslot bound to it.
     let same = env.path("same.img");
     let out = restore(&env, &id, s(&store), &same, &[]);
-    assert!(out.contains("sharing the snapshot's data key"), "{out}");
+    assert!(out.contains("re-encrypted under a new data key"), "{out}");
     assert_eq!(plaintext_sha(&env, &same), original);
     let (ia, ib) = (info_json(&env, &vol), info_json(&env, &same));
     assert_ne!(ia["uuid"], ib["uuid"]);
@@ -259,7 +298,7 @@ fn snapshot_restore_same_and_other_key_never_plaintext() {
         ib["uuid"]
     );
     let (oa, ob) = (data_offset(&env, &vol), data_offset(&env, &same));
-    assert_eq!(read_at(&vol, oa, 65536), read_at(&same, ob, 65536));
+    assert_ne!(read_at(&vol, oa, 65536), read_at(&same, ob, 65536));
 
     // Restore under another key: identical plaintext, a different DEK (the ciphertext of
     // the same plaintext at the same sectors differs), wrapped by the other key.
@@ -491,7 +530,7 @@ fn copy_between_stores_as_is_and_reencrypted() {
     assert_eq!(plaintext_sha(&env, &rb), original);
     let rc = env.path("rc.img");
     let out = restore(&env, &id2, s(&c), &rc, &["--key", "alias/dr"]);
-    assert!(out.contains("sharing the snapshot's data key"), "{out}");
+    assert!(out.contains("re-encrypted under a new data key"), "{out}");
     assert_eq!(plaintext_sha(&env, &rc), original);
 }
 

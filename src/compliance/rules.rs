@@ -58,6 +58,8 @@ pub enum Code {
     HeaderBothCopiesDamaged,
     HeaderCopyDamaged,
     HeaderCopyStale,
+    /// The header's geometry cannot be right for the file (damaged or forged).
+    HeaderInvalid,
     AllocationMapDamaged,
     VolumeTruncated,
     UnsupportedVersion,
@@ -84,11 +86,12 @@ pub enum Code {
 
 impl Code {
     /// Every code, in documentation order.
-    pub const ALL: [Code; 22] = [
+    pub const ALL: [Code; 23] = [
         Code::NotAVolume,
         Code::HeaderBothCopiesDamaged,
         Code::HeaderCopyDamaged,
         Code::HeaderCopyStale,
+        Code::HeaderInvalid,
         Code::AllocationMapDamaged,
         Code::VolumeTruncated,
         Code::UnsupportedVersion,
@@ -115,6 +118,7 @@ impl Code {
             Code::HeaderBothCopiesDamaged => "HEADER_BOTH_COPIES_DAMAGED",
             Code::HeaderCopyDamaged => "HEADER_COPY_DAMAGED",
             Code::HeaderCopyStale => "HEADER_COPY_STALE",
+            Code::HeaderInvalid => "HEADER_INVALID",
             Code::AllocationMapDamaged => "ALLOCATION_MAP_DAMAGED",
             Code::VolumeTruncated => "VOLUME_TRUNCATED",
             Code::UnsupportedVersion => "UNSUPPORTED_VERSION",
@@ -308,6 +312,9 @@ pub struct VolumeFacts {
     pub slots: Vec<SlotFacts>,
     /// What is wrong with the allocation map (thin volumes), if anything.
     pub map_problem: Option<String>,
+    /// Why the header's geometry cannot be right for the file (checked without a key,
+    /// before anything is allocated from it), if it cannot.
+    pub header_invalid: Option<String>,
 }
 
 /// Why a file with cryptvol magic has no usable header.
@@ -446,6 +453,16 @@ fn volume_findings(v: &VolumeFacts, policy: &Policy, now: u64) -> Vec<Finding> {
     let mut out = Vec::new();
     out.extend(copy_finding("primary", &v.health.primary));
     out.extend(copy_finding("secondary", &v.health.secondary));
+    if let Some(why) = &v.header_invalid {
+        out.push(Finding::new(
+            Code::HeaderInvalid,
+            format!(
+                "the header cannot be right for this file ({why}); the volume cannot be \
+                 opened: restore the header from a backup (or the file, if it was cut \
+                 short)"
+            ),
+        ));
+    }
     if let Some(p) = &v.map_problem {
         out.push(Finding::new(
             Code::AllocationMapDamaged,
@@ -792,7 +809,19 @@ mod tests {
             file_len: Some(2 << 20),
             slots,
             map_problem: None,
+            header_invalid: None,
         }
+    }
+
+    #[test]
+    fn an_invalid_header_geometry_is_non_compliant() {
+        let mut v = vol(Vec::new());
+        v.header_invalid = Some("allocation map of 9 pages does not fit".into());
+        let f = volume_findings(&v, &Policy::default(), 0);
+        assert!(f.iter().any(|f| f.code == Code::HeaderInvalid
+            && f.code.severity() == Severity::NonCompliant
+            && f.message.contains("9 pages")
+            && f.message.contains("restore the header from a backup")));
     }
 
     #[test]
@@ -1227,7 +1256,7 @@ mod tests {
             let json = serde_json::to_string(&c).unwrap();
             assert_eq!(json, format!("\"{}\"", c.as_str()));
         }
-        assert_eq!(Code::ALL.len(), 22);
+        assert_eq!(Code::ALL.len(), 23);
         let v = serde_json::to_string(&Verdict::NonCompliant).unwrap();
         assert_eq!(v, "\"NON_COMPLIANT\"");
     }

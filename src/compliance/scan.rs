@@ -305,6 +305,7 @@ impl Scanner {
                 key: self.key_facts(s).await,
             });
         }
+        let map = crate::volume::map_summary(path, h);
         VolumeFacts {
             uuid: h.uuid,
             health,
@@ -312,7 +313,7 @@ impl Scanner {
             needed_len: h.data_offset.saturating_add(h.size),
             file_len: device_len(path, md),
             slots,
-            map_problem: match crate::volume::map_summary(path, h) {
+            map_problem: match &map {
                 Ok(Some(m)) if !m.health.is_healthy() => {
                     Some(if m.health.pages_damaged.is_empty() {
                         format!(
@@ -327,8 +328,12 @@ impl Scanner {
                         )
                     })
                 }
-                Ok(_) => None,
+                Ok(_) | Err(VolumeError::InvalidHeader { .. }) => None,
                 Err(e) => Some(format!("cannot read it: {e}")),
+            },
+            header_invalid: match map {
+                Err(VolumeError::InvalidHeader { detail, .. }) => Some(detail),
+                _ => None,
             },
         }
     }
@@ -515,7 +520,7 @@ fn walk(
         ));
         return;
     }
-    if md.is_file() && is_tracking_sidecar(path) {
+    if md.is_file() && is_tracking_sidecar(path, &md) {
         out.push(Entry::Skipped(
             p,
             "a cryptvol changed-chunk tracking file (kept next to a served volume; holds no data)"
@@ -596,17 +601,68 @@ fn read_full_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize>
     Ok(done)
 }
 
-/// What a file that is not a volume holds.
-/// Whether `path` is a volume's changed-chunk tracking sidecar (`<volume>.cbt`, magic
-/// `CVCBT001`, see docs/format.md).
-fn is_tracking_sidecar(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 8];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok_and(|()| &magic == b"CVCBT001")
+/// Whether `path` is a volume's changed-chunk tracking sidecar, so that it can be
+/// skipped: only a well-formed sidecar (docs/format.md §10.7, every field parsed, the
+/// length the format gives for its volume's size, the checksum right) named
+/// `<volume>.cbt` beside a cryptvol volume `<volume>` whose UUID it records. Anything
+/// else, whatever its first bytes, is checked like any other file: eight bytes of magic
+/// must not make an unencrypted image look compliant.
+fn is_tracking_sidecar(path: &Path, md: &Metadata) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let Some(volume_name) = name.strip_suffix(".cbt").filter(|v| !v.is_empty()) else {
+        return false;
+    };
+    let volume_path = path.with_file_name(volume_name);
+    let Ok((header, _)) = volume::read_header(&volume_path) else {
+        return false;
+    };
+    let nwords = header.size.div_ceil(volume::SNAPSHOT_CHUNK).div_ceil(64);
+    // Bound the length by the format before reading: fixed fields, a base id of at
+    // most u16::MAX bytes, the words and the checksum.
+    let most = CBT_FIXED_LEN
+        .saturating_add(u64::from(u16::MAX))
+        .saturating_add(nwords.saturating_mul(8));
+    if md.len() < CBT_FIXED_LEN || md.len() > most {
+        return false;
+    }
+    let Ok(bytes) = std::fs::read(path) else {
+        return false;
+    };
+    parse_sidecar(&bytes).is_some_and(|(uuid, n)| uuid == header.uuid && n == nwords)
 }
 
+/// Bytes of a changed-chunk sidecar besides its base id and its words: magic 8, UUID
+/// 16, in_use 1, base_len 2, chunk size 8, word count 8, SHA-256 32.
+const CBT_FIXED_LEN: u64 = 8 + 16 + 1 + 2 + 8 + 8 + 32;
+
+/// Parses a changed-chunk sidecar completely (docs/format.md §10.7): the volume UUID it
+/// records and its number of words, or `None` unless every field is valid and the
+/// length is exactly what the fields say.
+fn parse_sidecar(b: &[u8]) -> Option<(uuid::Uuid, u64)> {
+    use sha2::{Digest, Sha256};
+    let body = b.get(..b.len().checked_sub(32)?)?;
+    if Sha256::digest(body)[..] != b[body.len()..] || body.get(..8)? != b"CVCBT001" {
+        return None;
+    }
+    let uuid = uuid::Uuid::from_bytes(body.get(8..24)?.try_into().ok()?);
+    if *body.get(24)? > 1 {
+        return None;
+    }
+    let blen = usize::from(u16::from_le_bytes(body.get(25..27)?.try_into().ok()?));
+    std::str::from_utf8(body.get(27..27 + blen)?).ok()?;
+    let at = 27 + blen;
+    let chunk = u64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?);
+    let n = u64::from_le_bytes(body.get(at + 8..at + 16)?.try_into().ok()?);
+    let words = usize::try_from(n).ok()?.checked_mul(8)?;
+    if chunk != volume::SNAPSHOT_CHUNK || body.len() != (at + 16).checked_add(words)? {
+        return None;
+    }
+    Some((uuid, n))
+}
+
+/// What a file that is not a volume holds.
 fn probe(path: &Path, md: &Metadata) -> Result<DataKind, String> {
     let f = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
     let len = device_len(path, md).unwrap_or(0);
@@ -695,6 +751,47 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sidecar as docs/format.md §10.7 describes it.
+    fn sidecar(uuid: &uuid::Uuid, in_use: u8, base: &str, words: &[u64]) -> Vec<u8> {
+        use sha2::{Digest, Sha256};
+        let mut b = b"CVCBT001".to_vec();
+        b.extend_from_slice(uuid.as_bytes());
+        b.push(in_use);
+        b.extend_from_slice(&(base.len() as u16).to_le_bytes());
+        b.extend_from_slice(base.as_bytes());
+        b.extend_from_slice(&volume::SNAPSHOT_CHUNK.to_le_bytes());
+        b.extend_from_slice(&(words.len() as u64).to_le_bytes());
+        for w in words {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        let sum = Sha256::digest(&b);
+        b.extend_from_slice(&sum);
+        b
+    }
+
+    #[test]
+    fn only_a_well_formed_sidecar_parses() {
+        let u = uuid::Uuid::from_bytes([3; 16]);
+        let good = sidecar(&u, 0, "snap-1", &[1, 2, 3]);
+        assert_eq!(parse_sidecar(&good), Some((u, 3)));
+        assert_eq!(parse_sidecar(&sidecar(&u, 1, "", &[])), Some((u, 0)));
+        assert_eq!(parse_sidecar(&good[..good.len() - 1]), None);
+        assert_eq!(parse_sidecar(b"CVCBT001"), None);
+        assert_eq!(parse_sidecar(&sidecar(&u, 2, "snap-1", &[1])), None);
+        // The magic plus anything else (an ext4 image given eight bytes) is not one.
+        let mut forged = vec![0u8; 4096];
+        forged[..8].copy_from_slice(b"CVCBT001");
+        assert_eq!(parse_sidecar(&forged), None);
+        // A word count that disagrees with the length, with a valid checksum.
+        let mut b = sidecar(&u, 0, "s", &[7, 7]);
+        b.truncate(b.len() - 32);
+        let at = 8 + 16 + 1 + 2 + 1 + 8;
+        b[at..at + 8].copy_from_slice(&3u64.to_le_bytes());
+        let sum = <sha2::Sha256 as sha2::Digest>::digest(&b);
+        b.extend_from_slice(&sum);
+        assert_eq!(parse_sidecar(&b), None);
+    }
 
     #[test]
     fn feature_lists() {

@@ -32,7 +32,10 @@ pub use local::{
     default_keystore_dir, KeyDetails, KeyInfo, KeyPolicy, LocalKeystore, MaterialVersion,
     DEFAULT_KEY_ALIAS, MAX_DELETION_DAYS, MIN_DELETION_DAYS,
 };
-pub use passphrase::{Argon2Params, PassphraseBackend, PassphraseSource};
+pub use passphrase::{
+    set_host_max_memory_kib, Argon2Limits, Argon2Params, PassphraseBackend, PassphraseSource,
+    MAX_MEMORY_ENV as ARGON2_MAX_MEMORY_ENV, MAX_MEMORY_KIB as ARGON2_MAX_MEMORY_KIB,
+};
 pub use principal::Principal;
 pub use service::KeyService;
 

@@ -10,8 +10,14 @@
 //! ```
 //!
 //! A fresh salt is drawn for every wrap. On unwrap the costs are read back from the
-//! keyslot and refused as `Malformed` when outside [`Argon2Params::validate`]'s bounds, so
-//! a hostile header cannot make us allocate or spin without limit.
+//! keyslot and refused as `Malformed` when outside [`Argon2Params::validate`]'s bounds.
+//! The keyslot is not authenticated before its passphrase is derived (the header MAC
+//! needs the data key), so the costs are also held to this host's limit
+//! ([`Argon2Limits`]) before any work: a memory limit (default 1 GiB, like cryptsetup's
+//! `--pbkdf-memory` ceiling; `--max-argon2-memory` or `CRYPTVOL_ARGON2_MAX_MEMORY`), at
+//! most [`PASSES_PER_LIMIT`] passes' worth of that memory per keyslot, and twice that in
+//! all for one backend (one unlock), so a header with many forged slots cannot make an
+//! unlock run for hours.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -41,6 +47,81 @@ pub const MAX_MEMORY_KIB: u32 = 4 * 1024 * 1024;
 pub const MAX_TIME: u32 = 100;
 /// Upper bound on Argon2 lanes.
 pub const MAX_LANES: u32 = 64;
+/// This host's Argon2 memory limit when nothing sets it: 1 GiB.
+pub const DEFAULT_HOST_MAX_MEMORY_KIB: u32 = 1024 * 1024;
+/// Argon2 work (memory × passes) one keyslot may ask for, in passes of the memory limit:
+/// at the limit 16 passes, at a quarter of it 64.
+pub const PASSES_PER_LIMIT: u64 = 16;
+/// Argon2 work one backend (one unlock) spends in all, in keyslots of the largest work.
+const SLOTS_PER_UNLOCK: u64 = 2;
+/// The environment variable that sets this host's Argon2 memory limit (KiB).
+pub const MAX_MEMORY_ENV: &str = "CRYPTVOL_ARGON2_MAX_MEMORY";
+/// The limit set by `--max-argon2-memory` (0: not set).
+static HOST_MAX_MEMORY_KIB: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Sets this process's Argon2 memory limit (`--max-argon2-memory KIB`, clamped to
+/// 8..=[`MAX_MEMORY_KIB`]); it takes precedence over [`MAX_MEMORY_ENV`].
+pub fn set_host_max_memory_kib(kib: u32) {
+    HOST_MAX_MEMORY_KIB.store(
+        kib.clamp(8, MAX_MEMORY_KIB),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// How much Argon2 work this host lets keyslots ask for (see the module comment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Argon2Limits {
+    /// Most memory of one derivation, KiB.
+    pub max_memory_kib: u32,
+}
+
+impl Argon2Limits {
+    /// The limit in effect: `--max-argon2-memory`, else [`MAX_MEMORY_ENV`], else
+    /// [`DEFAULT_HOST_MAX_MEMORY_KIB`].
+    pub fn host() -> Result<Argon2Limits, KeyError> {
+        let set = HOST_MAX_MEMORY_KIB.load(std::sync::atomic::Ordering::Relaxed);
+        if set != 0 {
+            return Ok(Argon2Limits {
+                max_memory_kib: set,
+            });
+        }
+        let Some(v) = std::env::var_os(MAX_MEMORY_ENV) else {
+            return Ok(Argon2Limits {
+                max_memory_kib: DEFAULT_HOST_MAX_MEMORY_KIB,
+            });
+        };
+        let kib = v
+            .to_str()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .filter(|k| (8..=MAX_MEMORY_KIB).contains(k))
+            .ok_or_else(|| {
+                KeyError::Unsupported(format!(
+                    "{MAX_MEMORY_ENV}={:?} is not a memory size in KiB from 8 to {MAX_MEMORY_KIB}",
+                    v.to_string_lossy()
+                ))
+            })?;
+        Ok(Argon2Limits {
+            max_memory_kib: kib,
+        })
+    }
+
+    /// Most work (KiB × passes) of one keyslot.
+    fn slot_work(&self) -> u64 {
+        u64::from(self.max_memory_kib) * PASSES_PER_LIMIT
+    }
+
+    /// Refuses costs above this host's limits, before any work.
+    fn admit(&self, p: &Argon2Params) -> Result<(), KeyError> {
+        if p.memory_kib > self.max_memory_kib || p.work() > self.slot_work() {
+            return Err(KeyError::Unsupported(format!(
+                "the keyslot asks for Argon2 memory {} KiB x {} passes, above this host's limit of {} KiB (x {PASSES_PER_LIMIT} passes); raise it with --max-argon2-memory KIB or {MAX_MEMORY_ENV}=KIB if intended",
+                p.memory_kib, p.time, self.max_memory_kib
+            )));
+        }
+        Ok(())
+    }
+}
+
 const SALT_LEN: usize = 16;
 const MIN_SALT_LEN: usize = 8;
 const MAX_SALT_LEN: usize = 64;
@@ -93,6 +174,11 @@ impl Argon2Params {
             ));
         }
         Ok(())
+    }
+
+    /// Memory × passes, the work of one derivation.
+    fn work(&self) -> u64 {
+        u64::from(self.memory_kib) * u64::from(self.time)
     }
 
     fn record(&self, params: &mut BTreeMap<String, String>) {
@@ -285,16 +371,59 @@ pub struct PassphraseBackend {
     /// Shared with the blocking Argon2 task.
     passphrase: Arc<SecretBytes>,
     params: Argon2Params,
+    /// `None`: this host's limits, read at the first derivation.
+    limits: Option<Argon2Limits>,
+    /// Argon2 work (KiB × passes) spent by unwraps so far.
+    spent: std::sync::Mutex<u64>,
 }
 
 impl PassphraseBackend {
     /// `params` are the Argon2id costs used for new wraps (unwrap uses the keyslot's).
-    /// They are checked with [`Argon2Params::validate`] when wrapping.
+    /// They are checked with [`Argon2Params::validate`] when wrapping. Derivations are
+    /// held to this host's [`Argon2Limits::host`].
     pub fn new(passphrase: SecretBytes, params: Argon2Params) -> PassphraseBackend {
         PassphraseBackend {
             passphrase: Arc::new(passphrase),
             params,
+            limits: None,
+            spent: std::sync::Mutex::new(0),
         }
+    }
+
+    /// The same, held to `limits` instead of this host's.
+    pub fn with_limits(
+        passphrase: SecretBytes,
+        params: Argon2Params,
+        limits: Argon2Limits,
+    ) -> PassphraseBackend {
+        PassphraseBackend {
+            limits: Some(limits),
+            ..PassphraseBackend::new(passphrase, params)
+        }
+    }
+
+    fn limits(&self) -> Result<Argon2Limits, KeyError> {
+        match self.limits {
+            Some(l) => Ok(l),
+            None => Argon2Limits::host(),
+        }
+    }
+
+    /// Admits one unwrap's derivation: within the per-slot limit and within what is left
+    /// of this backend's total budget (which it then takes).
+    fn admit_unwrap(&self, p: &Argon2Params) -> Result<(), KeyError> {
+        let limits = self.limits()?;
+        limits.admit(p)?;
+        let budget = limits.slot_work() * SLOTS_PER_UNLOCK;
+        let mut spent = self.spent.lock().unwrap_or_else(|e| e.into_inner());
+        if spent.saturating_add(p.work()) > budget {
+            return Err(KeyError::Unsupported(format!(
+                "not tried: the keyslots tried before it already used this unlock's Argon2 budget ({budget} KiB x passes, {SLOTS_PER_UNLOCK} keyslots at this host's limit of {} KiB x {PASSES_PER_LIMIT} passes); raise it with --max-argon2-memory KIB or {MAX_MEMORY_ENV}=KIB if intended",
+                limits.max_memory_kib
+            )));
+        }
+        *spent += p.work();
+        Ok(())
     }
 
     /// Derives the KEK on the blocking pool; `map` turns Argon2 failures into an error.
@@ -361,6 +490,8 @@ impl KeyBackend for PassphraseBackend {
     ) -> Result<WrappedDek, KeyError> {
         check_key_ref(key)?;
         self.params.validate()?;
+        // A keyslot this host could not open again is refused now, not at the next unlock.
+        self.limits()?.admit(&self.params)?;
         let mut salt = vec![0u8; SALT_LEN];
         getrandom::fill(&mut salt).map_err(|e| CryptoError::Rng(e.to_string()))?;
         let salt_b64 = STANDARD.encode(&salt);
@@ -407,6 +538,7 @@ impl KeyBackend for PassphraseBackend {
                 seal::BLOB_LEN
             )));
         }
+        self.admit_unwrap(&params)?;
         let kek = self.kek(salt, params, KeyError::Malformed).await?;
         let aad = seal::associated_data(KIND, KEY_ID, &wrapped.context);
         seal::open(kek.expose(), &aad, &wrapped.blob, WRONG_PASSPHRASE)
@@ -463,6 +595,58 @@ mod tests {
         );
         let back = other.unwrap(&wrapped, &ctx(&vol)).await.unwrap();
         assert_eq!(back.expose(), dek.expose());
+    }
+
+    #[tokio::test]
+    async fn keyslot_costs_above_the_limits_are_refused_before_any_work() {
+        let limits = Argon2Limits { max_memory_kib: 64 };
+        let small = Argon2Params {
+            memory_kib: 64,
+            time: 16,
+            lanes: 1,
+        };
+        let pass = || SecretBytes::new(b"pw".to_vec());
+        let b = PassphraseBackend::with_limits(pass(), small, limits);
+        let vol = uuid::Uuid::new_v4();
+        let (dek, wrapped) = b.generate_dek(None, &ctx(&vol)).await.unwrap();
+        // More memory, or more work, than the limit: refused, naming the costs.
+        for (memory, time) in [("128", "1"), ("64", "17"), ("4194304", "100")] {
+            let mut w = wrapped.clone();
+            w.params.insert("memory_kib".into(), memory.into());
+            w.params.insert("time".into(), time.into());
+            let fresh = PassphraseBackend::with_limits(pass(), small, limits);
+            let e = fresh.unwrap(&w, &ctx(&vol)).await.err().expect("refused");
+            assert!(matches!(e, KeyError::Unsupported(_)), "{e}");
+            assert!(
+                e.to_string().contains(&format!(
+                    "asks for Argon2 memory {memory} KiB x {time} passes, above this host's limit of 64 KiB"
+                )),
+                "{e}"
+            );
+        }
+        // One backend (one unlock) spends at most two slots' worth of work in all.
+        let once = PassphraseBackend::with_limits(pass(), small, limits);
+        for _ in 0..2 {
+            let back = once.unwrap(&wrapped, &ctx(&vol)).await.unwrap();
+            assert_eq!(back.expose(), dek.expose());
+        }
+        let e = once
+            .unwrap(&wrapped, &ctx(&vol))
+            .await
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("Argon2 budget"), "{e}");
+        // A wrap this host could not open again is refused.
+        let big = Argon2Params {
+            memory_kib: 128,
+            ..small
+        };
+        let e = PassphraseBackend::with_limits(pass(), big, limits)
+            .generate_dek(None, &ctx(&vol))
+            .await
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("above this host's limit"), "{e}");
     }
 
     #[tokio::test]

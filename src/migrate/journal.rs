@@ -18,6 +18,9 @@ use super::MigrateError;
 
 /// Version of the record format.
 pub const JOURNAL_VERSION: u32 = 1;
+/// Largest journal read back: about a million records (a checkpoint every 32 MiB of a
+/// 32 TiB import, or every 2 s for three weeks). A larger file is not an import journal.
+pub const MAX_JOURNAL_LEN: u64 = 256 << 20;
 
 /// One line of the journal.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -96,10 +99,25 @@ impl Journal {
     }
 
     fn read_records(&mut self) -> Result<Vec<Record>, MigrateError> {
+        // Bounded before it is read: the file is only as trustworthy as its directory.
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| MigrateError::io(&self.path, e))?
+            .len();
+        if len > MAX_JOURNAL_LEN {
+            return Err(self.bad(format!(
+                "it is {len} bytes, more than an import writes ({MAX_JOURNAL_LEN}); it is damaged or not an import journal: remove it to start the import over"
+            )));
+        }
         let mut text = String::new();
         self.file
             .seek(SeekFrom::Start(0))
-            .and_then(|_| self.file.read_to_string(&mut text))
+            .and_then(|_| {
+                (&*self.file)
+                    .take(MAX_JOURNAL_LEN)
+                    .read_to_string(&mut text)
+            })
             .map_err(|e| self.bad(format!("unreadable: {e}")))?;
         // A torn last line (no newline): cut it off so later appends start clean.
         let complete = text.rfind('\n').map_or(0, |i| i + 1);
@@ -350,5 +368,16 @@ mod tests {
         let e = Journal::open(&p, &dir.path().join("t")).err().unwrap();
         assert!(e.to_string().contains("line 1"), "{e}");
         assert_eq!(progress(&[]), None);
+    }
+
+    #[test]
+    fn an_oversized_journal_is_refused_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(".t.import");
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(MAX_JOURNAL_LEN + 1).unwrap(); // sparse: nothing is written
+        let e = Journal::open(&p, &dir.path().join("t")).err().unwrap();
+        assert!(e.to_string().contains("more than an import writes"), "{e}");
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), MAX_JOURNAL_LEN + 1);
     }
 }

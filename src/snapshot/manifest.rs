@@ -28,8 +28,12 @@ const MAC_INFO: &[u8] = b"cryptvol snapshot manifest";
 const KCV_INFO: &[u8] = b"cryptvol snapshot kcv";
 const MAC_DOMAIN: &[u8] = b"cryptvol snapshot manifest v1\0";
 const KCV_DOMAIN: &[u8] = b"cryptvol snapshot kcv v1\0";
-/// Largest chunk size accepted from a manifest.
-const MAX_CHUNK_SIZE: u32 = 64 << 20;
+/// Largest chunk size accepted from a manifest (and so the largest chunk object read
+/// from a store).
+pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
+/// Largest manifest object read from a store, checked before it is downloaded: about
+/// 50 million chunk entries (25 TiB of written data in 512 KiB chunks).
+pub const MAX_MANIFEST_LEN: u64 = 4 << 30;
 /// Longest description accepted.
 pub const MAX_DESCRIPTION: usize = 4096;
 const MAX_KEYSLOTS: usize = 32;

@@ -131,6 +131,14 @@ pub enum SnapshotError {
         "invalid snapshot id {0:?}: snapshot ids look like snap-0123456789abcdef0 (17 hex digits)"
     )]
     BadId(String),
+    #[error("snapshot store {store}: object {object} is {len} bytes, more than any {what} can be ({max} bytes): it is not one cryptvol wrote (damage or tampering)")]
+    ObjectTooLarge {
+        store: String,
+        object: String,
+        what: &'static str,
+        len: u64,
+        max: u64,
+    },
     #[error("snapshot {id} not found in store {store} (cryptvol snapshot list --store {store})")]
     NotFound { id: String, store: String },
     #[error("snapshot {id}: invalid manifest: {reason}")]

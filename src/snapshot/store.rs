@@ -244,7 +244,8 @@ impl Store {
     /// A chunk's bytes, `None` when it does not exist.
     pub async fn get_chunk(&self, hash: &str) -> Result<Option<Bytes>, SnapshotError> {
         let name = Store::chunk_object(hash);
-        self.get(&name).await
+        let max = u64::from(super::manifest::MAX_CHUNK_SIZE);
+        self.get(&name, "chunk", max).await
     }
 
     /// Deletes a chunk (missing is fine).
@@ -264,7 +265,12 @@ impl Store {
 
     /// A manifest's bytes, `None` when the snapshot does not exist.
     pub async fn get_manifest(&self, id: &SnapshotId) -> Result<Option<Bytes>, SnapshotError> {
-        self.get(&Store::manifest_object(id)).await
+        self.get(
+            &Store::manifest_object(id),
+            "manifest",
+            super::manifest::MAX_MANIFEST_LEN,
+        )
+        .await
     }
 
     /// Deletes a manifest (missing is fine).
@@ -272,13 +278,30 @@ impl Store {
         self.delete(&Store::manifest_object(id)).await
     }
 
-    async fn get(&self, name: &str) -> Result<Option<Bytes>, SnapshotError> {
+    /// An object's bytes, refused before the download when its size is above `max` (the
+    /// store is not trusted: a planted object must not make us allocate without limit).
+    async fn get(
+        &self,
+        name: &str,
+        what: &'static str,
+        max: u64,
+    ) -> Result<Option<Bytes>, SnapshotError> {
         let path = Path::from(name);
         let res = match self.inner.get(&path).await {
             Ok(r) => r,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.err(format!("reading {name}"), e)),
         };
+        let len = res.meta.size;
+        if len > max {
+            return Err(SnapshotError::ObjectTooLarge {
+                store: self.url.clone(),
+                object: name.to_string(),
+                what,
+                len,
+                max,
+            });
+        }
         match res.bytes().await {
             Ok(b) => Ok(Some(b)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -373,6 +396,32 @@ mod tests {
         let s = Store::open(&format!("file://{}", missing.display()), true).unwrap();
         assert!(s.url().starts_with("file:///"));
         assert!(missing.is_dir());
+    }
+
+    #[tokio::test]
+    async fn oversized_objects_are_refused_before_they_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path().to_str().unwrap(), true).unwrap();
+        // A planted (sparse) chunk object one byte above the largest chunk size.
+        let h = "ab".repeat(32);
+        std::fs::create_dir_all(dir.path().join("chunks/ab")).unwrap();
+        let f = std::fs::File::create(dir.path().join("chunks/ab").join(&h)).unwrap();
+        f.set_len(u64::from(super::super::manifest::MAX_CHUNK_SIZE) + 1)
+            .unwrap();
+        match s.get_chunk(&h).await {
+            Err(SnapshotError::ObjectTooLarge { what, len, .. }) => {
+                assert_eq!(what, "chunk");
+                assert_eq!(len, (64 << 20) + 1);
+            }
+            other => panic!(
+                "expected ObjectTooLarge, got {:?}",
+                other.map(|b| b.map(|b| b.len()))
+            ),
+        }
+        // At the limit it is read.
+        f.set_len(u64::from(super::super::manifest::MAX_CHUNK_SIZE))
+            .unwrap();
+        assert_eq!(s.get_chunk(&h).await.unwrap().unwrap().len(), 64 << 20);
     }
 
     #[tokio::test]

@@ -273,11 +273,76 @@ fn read_page(file: &File, off: u64) -> std::io::Result<Box<[u8; PAGE_SIZE]>> {
     Ok(p)
 }
 
+/// The length of a regular file or of a block device (seeking to its end).
+fn file_len(file: &File) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        use std::io::{Seek, SeekFrom};
+        let mut f = file;
+        return f.seek(SeekFrom::End(0));
+    }
+    Ok(meta.len())
+}
+
+/// An error about the map's geometry (from a header that is damaged or forged), as an
+/// `InvalidData` I/O error so that callers can tell it from a failed read.
+fn geometry_error(detail: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, detail)
+}
+
+/// Bounds the map's geometry by the file that should hold it, before anything is
+/// allocated from it: the header is not authenticated yet when `info` or `check` read
+/// the map, so its page count is a number anyone who can write the file chose. Both
+/// copies must lie inside the file (they are written when the volume is created), and
+/// the memory for the map is reserved fallibly, so that a forged count is a clear error
+/// instead of an abort.
+fn bounded_words(file: &File, layout: &MapLayout, size: u64) -> std::io::Result<(Vec<u64>, usize)> {
+    let forged = |what: String| {
+        geometry_error(format!(
+            "allocation map of {} pages {what} (volume size {size} bytes); the header is damaged or forged",
+            layout.pages
+        ))
+    };
+    let copy_bytes = layout
+        .pages
+        .checked_mul(PAGE_SIZE as u64)
+        .ok_or_else(|| forged("overflows".into()))?;
+    let len = file_len(file)?;
+    for off in layout.copy_offsets {
+        if off.checked_add(copy_bytes).is_none_or(|end| end > len) {
+            return Err(forged(format!(
+                "({copy_bytes} bytes per copy, one at offset {off}) does not fit in the file of {len} bytes"
+            )));
+        }
+    }
+    let pages = usize::try_from(layout.pages).map_err(|_| forged("is too large".into()))?;
+    let nwords = pages
+        .checked_mul(WORDS_PER_PAGE)
+        .ok_or_else(|| forged("is too large".into()))?;
+    let mut words: Vec<u64> = Vec::new();
+    words.try_reserve_exact(nwords).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::OutOfMemory,
+            format!(
+                "cannot allocate {} MiB of memory for the allocation map of {} pages",
+                (nwords as u64 * 8) >> 20,
+                layout.pages
+            ),
+        )
+    })?;
+    words.resize(nwords, 0);
+    Ok((words, pages))
+}
+
 fn load(file: &File, layout: &MapLayout, uuid: &uuid::Uuid, size: u64) -> std::io::Result<Loaded> {
     let nchunks = layout.chunks(size);
-    let nwords = (layout.pages as usize) * WORDS_PER_PAGE;
-    let mut words = vec![0u64; nwords];
-    let mut metas = vec![PageMeta::default(); layout.pages as usize];
+    let (mut words, pages) = bounded_words(file, layout, size)?;
+    let mut metas = Vec::new();
+    metas
+        .try_reserve_exact(pages)
+        .map_err(|_| geometry_error(format!("allocation map of {pages} pages is too large")))?;
+    metas.resize(pages, PageMeta::default());
     let mut health = MapHealth {
         pages: layout.pages,
         ..MapHealth::default()
@@ -613,6 +678,27 @@ mod tests {
 
     fn uuid() -> uuid::Uuid {
         uuid::Uuid::from_bytes([7; 16])
+    }
+
+    #[test]
+    fn map_geometry_is_bounded_by_the_file_before_allocating() {
+        // A geometry consistent with a 2^60-byte volume, in a file of a few pages: a
+        // clear InvalidData error (a header problem), not an attempt to allocate
+        // terabytes.
+        let size = 1u64 << 60;
+        let (l, _) = MapLayout::for_size(size);
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(1 << 20).unwrap();
+        let e = load(&f, &l, &uuid(), size).err().expect("must fail");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("does not fit in the file"), "{e}");
+        // The same check holds for the second copy alone.
+        let (l, off) = MapLayout::for_size(1 << 30);
+        f.set_len(l.copy_offsets[1] + 4095).unwrap();
+        assert!(load(&f, &l, &uuid(), 1 << 30).is_err());
+        f.set_len(off).unwrap();
+        write_initial(&f, &l, &uuid()).unwrap();
+        assert!(load(&f, &l, &uuid(), 1 << 30).is_ok());
     }
 
     #[test]

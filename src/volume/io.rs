@@ -12,7 +12,7 @@ use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 
 use nix::errno::Errno;
@@ -67,6 +67,15 @@ pub struct Volume {
     /// A re-encryption zone whose step failed half-way and could not be finished: I/O to
     /// it is refused until the volume is opened again.
     pub(super) broken_zone: Mutex<Option<Span>>,
+    /// Hole punches of trimmed chunks, as a sequence count: odd while one is under way.
+    /// Reads take no lock, so a read that found a chunk allocated just before a trim
+    /// cleared its bit could read the hole punched next (zeros, which decrypt to
+    /// garbage); a read that overlapped a punch is redone under the range lock, which
+    /// the trim holds while clearing and punching (see [`Volume::read_at`]).
+    punches: AtomicU64,
+    /// Test hook: runs once, in a read, between the map check and the file read.
+    #[cfg(test)]
+    read_hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 /// Keys a volume keeps beyond its engines (only re-encryption needs them).
@@ -263,13 +272,8 @@ impl Volume {
         }
         let map = match &header.allocation_map {
             Some(layout) => {
-                let map =
-                    AllocMap::open(&file, *layout, header.uuid, header.size).map_err(|e| {
-                        VolumeError::Io {
-                            path: p.clone(),
-                            source: e,
-                        }
-                    })?;
+                let map = AllocMap::open(&file, *layout, header.uuid, header.size)
+                    .map_err(|e| super::map_error(path, e))?;
                 let h = map.health();
                 if !h.pages_damaged.is_empty() {
                     tracing::warn!(path = %p, pages = ?h.pages_damaged, "allocation map pages damaged in both copies: their chunks are treated as allocated (never-written blocks there read as random bytes); the map is rewritten on the next flush");
@@ -302,6 +306,9 @@ impl Volume {
             snapshotting: AtomicBool::new(false),
             cow: Mutex::new(None),
             broken_zone: Mutex::new(None),
+            punches: AtomicU64::new(0),
+            #[cfg(test)]
+            read_hook: Mutex::new(None),
         };
         if !vol.read_only && vol.map.as_ref().is_some_and(|m| !m.health().is_healthy()) {
             vol.flush()?;
@@ -473,17 +480,37 @@ impl Volume {
     ///
     /// Reads take no lock: a read overlapping a concurrent write may see either
     /// version of each sector (or, on filesystems that do not make page-sized writes
-    /// atomic for readers, a mix), as with any block device.
+    /// atomic for readers, a mix), as with any block device. A read overlapping a trim
+    /// of a thin chunk sees the old data or zeros, never the punched hole: a read during
+    /// which a hole was punched is redone under the range lock.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), VolumeError> {
         sectors::check_range(offset, buf.len() as u64, self.size)?;
         // While re-encrypting, a zone being converted is range-locked by the step:
         // wait for it rather than decrypt a half-converted zone with the wrong key.
         let reencrypting = self.reencrypting.load(Ordering::Acquire);
         let span = sectors::covering(offset, buf.len() as u64, self.ss());
-        let _guard = reencrypting.then(|| self.locks.lock(span));
         if reencrypting {
+            let _guard = self.locks.lock(span);
             self.check_broken_zone(span)?;
+            return self.read_mapped(buf, offset);
         }
+        // A seqlock against hole punching: the fast path costs two atomic loads.
+        let before = self.punches.load(Ordering::SeqCst);
+        self.read_mapped(buf, offset)?;
+        if before.is_multiple_of(2) && self.punches.load(Ordering::SeqCst) == before {
+            return Ok(());
+        }
+        // A punch was under way at some point of this read: the map bit we saw set may
+        // have been cleared and the chunk punched before we read it. The trim holds the
+        // range lock from clearing the bit to the end of the punch, so under it the map
+        // and the file agree.
+        let _guard = self.locks.lock(span);
+        self.read_mapped(buf, offset)
+    }
+
+    /// The body of [`Volume::read_at`]: unallocated chunks as zeros, the rest from the
+    /// file.
+    fn read_mapped(&self, buf: &mut [u8], offset: u64) -> Result<(), VolumeError> {
         let Some(map) = &self.map else {
             return self.read_range(buf, offset);
         };
@@ -494,6 +521,7 @@ impl Volume {
         let end = offset + buf.len() as u64;
         let (c0, c1) = (offset / cs, end.div_ceil(cs));
         if map.all_allocated(c0, c1) {
+            self.run_read_hook();
             return self.read_range(buf, offset);
         }
         for (a, b, allocated) in map.runs(c0, c1) {
@@ -501,6 +529,7 @@ impl Volume {
             let hi = end.min(b * cs);
             let part = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
             if allocated {
+                self.run_read_hook();
                 self.read_range(part, lo)?;
             } else {
                 part.fill(0);
@@ -508,6 +537,18 @@ impl Volume {
         }
         Ok(())
     }
+
+    #[cfg(test)]
+    fn run_read_hook(&self) {
+        let hook = lock_ignoring_poison(&self.read_hook).take();
+        if let Some(h) = hook {
+            h();
+        }
+    }
+
+    #[cfg(not(test))]
+    #[inline(always)]
+    fn run_read_hook(&self) {}
 
     /// Reads and decrypts `[offset, offset + buf.len())` from the file (range checked).
     fn read_range(&self, buf: &mut [u8], offset: u64) -> Result<(), VolumeError> {
@@ -659,9 +700,14 @@ impl Volume {
             // The cleared bits must be durable before the data goes: otherwise a crash
             // could leave a set bit over a hole, which would read as garbage.
             self.flush()?;
-            for (a, b) in cleared {
-                self.punch(a, b - a)?;
-            }
+            // Lock-free reads that overlap the punch redo themselves under the range
+            // lock held here (see `read_at`).
+            self.punches.fetch_add(1, Ordering::SeqCst);
+            let punched = cleared
+                .into_iter()
+                .try_for_each(|(a, b)| self.punch(a, b - a));
+            self.punches.fetch_add(1, Ordering::SeqCst);
+            punched?;
         }
         Ok(())
     }
@@ -1406,6 +1452,55 @@ mod tests {
             (1, 65536, 16)
         );
         assert!(sum.health.is_healthy());
+    }
+
+    /// Issue 14 B11: a read that found a chunk allocated, then a trim of that chunk
+    /// (bit cleared, map flushed, hole punched), then the read's pread of the chunk: the
+    /// read must return the old data or zeros, never the hole decrypted (garbage). The
+    /// read hook stops the read right between its map check and its file read until the
+    /// trim is done (events, no sleeps).
+    #[test]
+    fn a_read_racing_a_trim_of_its_chunk_returns_old_data_or_zeros() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, h, dek) = new_volume(dir.path(), 4 * 65536, 4096);
+        let v = Arc::new(open_discard(&path, &h, &dek));
+        let old = vec![0xabu8; 65536];
+        for round in 0..4u64 {
+            let chunk = round % 2; // the chunk written, read and trimmed
+            let at = chunk * 65536;
+            v.write_at(&old, at, false).expect("write");
+            v.flush().expect("flush");
+            let allocated_blocks = file_blocks(&path);
+            let (checked_tx, checked_rx) = std::sync::mpsc::channel::<()>();
+            let (trimmed_tx, trimmed_rx) = std::sync::mpsc::channel::<()>();
+            *lock_ignoring_poison(&v.read_hook) = Some(Box::new(move || {
+                checked_tx.send(()).expect("signal");
+                // The trim finishes while this read is between its map check and pread.
+                trimmed_rx.recv().expect("trim done");
+            }));
+            let reader = {
+                let v = Arc::clone(&v);
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 65536];
+                    v.read_at(&mut buf, at).expect("read");
+                    buf
+                })
+            };
+            checked_rx.recv().expect("the read checked the map");
+            v.discard(at, 65536).expect("trim");
+            assert!(
+                file_blocks(&path) < allocated_blocks,
+                "round {round}: the trim punched the chunk (else this test shows nothing)"
+            );
+            trimmed_tx.send(()).expect("release the read");
+            let got = reader.join().expect("reader");
+            for (i, sector) in got.chunks(4096).enumerate() {
+                assert!(
+                    sector.iter().all(|&b| b == 0xab) || sector.iter().all(|&b| b == 0),
+                    "round {round}, sector {i}: neither the old data nor zeros (the punched hole decrypted)"
+                );
+            }
+        }
     }
 
     #[test]

@@ -78,7 +78,23 @@ pub fn map_summary(
     let file = std::fs::File::open(path).map_err(io)?;
     alloc::summarize(&file, layout, &header.uuid, header.size)
         .map(Some)
-        .map_err(io)
+        .map_err(|e| map_error(path, e))
+}
+
+/// A failure to load an allocation map: a geometry the file cannot hold is a header
+/// problem (damaged or forged), anything else an I/O error.
+pub(crate) fn map_error(path: &std::path::Path, e: std::io::Error) -> VolumeError {
+    if e.kind() == std::io::ErrorKind::InvalidData {
+        VolumeError::InvalidHeader {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        }
+    } else {
+        VolumeError::Io {
+            path: path.display().to_string(),
+            source: e,
+        }
+    }
 }
 
 /// Default XTS data unit / logical sector size.

@@ -460,6 +460,15 @@ fn cbt_encode(uuid: &uuid::Uuid, in_use: bool, base: Option<&str>, words: &[u64]
     b
 }
 
+/// Reads the sidecar at `path` if its length can be that of a sidecar with `nwords`
+/// words (fixed fields, a base id of at most `u16::MAX` bytes, the words): a larger
+/// file, a link or a file of another user is not read (it is not ours; tracking then
+/// restarts).
+fn read_sidecar(path: &Path, nwords: usize) -> std::io::Result<Vec<u8>> {
+    let most = (8 + 16 + 1 + 2 + 8 + 8 + 32 + usize::from(u16::MAX) + nwords * 8) as u64;
+    crate::fsutil::read_own_file_nofollow(path, most)
+}
+
 /// Parses a sidecar written cleanly for volume `uuid` with `nwords` words.
 fn cbt_decode(b: &[u8], uuid: &uuid::Uuid, nwords: usize) -> Option<(String, Vec<u64>)> {
     let body = b.get(..b.len().checked_sub(32)?)?;
@@ -607,9 +616,7 @@ impl Volume {
         }
         let sidecar = PathBuf::from(format!("{}.cbt", self.path()));
         let n = Tracking::nwords(self.size());
-        // Largest well-formed sidecar: fixed fields, a base name of at most 64 KiB, the words.
-        let max = 27 + 65_535 + 16 + (n as u64).saturating_mul(8) + 32;
-        let (base, words) = match crate::fsutil::read_own_file_nofollow(&sidecar, max) {
+        let (base, words) = match read_sidecar(&sidecar, n) {
             Ok(b) => match cbt_decode(&b, &self.uuid(), n) {
                 Some((base, w)) => (Some(base), w),
                 None => {
@@ -931,6 +938,20 @@ pub(super) mod tests {
     use crate::volume::header::tests::{dummy_slot, new_legacy_volume, new_volume};
     use crate::volume::OpenOptions;
     use std::cell::Cell;
+
+    #[test]
+    fn a_sidecar_larger_than_its_format_allows_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.img.cbt");
+        let uuid = uuid::Uuid::new_v4();
+        let good = cbt_encode(&uuid, false, Some("snap-1"), &[5, 6]);
+        std::fs::write(&p, &good).unwrap();
+        assert_eq!(read_sidecar(&p, 2).unwrap(), good);
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(1 << 40).unwrap(); // sparse 1 TiB
+        let e = read_sidecar(&p, 2).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+    }
 
     thread_local! {
         /// Makes the next zone conversion stop half-way, as a crash would.
