@@ -1683,9 +1683,11 @@ async fn demo(a: DemoArgs) -> Result<()> {
         path: vol.clone(),
         options: OpenOptions::default(),
         // The demo's user, and root for the kernel client (`sudo nbd-client`); root can
-        // read this user's keystore anyway.
+        // read this user's keystore anyway. `--tcp` asks for a plaintext loopback listener:
+        // its clients have no identity, so they are let in only because it was asked for.
         access: server::AccessPolicy {
             allow_uid: vec![0],
+            allow_anyone: a.tcp.is_some(),
             ..server::AccessPolicy::default()
         },
     };
@@ -1702,7 +1704,7 @@ fn print_demo_help(dir: &Path, keystore: &Path, vol: &Path, sock: &Path, tcp: Op
     let tcp_line = match tcp {
         Some(t) => {
             let (host, port) = t.rsplit_once(':').unwrap_or((t, "10809"));
-            format!("\n  # over TCP too (plaintext, loopback only):\n  nbdinfo 'nbd://{host}:{port}/demo'")
+            format!("\n  # over TCP too (plaintext; every local account may use it):\n  nbdinfo 'nbd://{host}:{port}/demo'")
         }
         None => String::new(),
     };
