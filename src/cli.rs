@@ -266,6 +266,20 @@ struct ServeArgs {
     /// network can read and write the volume).
     #[arg(long)]
     allow_remote: bool,
+    /// TLS on every listener: off; on (offered: clients may send NBD_OPT_STARTTLS); require
+    /// (plaintext clients are refused before any export is listed) [default: off].
+    #[arg(long, value_name = "off|on|require", value_parser = crate::nbd::TlsMode::parse)]
+    tls: Option<crate::nbd::TlsMode>,
+    /// The server's TLS certificate chain (PEM, leaf first). Reloaded on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM; keep it mode 0600). Reloaded on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates (mutual TLS) signed by a CA in this PEM bundle.
+    /// Reloaded on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
     /// Serve every volume read-only.
     #[arg(long)]
     read_only: bool,
@@ -1303,8 +1317,21 @@ async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
         passphrase: a.pass.source(),
         volumes: a.volumes.clone(),
         control: a.control.clone(),
+        tls: a.tls,
+        tls_cert: a.tls_cert.clone(),
+        tls_key: a.tls_key.clone(),
+        tls_client_ca: a.tls_client_ca.clone(),
     };
     let settings = config::resolve(file, overrides)?;
+    // Certificate problems are reported before any volume is unlocked.
+    let tls = match settings.tls {
+        Some(t) => {
+            let setup = server::TlsSetup::load(t.mode, t.files).context("cannot set up TLS")?;
+            tracing::info!("{}", setup.describe());
+            Some(std::sync::Arc::new(setup))
+        }
+        None => None,
+    };
     let keys = KeyOptions {
         keystore: settings.keystore,
         passphrase: settings.passphrase,
@@ -1386,6 +1413,7 @@ async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
     let config = ServerConfig {
         max_inflight_bytes: usize::try_from(settings.max_inflight).unwrap_or(usize::MAX),
         threads_per_connection: usize::from(a.threads),
+        tls,
         ..ServerConfig::default()
     };
     run_server(exports, listeners, config, control).await
@@ -1439,6 +1467,9 @@ async fn run_server(
         "serving {n} export{}",
         if n == 1 { "" } else { "s" }
     ));
+    if let Some(tls) = config.tls.clone() {
+        tokio::spawn(reload_tls_on_sighup(tls));
+    }
     let shutdown = server::shutdown_handle();
     let sd = shutdown.clone();
     tokio::spawn(async move {
@@ -1450,6 +1481,26 @@ async fn run_server(
     server::serve_with(exports, listeners, config, shutdown, control).await?;
     tracing::info!("stopped; all volumes flushed");
     Ok(())
+}
+
+/// On each SIGHUP, re-reads the TLS certificate, key and client CA files (see
+/// `server::reload_tls`; a failure keeps the old ones).
+async fn reload_tls_on_sighup(tls: std::sync::Arc<server::TlsSetup>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot handle SIGHUP, TLS certificates will not be reloaded: {e}");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading TLS certificates");
+        let t = tls.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || server::reload_tls(&t)).await {
+            tracing::error!("TLS reload task failed: {e}");
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -13,12 +13,14 @@ mod export;
 mod listen;
 mod reencrypt;
 pub mod systemd;
+pub mod tls;
 
 pub use control::{ControlHooks, ControlSocket};
 pub use export::{errno_for, Export, Exports};
 pub use listen::{Listener, ListenerSpec};
 pub(crate) use reencrypt::test_step_delay as reencrypt_test_step_delay;
 pub use reencrypt::JobState;
+pub use tls::{reload_tls, TlsError, TlsFiles, TlsSetup};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +61,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Transmission threads per connection (started as requests overlap).
     pub threads_per_connection: usize,
+    /// TLS offered or required on every listener (`None`: no TLS, STARTTLS is refused).
+    pub tls: Option<Arc<TlsSetup>>,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +72,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(30),
             max_connections: 1024,
             threads_per_connection: 4,
+            tls: None,
         }
     }
 }
