@@ -822,8 +822,7 @@ path = "data.img"
         .to_string();
         assert!(e.contains("tls.mode") && e.contains("maybe"), "{e}");
         let e = parse("[tls]\ncertificate = \"x\"\n", Path::new("/x.toml"))
-            .err()
-            .expect("refused")
+            .expect_err("refused")
             .to_string();
         assert!(e.contains("certificate"), "{e}");
     }

@@ -178,7 +178,11 @@ fn build_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
                     message: e.to_string(),
                 })?;
             }
+            // No CA names in the CertificateRequest: GnuTLS clients (libnbd, qemu,
+            // nbd-client) then send whatever certificate they hold instead of silently
+            // sending none, so a certificate from the wrong CA is logged as exactly that.
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .clear_root_hint_subjects()
                 .build()
                 .map_err(|e| TlsError::ClientCa {
                     path: ca.display().to_string(),
@@ -426,12 +430,8 @@ fn hex(b: &[u8]) -> String {
 
 fn ip_from_bytes(b: &[u8]) -> Option<std::net::IpAddr> {
     match b.len() {
-        4 => <[u8; 4]>::try_from(b)
-            .ok()
-            .map(|a| std::net::IpAddr::from(a)),
-        16 => <[u8; 16]>::try_from(b)
-            .ok()
-            .map(|a| std::net::IpAddr::from(a)),
+        4 => <[u8; 4]>::try_from(b).ok().map(std::net::IpAddr::from),
+        16 => <[u8; 16]>::try_from(b).ok().map(std::net::IpAddr::from),
         _ => None,
     }
 }
