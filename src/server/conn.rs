@@ -179,9 +179,9 @@ pub(crate) async fn run<S: IntoBlocking>(stream: S, peer: String, id: u64, share
     };
     let _counted = exp.connection_guard();
     let tls = matches!(transport, Transport::Tls(_));
-    let (stream, control) = match transport
+    let (stream, control, bridge) = match transport
         .into_blocking(id)
-        .and_then(|s| s.try_clone().map(|c| (s, c)))
+        .and_then(|(s, b)| s.try_clone().map(|c| (s, c, b)))
     {
         Ok(x) => x,
         Err(e) => {
@@ -239,13 +239,25 @@ pub(crate) async fn run<S: IntoBlocking>(stream: S, peer: String, id: u64, share
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
+    let counters = (
+        conn.requests.load(Ordering::Relaxed),
+        conn.bytes_read.load(Ordering::Relaxed),
+        conn.bytes_written.load(Ordering::Relaxed),
+    );
+    // A TLS bridge ends once every end of its socket pair is closed (the last replies
+    // are then sent and the session closed), not later than that.
+    drop(conn);
+    drop(control);
+    if let Some(bridge) = bridge {
+        let _ = bridge.await;
+    }
     tracing::info!(
         conn = id,
         peer = %peer,
         export = %export,
-        requests = conn.requests.load(Ordering::Relaxed),
-        bytes_read = conn.bytes_read.load(Ordering::Relaxed),
-        bytes_written = conn.bytes_written.load(Ordering::Relaxed),
+        requests = counters.0,
+        bytes_read = counters.1,
+        bytes_written = counters.2,
         "client disconnected{}",
         reason.map(|r| format!(": {r}")).unwrap_or_default()
     );
@@ -357,15 +369,19 @@ impl<S: IntoBlocking> Transport<S> {
     /// The blocking stream the transmission threads use. A TLS connection is bridged to
     /// one end of a Unix socket pair by a task on the runtime (the TLS state stays there),
     /// so the transmission code is the same for both; a plaintext one costs nothing more.
-    fn into_blocking(self, id: u64) -> std::io::Result<BlockingStream> {
+    /// Also returns the bridge task of a TLS connection.
+    fn into_blocking(
+        self,
+        id: u64,
+    ) -> std::io::Result<(BlockingStream, Option<tokio::task::JoinHandle<()>>)> {
         match self {
-            Transport::Plain(s) => s.into_blocking(),
+            Transport::Plain(s) => Ok((s.into_blocking()?, None)),
             Transport::Tls(tls) => {
                 let (near, far) = std::os::unix::net::UnixStream::pair()?;
                 near.set_nonblocking(true)?;
                 let near = tokio::net::UnixStream::from_std(near)?;
-                tokio::spawn(bridge(*tls, near, id));
-                Ok(BlockingStream::Unix(far))
+                let task = tokio::spawn(bridge(*tls, near, id));
+                Ok((BlockingStream::Unix(far), Some(task)))
             }
         }
     }
