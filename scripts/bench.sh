@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks cryptvol side by side with the NBD servers users would otherwise pick:
 # plain `nbdkit file` (the unencrypted ceiling), `nbdkit --filter=luks` and `qemu-nbd` on a
-# LUKS image, with the same fio jobs over Unix sockets; and cryptvol's thin volumes against
-# the no-map layout and on never-written volumes (first writes). See docs/performance.md.
+# LUKS image, with the same fio jobs over Unix sockets; cryptvol's thin volumes against
+# the no-map layout and on never-written volumes (first writes); and cryptvol over TLS
+# against plaintext. See docs/performance.md.
 #
 #   scripts/bench.sh             full run (1 GiB volumes, 3 runs per job, XTS vs openssl)
 #   scripts/bench.sh --quick     a check in under 2 minutes (1 run of 2 s per job, no XTS)
@@ -15,14 +16,17 @@
 #   --repeat N         runs per server and job; the table shows medians (default 3; quick 1)
 #   --jobs LIST        subset of randread-4k-qd32,randwrite-4k-qd32,read-1m-qd8,write-1m-qd8,
 #                      randread-4k-qd1 (aliases: randread,randwrite,seqread,seqwrite,qd1)
-#   --servers LIST     subset of cryptvol,cryptvol-nomap,cryptvol-fresh,nbdkit-file,
-#                      nbdkit-luks,qemu-nbd (the default: all six), or qemu-nbd variants:
+#   --servers LIST     subset of cryptvol,cryptvol-nomap,cryptvol-fresh,cryptvol-tls,
+#                      nbdkit-file,nbdkit-luks,qemu-nbd (the default: all seven), or
+#                      qemu-nbd variants:
 #                      qemu-nbd-none-threads, qemu-nbd-none-native, qemu-nbd-none-io_uring,
 #                      qemu-nbd-writeback-threads, qemu-nbd-writeback-io_uring.
 #                      cryptvol-nomap: a volume made with --no-allocation-map, prefilled
 #                      like cryptvol (the thin-volume target compares the two);
 #                      cryptvol-fresh: the write jobs on a new, never-written thin volume
-#                      (first-write cost and write amplification)
+#                      (first-write cost and write amplification);
+#                      cryptvol-tls: the cryptvol volume served with --tls require, fio
+#                      over nbds+unix:// (TLS / plaintext ratio, same run)
 #   --fresh-size SIZE  size of the never-written cryptvol-fresh volume (default 64G; sparse)
 #   --fresh-max SIZE   most the backing file may grow in one fresh run (default 2G; quick
 #                      512M); the 4k job writes at most 1/16 of it (64 KiB chunk per 4 KiB)

@@ -12,7 +12,10 @@
 #   boot 1  attach/mkfs/mount/write/fio (-b 4096), fstrim, detach + re-attach on another
 #           device + e2fsck + checksums, raw-device fio, default 512-byte block size, a
 #           -b 512 client on a 4096-sector volume (server read-modify-write), -C 4
-#           multi-connection fio, and an ext4 written onto the later read-only export.
+#           multi-connection fio, an ext4 written onto the later read-only export, and
+#           TLS: nbd-client -certfile/-keyfile/-cacertfile/-tlshostname attaches to a
+#           `--tls require --tls-client-ca` server (mkfs/mount/write, e2fsck, checksums),
+#           while a plaintext nbd-client is refused (certificates made here with openssl).
 #   host    SIGTERM the server while the guest is detached, start it again (same volumes,
 #           same port); swap the read-write server of the read-only volume for a
 #           --read-only one.
@@ -66,6 +69,8 @@ KT_GUEST_HOST=10.0.2.100
 KT_GPORT_RW=10809   # the read-write server under test
 KT_GPORT_RO=10810   # boot 1: read-write server of the ro volume; boot 2: --read-only server
 KT_GPORT_CTL=10900  # control answers to the guest (cat of a file, per connection)
+KT_GPORT_TLS=10811  # a --tls require server with client certificates (both boots)
+KT_TLS_HOSTNAME=cryptvol-kt  # the name in the server certificate the guest checks
 
 # Written into a file by the guest in boot 1; must not appear in the volume file at rest.
 KT_MARKER="kernel-test plaintext marker: hello from the guest kernel's nbd driver"
@@ -111,6 +116,7 @@ kt_ensure_deps() {
     have_cmd cpio || need+=(cpio)
     have_cmd depmod && have_cmd modprobe || need+=(kmod)
     have_cmd flock || need+=(util-linux)
+    have_cmd openssl || need+=(openssl)
     if [ "$KT_SERVER" = nbdkit ]; then have_cmd nbdkit || need+=(nbdkit); fi
     local qemu_missing=0
     have_cmd qemu-system-x86_64 || qemu_missing=1
@@ -153,7 +159,7 @@ kt_ensure_deps() {
             apt-get install -y -qq qemu-system-x86 >/dev/null || die "apt-get install qemu-system-x86 failed"
         fi
     fi
-    for c in nbd-client fio busybox mke2fs e2fsck socat cpio depmod qemu-system-x86_64; do
+    for c in nbd-client fio busybox mke2fs e2fsck socat cpio depmod openssl qemu-system-x86_64; do
         have_cmd "$c" || die "$c is still missing after installing packages"
     done
 }
@@ -218,6 +224,33 @@ kt_ensure_kernel() {
     exec 8>&-
 }
 
+# ------------------------------------------------------------------ TLS certificates
+
+# Makes $KT_WORK/pki: a CA; server/ (ca-cert.pem, server-cert.pem, server-key.pem: the
+# layout nbdkit's --tls-certificates expects) for the name $KT_TLS_HOSTNAME; client/
+# (ca-cert.pem, client-cert.pem, client-key.pem) for the guest's nbd-client.
+kt_make_pki() {
+    local d=$KT_WORK/pki
+    mkdir -p "$d/server" "$d/client"
+    chmod 700 "$d"
+    (
+        cd "$d" || exit 1
+        ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+        openssl req -x509 "${ec[@]}" -days 2 -subj "/CN=kernel-test CA" -keyout ca-key.pem -out ca-cert.pem &&
+            printf 'subjectAltName=DNS:%s,IP:%s,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' \
+                "$KT_TLS_HOSTNAME" "$KT_GUEST_HOST" > server.ext &&
+            openssl req "${ec[@]}" -subj "/CN=$KT_TLS_HOSTNAME" -keyout server/server-key.pem -out server.csr &&
+            openssl x509 -req -days 2 -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+                -extfile server.ext -out server/server-cert.pem &&
+            printf 'extendedKeyUsage=clientAuth\n' > client.ext &&
+            openssl req "${ec[@]}" -subj "/O=cryptvol/CN=kt-guest" -keyout client/client-key.pem -out client.csr &&
+            openssl x509 -req -days 2 -in client.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+                -extfile client.ext -out client/client-cert.pem &&
+            cp ca-cert.pem server/ && cp ca-cert.pem client/ &&
+            chmod 600 server/server-key.pem client/client-key.pem
+    ) > "$KT_WORK/pki.log" 2>&1 || { cat "$KT_WORK/pki.log" >&2; die "making the test certificates failed"; }
+}
+
 # ------------------------------------------------------------------ initramfs
 
 # Copies a binary and the shared libraries ldd lists into the staging tree.
@@ -253,6 +286,9 @@ kt_build_initramfs() {
     ln -s mke2fs "$stage/usr/sbin/mkfs.ext4"
     kt_stage_bin "$(command -v fio)" /usr/bin/fio "$stage"
     [ -r /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$stage/etc/"
+    # The guest's TLS client credentials (nbd-client links GnuTLS; kt_stage_bin copied it).
+    mkdir -p "$stage/kt/tls"
+    cp "$KT_WORK"/pki/client/*.pem "$stage/kt/tls/"
 
     # Modules in load order, deps first (virtio_pci and virtio_net for the NIC; nbd).
     : > "$stage/kt/modules.list"
@@ -284,6 +320,9 @@ RW_PORT=$KT_GPORT_RW
 PREP_PORT=$KT_GPORT_RO
 RO_PORT=$KT_GPORT_RO
 CTL_PORT=$KT_GPORT_CTL
+TLS_PORT=$KT_GPORT_TLS
+TLS_HOSTNAME=$KT_TLS_HOSTNAME
+EXP_TLS=tls
 EXP_FS=fs
 EXP_RAW=raw
 EXP_S512=s512
@@ -361,10 +400,18 @@ kt_server_start() {
     echo "=== start $(date +%T.%N) port $port $mode $*" >> "$logf"
     case "$KT_SERVER" in
         cryptvol)
-            local opts=()
+            local opts=() p=$KT_WORK/pki/server
             if [ "$mode" = ro ]; then opts+=(--read-only); else opts+=(--discard); fi
-            # --allow-anyone: the guest's nbd-client comes over plaintext TCP, with no identity.
-            NO_COLOR=1 "$CRYPTVOL_BIN" serve --tcp "127.0.0.1:$port" --allow-anyone "${opts[@]}" --keystore "$KT_WORK/keystore" "$@" \
+            if [ "$mode" = tls ]; then
+                # The guest's nbd-client proves its identity with a client certificate from
+                # the test CA: no allow list needed (any verified certificate is admitted).
+                opts+=(--tls require --tls-cert "$p/server-cert.pem" --tls-key "$p/server-key.pem"
+                    --tls-client-ca "$p/ca-cert.pem")
+            else
+                # --allow-anyone: the guest's nbd-client comes over plaintext TCP, with no identity.
+                opts+=(--allow-anyone)
+            fi
+            NO_COLOR=1 "$CRYPTVOL_BIN" serve --tcp "127.0.0.1:$port" "${opts[@]}" --keystore "$KT_WORK/keystore" "$@" \
                 >> "$logf" 2>&1 < /dev/null &
             pid=$!
             ;;
@@ -376,6 +423,7 @@ kt_server_start() {
             for v in "$@"; do ln "${v#*=}" "$dir/${v%%=*}"; done
             local opts=()
             [ "$mode" = ro ] && opts+=(-r)
+            [ "$mode" = tls ] && opts+=(--tls=require "--tls-certificates=$KT_WORK/pki/server" --tls-verify-peer)
             nbdkit -f -i 127.0.0.1 -p "$port" "${opts[@]}" file dir="$dir" >> "$logf" 2>&1 < /dev/null &
             pid=$!
             ;;
@@ -492,6 +540,21 @@ kt_check_at_rest() {
     esac
 }
 
+# The TLS server's log after boot 1: the guest's client certificate was verified and the
+# plaintext attach refused (cryptvol's log lines; nbdkit logs neither).
+kt_check_tls_log() {
+    local logf=$KT_WORK/server-tls.log
+    if [ "$KT_SERVER" = nbdkit ]; then
+        kt_result tls-server-log PASS "nbdkit: not checked"
+    elif ! grep -q 'verified client certificate: subject "CN=kt-guest,O=cryptvol"' "$logf"; then
+        kt_result tls-server-log FAIL "no verified client certificate CN=kt-guest in server-tls.log"
+    elif ! grep -q 'plaintext client refused' "$logf"; then
+        kt_result tls-server-log FAIL "the plaintext attach was not logged as refused in server-tls.log"
+    else
+        kt_result tls-server-log PASS "client certificate CN=kt-guest verified; plaintext client refused and logged"
+    fi
+}
+
 # ------------------------------------------------------------------ boots
 
 # kt_boot N RO_HOST_PORT [EXTRA_CPIO]: boots the guest in phase N, follows its console,
@@ -507,6 +570,7 @@ kt_boot() {
     local net="user,id=n0,restrict=on"
     net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_RW-cmd:$fwd $flog $KT_GPORT_RW $rwport"
     net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_RO-cmd:$fwd $flog $KT_GPORT_RO $roport"
+    net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_TLS-cmd:$fwd $flog $KT_GPORT_TLS ${KT_SERVER_PORT[tls]}"
     net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_CTL-cmd:cat $KT_WORK/ctl"
 
     local t0
@@ -604,6 +668,7 @@ kt_main() {
     kt_ensure_deps
     [ "$KT_SERVER" = cryptvol ] && kt_cryptvol_bin
     kt_ensure_kernel
+    kt_make_pki
     kt_build_initramfs
     local t_ready
     t_ready=$(now)
@@ -618,17 +683,21 @@ kt_main() {
     kt_volume_create "$vdir/rmw.vol" 64M 4096
     kt_volume_create "$vdir/mc.vol" 64M 4096
     kt_volume_create "$vdir/ro.vol" 64M 4096
+    kt_volume_create "$vdir/tls.vol" 64M 4096
 
-    local rw_port prep_port ro_port
+    local rw_port prep_port ro_port tls_port
     rw_port=$(kt_free_port)
     prep_port=$(kt_free_port "$rw_port")
     ro_port=$(kt_free_port "$rw_port" "$prep_port")
+    tls_port=$(kt_free_port "$rw_port" "$prep_port" "$ro_port")
     kt_server_start rw "$rw_port" rw fs="$vdir/fs.vol" raw="$vdir/raw.vol" s512="$vdir/s512.vol" \
         rmw="$vdir/rmw.vol" mc="$vdir/mc.vol"
     kt_server_start prep "$prep_port" rw ro="$vdir/ro.vol"
+    kt_server_start tls "$tls_port" tls tls="$vdir/tls.vol"
 
     # ---- boot 1
     kt_boot 1 "$prep_port"
+    kt_check_tls_log
 
     # Checksums written in boot 1, carried into boot 2.
     mkdir -p "$KT_WORK/extra/kt"
@@ -646,11 +715,13 @@ kt_main() {
 
     kt_server_stop rw || kt_result server-final-sigterm FAIL "status $KT_STOP_STATUS after ${KT_STOP_SECS}s"
     kt_server_stop ro || kt_result ro-server-sigterm FAIL "status $KT_STOP_STATUS after ${KT_STOP_SECS}s"
+    kt_server_stop tls || kt_result tls-server-sigterm FAIL "status $KT_STOP_STATUS after ${KT_STOP_SECS}s"
 
     # ---- summary
     local expected=(
         boot1-setup fs-attach-mkfs fs-write fs-fio-verify fs-discard fs-reattach raw-fio-verify
-        bs512-fio-verify rmw-bs512-fio-verify multiconn-fio-verify ro-prepare boot1-completed
+        bs512-fio-verify rmw-bs512-fio-verify multiconn-fio-verify ro-prepare
+        tls-attach-mkfs-fsck tls-plaintext-refused boot1-completed tls-server-log
         server-idle-sigterm server-idle-restart at-rest-encrypted
         boot2-setup restart-data-intact server-attached-sigterm server-attached-restart
         restart-while-attached ro-export-refuses-writes boot2-completed

@@ -56,7 +56,7 @@ enum Command {
     /// Show a volume's header: size, sector size, UUID, cipher, keyslots, header health.
     Info(InfoArgs),
     /// Serve volumes over NBD (TCP and/or Unix sockets) until SIGTERM or SIGINT.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage master keys: the local keystore, the default key, exec backends.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -316,6 +316,20 @@ struct ServeArgs {
     /// Not for kernel attaches: an idle /dev/nbdN sends no request for hours.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=86_400))]
     idle_timeout: Option<u64>,
+    /// TLS on every listener: off; on (offered: clients may send NBD_OPT_STARTTLS); require
+    /// (plaintext clients are refused before any export is listed) [default: off].
+    #[arg(long, value_name = "off|on|require", value_parser = crate::nbd::TlsMode::parse)]
+    tls: Option<crate::nbd::TlsMode>,
+    /// The server's TLS certificate chain (PEM, leaf first). Reloaded on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM; keep it mode 0600). Reloaded on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates (mutual TLS) signed by a CA in this PEM bundle.
+    /// Reloaded on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
     /// Serve every volume read-only.
     #[arg(long)]
     read_only: bool,
@@ -821,7 +835,7 @@ async fn run(cli: Cli, activated: Result<Vec<ActivatedSocket>, ServerError>) -> 
     match cli.command {
         Command::Create(a) => create(a).await,
         Command::Info(a) => info(a),
-        Command::Serve(a) => serve(a, activated?).await,
+        Command::Serve(a) => serve(*a, activated?).await,
         Command::Key(k) => key(k),
         Command::Rekey(a) => rekey(a).await,
         Command::Keyslot(k) => keyslot(k).await,
@@ -1413,11 +1427,24 @@ async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
             tls_san: a.allow_tls_san.clone(),
             anyone: a.allow_anyone,
         },
+        tls: a.tls,
+        tls_cert: a.tls_cert.clone(),
+        tls_key: a.tls_key.clone(),
+        tls_client_ca: a.tls_client_ca.clone(),
     };
     let settings = config::resolve(file, overrides)?;
     if settings.deprecated_allow_remote {
         tracing::warn!("allow_remote in the config file is deprecated: write insecure = true");
     }
+    // Certificate problems are reported before any volume is unlocked.
+    let tls = match settings.tls {
+        Some(t) => {
+            let setup = server::TlsSetup::load(t.mode, t.files).context("cannot set up TLS")?;
+            tracing::info!("{}", setup.describe());
+            Some(std::sync::Arc::new(setup))
+        }
+        None => None,
+    };
     let keys = KeyOptions {
         keystore: settings.keystore,
         passphrase: settings.passphrase,
@@ -1513,6 +1540,7 @@ async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
             .then(|| std::time::Duration::from_secs(lim.idle_timeout_secs)),
         insecure_tcp: settings.insecure,
         audit_log: Some(keys.service().audit_log().clone()),
+        tls,
     };
     run_server(exports, listeners, config, control).await
 }
@@ -1617,6 +1645,9 @@ async fn run_server(
         "serving {n} export{}",
         if n == 1 { "" } else { "s" }
     ));
+    if let Some(tls) = config.tls.clone() {
+        tokio::spawn(reload_tls_on_sighup(tls));
+    }
     let shutdown = server::shutdown_handle();
     let sd = shutdown.clone();
     tokio::spawn(async move {
@@ -1628,6 +1659,26 @@ async fn run_server(
     server::serve_with(exports, listeners, config, shutdown, control).await?;
     tracing::info!("stopped; all volumes flushed");
     Ok(())
+}
+
+/// On each SIGHUP, re-reads the TLS certificate, key and client CA files (see
+/// `server::reload_tls`; a failure keeps the old ones).
+async fn reload_tls_on_sighup(tls: std::sync::Arc<server::TlsSetup>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot handle SIGHUP, TLS certificates will not be reloaded: {e}");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading TLS certificates");
+        let t = tls.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || server::reload_tls(&t)).await {
+            tracing::error!("TLS reload task failed: {e}");
+        }
+    }
 }
 
 async fn wait_for_signal() {

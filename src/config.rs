@@ -20,6 +20,8 @@
 //!   option, the connection limits and timeouts) override the file; `--insecure` is or-ed
 //!   with the file's `insecure` (`allow_remote`, its former name, is still read, with a
 //!   warning).
+//! - TLS: `--tls`, `--tls-cert`, `--tls-key`, `--tls-client-ca` each override the file's
+//!   `[tls]` key of the same name (`mode`, `cert`, `key`, `client_ca`).
 //! - relative paths in the file are relative to the directory of the file.
 
 use std::path::{Path, PathBuf};
@@ -27,7 +29,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::keys::PassphraseSource;
-use crate::server::{AccessPolicy, ListenerSpec};
+use crate::nbd::TlsMode;
+use crate::server::{AccessPolicy, ListenerSpec, TlsFiles};
 use crate::size::parse_size;
 use crate::volume::OpenOptions;
 
@@ -73,6 +76,8 @@ pub struct ConfigFile {
     pub control: Option<PathBuf>,
     /// Where to listen.
     pub listen: Option<ListenSection>,
+    /// TLS on the listeners.
+    pub tls: Option<TlsSection>,
     /// The volumes to serve.
     #[serde(default, rename = "export")]
     pub exports: Vec<ExportSection>,
@@ -105,6 +110,20 @@ pub struct ListenSection {
     pub handshake_timeout: Option<u64>,
     /// Seconds without a request after which a connection is closed (0: never).
     pub idle_timeout: Option<u64>,
+}
+
+/// `[tls]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// "off", "on" or "require".
+    pub mode: Option<String>,
+    /// Server certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    pub key: Option<PathBuf>,
+    /// CA bundle (PEM) that client certificates must chain to; setting it requires them.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// One `[[export]]`.
@@ -187,6 +206,17 @@ pub struct CliOverrides {
     /// `--allow-uid`, `--allow-gid`, `--allow-tls-subject`, `--allow-tls-san`,
     /// `--allow-anyone`.
     pub allow: AllowFlags,
+    pub tls: Option<TlsMode>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+/// TLS as configured (mode `on` or `require`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub mode: TlsMode,
+    pub files: TlsFiles,
 }
 
 /// The connection limits and timeouts, resolved.
@@ -239,6 +269,8 @@ pub struct ServeSettings {
     /// The control socket given (`--control` over the file's `control`); `None`: the
     /// default rule of `server::control::control_path`.
     pub control: Option<PathBuf>,
+    /// `None`: TLS off.
+    pub tls: Option<TlsSettings>,
 }
 
 /// Reads and parses a configuration file.
@@ -282,8 +314,45 @@ pub fn resolve(
         (None, Some(v)) => mode_value(v).map_err(|e| ConfigError::Invalid(in_file(&e)))?,
         (None, None) => DEFAULT_SOCKET_MODE,
     };
-    // TLS settings are resolved elsewhere (`--tls`); until they are, TLS is not required.
-    let tls_required = false;
+    let tls_file = file.tls.unwrap_or_default();
+    let tls_mode = match (cli.tls, &tls_file.mode) {
+        (Some(m), _) => m,
+        (None, Some(m)) => TlsMode::parse(m)
+            .map_err(|e| ConfigError::Invalid(in_file(&format!("tls.mode: {e}"))))?,
+        (None, None) => TlsMode::Off,
+    };
+    let tls_cert = cli.tls_cert.or(tls_file.cert.map(|p| base.join(p)));
+    let tls_key = cli.tls_key.or(tls_file.key.map(|p| base.join(p)));
+    let tls_client_ca = cli
+        .tls_client_ca
+        .or(tls_file.client_ca.map(|p| base.join(p)));
+    let tls = match (tls_mode, tls_cert, tls_key) {
+        (TlsMode::Off, cert, key) => {
+            if cert.is_some() || key.is_some() || tls_client_ca.is_some() {
+                return Err(ConfigError::Invalid(in_file(
+                    "TLS certificate files are given but TLS is off: add --tls on or \
+                     --tls require (or mode in the [tls] section), or remove them",
+                )));
+            }
+            None
+        }
+        (mode, Some(cert), Some(key)) => Some(TlsSettings {
+            mode,
+            files: TlsFiles {
+                cert,
+                key,
+                client_ca: tls_client_ca,
+            },
+        }),
+        (mode, _, _) => {
+            return Err(ConfigError::Invalid(in_file(&format!(
+                "--tls {} needs the server certificate and its private key: give \
+                 --tls-cert FILE and --tls-key FILE (or cert and key in the [tls] section)",
+                mode.as_str()
+            ))))
+        }
+    };
+    let tls_required = tls.as_ref().is_some_and(|t| t.mode == TlsMode::Require);
     let insecure = cli.insecure || listen.insecure || listen.allow_remote;
     let allow_remote = tls_required || insecure;
     let (tcp, mut unix) = if !cli.tcp.is_empty() || !cli.unix.is_empty() {
@@ -422,6 +491,7 @@ pub fn resolve(
         passphrase,
         max_inflight,
         control: cli.control.or(file.control.map(|c| base.join(c))),
+        tls,
     })
 }
 
@@ -1203,5 +1273,100 @@ allow_anyone = true
         .expect("example resolves");
         assert!(!s.exports.is_empty());
         assert!(!s.listeners.is_empty());
+    }
+
+    const TLS_FILE: &str = r#"
+[tls]
+mode = "require"
+cert = "tls/server-cert.pem"
+key = "/etc/ssl/private/server-key.pem"
+client_ca = "tls/ca.pem"
+
+[[export]]
+name = "data"
+path = "data.img"
+"#;
+
+    #[test]
+    fn tls_section_resolves_with_paths_relative_to_the_file() {
+        let path = Path::new("/etc/cryptvol/cryptvol.toml");
+        let s = resolve(Some((path, file(TLS_FILE))), CliOverrides::default()).expect("resolves");
+        assert_eq!(
+            s.tls,
+            Some(TlsSettings {
+                mode: TlsMode::Require,
+                files: TlsFiles {
+                    cert: "/etc/cryptvol/tls/server-cert.pem".into(),
+                    key: "/etc/ssl/private/server-key.pem".into(),
+                    client_ca: Some("/etc/cryptvol/tls/ca.pem".into()),
+                },
+            })
+        );
+        // The command line overrides each key.
+        let cli = CliOverrides {
+            tls: Some(TlsMode::On),
+            tls_cert: Some("/c.pem".into()),
+            ..CliOverrides::default()
+        };
+        let s = resolve(Some((path, file(TLS_FILE))), cli).expect("resolves");
+        let tls = s.tls.expect("tls");
+        assert_eq!(tls.mode, TlsMode::On);
+        assert_eq!(tls.files.cert, PathBuf::from("/c.pem"));
+        assert_eq!(
+            tls.files.key,
+            PathBuf::from("/etc/ssl/private/server-key.pem")
+        );
+    }
+
+    #[test]
+    fn tls_is_off_by_default() {
+        let s = resolve_full(CliOverrides::default()).expect("resolves");
+        assert_eq!(s.tls, None);
+    }
+
+    #[test]
+    fn tls_on_without_certificate_and_key_is_a_clear_error() {
+        for (cert, key) in [(None, None), (Some("/c.pem"), None), (None, Some("/k.pem"))] {
+            let cli = CliOverrides {
+                tls: Some(TlsMode::Require),
+                tls_cert: cert.map(PathBuf::from),
+                tls_key: key.map(PathBuf::from),
+                volumes: vec!["/v.img".into()],
+                ..CliOverrides::default()
+            };
+            let e = resolve(None, cli).err().expect("refused").to_string();
+            assert!(
+                e.contains("--tls require needs") && e.contains("--tls-key"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn tls_files_with_tls_off_are_refused() {
+        let cli = CliOverrides {
+            tls_client_ca: Some("/ca.pem".into()),
+            volumes: vec!["/v.img".into()],
+            ..CliOverrides::default()
+        };
+        let e = resolve(None, cli).err().expect("refused").to_string();
+        assert!(e.contains("TLS is off"), "{e}");
+    }
+
+    #[test]
+    fn tls_mode_and_unknown_tls_keys_are_checked() {
+        let bad = "[tls]\nmode = \"maybe\"\n[[export]]\nname = \"d\"\npath = \"d.img\"\n";
+        let e = resolve(
+            Some((Path::new("/x.toml"), file(bad))),
+            CliOverrides::default(),
+        )
+        .err()
+        .expect("refused")
+        .to_string();
+        assert!(e.contains("tls.mode") && e.contains("maybe"), "{e}");
+        let e = parse("[tls]\ncertificate = \"x\"\n", Path::new("/x.toml"))
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("certificate"), "{e}");
     }
 }

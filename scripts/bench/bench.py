@@ -67,7 +67,10 @@ QEMU_VARIANTS = {
 #   the first write to each chunk";
 # - cryptvol-fresh: the first-write cost. Only the write jobs, each on a new, never-written
 #   thin volume of --fresh-size (64 GiB), so nearly every 4 KiB write allocates a chunk.
-CRYPTVOL_VARIANTS = ["cryptvol-nomap", "cryptvol-fresh"]
+# - cryptvol-tls: the `cryptvol` volume served with `--tls require` (rustls), read by fio
+#   over nbds+unix:// (libnbd's GnuTLS; tls-verify-peer=false, the certificate is a
+#   throw-away one): the cost of TLS against plaintext in the same run.
+CRYPTVOL_VARIANTS = ["cryptvol-nomap", "cryptvol-fresh", "cryptvol-tls"]
 DEFAULT_SERVERS = ["cryptvol"] + CRYPTVOL_VARIANTS + ["nbdkit-file", "nbdkit-luks", "qemu-nbd"]
 ALL_SERVERS = ["cryptvol"] + CRYPTVOL_VARIANTS + ["nbdkit-file", "nbdkit-luks"] + list(
     QEMU_VARIANTS
@@ -354,6 +357,8 @@ class Work:
         self.plain = os.path.join(root, "plain.img")
         self.luks = os.path.join(root, "luks.img")
         self.passfile = os.path.join(root, "luks.pass")
+        self.tls_cert = os.path.join(root, "tls-cert.pem")
+        self.tls_key = os.path.join(root, "tls-key.pem")
         self.logs = logs
         os.makedirs(self.logs, exist_ok=True)
 
@@ -368,6 +373,11 @@ def server_for(name, a, w):
         backing = {"cryptvol": w.vol, "cryptvol-nomap": w.vol_nomap,
                    "cryptvol-fresh": w.vol_fresh}[name]
         cmd = [a.bin, "serve", "--unix", sock, "--keystore", w.keystore, f"vol={backing}"]
+    elif name == "cryptvol-tls":
+        backing = w.vol
+        cmd = [a.bin, "serve", "--unix", sock, "--keystore", w.keystore,
+               "--tls", "require", "--tls-cert", w.tls_cert, "--tls-key", w.tls_key,
+               f"vol={backing}"]
     elif name == "nbdkit-file":
         cmd = ["nbdkit", "-f", "--exit-with-parent", "--unix", sock, "file", w.plain]
         backing = w.plain
@@ -394,6 +404,27 @@ def server_for(name, a, w):
 
 def uri(sock):
     return f"nbd+unix:///?socket={sock}"
+
+
+def server_uri(srv):
+    """The URI fio uses for a server: TLS (not verified: a throw-away certificate on a
+    local socket) for cryptvol-tls."""
+    if srv.name == "cryptvol-tls":
+        return f"nbds+unix:///?socket={srv.sock}&tls-verify-peer=false"
+    return uri(srv.sock)
+
+
+def make_tls_cert(w):
+    """A self-signed certificate for cryptvol-tls (EC P-256, as a real deployment would
+    likely use)."""
+    run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", w.tls_key,
+         "-out", w.tls_cert],
+        "openssl req (bench TLS certificate)",
+    )
+    os.chmod(w.tls_key, 0o600)
+    return "self-signed EC P-256 certificate; rustls (aws-lc-rs) server, libnbd (GnuTLS) client"
 
 
 def fill_random(path, size):
@@ -434,6 +465,8 @@ def prepare(a, w, need):
     if need & {"cryptvol", "cryptvol-nomap", "cryptvol-fresh"}:
         os.makedirs(w.keystore, mode=0o700, exist_ok=True)
         os.chmod(w.keystore, 0o700)
+    if "cryptvol-tls" in need:
+        info["cryptvol-tls"] = make_tls_cert(w)
     if "cryptvol" in need:
         create_cryptvol(a, w, w.vol, size)
         info["cryptvol"] = ("cryptvol v1, AES-256-XTS, 4096-byte sectors, local keystore, "
@@ -585,7 +618,7 @@ def run_job(a, w, srv, job, rep, io_size=None):
     ramp = a.ramp if io_size is None else 0
     limit = ["--time_based"] if io_size is None else [f"--io_size={io_size}"]
     cmd = [
-        "fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri(srv.sock)}",
+        "fio", f"--name={name}", "--ioengine=nbd", f"--uri={server_uri(srv)}",
         f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", "--numjobs=1",
         *limit, f"--runtime={a.runtime}", f"--ramp_time={ramp}",
         "--norandommap", "--randrepeat=0", "--lat_percentiles=1",
@@ -819,6 +852,8 @@ def main(argv):
     for s in a.servers:
         if s == "cryptvol" or s in CRYPTVOL_VARIANTS:
             need.add(s)
+        if s == "cryptvol-tls":
+            need.add("cryptvol")  # the same (prefilled) volume, served with TLS
         elif s == "nbdkit-luks" or s.startswith("qemu-nbd"):
             need.add("luks")
     if "luks" in need:

@@ -15,6 +15,8 @@ PEERS = ["nbdkit-file", "nbdkit-luks", "qemu-nbd"]
 # cryptvol's own variants (bench.py): the no-map baseline and the fresh-volume runs.
 NOMAP = "cryptvol-nomap"
 FRESH = "cryptvol-fresh"
+TLS = "cryptvol-tls"
+TLS_FACTOR = 0.7
 THIN_FACTOR = 0.95
 QD32 = ["randread-4k-qd32", "randwrite-4k-qd32"]
 RSS_LIMIT_MIB = 64
@@ -35,6 +37,9 @@ TARGETS = [
     # Issue 7: no regression beyond 5% on random writes once every chunk is allocated.
     (f"4k randwrite qd32 thin >= {THIN_FACTOR}x no-map", "randwrite-4k-qd32", NOMAP, "tput",
      THIN_FACTOR),
+    # Issue 14: "tls" means cryptvol-tls / cryptvol >= factor (TLS against plaintext).
+    (f"4k randread qd32 over TLS >= {TLS_FACTOR}x plaintext", "randread-4k-qd32", TLS, "tls",
+     TLS_FACTOR),
 ]
 
 COLOURS = {
@@ -43,6 +48,7 @@ COLOURS = {
     "nbdkit-luks": "#ff7f0e",
     "qemu-nbd": "#2ca02c",
     NOMAP: "#aec7e8",
+    TLS: "#98df8a",
 }
 EXTRA_COLOURS = ["#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#d62728"]
 
@@ -108,13 +114,13 @@ def summarise(res):
     for label, job, peer, kind, factor in TARGETS:
         t = {"target": label, "job": job, "peer": peer, "factor": factor}
         r = ratios.get(job, {}).get(peer)
-        key = "throughput" if kind == "tput" else "lat_p50"
-        if r is None or r.get(key) is None:
+        key = "lat_p50" if kind == "p50" else "throughput"
+        if r is None or not r.get(key):
             t.update(status="n/a", why=f"{job} not run against both cryptvol and {peer}")
         else:
-            v = r[key]
+            v = 1.0 / r[key] if kind == "tls" else r[key]
             t["measured"] = v
-            ok = v >= factor if kind == "tput" else v <= factor
+            ok = v <= factor if kind == "p50" else v >= factor
             t["status"] = "met" if ok else "missed"
         targets.append(t)
 
@@ -201,7 +207,7 @@ def server_order(res):
     """The servers of the main table and chart: everything but the fresh runs, which are
     a different workload and get their own section."""
     seen = [s for s in res["medians"].keys() if s != FRESH]
-    order = [s for s in ["cryptvol", NOMAP, "nbdkit-file", "nbdkit-luks", "qemu-nbd"]
+    order = [s for s in ["cryptvol", NOMAP, TLS, "nbdkit-file", "nbdkit-luks", "qemu-nbd"]
              if s in seen]
     return order + [s for s in seen if s not in order]
 
@@ -243,7 +249,7 @@ def render_text(res):
             )
             first = False
     out.append("")
-    peers = [s for s in servers if s not in ("cryptvol", NOMAP)]
+    peers = [s for s in servers if s not in ("cryptvol", NOMAP, TLS)]
     if "cryptvol" in servers and peers:
         out.append("cryptvol / peer (medians): throughput, >1 = cryptvol faster; "
                    "for qd1 also p50 latency, <1 = cryptvol faster")
@@ -264,6 +270,7 @@ def render_text(res):
             out.append(f"{meta['title']:<30} " + " ".join(cells))
         out.append("")
     out.extend(_render_thin(res))
+    out.extend(_render_tls(res))
     if "cryptvol" in servers:
         out.append("targets:")
     for t in res.get("targets", []) if "cryptvol" in servers else []:
@@ -288,6 +295,30 @@ def render_text(res):
                "process's user+system CPU (all threads) per GiB moved. Peak RSS: VmHWM "
                "during the job (max over runs).")
     return "\n".join(out)
+
+
+def _render_tls(res):
+    """cryptvol-tls / cryptvol per job (same volume, same run)."""
+    out = []
+    rows = []
+    for job, meta in res["jobs"].items():
+        r = res["ratios"].get(job, {}).get(TLS)
+        if r and r.get("throughput"):
+            plain = res["medians"]["cryptvol"][job]["iops"]
+            tls = res["medians"][TLS][job]["iops"]
+            note = "  (target)" if job == "randread-4k-qd32" else ""
+            rows.append(f"{meta['title']:<30} {_fmt_num(plain):>9} {_fmt_num(tls):>9} "
+                        f"{1.0 / r['throughput']:>6.2f}x{note}")
+    if rows:
+        out.append("TLS: cryptvol --tls require (fio over nbds+unix://) / cryptvol plaintext, "
+                   "same volume, medians")
+        hdr = f"{'job':<30} {'plain':>9} {'TLS':>9} {'ratio':>7}"
+        out.append(hdr)
+        out.append("-" * len(hdr))
+        out.extend(rows)
+        out.append(f"(IOPS; the 4k random read ratio is a target, >= {TLS_FACTOR}x.)")
+        out.append("")
+    return out
 
 
 def _render_thin(res):

@@ -253,6 +253,37 @@ c_ro_prep() {
     detail "ext4 with $(wc -l < /tmp/ro.sums) files written on '$EXP_RO' through the read-write server"
 }
 
+c_tls() {
+    attach /dev/nbd7 "$TLS_PORT" "$EXP_TLS" -b 4096 -certfile /kt/tls/client-cert.pem \
+        -keyfile /kt/tls/client-key.pem -cacertfile /kt/tls/ca-cert.pem -tlshostname "$TLS_HOSTNAME" || return 1
+    mkfs.ext4 -F -q -b 4096 -L kttls /dev/nbd7 || die "mkfs.ext4 over TLS failed" || return 1
+    mount -t ext4 /dev/nbd7 /mnt/b || die "mount over TLS failed" || return 1
+    mkdir -p /mnt/b/data
+    dd if=/dev/urandom of=/mnt/b/data/tls.bin bs=64k count=64 2>/dev/null || return 1
+    echo "$MARKER" > /mnt/b/data/hello.txt
+    (cd /mnt/b/data && find . -type f | sort | xargs sha256sum) > /tmp/tls.sums || return 1
+    umount /mnt/b || return 1
+    detach /dev/nbd7 || return 1
+    attach /dev/nbd7 "$TLS_PORT" "$EXP_TLS" -b 4096 -certfile /kt/tls/client-cert.pem \
+        -keyfile /kt/tls/client-key.pem -cacertfile /kt/tls/ca-cert.pem -tlshostname "$TLS_HOSTNAME" || return 1
+    e2fsck -fn /dev/nbd7 || die "e2fsck -fn over TLS reports problems" || return 1
+    mount -t ext4 /dev/nbd7 /mnt/b || return 1
+    (cd /mnt/b/data && sha256sum -c /tmp/tls.sums) || die "checksums differ over TLS" || return 1
+    umount /mnt/b || return 1
+    detach /dev/nbd7 || return 1
+    detail "nbd-client -certfile/-keyfile/-cacertfile/-tlshostname $TLS_HOSTNAME: mkfs.ext4+mount+write, re-attach, e2fsck -fn clean, $(wc -l < /tmp/tls.sums) checksums equal"
+}
+
+c_tls_plain() {
+    echo "+ nbd-client $HOST $TLS_PORT /dev/nbd7 -N $EXP_TLS -b 4096 (no TLS; must fail)"
+    if timeout "$ATTACH_TIMEOUT" nbd-client "$HOST" "$TLS_PORT" /dev/nbd7 -N "$EXP_TLS" -b 4096; then
+        nbd-client -d /dev/nbd7
+        die "a plaintext nbd-client attached to the --tls require server" || return 1
+    fi
+    [ "$(cat /sys/block/nbd7/size)" = 0 ] || die "nbd7 has a size after the refused attach" || return 1
+    detail "plaintext nbd-client refused by the --tls require server; nbd7 stays unconfigured"
+}
+
 phase1() {
     check fs-attach-mkfs c_fs_attach
     check fs-write c_fs_write
@@ -264,6 +295,8 @@ phase1() {
     check rmw-bs512-fio-verify c_rmw
     check multiconn-fio-verify c_multiconn
     check ro-prepare c_ro_prep
+    check tls-attach-mkfs-fsck c_tls
+    check tls-plaintext-refused c_tls_plain
     # Carry the checksums to the next boot (and the host's log).
     sed 's/^/KT-SUM fs /' /tmp/fs.sums 2>/dev/null | while IFS= read -r l; do say "$l"; done
     sed 's/^/KT-SUM ro /' /tmp/ro.sums 2>/dev/null | while IFS= read -r l; do say "$l"; done

@@ -101,11 +101,51 @@ pub fn parse_option_header(b: &[u8; 16]) -> Result<OptionHeader, HandshakeError>
     Ok(OptionHeader { option, len })
 }
 
+/// Whether the server offers or insists on TLS (nbdkit's `--tls` meaning).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// No TLS: `NBD_OPT_STARTTLS` is answered `NBD_REP_ERR_UNSUP` (the spec's NOTLS mode).
+    #[default]
+    Off,
+    /// TLS is offered: a client may send `NBD_OPT_STARTTLS`, or negotiate in plaintext.
+    On,
+    /// TLS is required (the spec's FORCEDTLS mode): until TLS is up, every option other
+    /// than `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` is answered `NBD_REP_ERR_TLS_REQD`, and
+    /// `NBD_OPT_EXPORT_NAME` (which cannot carry an error) closes the connection.
+    Require,
+}
+
+impl TlsMode {
+    /// Parses `off`, `on` or `require`.
+    pub fn parse(s: &str) -> Result<TlsMode, String> {
+        match s {
+            "off" => Ok(TlsMode::Off),
+            "on" => Ok(TlsMode::On),
+            "require" => Ok(TlsMode::Require),
+            _ => Err(format!(
+                "invalid TLS mode {s:?}: expected off, on or require"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Off => "off",
+            TlsMode::On => "on",
+            TlsMode::Require => "require",
+        }
+    }
+}
+
 /// What to do after an option.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Next {
     /// Keep negotiating.
     Continue,
+    /// Send `reply` (the `NBD_REP_ACK` to `NBD_OPT_STARTTLS`) in plaintext, then run the
+    /// TLS handshake as the server; on success call [`Negotiation::tls_started`] and keep
+    /// negotiating over TLS. A failed TLS handshake must end the connection.
+    StartTls,
     /// Enter transmission on this export with these transmission flags.
     Transmit { export: ExportInfo, flags: u16 },
     /// Close the connection (after sending `reply`, if any).
@@ -204,16 +244,63 @@ pub struct Negotiation {
     /// The current metadata context selection. When transmission starts on another export
     /// than the one it was made for, it is dropped (the spec requires the same name).
     selected: Option<Selection>,
+    /// Whether TLS is offered or required.
+    tls: TlsMode,
+    /// The TLS handshake succeeded (after `Next::StartTls`).
+    tls_active: bool,
+    /// A `Next::StartTls` was returned and [`Negotiation::tls_started`] not yet called.
+    tls_pending: bool,
+    /// Options refused with `NBD_REP_ERR_TLS_REQD` (or closed for it) so far.
+    tls_refusals: u32,
 }
 
 impl Negotiation {
+    /// A negotiation without TLS (the spec's NOTLS mode).
     pub fn new(client: ClientFlags) -> Negotiation {
+        Negotiation::with_tls(client, TlsMode::Off)
+    }
+
+    /// A negotiation in which TLS is offered ([`TlsMode::On`]) or required
+    /// ([`TlsMode::Require`]).
+    pub fn with_tls(client: ClientFlags, tls: TlsMode) -> Negotiation {
         Negotiation {
             client,
             finished: false,
             structured: false,
             selected: None,
+            tls,
+            tls_active: false,
+            tls_pending: false,
+            tls_refusals: 0,
         }
+    }
+
+    /// Records that the TLS handshake requested by `Next::StartTls` succeeded. Everything
+    /// negotiated before it is forgotten, as the spec requires (a man in the middle could
+    /// have chosen it).
+    pub fn tls_started(&mut self) {
+        if self.tls_pending {
+            self.tls_pending = false;
+            self.tls_active = true;
+            self.structured = false;
+            self.selected = None;
+        }
+    }
+
+    /// Whether TLS is up on this connection.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
+    }
+
+    /// How many options were refused because TLS is required and was not started (the
+    /// caller logs a plaintext client that gave up).
+    pub fn tls_refusals(&self) -> u32 {
+        self.tls_refusals
+    }
+
+    /// Whether options must be refused until TLS is up.
+    fn tls_required(&self) -> bool {
+        self.tls == TlsMode::Require && !self.tls_active
     }
 
     /// Handles one option whose full payload is `data` (`data.len() == hdr.len`).
@@ -240,9 +327,14 @@ impl Negotiation {
         }
         let outcome =
             if self.finished || hdr.option == OPT_EXPORT_NAME || !self.client.fixed_newstyle {
+                if hdr.option == OPT_EXPORT_NAME && self.tls_required() {
+                    self.tls_refusals += 1;
+                }
                 OptionOutcome::close(Vec::new())
             } else if hdr.option == OPT_ABORT {
                 abort(hdr.option)
+            } else if self.tls_required() && hdr.option != OPT_STARTTLS {
+                self.tls_required_error(hdr.option)
             } else {
                 let msg = format!(
                     "{} data of {} bytes exceeds this server's {MAX_OPTION_LEN}-byte limit",
@@ -285,7 +377,13 @@ impl Negotiation {
     }
 
     fn dispatch(&mut self, option: u32, data: &[u8], catalog: &dyn ExportCatalog) -> OptionOutcome {
-        if self.finished {
+        if self.finished || self.tls_pending {
+            return OptionOutcome::close(Vec::new());
+        }
+        if self.tls_required() && (option == OPT_EXPORT_NAME || !self.client.fixed_newstyle) {
+            // EXPORT_NAME cannot carry an error, and a non-fixed-newstyle client can
+            // neither parse replies nor start TLS: the spec says to end the session.
+            self.tls_refusals += 1;
             return OptionOutcome::close(Vec::new());
         }
         if option == OPT_EXPORT_NAME {
@@ -295,6 +393,9 @@ impl Negotiation {
             // Plain newstyle knows only EXPORT_NAME and has no option replies.
             return OptionOutcome::close(Vec::new());
         }
+        if self.tls_required() && option != OPT_STARTTLS && option != OPT_ABORT {
+            return self.tls_required_error(option);
+        }
         match option {
             OPT_ABORT => abort(option),
             OPT_LIST => list(data, catalog),
@@ -302,11 +403,7 @@ impl Negotiation {
             OPT_STRUCTURED_REPLY => self.structured_reply(data),
             OPT_LIST_META_CONTEXT => list_meta_context(data, catalog),
             OPT_SET_META_CONTEXT => self.set_meta_context(data, catalog),
-            OPT_STARTTLS => OptionOutcome::error(
-                option,
-                REP_ERR_UNSUP,
-                "TLS is not supported by this server; use a Unix socket or a trusted network",
-            ),
+            OPT_STARTTLS => self.starttls(data),
             _ => {
                 let msg = format!(
                     "option {option} ({}) is not supported by this server",
@@ -317,8 +414,51 @@ impl Negotiation {
         }
     }
 
+    /// `NBD_REP_ERR_TLS_REQD` for an option sent in plaintext while TLS is required.
+    fn tls_required_error(&mut self, option: u32) -> OptionOutcome {
+        self.tls_refusals += 1;
+        let msg = format!(
+            "this server requires TLS: send NBD_OPT_STARTTLS before {} \
+             (e.g. nbds:// URIs, nbd-client -certfile/-keyfile/-cacertfile)",
+            option_name(option)
+        );
+        OptionOutcome::error(option, REP_ERR_TLS_REQD, &msg)
+    }
+
+    /// `NBD_OPT_STARTTLS`: no data allowed. Without TLS configured `NBD_REP_ERR_UNSUP`;
+    /// once TLS is up `NBD_REP_ERR_INVALID`; otherwise `NBD_REP_ACK` and `Next::StartTls`.
+    fn starttls(&mut self, data: &[u8]) -> OptionOutcome {
+        const OPT: u32 = OPT_STARTTLS;
+        if self.tls == TlsMode::Off {
+            return OptionOutcome::error(
+                OPT,
+                REP_ERR_UNSUP,
+                "TLS is not enabled on this server (cryptvol serve --tls on|require); \
+                 use a Unix socket or a trusted network",
+            );
+        }
+        if self.tls_active {
+            return OptionOutcome::error(OPT, REP_ERR_INVALID, "TLS is already active");
+        }
+        if !data.is_empty() {
+            let msg = format!(
+                "NBD_OPT_STARTTLS takes no data, but {} bytes were sent",
+                data.len()
+            );
+            return OptionOutcome::error(OPT, REP_ERR_INVALID, &msg);
+        }
+        self.tls_pending = true;
+        let mut reply = Vec::new();
+        push_reply(&mut reply, OPT, REP_ACK, &[]);
+        OptionOutcome {
+            reply,
+            next: Next::StartTls,
+            refusal: None,
+        }
+    }
+
     fn finish_if_final(&mut self, outcome: OptionOutcome) -> OptionOutcome {
-        if outcome.next != Next::Continue {
+        if outcome.next != Next::Continue && outcome.next != Next::StartTls {
             self.finished = true;
         }
         if let Next::Transmit { export, .. } = &outcome.next {

@@ -28,7 +28,7 @@ mod wire;
 
 pub use handshake::{
     block_size_info, parse_client_flags, parse_option_header, server_greeting, ClientFlags,
-    HandshakeError, Negotiated, Negotiation, Next, OptionHeader, OptionOutcome, Refusal,
+    HandshakeError, Negotiated, Negotiation, Next, OptionHeader, OptionOutcome, Refusal, TlsMode,
     MAX_HUMAN_STRING, MAX_NAME_LEN, MAX_OPTION_LEN, MAX_REPLY_PAYLOAD,
 };
 pub use meta::{MetaContext, BASE_ALLOCATION, BASE_ALLOCATION_ID, STATE_HOLE, STATE_ZERO};

@@ -17,15 +17,17 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
+use tokio_rustls::server::TlsStream;
 
 use super::budget::{BudgetGuard, BufferPool, ByteBudget};
 use super::export::{errno_for, AuthorizedCatalog};
 use super::peer::PeerIdentity;
+use super::tls::{cert_identity, handshake_failure};
 use super::Shared;
 use crate::nbd::{
     self, encode_simple_reply, parse_client_flags, parse_option_header, parse_request,
     server_greeting, structured, validate_negotiated, NbdErrno, Negotiated, Negotiation, Next,
-    Refusal, ValidRequest, MAX_OPTION_LEN, REQUEST_HEADER_LEN, STATE_HOLE, STATE_ZERO,
+    Refusal, TlsMode, ValidRequest, MAX_OPTION_LEN, REQUEST_HEADER_LEN, STATE_HOLE, STATE_ZERO,
 };
 use crate::volume::Volume;
 
@@ -44,6 +46,27 @@ enum HandshakeFailure {
     Shutdown,
     #[error("more than {MAX_REFUSALS} requests for exports the client may not open")]
     TooManyRefusals,
+    /// Logged as "TLS handshake with PEER failed: ...".
+    #[error("{0}")]
+    Tls(String),
+    #[error(
+        "plaintext client refused: this server requires TLS (--tls require) and the client \
+         did not send NBD_OPT_STARTTLS; no export was listed or opened"
+    )]
+    TlsRequired,
+}
+
+/// The socket after the handshake: the accepted one, or TLS over it.
+enum Transport<S> {
+    Plain(S),
+    Tls(Box<TlsStream<S>>),
+}
+
+/// What the handshake settled.
+struct Handshake<S> {
+    transport: Transport<S>,
+    export: String,
+    negotiated: Negotiated,
 }
 
 /// Refused export requests a connection may make before it is closed (a client probing
@@ -134,14 +157,14 @@ impl Write for BlockingStream {
 
 /// Runs one connection to completion. Never panics on client input.
 pub(crate) async fn run<S: IntoBlocking>(
-    mut stream: S,
-    peer: PeerIdentity,
+    stream: S,
+    mut peer: PeerIdentity,
     id: u64,
     shared: Arc<Shared>,
 ) {
     let mut shutdown = shared.shutdown.clone();
     let negotiated = tokio::select! {
-        r = tokio::time::timeout(shared.config.handshake_timeout, handshake(&mut stream, &shared, &peer)) => {
+        r = tokio::time::timeout(shared.config.handshake_timeout, handshake(stream, &shared, &mut peer, id)) => {
             match r {
                 Ok(r) => r,
                 Err(_) => Err(HandshakeFailure::Timeout),
@@ -149,10 +172,22 @@ pub(crate) async fn run<S: IntoBlocking>(
         }
         _ = shutdown.wait_for(|s| *s) => Err(HandshakeFailure::Shutdown),
     };
-    let (export, negotiated) = match negotiated {
+    let Handshake {
+        transport,
+        export,
+        negotiated,
+    } = match negotiated {
         Ok(x) => x,
         Err(HandshakeFailure::Closed) => {
             tracing::debug!(conn = id, peer = %peer, "client closed during negotiation");
+            return;
+        }
+        Err(HandshakeFailure::Tls(reason)) => {
+            tracing::warn!(conn = id, "TLS handshake with {peer} failed: {reason}");
+            return;
+        }
+        Err(e @ HandshakeFailure::TlsRequired) => {
+            tracing::warn!(conn = id, peer = %peer, "{e}");
             return;
         }
         Err(e) => {
@@ -164,9 +199,10 @@ pub(crate) async fn run<S: IntoBlocking>(
         return;
     };
     let _counted = exp.connection_guard();
-    let (stream, control) = match stream
-        .into_blocking()
-        .and_then(|s| s.try_clone().map(|c| (s, c)))
+    let tls = matches!(transport, Transport::Tls(_));
+    let (stream, control, bridge) = match transport
+        .into_blocking(id)
+        .and_then(|(s, b)| s.try_clone().map(|c| (s, c, b)))
     {
         Ok(x) => x,
         Err(e) => {
@@ -174,7 +210,14 @@ pub(crate) async fn run<S: IntoBlocking>(
             return;
         }
     };
-    tracing::info!(conn = id, peer = %peer, export = %export, "client connected");
+    tracing::info!(
+        conn = id,
+        peer = %peer,
+        export = %export,
+        tls,
+        client = peer.cert.as_ref().map(|c| c.subject.as_str()).unwrap_or(""),
+        "client connected"
+    );
     tracing::debug!(
         conn = id,
         structured_replies = negotiated.structured_replies,
@@ -216,33 +259,108 @@ pub(crate) async fn run<S: IntoBlocking>(
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
+    let counters = (
+        conn.requests.load(Ordering::Relaxed),
+        conn.bytes_read.load(Ordering::Relaxed),
+        conn.bytes_written.load(Ordering::Relaxed),
+    );
+    // A TLS bridge ends once every end of its socket pair is closed (the last replies
+    // are then sent and the session closed), not later than that.
+    drop(conn);
+    drop(control);
+    if let Some(bridge) = bridge {
+        let _ = bridge.await;
+    }
     tracing::info!(
         conn = id,
         peer = %peer,
         export = %export,
-        requests = conn.requests.load(Ordering::Relaxed),
-        bytes_read = conn.bytes_read.load(Ordering::Relaxed),
-        bytes_written = conn.bytes_written.load(Ordering::Relaxed),
+        requests = counters.0,
+        bytes_read = counters.1,
+        bytes_written = counters.2,
         "client disconnected{}",
         reason.map(|r| format!(": {r}")).unwrap_or_default()
     );
 }
 
+/// The whole handshake: greeting, options, and the TLS upgrade when the client sends
+/// `NBD_OPT_STARTTLS` (and TLS is configured). A verified client certificate becomes part
+/// of `peer` as soon as TLS is up, before any export is listed or opened over it.
 async fn handshake<S>(
+    mut s: S,
+    shared: &Shared,
+    peer: &mut PeerIdentity,
+    id: u64,
+) -> Result<Handshake<S>, HandshakeFailure>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut refusals = Refusals::default();
+    s.write_all(&server_greeting()).await?;
+    let mut flags = [0u8; 4];
+    read_or_closed(&mut s, &mut flags).await?;
+    let client = parse_client_flags(flags)?;
+    let tls = shared.config.tls.as_deref();
+    let mode = tls.map_or(TlsMode::Off, |t| t.mode());
+    let mut neg = Negotiation::with_tls(client, mode);
+    let step = match options(&mut s, &mut neg, shared, peer, &mut refusals).await {
+        Err(HandshakeFailure::Closed) if neg.tls_refusals() > 0 => {
+            return Err(HandshakeFailure::TlsRequired)
+        }
+        r => r?,
+    };
+    let Some(tls) = tls.filter(|_| step.is_none()) else {
+        let (export, negotiated) = step.ok_or(HandshakeFailure::Closed)?;
+        return Ok(Handshake {
+            transport: Transport::Plain(s),
+            export,
+            negotiated,
+        });
+    };
+    // NBD_OPT_STARTTLS was acknowledged: the TLS handshake follows at once.
+    let mut s = tls
+        .acceptor()
+        .accept(s)
+        .await
+        .map_err(|e| HandshakeFailure::Tls(handshake_failure(&e)))?;
+    neg.tls_started();
+    // rustls returns client certificates only when it verified them (--tls-client-ca).
+    peer.cert = s
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(cert_identity);
+    match &peer.cert {
+        Some(c) => {
+            tracing::info!(conn = id, peer = %peer, "TLS established; verified client certificate: {c}")
+        }
+        None => tracing::info!(conn = id, peer = %peer, "TLS established (no client certificate)"),
+    }
+    let (export, negotiated) = options(&mut s, &mut neg, shared, peer, &mut refusals)
+        .await?
+        .ok_or(HandshakeFailure::Closed)?;
+    Ok(Handshake {
+        transport: Transport::Tls(Box::new(s)),
+        export,
+        negotiated,
+    })
+}
+
+/// Negotiates options until transmission (`Some`) or an acknowledged `NBD_OPT_STARTTLS`
+/// (`None`). Exports are listed and opened through `peer`'s view of the catalog; refusals
+/// are recorded before the client hears of them.
+async fn options<S>(
     s: &mut S,
+    neg: &mut Negotiation,
     shared: &Shared,
     peer: &PeerIdentity,
-) -> Result<(String, Negotiated), HandshakeFailure>
+    refusals: &mut Refusals,
+) -> Result<Option<(String, Negotiated)>, HandshakeFailure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let daemon_uid = nix::unistd::geteuid().as_raw();
-    let mut refusals = Refusals::default();
-    s.write_all(&server_greeting()).await?;
-    let mut flags = [0u8; 4];
-    read_or_closed(s, &mut flags).await?;
-    let client = parse_client_flags(flags)?;
-    let mut neg = Negotiation::new(client);
     loop {
         let mut hdr = [0u8; 16];
         read_or_closed(s, &mut hdr).await?;
@@ -271,7 +389,11 @@ where
         s.write_all(&outcome.reply).await?;
         match outcome.next {
             Next::Continue => {}
-            Next::Transmit { export, .. } => return Ok((export.name, neg.negotiated())),
+            Next::Transmit { export, .. } => return Ok(Some((export.name, neg.negotiated()))),
+            Next::StartTls => {
+                s.flush().await?;
+                return Ok(None);
+            }
             Next::Close => return Err(HandshakeFailure::Closed),
         }
     }
@@ -330,6 +452,81 @@ impl Refusals {
             Err(e) => tracing::error!("cannot audit a refused client: {e}"),
         }
         Ok(())
+    }
+}
+
+impl<S: IntoBlocking> Transport<S> {
+    /// The blocking stream the transmission threads use. A TLS connection is bridged to
+    /// one end of a Unix socket pair by a task on the runtime (the TLS state stays there),
+    /// so the transmission code is the same for both; a plaintext one costs nothing more.
+    /// Also returns the bridge task of a TLS connection.
+    fn into_blocking(
+        self,
+        id: u64,
+    ) -> std::io::Result<(BlockingStream, Option<tokio::task::JoinHandle<()>>)> {
+        match self {
+            Transport::Plain(s) => Ok((s.into_blocking()?, None)),
+            Transport::Tls(tls) => {
+                let (near, far) = std::os::unix::net::UnixStream::pair()?;
+                near.set_nonblocking(true)?;
+                let near = tokio::net::UnixStream::from_std(near)?;
+                let task = tokio::spawn(bridge(*tls, near, id));
+                Ok((BlockingStream::Unix(far), Some(task)))
+            }
+        }
+    }
+}
+
+/// Buffer of each direction of a TLS bridge: a few TLS records.
+const BRIDGE_BUFFER: usize = 64 * 1024;
+
+/// Copies between the TLS stream and the transmission threads' socket until the threads
+/// are done (their end closed: the TLS session is then closed with close_notify). When the
+/// client closes first, the threads see end-of-file.
+async fn bridge<S>(tls: TlsStream<S>, near: tokio::net::UnixStream, id: u64)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut tls_rd, mut tls_wr) = tokio::io::split(tls);
+    let (mut near_rd, mut near_wr) = near.into_split();
+    let replies = async {
+        let r = pump(&mut near_rd, &mut tls_wr).await;
+        let _ = tls_wr.shutdown().await;
+        r
+    };
+    let requests = async {
+        let r = pump(&mut tls_rd, &mut near_wr).await;
+        let _ = near_wr.shutdown().await;
+        r
+    };
+    tokio::pin!(replies, requests);
+    let result = tokio::select! {
+        r = &mut replies => r,
+        r = &mut requests => {
+            // The client is gone or closed its side; the threads see EOF and finish.
+            let _ = (&mut replies).await;
+            r
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(conn = id, "TLS connection ended: {e}");
+    }
+}
+
+/// Copies until end-of-file, flushing after each read (replies must not wait in a buffer).
+async fn pump<R, W>(rd: &mut R, wr: &mut W) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BRIDGE_BUFFER];
+    loop {
+        let n = rd.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        wr.write_all(&buf[..n]).await?;
+        wr.flush().await?;
     }
 }
 

@@ -14,6 +14,7 @@ mod listen;
 mod peer;
 mod reencrypt;
 pub mod systemd;
+pub mod tls;
 
 pub use control::{ControlHooks, ControlSocket};
 pub use export::{errno_for, Export, Exports};
@@ -21,6 +22,7 @@ pub use listen::{Listener, ListenerSpec};
 pub use peer::AccessPolicy;
 pub(crate) use reencrypt::test_step_delay as reencrypt_test_step_delay;
 pub use reencrypt::JobState;
+pub use tls::{reload_tls, TlsError, TlsFiles, TlsSetup};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,6 +78,8 @@ pub struct ServerConfig {
     /// Where clients refused by an export's access policy are recorded (the key audit
     /// log); `None`: only the server's log.
     pub audit_log: Option<crate::keys::AuditLog>,
+    /// TLS offered or required on every listener (`None`: no TLS, STARTTLS is refused).
+    pub tls: Option<Arc<TlsSetup>>,
 }
 
 /// Default of [`ServerConfig::max_connections`].
@@ -98,6 +102,7 @@ impl Default for ServerConfig {
             insecure_tcp: false,
             threads_per_connection: 4,
             audit_log: None,
+            tls: None,
         }
     }
 }
