@@ -1645,9 +1645,7 @@ async fn run_server(
         "serving {n} export{}",
         if n == 1 { "" } else { "s" }
     ));
-    if let Some(tls) = config.tls.clone() {
-        tokio::spawn(reload_tls_on_sighup(tls));
-    }
+    tokio::spawn(reload_on_sighup(config.tls.clone()));
     let shutdown = server::shutdown_handle();
     let sd = shutdown.clone();
     tokio::spawn(async move {
@@ -1662,8 +1660,9 @@ async fn run_server(
 }
 
 /// On each SIGHUP, re-reads the TLS certificate, key and client CA files (see
-/// `server::reload_tls`; a failure keeps the old ones).
-async fn reload_tls_on_sighup(tls: std::sync::Arc<server::TlsSetup>) {
+/// `server::reload_tls`; a failure keeps the old ones). Without TLS there is nothing to
+/// reload, but SIGHUP (`systemctl reload`) must still not end the daemon.
+async fn reload_on_sighup(tls: Option<std::sync::Arc<server::TlsSetup>>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -1673,6 +1672,10 @@ async fn reload_tls_on_sighup(tls: std::sync::Arc<server::TlsSetup>) {
         }
     };
     while hup.recv().await.is_some() {
+        let Some(tls) = &tls else {
+            tracing::info!("SIGHUP: nothing to reload (TLS is not configured)");
+            continue;
+        };
         tracing::info!("SIGHUP: reloading TLS certificates");
         let t = tls.clone();
         if let Err(e) = tokio::task::spawn_blocking(move || server::reload_tls(&t)).await {

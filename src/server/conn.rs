@@ -22,7 +22,7 @@ use tokio_rustls::server::TlsStream;
 use super::budget::{BudgetGuard, BufferPool, ByteBudget};
 use super::export::{errno_for, AuthorizedCatalog};
 use super::peer::PeerIdentity;
-use super::tls::{cert_identity, handshake_failure};
+use super::tls::{cert_identity, handshake_failure, BlockingTls, PlainSocket};
 use super::Shared;
 use crate::nbd::{
     self, encode_simple_reply, parse_client_flags, parse_option_header, parse_request,
@@ -94,10 +94,11 @@ impl IntoBlocking for tokio::net::UnixStream {
     }
 }
 
-/// A blocking TCP or Unix stream.
+/// A blocking TCP or Unix stream, or TLS over one.
 pub(crate) enum BlockingStream {
     Tcp(std::net::TcpStream),
     Unix(std::os::unix::net::UnixStream),
+    Tls(BlockingTls),
 }
 
 impl BlockingStream {
@@ -105,6 +106,7 @@ impl BlockingStream {
         Ok(match self {
             BlockingStream::Tcp(s) => BlockingStream::Tcp(s.try_clone()?),
             BlockingStream::Unix(s) => BlockingStream::Unix(s.try_clone()?),
+            BlockingStream::Tls(s) => BlockingStream::Tls(s.try_clone()?),
         })
     }
     /// Sets `SO_RCVTIMEO` and `SO_SNDTIMEO` (shared by every clone of the socket).
@@ -118,12 +120,17 @@ impl BlockingStream {
                 s.set_read_timeout(t)?;
                 s.set_write_timeout(t)
             }
+            BlockingStream::Tls(s) => s.set_timeouts(t),
         }
     }
     fn shutdown(&self, how: Shutdown) {
         let _ = match self {
             BlockingStream::Tcp(s) => s.shutdown(how),
             BlockingStream::Unix(s) => s.shutdown(how),
+            BlockingStream::Tls(s) => {
+                s.shutdown(how);
+                Ok(())
+            }
         };
     }
 }
@@ -133,6 +140,7 @@ impl Read for BlockingStream {
         match self {
             BlockingStream::Tcp(s) => s.read(buf),
             BlockingStream::Unix(s) => s.read(buf),
+            BlockingStream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -142,12 +150,14 @@ impl Write for BlockingStream {
         match self {
             BlockingStream::Tcp(s) => s.write(buf),
             BlockingStream::Unix(s) => s.write(buf),
+            BlockingStream::Tls(s) => s.write(buf),
         }
     }
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
         match self {
             BlockingStream::Tcp(s) => s.write_vectored(bufs),
             BlockingStream::Unix(s) => s.write_vectored(bufs),
+            BlockingStream::Tls(s) => s.write_vectored(bufs),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -200,9 +210,9 @@ pub(crate) async fn run<S: IntoBlocking>(
     };
     let _counted = exp.connection_guard();
     let tls = matches!(transport, Transport::Tls(_));
-    let (stream, control, bridge) = match transport
-        .into_blocking(id)
-        .and_then(|(s, b)| s.try_clone().map(|c| (s, c, b)))
+    let (stream, control) = match transport
+        .into_blocking()
+        .and_then(|s| s.try_clone().map(|c| (s, c)))
     {
         Ok(x) => x,
         Err(e) => {
@@ -264,13 +274,9 @@ pub(crate) async fn run<S: IntoBlocking>(
         conn.bytes_read.load(Ordering::Relaxed),
         conn.bytes_written.load(Ordering::Relaxed),
     );
-    // A TLS bridge ends once every end of its socket pair is closed (the last replies
-    // are then sent and the session closed), not later than that.
+    // The last handle of a TLS session sends close_notify.
     drop(conn);
     drop(control);
-    if let Some(bridge) = bridge {
-        let _ = bridge.await;
-    }
     tracing::info!(
         conn = id,
         peer = %peer,
@@ -387,13 +393,12 @@ where
             refusals.record(shared, peer, refusal).await?;
         }
         s.write_all(&outcome.reply).await?;
+        // Nothing may stay queued in a TLS session when it leaves the runtime.
+        s.flush().await?;
         match outcome.next {
             Next::Continue => {}
             Next::Transmit { export, .. } => return Ok(Some((export.name, neg.negotiated()))),
-            Next::StartTls => {
-                s.flush().await?;
-                return Ok(None);
-            }
+            Next::StartTls => return Ok(None),
             Next::Close => return Err(HandshakeFailure::Closed),
         }
     }
@@ -456,77 +461,24 @@ impl Refusals {
 }
 
 impl<S: IntoBlocking> Transport<S> {
-    /// The blocking stream the transmission threads use. A TLS connection is bridged to
-    /// one end of a Unix socket pair by a task on the runtime (the TLS state stays there),
-    /// so the transmission code is the same for both; a plaintext one costs nothing more.
-    /// Also returns the bridge task of a TLS connection.
-    fn into_blocking(
-        self,
-        id: u64,
-    ) -> std::io::Result<(BlockingStream, Option<tokio::task::JoinHandle<()>>)> {
+    /// The blocking stream the transmission threads use. A TLS session moves with its
+    /// socket (and any plaintext it has already received) to the threads, which encrypt
+    /// and decrypt themselves (see `tls::BlockingTls`); a plaintext socket is unchanged.
+    fn into_blocking(self) -> std::io::Result<BlockingStream> {
         match self {
-            Transport::Plain(s) => Ok((s.into_blocking()?, None)),
+            Transport::Plain(s) => s.into_blocking(),
             Transport::Tls(tls) => {
-                let (near, far) = std::os::unix::net::UnixStream::pair()?;
-                near.set_nonblocking(true)?;
-                let near = tokio::net::UnixStream::from_std(near)?;
-                let task = tokio::spawn(bridge(*tls, near, id));
-                Ok((BlockingStream::Unix(far), Some(task)))
+                let (io, session) = tls.into_inner();
+                let sock = match io.into_blocking()? {
+                    BlockingStream::Tcp(s) => PlainSocket::Tcp(s),
+                    BlockingStream::Unix(s) => PlainSocket::Unix(s),
+                    BlockingStream::Tls(_) => {
+                        return Err(std::io::Error::other("TLS over TLS is not supported"))
+                    }
+                };
+                Ok(BlockingStream::Tls(BlockingTls::new(sock, session)?))
             }
         }
-    }
-}
-
-/// Buffer of each direction of a TLS bridge: a few TLS records.
-const BRIDGE_BUFFER: usize = 64 * 1024;
-
-/// Copies between the TLS stream and the transmission threads' socket until the threads
-/// are done (their end closed: the TLS session is then closed with close_notify). When the
-/// client closes first, the threads see end-of-file.
-async fn bridge<S>(tls: TlsStream<S>, near: tokio::net::UnixStream, id: u64)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut tls_rd, mut tls_wr) = tokio::io::split(tls);
-    let (mut near_rd, mut near_wr) = near.into_split();
-    let replies = async {
-        let r = pump(&mut near_rd, &mut tls_wr).await;
-        let _ = tls_wr.shutdown().await;
-        r
-    };
-    let requests = async {
-        let r = pump(&mut tls_rd, &mut near_wr).await;
-        let _ = near_wr.shutdown().await;
-        r
-    };
-    tokio::pin!(replies, requests);
-    let result = tokio::select! {
-        r = &mut replies => r,
-        r = &mut requests => {
-            // The client is gone or closed its side; the threads see EOF and finish.
-            let _ = (&mut replies).await;
-            r
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(conn = id, "TLS connection ended: {e}");
-    }
-}
-
-/// Copies until end-of-file, flushing after each read (replies must not wait in a buffer).
-async fn pump<R, W>(rd: &mut R, wr: &mut W) -> std::io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BRIDGE_BUFFER];
-    loop {
-        let n = rd.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        wr.write_all(&buf[..n]).await?;
-        wr.flush().await?;
     }
 }
 

@@ -16,11 +16,11 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, RootCertStore, ServerConfig};
+use rustls::{CertificateError, RootCertStore, ServerConfig, ServerConnection};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
@@ -277,6 +277,262 @@ fn warn_if_key_readable_by_others(path: &Path) {
                 path.display()
             );
         }
+    }
+}
+
+/// A socket under a [`BlockingTls`].
+pub(crate) enum PlainSocket {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl PlainSocket {
+    fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::Read;
+        match self {
+            PlainSocket::Tcp(s) => (&*s).read(buf),
+            PlainSocket::Unix(s) => (&*s).read(buf),
+        }
+    }
+    fn write_all(&self, buf: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        match self {
+            PlainSocket::Tcp(s) => (&*s).write_all(buf),
+            PlainSocket::Unix(s) => (&*s).write_all(buf),
+        }
+    }
+    fn shutdown(&self, how: std::net::Shutdown) {
+        let _ = match self {
+            PlainSocket::Tcp(s) => s.shutdown(how),
+            PlainSocket::Unix(s) => s.shutdown(how),
+        };
+    }
+    fn set_timeouts(&self, t: Option<std::time::Duration>) -> std::io::Result<()> {
+        match self {
+            PlainSocket::Tcp(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            PlainSocket::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
+    fn set_nonblocking(&self) {
+        let _ = match self {
+            PlainSocket::Tcp(s) => s.set_nonblocking(true),
+            PlainSocket::Unix(s) => s.set_nonblocking(true),
+        };
+    }
+}
+
+/// Ciphertext read from the socket at once by a [`BlockingTls`] reader.
+const TLS_READ_BUFFER: usize = 64 * 1024;
+/// Most plaintext encrypted by one write (bounds the ciphertext buffer of a writer).
+const TLS_WRITE_CHUNK: usize = 256 * 1024;
+
+/// The TLS session of a connection in transmission, shared by its reader and writer
+/// handles.
+struct TlsShared {
+    conn: Mutex<ServerConnection>,
+    /// Held from taking records out of `conn` until they are on the socket, so that
+    /// records reach the socket in sequence. Lock order: `send`, then `conn`.
+    send: Mutex<()>,
+    sock: PlainSocket,
+}
+
+impl Drop for TlsShared {
+    /// Ends the session with close_notify, without blocking.
+    fn drop(&mut self) {
+        let conn = self.conn.get_mut().unwrap_or_else(PoisonError::into_inner);
+        conn.send_close_notify();
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            if conn.write_tls(&mut out).is_err() {
+                break;
+            }
+        }
+        self.sock.set_nonblocking();
+        let _ = self.sock.write_all(&out);
+    }
+}
+
+/// TLS on a blocking socket for the transmission threads, with the same reader/writer
+/// split as a plain socket: one handle reads (under the connection's read lock) while
+/// another writes (under its write lock). Each handle keeps its own buffer; the session
+/// is locked only to decrypt or encrypt, never during socket I/O, so a reader blocked on
+/// the socket does not hold up replies.
+pub(crate) struct BlockingTls {
+    shared: Arc<TlsShared>,
+    /// Ciphertext read from the socket; `raw[start..end]` is not yet given to rustls.
+    raw: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Records to send (writer side).
+    out: Vec<u8>,
+}
+
+impl BlockingTls {
+    /// Takes over a session whose handshake is complete (as tokio-rustls leaves it: any
+    /// plaintext already received stays in the session and is read first).
+    pub(crate) fn new(sock: PlainSocket, conn: ServerConnection) -> std::io::Result<BlockingTls> {
+        let mut t = BlockingTls {
+            shared: Arc::new(TlsShared {
+                conn: Mutex::new(conn),
+                send: Mutex::new(()),
+                sock,
+            }),
+            raw: Vec::new(),
+            start: 0,
+            end: 0,
+            out: Vec::new(),
+        };
+        t.send_pending()?;
+        Ok(t)
+    }
+
+    /// Another handle on the same session (for the writer side).
+    pub(crate) fn try_clone(&self) -> std::io::Result<BlockingTls> {
+        Ok(BlockingTls {
+            shared: self.shared.clone(),
+            raw: Vec::new(),
+            start: 0,
+            end: 0,
+            out: Vec::new(),
+        })
+    }
+
+    pub(crate) fn shutdown(&self, how: std::net::Shutdown) {
+        self.shared.sock.shutdown(how);
+    }
+
+    /// Sets `SO_RCVTIMEO` and `SO_SNDTIMEO` of the socket under the session (the idle
+    /// timeout of transmission).
+    pub(crate) fn set_timeouts(&self, t: Option<std::time::Duration>) -> std::io::Result<()> {
+        self.shared.sock.set_timeouts(t)
+    }
+
+    /// Sends whatever records the session has queued (alerts, handshake leftovers).
+    fn send_pending(&mut self) -> std::io::Result<()> {
+        let _order = self
+            .shared
+            .send
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.out.clear();
+        {
+            let mut conn = lock(&self.shared);
+            while conn.wants_write() {
+                conn.write_tls(&mut self.out)?;
+            }
+        }
+        if !self.out.is_empty() {
+            self.shared.sock.write_all(&self.out)?;
+        }
+        Ok(())
+    }
+}
+
+fn lock(shared: &TlsShared) -> std::sync::MutexGuard<'_, ServerConnection> {
+    shared.conn.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl std::io::Read for BlockingTls {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            let mut alert = None;
+            let mut wants_write = false;
+            let mut fed = false;
+            {
+                let mut conn = lock(&self.shared);
+                match conn.reader().read(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+                if self.start < self.end {
+                    let mut rd = self.raw.get(self.start..self.end).unwrap_or_default();
+                    let n = conn.read_tls(&mut rd)?;
+                    self.start += n;
+                    fed = true;
+                    match conn.process_new_packets() {
+                        Ok(_) => wants_write = conn.wants_write(),
+                        Err(e) => alert = Some(e),
+                    }
+                }
+            }
+            if let Some(e) = alert {
+                let _ = self.send_pending();
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+            }
+            if wants_write {
+                self.send_pending()?;
+            }
+            if fed {
+                // New records were decrypted (or more ciphertext is buffered): look again.
+                continue;
+            }
+            if self.raw.is_empty() {
+                self.raw = vec![0u8; TLS_READ_BUFFER];
+            }
+            let n = self.shared.sock.read(&mut self.raw)?;
+            if n == 0 {
+                // The peer closed the socket (with or without close_notify): end of stream.
+                return Ok(0);
+            }
+            self.start = 0;
+            self.end = n;
+        }
+    }
+}
+
+impl std::io::Write for BlockingTls {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_vectored(&[std::io::IoSlice::new(buf)])
+    }
+
+    /// Encrypts up to [`TLS_WRITE_CHUNK`] bytes of `bufs` (header and data of a reply go
+    /// into the same records) and sends them before returning.
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        let mut room = TLS_WRITE_CHUNK;
+        let mut slices = Vec::with_capacity(bufs.len());
+        for b in bufs {
+            if room == 0 {
+                break;
+            }
+            let take = b.len().min(room);
+            if take > 0 {
+                slices.push(std::io::IoSlice::new(b.get(..take).unwrap_or_default()));
+                room -= take;
+            }
+        }
+        if slices.is_empty() {
+            return Ok(0);
+        }
+        let _order = self
+            .shared
+            .send
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.out.clear();
+        let n = {
+            let mut conn = lock(&self.shared);
+            let n = conn.writer().write_vectored(&slices)?;
+            while conn.wants_write() {
+                conn.write_tls(&mut self.out)?;
+            }
+            n
+        };
+        self.shared.sock.write_all(&self.out)?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

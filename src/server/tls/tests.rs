@@ -229,3 +229,80 @@ async fn without_client_ca_no_client_certificate_is_needed() {
     let setup = TlsSetup::load(TlsMode::On, f).unwrap();
     assert_eq!(handshake(&setup, None).await, Ok(None));
 }
+
+/// The session leaves the runtime with plaintext it has already received, then carries
+/// more than a TLS record's worth of data each way through the reader and writer handles
+/// (a socket read timeout turns a lost record into a failure rather than a hang).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_tls_takes_over_the_session_without_losing_data() {
+    use std::io::{Read, Write};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (_d, f) = files(false);
+    let setup = TlsSetup::load(TlsMode::On, f).unwrap();
+    let mut roots = RootCertStore::empty();
+    roots.add(der(CA)).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let (c, s) = tokio::net::UnixStream::pair().unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let (client, server) = tokio::join!(connector.connect(name, c), setup.acceptor().accept(s));
+    let (mut client, mut server) = (client.unwrap(), server.unwrap());
+
+    // "early" reaches the server session; it reads one byte and leaves four in it.
+    client.write_all(b"early").await.unwrap();
+    client.flush().await.unwrap();
+    let mut one = [0u8; 1];
+    server.read_exact(&mut one).await.unwrap();
+    assert_eq!(&one, b"e");
+    let (io, session) = server.into_inner();
+    let sock = io.into_std().unwrap();
+    sock.set_nonblocking(false).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let tls = BlockingTls::new(PlainSocket::Unix(sock), session).unwrap();
+
+    let big: Vec<u8> = (0..3 * TLS_WRITE_CHUNK + 12345)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let len = 4 + big.len();
+    let echo = std::thread::spawn(move || {
+        let mut rd = tls;
+        let mut wr = rd.try_clone().unwrap();
+        let mut got = vec![0u8; len];
+        rd.read_exact(&mut got).unwrap();
+        let (head, tail) = got.split_at(4);
+        let mut done = 0;
+        while done < got.len() {
+            let n = if done < 4 {
+                wr.write_vectored(&[
+                    std::io::IoSlice::new(&head[done..]),
+                    std::io::IoSlice::new(tail),
+                ])
+            } else {
+                wr.write(&tail[done - 4..])
+            }
+            .unwrap();
+            assert!(n > 0);
+            done += n;
+        }
+        got
+    });
+    client.write_all(&big).await.unwrap();
+    client.flush().await.unwrap();
+    let mut back = vec![0u8; len];
+    client.read_exact(&mut back).await.unwrap();
+    let got = tokio::task::spawn_blocking(move || echo.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(&got[..4], b"arly");
+    assert!(got[4..] == big[..], "data changed on the way in");
+    assert!(back == got, "data changed on the way out");
+    // Dropping the last handle sent close_notify: the client sees a clean end.
+    let mut rest = Vec::new();
+    assert_eq!(client.read_to_end(&mut rest).await.unwrap(), 0);
+}
