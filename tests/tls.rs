@@ -177,9 +177,18 @@ fn set_mode(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
+/// A TLS server whose exports admit anyone who can connect (plaintext TCP clients too):
+/// for the tests of the TLS layer itself.
 fn serve_tls(env: &Env, vols: &[&str], args: &[String]) -> Server {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     env.serve(vols, &args, true)
+}
+
+/// A TLS server whose exports keep their access policy: clients are admitted by their
+/// verified certificates (or refused).
+fn serve_tls_policy(env: &Env, vols: &[&str], args: &[String]) -> Server {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    env.serve_tcp_policy(vols, &args)
 }
 
 /// `nbds://127.0.0.1:PORT/EXPORT?tls-certificates=DIR`
@@ -222,7 +231,7 @@ fn nbdinfo_and_nbdcopy_over_tls_with_a_client_certificate() {
     let env = Env::new();
     let pki = Pki::new(&env);
     let vol = env.create("data.img", "16M", &[]);
-    let srv = serve_tls(&env, &[s(&vol)], &pki.serve_args("require", true));
+    let srv = serve_tls_policy(&env, &[s(&vol)], &pki.serve_args("require", true));
     let good = pki.path("good");
 
     assert_eq!(nbdinfo_size(&nbds(&srv, "data", &good)), 16 << 20);
@@ -254,7 +263,7 @@ fn qemu_img_convert_round_trips_over_tls() {
     let env = Env::new();
     let pki = Pki::new(&env);
     let vol = env.create("img.img", "32M", &[]);
-    let srv = serve_tls(&env, &[s(&vol)], &pki.serve_args("require", true));
+    let srv = serve_tls_policy(&env, &[s(&vol)], &pki.serve_args("require", true));
     let port = srv.port.expect("TCP listener");
     let creds = format!(
         "tls-creds-x509,id=tls0,dir={},endpoint=client",
@@ -343,7 +352,7 @@ fn client_without_a_certificate_is_refused_when_client_certificates_are_required
     let env = Env::new();
     let pki = Pki::new(&env);
     let vol = env.create("data.img", "8M", &[]);
-    let srv = serve_tls(&env, &[s(&vol)], &pki.serve_args("require", true));
+    let srv = serve_tls_policy(&env, &[s(&vol)], &pki.serve_args("require", true));
     let out = run(Command::new("nbdinfo").arg(nbds(&srv, "data", &pki.path("anonymous"))));
     assert!(
         !out.status.success(),
@@ -363,7 +372,7 @@ fn client_certificate_from_another_ca_is_refused() {
     let env = Env::new();
     let pki = Pki::new(&env);
     let vol = env.create("data.img", "8M", &[]);
-    let srv = serve_tls(&env, &[s(&vol)], &pki.serve_args("require", true));
+    let srv = serve_tls_policy(&env, &[s(&vol)], &pki.serve_args("require", true));
     let out = run(Command::new("nbdinfo").arg(nbds(&srv, "data", &pki.path("intruder"))));
     assert!(
         !out.status.success(),
@@ -528,4 +537,94 @@ fn sighup_reloads_the_certificate_and_keeps_open_connections() {
     assert!(held.wait().expect("nbdsh").success());
     let log = srv.stop();
     assert_eq!(log.matches("client disconnected").count(), 3, "{log}");
+}
+
+/// The audit log of a server started by `Env` (the keystore's `audit.jsonl`).
+fn audit_lines(env: &Env) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(env.keystore().join("audit.jsonl")).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+        .collect()
+}
+
+#[test]
+fn tls_client_certificates_are_matched_against_the_exports_allow_lists() {
+    require("nbdinfo");
+    let env = Env::new();
+    let pki = Pki::new(&env);
+    let vol = env.create("data.img", "8M", &[]);
+    let good = pki.path("good");
+
+    // Another subject is listed: client1's verified certificate does not open the export,
+    // and the export is not even listed to it.
+    let mut args = pki.serve_args("require", true);
+    args.extend([
+        "--allow-tls-subject".to_string(),
+        "CN=someone else".to_string(),
+    ]);
+    let srv = serve_tls_policy(&env, &[s(&vol)], &args);
+    let out = run(Command::new("nbdinfo").arg(nbds(&srv, "data", &good)));
+    assert!(
+        !out.status.success(),
+        "a certificate outside the allow list read the export"
+    );
+    // libnbd reports the refusal of NBD_OPT_GO (NBD_REP_ERR_POLICY) without the server's text.
+    assert!(
+        contains(&out.stderr, b"server replied with error to opt_go request"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = run(Command::new("nbdinfo").args(["--list", &nbds(&srv, "", &good)]));
+    assert!(
+        !contains(&listed.stdout, b"data"),
+        "the refused export was listed: {listed:?}"
+    );
+    let log = wait_log(&srv, "refused: the client may not open this export");
+    assert!(log.contains("CN=client1,O=cryptvol tests"), "{log}");
+    drop(srv.stop());
+    let refusals: Vec<_> = audit_lines(&env)
+        .into_iter()
+        .filter(|l| l["operation"] == "open-export")
+        .collect();
+    assert!(!refusals.is_empty(), "no audit record of the refusal");
+    assert_eq!(refusals[0]["result"], "denied");
+    assert_eq!(refusals[0]["export"], "data");
+    assert_eq!(refusals[0]["tls_subject"], "CN=client1,O=cryptvol tests");
+
+    // Its SAN is listed: it reads the export; the exact subject works as well.
+    for allow in [
+        ["--allow-tls-san", "DNS:client1.example"],
+        ["--allow-tls-subject", "CN=client1,O=cryptvol tests"],
+    ] {
+        let mut args = pki.serve_args("require", true);
+        args.extend(allow.iter().map(|a| a.to_string()));
+        let srv = serve_tls_policy(&env, &[s(&vol)], &args);
+        assert_eq!(
+            nbdinfo_size(&nbds(&srv, "data", &good)),
+            8 << 20,
+            "{allow:?}"
+        );
+        drop(srv.stop());
+    }
+}
+
+#[test]
+fn tls_client_without_a_certificate_has_no_identity_and_is_refused() {
+    require("nbdinfo");
+    let env = Env::new();
+    let pki = Pki::new(&env);
+    let vol = env.create("data.img", "8M", &[]);
+    // Server-authenticated TLS only: the traffic is private, the client anonymous.
+    let srv = serve_tls_policy(&env, &[s(&vol)], &pki.serve_args("require", false));
+    let out = run(Command::new("nbdinfo").arg(nbds(&srv, "data", &pki.path("anonymous"))));
+    assert!(
+        !out.status.success(),
+        "an anonymous TLS client read the export"
+    );
+    let log = wait_log(&srv, "refused: the client may not open this export");
+    assert!(
+        log.contains("TLS established (no client certificate)"),
+        "{log}"
+    );
+    assert!(!log.contains("client connected"), "{log}");
 }

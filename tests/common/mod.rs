@@ -113,14 +113,35 @@ impl Env {
         tcp: bool,
         envs: &[(&str, &str)],
     ) -> Server {
+        // Plaintext TCP clients have no identity: the exports must admit anyone.
+        self.spawn_server(sock, volumes, extra, tcp, tcp, envs)
+    }
+    /// Like [`Env::serve`] with a TCP listener, but the exports keep the access policy
+    /// `extra` gives them (no `--allow-anyone`): for TLS clients identified by their
+    /// certificates.
+    pub fn serve_tcp_policy(&self, volumes: &[&str], extra: &[&str]) -> Server {
+        let sock = self.path(&format!("nbd-{}.sock", rand_suffix()));
+        self.spawn_server(&sock, volumes, extra, true, false, &[])
+    }
+    fn spawn_server(
+        &self,
+        sock: &Path,
+        volumes: &[&str],
+        extra: &[&str],
+        tcp: bool,
+        allow_anyone: bool,
+        envs: &[(&str, &str)],
+    ) -> Server {
         let sock = sock.to_path_buf();
         let port = if tcp { Some(free_port()) } else { None };
         let log = self.path(&format!("serve-{}.log", rand_suffix()));
         let mut c = self.cmd();
         c.arg("serve").arg("--unix").arg(&sock);
         if let Some(p) = port {
-            // Plaintext TCP clients have no identity: the exports must admit anyone.
-            c.args(["--tcp", &format!("127.0.0.1:{p}"), "--allow-anyone"]);
+            c.args(["--tcp", &format!("127.0.0.1:{p}")]);
+        }
+        if allow_anyone {
+            c.arg("--allow-anyone");
         }
         c.args(extra).args(volumes);
         c.envs(envs.iter().copied());
