@@ -1144,7 +1144,7 @@ allow_anyone = true
 "#;
         let s = resolve(
             Some((Path::new("/c.toml"), file(text))),
-            CliOverrides::default(),
+            with_default_socket(),
         )
         .expect("resolves");
         let a = &s.exports[0].access;
@@ -1183,7 +1183,7 @@ allow_anyone = true
             let text = format!("[[export]]\nname = \"v\"\npath = \"/v\"\n{bad}\n");
             let err = resolve(
                 Some((Path::new("/c.toml"), file(&text))),
-                CliOverrides::default(),
+                with_default_socket(),
             )
             .err()
             .expect(bad);
@@ -1204,7 +1204,7 @@ allow_anyone = true
                 tls_san: vec!["EMAIL:a@example.org".into()],
                 ..AllowFlags::default()
             },
-            ..CliOverrides::default()
+            ..with_default_socket()
         };
         let s = resolve_full(cli).expect("resolves");
         assert_eq!(s.exports[0].access, AccessPolicy::default(), "file export");
@@ -1220,7 +1220,7 @@ allow_anyone = true
                 anyone: true,
                 ..AllowFlags::default()
             },
-            ..CliOverrides::default()
+            ..with_default_socket()
         };
         let err = resolve_full(cli).err().expect("flags without volumes");
         assert!(err.to_string().contains("[[export]]"), "{err}");
@@ -1231,7 +1231,7 @@ allow_anyone = true
                 uid: vec!["no-such-user-cryptvol".into()],
                 ..AllowFlags::default()
             },
-            ..CliOverrides::default()
+            ..with_default_socket()
         };
         let err = resolve(None, cli).err().expect("unknown user");
         assert!(err.to_string().contains("--allow-uid"), "{err}");
@@ -1290,7 +1290,7 @@ path = "data.img"
     #[test]
     fn tls_section_resolves_with_paths_relative_to_the_file() {
         let path = Path::new("/etc/cryptvol/cryptvol.toml");
-        let s = resolve(Some((path, file(TLS_FILE))), CliOverrides::default()).expect("resolves");
+        let s = resolve(Some((path, file(TLS_FILE))), with_default_socket()).expect("resolves");
         assert_eq!(
             s.tls,
             Some(TlsSettings {
@@ -1306,7 +1306,7 @@ path = "data.img"
         let cli = CliOverrides {
             tls: Some(TlsMode::On),
             tls_cert: Some("/c.pem".into()),
-            ..CliOverrides::default()
+            ..with_default_socket()
         };
         let s = resolve(Some((path, file(TLS_FILE))), cli).expect("resolves");
         let tls = s.tls.expect("tls");

@@ -319,13 +319,14 @@ impl PlainSocket {
             }
         }
     }
-    fn set_nonblocking(&self) {
-        let _ = match self {
-            PlainSocket::Tcp(s) => s.set_nonblocking(true),
-            PlainSocket::Unix(s) => s.set_nonblocking(true),
-        };
+    /// Blocking writes that give up after [`CLOSE_NOTIFY_TIMEOUT`].
+    fn set_close_timeout(&self) {
+        let _ = self.set_timeouts(Some(CLOSE_NOTIFY_TIMEOUT));
     }
 }
+
+/// How long the end of a session may wait to send its close_notify alert.
+const CLOSE_NOTIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Ciphertext read from the socket at once by a [`BlockingTls`] reader.
 const TLS_READ_BUFFER: usize = 64 * 1024;
@@ -343,7 +344,7 @@ struct TlsShared {
 }
 
 impl Drop for TlsShared {
-    /// Ends the session with close_notify, without blocking.
+    /// Ends the session with close_notify (waiting at most [`CLOSE_NOTIFY_TIMEOUT`]).
     fn drop(&mut self) {
         let conn = self.conn.get_mut().unwrap_or_else(PoisonError::into_inner);
         conn.send_close_notify();
@@ -353,7 +354,9 @@ impl Drop for TlsShared {
                 break;
             }
         }
-        self.sock.set_nonblocking();
+        // The socket may still hold replies the client has not read yet: wait a little for
+        // room (never long: the peer may be gone) rather than drop the close_notify.
+        self.sock.set_close_timeout();
         let _ = self.sock.write_all(&out);
     }
 }
