@@ -3,6 +3,8 @@
 //! Layers (see `docs/ARCHITECTURE.md`):
 //! - [`nbd`]: the NBD wire protocol as pure functions over bytes (no I/O, no crypto).
 //! - [`server`]: sockets, tasks, concurrency, shutdown.
+//! - [`blockdev`]: the `BlockDevice` trait between a frontend (the NBD session) and the
+//!   device serving blocks (the encrypted volume, or `MemDevice` in memory).
 //! - [`volume`]: on-disk header, backing-file I/O, sector arithmetic.
 //! - [`crypto`]: the XTS engine and secret types (no I/O).
 //! - [`keys`]: the `KeyBackend` trait and its backends.
@@ -17,6 +19,7 @@
 //! - [`cli`]: the thin clap front end.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
+pub mod blockdev;
 pub mod cli;
 pub mod compliance;
 pub mod config;

@@ -24,12 +24,12 @@ use super::export::{errno_for, AuthorizedCatalog};
 use super::peer::PeerIdentity;
 use super::tls::{cert_identity, handshake_failure, BlockingTls, PlainSocket};
 use super::Shared;
+use crate::blockdev::BlockDevice;
 use crate::nbd::{
     self, encode_simple_reply, parse_client_flags, parse_option_header, parse_request,
     server_greeting, structured, validate_negotiated, NbdErrno, Negotiated, Negotiation, Next,
     Refusal, TlsMode, ValidRequest, MAX_OPTION_LEN, REQUEST_HEADER_LEN, STATE_HOLE, STATE_ZERO,
 };
-use crate::volume::Volume;
 
 /// Why a connection ended before transmission.
 #[derive(Debug, thiserror::Error)]
@@ -236,7 +236,7 @@ pub(crate) async fn run<S: IntoBlocking>(
     );
     let conn = match Conn::new(
         stream,
-        exp.volume.clone(),
+        exp.device.clone(),
         exp.info.clone(),
         negotiated,
         id,
@@ -504,7 +504,7 @@ const KEEP_BUFFER: usize = 64 * 1024;
 struct Conn {
     reader: Mutex<BufReader<BlockingStream>>,
     writer: Mutex<BlockingStream>,
-    volume: Arc<Volume>,
+    device: Arc<dyn BlockDevice>,
     info: nbd::ExportInfo,
     /// Structured replies and metadata contexts, as the handshake settled them.
     negotiated: Negotiated,
@@ -539,7 +539,7 @@ enum Incoming {
 impl Conn {
     fn new(
         stream: BlockingStream,
-        volume: Arc<Volume>,
+        device: Arc<dyn BlockDevice>,
         info: nbd::ExportInfo,
         negotiated: Negotiated,
         id: u64,
@@ -554,7 +554,7 @@ impl Conn {
         Ok(Conn {
             reader: Mutex::new(BufReader::with_capacity(64 * 1024, stream)),
             writer: Mutex::new(writer),
-            volume,
+            device,
             info,
             negotiated,
             budget: shared.budget.clone(),
@@ -593,12 +593,12 @@ impl Conn {
                 // the volume and its key schedules) before the connection is reported
                 // finished, so that shutdown really drops every volume.
                 let done = c.thread_exit_take();
-                if done.is_some() && !c.volume.read_only() {
+                if done.is_some() && !c.device.read_only() {
                     // The connection is over: make the allocation map of its writes
                     // durable now rather than at the next flush (clients such as
                     // nbdcopy disconnect without flushing; data they wrote must not
                     // vanish if the server is killed later).
-                    if let Err(e) = c.volume.persist_map() {
+                    if let Err(e) = c.device.persist_metadata() {
                         tracing::warn!(conn = c.id, "writing the allocation map failed: {e}");
                     }
                 }
@@ -789,7 +789,7 @@ impl Conn {
 
     /// Performs a request and sends its reply. Returns false once the connection is unusable.
     fn serve(&self, cookie: u64, req: ValidRequest, buf: &mut Vec<u8>) -> bool {
-        let vol = &*self.volume;
+        let vol = &*self.device;
         let result = match req {
             ValidRequest::Read { offset, len } if self.negotiated.structured_replies => {
                 return self.read_structured(cookie, offset, len, buf);
@@ -805,7 +805,7 @@ impl Conn {
                 }
             }
             ValidRequest::Write { offset, len, fua } => {
-                vol.write_at_mut(&mut buf[..len as usize], offset, fua)
+                vol.write_at(&mut buf[..len as usize], offset, fua)
             }
             ValidRequest::Flush => vol.flush(),
             ValidRequest::Trim { offset, len, fua } => vol
@@ -871,7 +871,7 @@ impl Conn {
         if buf.len() < n {
             buf.resize(n, 0);
         }
-        if let Err(e) = self.volume.read_at(&mut buf[..n], offset) {
+        if let Err(e) = self.device.read_at(&mut buf[..n], offset) {
             return self.failed(cookie, &ValidRequest::Read { offset, len }, &e);
         }
         match structured::offset_data_prefix(cookie, offset, len, true) {
@@ -884,7 +884,7 @@ impl Conn {
     /// Whether the allocation map reports `[offset, offset + len)` as entirely unallocated.
     /// A map error counts as "allocated": the read then reports its own error, if any.
     fn all_unallocated(&self, offset: u64, len: u32) -> bool {
-        match self.volume.extents(offset, u64::from(len)) {
+        match self.device.extents(offset, u64::from(len)) {
             Ok(extents) => !extents.is_empty() && extents.iter().all(|e| !e.allocated),
             Err(e) => {
                 tracing::debug!(conn = self.id, "allocation lookup failed: {e}");
@@ -905,7 +905,7 @@ impl Conn {
             // validate_negotiated refuses BLOCK_STATUS without a context.
             return self.send_error(cookie, NbdErrno::Inval, rejection_message(NbdErrno::Inval));
         };
-        let extents = match self.volume.extents(offset, u64::from(len)) {
+        let extents = match self.device.extents(offset, u64::from(len)) {
             Ok(extents) => extents,
             Err(e) => return self.failed(cookie, &req, &e),
         };
@@ -1001,4 +1001,285 @@ fn write_all_vectored<W: Write>(w: &mut W, header: &[u8], data: &[u8]) -> std::i
         }
     }
     Ok(())
+}
+
+/// The transmission path over a socket pair against an in-memory device: no process, no
+/// listener, no handshake (`Negotiated` is built directly).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blockdev::{BlockDevice, MemDevice};
+    use crate::nbd::consts::{
+        CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR,
+        REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE,
+    };
+    use crate::nbd::structured::{decode_chunk_header, ChunkHeader, CHUNK_HEADER_LEN};
+    use crate::nbd::{decode_simple_reply, encode_request, Command, Request, SIMPLE_REPLY_LEN};
+    use crate::server::budget::{BufferPool, ByteBudget};
+    use crate::server::{Exports, ServerConfig};
+    use std::os::unix::net::UnixStream;
+
+    const SIZE: u64 = 1 << 20;
+
+    struct Session {
+        client: UnixStream,
+        dev: Arc<MemDevice>,
+        conn: Arc<Conn>,
+        done: oneshot::Receiver<()>,
+    }
+
+    fn start(read_only: bool, structured: bool) -> Session {
+        let dev = Arc::new(MemDevice::new(SIZE, 512, read_only).unwrap());
+        let info = nbd::ExportInfo {
+            name: "mem".into(),
+            description: String::new(),
+            size: SIZE,
+            read_only,
+            min_block: 512,
+            preferred_block: 4096,
+            max_block: nbd::MAX_PAYLOAD,
+        };
+        let negotiated = Negotiated {
+            structured_replies: structured,
+            base_allocation: structured.then_some(1),
+        };
+        let shared = Shared {
+            exports: Exports::new(Vec::new()),
+            config: ServerConfig::default(),
+            budget: Arc::new(ByteBudget::new(64 << 20)),
+            buffers: Arc::new(BufferPool::new(1 << 20)),
+            open_connections: Arc::new(AtomicUsize::new(0)),
+            shutdown: tokio::sync::watch::channel(false).1,
+        };
+        let (client, server) = UnixStream::pair().unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .unwrap();
+        let device: Arc<dyn BlockDevice> = dev.clone();
+        let conn = Conn::new(
+            BlockingStream::Unix(server),
+            device,
+            info,
+            negotiated,
+            1,
+            &shared,
+        )
+        .unwrap();
+        let conn = Arc::new(conn);
+        let (tx, done) = oneshot::channel();
+        *conn.done.lock().unwrap() = Some(tx);
+        Conn::spawn_worker(&conn).unwrap();
+        Session {
+            client,
+            dev,
+            conn,
+            done,
+        }
+    }
+
+    impl Session {
+        fn send(&mut self, command: Command, flags: u16, cookie: u64, offset: u64, len: u32) {
+            let req = Request {
+                flags,
+                command,
+                cookie,
+                offset,
+                len,
+            };
+            self.client.write_all(&encode_request(&req)).unwrap();
+        }
+        /// A simple reply: (error, cookie).
+        fn simple(&mut self) -> (u32, u64) {
+            let mut b = [0u8; SIMPLE_REPLY_LEN];
+            self.client.read_exact(&mut b).unwrap();
+            let r = decode_simple_reply(&b).expect("simple reply magic");
+            (r.error, r.cookie)
+        }
+        fn chunk(&mut self) -> (ChunkHeader, Vec<u8>) {
+            let mut b = [0u8; CHUNK_HEADER_LEN];
+            self.client.read_exact(&mut b).unwrap();
+            let h = decode_chunk_header(&b).expect("structured reply magic");
+            let mut payload = vec![0u8; h.len as usize];
+            self.client.read_exact(&mut payload).unwrap();
+            (h, payload)
+        }
+        fn write(&mut self, cookie: u64, offset: u64, data: &[u8]) {
+            self.send(Command::Write, 0, cookie, offset, data.len() as u32);
+            self.client.write_all(data).unwrap();
+        }
+        /// Waits until every transmission thread has ended; the reason the connection closed.
+        fn finish(self) -> String {
+            let Session {
+                client, conn, done, ..
+            } = self;
+            let _ = done.blocking_recv();
+            drop(client);
+            let reason = conn.reason.lock().unwrap().clone();
+            reason.unwrap_or_default()
+        }
+    }
+
+    fn be32(b: &[u8]) -> u32 {
+        u32::from_be_bytes(b[..4].try_into().unwrap())
+    }
+
+    #[test]
+    fn read_write_round_trip_then_disc_ends_the_connection() {
+        let mut s = start(false, false);
+        let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        s.write(1, 8192 + 100, &data);
+        assert_eq!(s.simple(), (0, 1));
+        s.send(Command::Read, 0, 2, 8192 + 100, 4096);
+        assert_eq!(s.simple(), (0, 2));
+        let mut back = vec![0u8; 4096];
+        s.client.read_exact(&mut back).unwrap();
+        assert_eq!(back, data);
+        s.send(Command::Disc, 0, 3, 0, 0);
+        assert!(s.finish().contains("NBD_CMD_DISC"));
+    }
+
+    #[test]
+    fn flush_and_fua_reach_the_device() {
+        let mut s = start(false, false);
+        s.send(Command::Flush, 0, 1, 0, 0);
+        assert_eq!(s.simple(), (0, 1));
+        assert_eq!(s.dev.flushes(), 1);
+        s.send(Command::Write, CMD_FLAG_FUA, 2, 0, 512);
+        s.client.write_all(&[1u8; 512]).unwrap();
+        assert_eq!(s.simple(), (0, 2));
+        assert_eq!(s.dev.flushes(), 2);
+        s.send(Command::Trim, CMD_FLAG_FUA, 3, 0, 512);
+        assert_eq!(s.simple(), (0, 3));
+        assert_eq!(s.dev.flushes(), 3);
+    }
+
+    #[test]
+    fn trim_and_write_zeroes_zero_the_range_and_punch_only_without_no_hole() {
+        let mut s = start(false, false);
+        s.write(1, 0, &[0xaa; 8192]);
+        assert_eq!(s.simple(), (0, 1));
+        s.send(Command::Trim, 0, 2, 0, 4096);
+        assert_eq!(s.simple(), (0, 2));
+        s.send(Command::WriteZeroes, CMD_FLAG_NO_HOLE, 3, 4096, 1024);
+        assert_eq!(s.simple(), (0, 3));
+        s.send(Command::WriteZeroes, 0, 4, 6144, 1024);
+        assert_eq!(s.simple(), (0, 4));
+        let ext: Vec<(u64, bool)> = s
+            .dev
+            .extents(0, 8192)
+            .unwrap()
+            .iter()
+            .map(|e| (e.len, e.allocated))
+            .collect();
+        assert_eq!(
+            ext,
+            vec![(4096, false), (2048, true), (1024, false), (1024, true)]
+        );
+        let mut back = vec![0u8; 8192];
+        s.dev.read_at(&mut back, 0).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0));
+        assert!(back[4096..5120].iter().all(|&b| b == 0));
+        assert!(back[5120..6144].iter().all(|&b| b == 0xaa));
+        assert!(back[6144..7168].iter().all(|&b| b == 0));
+        assert!(back[7168..].iter().all(|&b| b == 0xaa));
+    }
+
+    #[test]
+    fn structured_reads_and_block_status_report_holes() {
+        let mut s = start(false, true);
+        s.write(1, 512, &[5u8; 512]);
+        // Success of a command other than READ: a simple reply, as before.
+        assert_eq!(s.simple(), (0, 1));
+        // BLOCK_STATUS: context id, then (length, flags) descriptors.
+        s.send(Command::BlockStatus, 0, 2, 0, 4096);
+        let (h, p) = s.chunk();
+        assert_eq!(
+            (h.reply_type, h.cookie, h.done()),
+            (REPLY_TYPE_BLOCK_STATUS, 2, true)
+        );
+        let hole = STATE_HOLE | STATE_ZERO;
+        let words: Vec<u32> = p.chunks(4).map(be32).collect();
+        assert_eq!(words, vec![1, 512, hole, 512, 0, 3072, hole]);
+        // An unallocated range reads as one OFFSET_HOLE chunk.
+        s.send(Command::Read, 0, 3, 8192, 1024);
+        let (h, p) = s.chunk();
+        assert_eq!(
+            (h.reply_type, h.cookie, h.done()),
+            (REPLY_TYPE_OFFSET_HOLE, 3, true)
+        );
+        assert_eq!(u64::from_be_bytes(p[..8].try_into().unwrap()), 8192);
+        assert_eq!(be32(&p[8..]), 1024);
+        // Data comes back in one OFFSET_DATA chunk.
+        s.send(Command::Read, 0, 4, 512, 512);
+        let (h, p) = s.chunk();
+        assert_eq!((h.reply_type, h.cookie), (REPLY_TYPE_OFFSET_DATA, 4));
+        assert_eq!(u64::from_be_bytes(p[..8].try_into().unwrap()), 512);
+        assert_eq!(&p[8..], &[5u8; 512][..]);
+    }
+
+    #[test]
+    fn out_of_range_requests_get_einval_or_enospc_and_the_session_goes_on() {
+        let mut s = start(false, false);
+        s.send(Command::Read, 0, 1, SIZE - 512, 1024);
+        assert_eq!(s.simple(), (NbdErrno::Inval.wire(), 1));
+        // The refused write's payload is read and discarded.
+        s.write(2, SIZE - 512, &[1u8; 1024]);
+        assert_eq!(s.simple(), (NbdErrno::NoSpc.wire(), 2));
+        s.send(Command::WriteZeroes, 0, 3, SIZE, 512);
+        assert_eq!(s.simple(), (NbdErrno::NoSpc.wire(), 3));
+        s.send(Command::Trim, 0, 4, u64::MAX - 10, 512);
+        assert_eq!(s.simple(), (NbdErrno::Inval.wire(), 4));
+        s.send(Command::Flush, 0, 5, 0, 0);
+        assert_eq!(s.simple(), (0, 5));
+    }
+
+    #[test]
+    fn read_only_export_refuses_writes_with_eperm() {
+        let mut s = start(true, false);
+        s.write(1, 0, &[1u8; 512]);
+        assert_eq!(s.simple(), (NbdErrno::Perm.wire(), 1));
+        s.send(Command::Trim, 0, 2, 0, 512);
+        assert_eq!(s.simple(), (NbdErrno::Perm.wire(), 2));
+        s.send(Command::WriteZeroes, 0, 3, 0, 512);
+        assert_eq!(s.simple(), (NbdErrno::Perm.wire(), 3));
+        s.send(Command::Read, 0, 4, 0, 512);
+        assert_eq!(s.simple(), (0, 4));
+        let mut back = [9u8; 512];
+        s.client.read_exact(&mut back).unwrap();
+        assert_eq!(back, [0u8; 512]);
+    }
+
+    #[test]
+    fn device_failure_becomes_eio_in_a_structured_error_chunk() {
+        let mut s = start(false, true);
+        s.write(1, 0, &[1u8; 512]);
+        assert_eq!(s.simple(), (0, 1));
+        s.dev.fail_reads(true);
+        s.send(Command::Read, 0, 2, 0, 512);
+        let (h, p) = s.chunk();
+        assert_eq!(
+            (h.reply_type, h.cookie, h.done()),
+            (REPLY_TYPE_ERROR, 2, true)
+        );
+        assert_eq!(be32(&p), NbdErrno::Io.wire());
+    }
+
+    #[test]
+    fn client_cut_in_a_write_payload_ends_the_connection_cleanly() {
+        let mut s = start(false, false);
+        s.send(Command::Write, 0, 1, 0, 4096);
+        s.client.write_all(&[1u8; 100]).unwrap();
+        s.client.shutdown(Shutdown::Write).unwrap();
+        let reason = s.finish();
+        assert!(reason.contains("write payload"), "{reason}");
+    }
+
+    #[test]
+    fn client_cut_in_a_request_header_ends_the_connection_cleanly() {
+        let mut s = start(false, false);
+        s.client.write_all(&[0x25, 0x60, 0x95, 0x13, 0, 0]).unwrap();
+        s.client.shutdown(Shutdown::Write).unwrap();
+        let reason = s.finish();
+        assert!(reason.contains("middle of a request"), "{reason}");
+    }
 }

@@ -4,12 +4,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::peer::{authorize, AccessPolicy, PeerIdentity};
+use crate::blockdev::BlockDevice;
 use crate::nbd::{ExportCatalog, ExportInfo, LookupError, NbdErrno, MAX_PAYLOAD};
 use crate::volume::{Volume, VolumeError};
 
 /// One served volume.
 pub struct Export {
     pub info: ExportInfo,
+    /// What NBD sessions read and write: the volume, as a [`BlockDevice`].
+    pub device: Arc<dyn BlockDevice>,
+    /// The same volume, for what is not block I/O (control socket, re-encryption,
+    /// snapshots, map writeback).
     pub volume: Arc<Volume>,
     /// Who may open it.
     pub policy: AccessPolicy,
@@ -38,9 +43,11 @@ impl Export {
             preferred_block: sector.max(4096),
             max_block: MAX_PAYLOAD,
         };
+        let volume = Arc::new(volume);
         Export {
             info,
-            volume: Arc::new(volume),
+            device: volume.clone(),
+            volume,
             policy: AccessPolicy::default(),
             active: AtomicUsize::new(0),
         }
