@@ -54,6 +54,23 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool, log: &dy
     }
 }
 
+/// Waits (bounded) until a hand-started daemon answers on `sock`; fails with its log if it
+/// exits first.
+fn wait_until_answering(daemon: &mut Kill, sock: &Path, log: &Path) {
+    let read_log = || std::fs::read_to_string(log).unwrap_or_default();
+    wait_for(
+        &format!("{} to answer", sock.display()),
+        Duration::from_secs(60),
+        || {
+            if let Ok(Some(st)) = daemon.0.try_wait() {
+                panic!("cryptvol serve exited ({st}):\n{}", read_log());
+            }
+            std::os::unix::net::UnixStream::connect(sock).is_ok()
+        },
+        &read_log,
+    );
+}
+
 fn vm_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     status
@@ -95,18 +112,7 @@ fn default_listener_is_a_root_only_unix_socket_and_no_tcp() {
         .expect("spawn unshare");
     let mut daemon = Kill(child);
     let sock = run_dir.join("cryptvol/nbd.sock");
-    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_for(
-        "the default Unix socket to answer",
-        Duration::from_secs(60),
-        || {
-            if let Ok(Some(st)) = daemon.0.try_wait() {
-                panic!("cryptvol serve exited ({st}):\n{}", read_log());
-            }
-            std::os::unix::net::UnixStream::connect(&sock).is_ok()
-        },
-        &read_log,
-    );
+    wait_until_answering(&mut daemon, &sock, &log);
     let meta = std::fs::symlink_metadata(&sock).expect("stat socket");
     assert_eq!(meta.mode() & 0o777, 0o600, "default socket mode");
     assert_eq!(meta.uid(), 0, "socket owner");
@@ -114,7 +120,7 @@ fn default_listener_is_a_root_only_unix_socket_and_no_tcp() {
     assert_eq!(dir.mode() & 0o777, 0o755, "socket directory mode");
 
     // Exactly one listener, the Unix socket: no TCP port for every local account.
-    let text = read_log();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
     let listening: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("listening on"))
@@ -501,18 +507,7 @@ fn unix_socket_under_umask_000_never_appears_with_a_looser_mode() {
         .spawn()
         .expect("spawn");
     let mut daemon = Kill(child);
-    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_for(
-        "the socket to answer",
-        Duration::from_secs(60),
-        || {
-            if let Ok(Some(st)) = daemon.0.try_wait() {
-                panic!("cryptvol serve exited ({st}):\n{}", read_log());
-            }
-            std::os::unix::net::UnixStream::connect(&sock).is_ok()
-        },
-        &read_log,
-    );
+    wait_until_answering(&mut daemon, &sock, &log);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut seen = watcher.join().expect("watcher");
     seen.insert(std::fs::symlink_metadata(&sock).expect("stat").mode() & 0o7777);

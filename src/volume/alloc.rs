@@ -273,18 +273,6 @@ fn read_page(file: &File, off: u64) -> std::io::Result<Box<[u8; PAGE_SIZE]>> {
     Ok(p)
 }
 
-/// The length of a regular file or of a block device (seeking to its end).
-fn file_len(file: &File) -> std::io::Result<u64> {
-    use std::os::unix::fs::FileTypeExt;
-    let meta = file.metadata()?;
-    if meta.file_type().is_block_device() {
-        use std::io::{Seek, SeekFrom};
-        let mut f = file;
-        return f.seek(SeekFrom::End(0));
-    }
-    Ok(meta.len())
-}
-
 /// An error about the map's geometry (from a header that is damaged or forged), as an
 /// `InvalidData` I/O error so that callers can tell it from a failed read.
 fn geometry_error(detail: String) -> std::io::Error {
@@ -308,7 +296,7 @@ fn bounded_words(file: &File, layout: &MapLayout, size: u64) -> std::io::Result<
         .pages
         .checked_mul(PAGE_SIZE as u64)
         .ok_or_else(|| forged("overflows".into()))?;
-    let len = file_len(file)?;
+    let len = super::io::file_len(file)?;
     for off in layout.copy_offsets {
         if off.checked_add(copy_bytes).is_none_or(|end| end > len) {
             return Err(forged(format!(

@@ -1035,7 +1035,8 @@ impl Drop for Volume {
     }
 }
 
-fn file_len(file: &File) -> std::io::Result<u64> {
+/// The length of a regular file or of a block device (seeking to its end).
+pub(super) fn file_len(file: &File) -> std::io::Result<u64> {
     let meta = file.metadata()?;
     if meta.file_type().is_block_device() {
         use std::io::{Seek, SeekFrom};
