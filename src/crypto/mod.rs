@@ -1,6 +1,7 @@
 //! Cryptographic primitives: the AES-256-XTS sector engine and secret types.
 //! No I/O happens here.
 
+pub mod canonical;
 mod locked;
 mod secret;
 mod xts;
@@ -25,4 +26,6 @@ pub enum CryptoError {
     Rng(String),
     #[error("could not allocate memory for key material: {0}")]
     Memory(String),
+    #[error("a field of {len} bytes or elements does not fit the {bits}-bit prefix of its canonical encoding")]
+    CanonicalFieldTooLong { len: usize, bits: u32 },
 }
