@@ -564,6 +564,96 @@ pub(crate) mod tests {
         m
     }
 
+    /// A small manifest with every optional part present (one chunk, a parent, one
+    /// keyslot with a param), unsealed so that its key check value is fixed.
+    fn pinned() -> Manifest {
+        let uuid = uuid::Uuid::from_bytes([7; 16]);
+        Manifest {
+            version: MANIFEST_VERSION,
+            id: SnapshotId::parse("snap-00000000000000001").unwrap(),
+            volume_uuid: uuid,
+            volume_size: 1 << 20,
+            sector_size: 4096,
+            chunk_size: super::super::CHUNK_SIZE,
+            cipher: CIPHER.into(),
+            chunks: [(1u64, [0xab; 32])].into_iter().collect(),
+            parent: Some(SnapshotId::parse("snap-0000000000000000a").unwrap()),
+            created_at: "t".into(),
+            description: "d".into(),
+            encryption_context: snapshot_context(
+                &SnapshotId::parse("snap-00000000000000001").unwrap(),
+            ),
+            keyslots: vec![WrappedDek {
+                backend: "b".into(),
+                key_id: "k".into(),
+                blob: vec![1, 2],
+                context: EncryptionContext::default(),
+                params: [("p".to_string(), "v".to_string())].into_iter().collect(),
+            }],
+            key_check: [0xcc; 32],
+            mac: [0; 32],
+        }
+    }
+
+    /// The MAC input is part of the on-disk format: stored snapshots must keep verifying.
+    #[test]
+    fn mac_input_is_pinned() {
+        const PARENT: &str = "011600000000000000736e61702d3030303030303030303030303030303061";
+        const WANT: &str = concat!(
+            // domain: u64 length, bytes
+            "1e000000000000006372797074766f6c20736e617073686f74206d616e696665737420763100",
+            // version: u32
+            "01000000",
+            // id: u64 length, bytes
+            "1600000000000000736e61702d3030303030303030303030303030303031",
+            // volume uuid: raw
+            "07070707070707070707070707070707",
+            // volume size: u64
+            "0000100000000000",
+            // sector size: u32
+            "00100000",
+            // chunk size: u32
+            "00000800",
+            // cipher: u64 length, bytes
+            "0f000000000000006165732d7874732d706c61696e3634",
+            // chunk count: u64
+            "0100000000000000",
+            // chunk 1: u64 index, raw hash
+            "0100000000000000abababababababababababababababababababababababababababababababab",
+            // parent: flag 1, u64 length, bytes
+            "011600000000000000736e61702d3030303030303030303030303030303061",
+            // created_at
+            "010000000000000074",
+            // description
+            "010000000000000064",
+            // encryption context: u32 count, key, value
+            "0100000014000000000000006372797074766f6c3a736e617073686f742d69641600000000000000736e61702d3030303030303030303030303030303031",
+            // keyslot count: u32
+            "01000000",
+            // keyslot backend
+            "010000000000000062",
+            // keyslot key_id
+            "01000000000000006b",
+            // keyslot blob
+            "02000000000000000102",
+            // keyslot context: u32 count 0
+            "00000000",
+            // keyslot params: u32 count, key, value
+            "01000000010000000000000070010000000000000076",
+            // key check: raw
+            "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc",
+        );
+        let m = pinned();
+        assert_eq!(hex::encode(m.mac_input()), WANT);
+        // No parent: a single 0 byte in its place.
+        let mut orphan = m;
+        orphan.parent = None;
+        assert_eq!(
+            hex::encode(orphan.mac_input()),
+            WANT.replacen(PARENT, "00", 1)
+        );
+    }
+
     #[test]
     fn ids() {
         let id = SnapshotId::generate().unwrap();
