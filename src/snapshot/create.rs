@@ -260,7 +260,7 @@ pub async fn create_snapshot(
                 let entry = match inherited {
                     Some(None) => Entry::Hole,
                     Some(Some(h)) => Entry::Data {
-                        hash: manifest::to_hex(&h),
+                        hash: hex::encode(h),
                         uploaded: false,
                         read: false,
                     },

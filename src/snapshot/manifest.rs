@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::{chunk_count, SnapshotError};
+use crate::crypto::canonical::{CanonicalWriter, MAC_V1};
 use crate::crypto::{Dek, DEK_LEN};
 use crate::keys::{EncryptionContext, WrappedDek};
 use crate::volume::CIPHER;
@@ -49,8 +50,8 @@ impl SnapshotId {
     pub fn generate() -> Result<SnapshotId, SnapshotError> {
         let mut raw = [0u8; 9];
         getrandom::fill(&mut raw).map_err(|e| SnapshotError::Internal(format!("rng: {e}")))?;
-        let hex = to_hex(&raw);
-        Ok(SnapshotId(format!("snap-{}", &hex[..17])))
+        let digits = hex::encode(raw);
+        Ok(SnapshotId(format!("snap-{}", &digits[..17])))
     }
 
     /// Parses and validates an id (nothing else can reach an object name).
@@ -85,29 +86,13 @@ impl std::str::FromStr for SnapshotId {
     }
 }
 
-/// Lowercase hex.
-pub fn to_hex(b: &[u8]) -> String {
-    const D: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push(D[usize::from(x >> 4)] as char);
-        s.push(D[usize::from(x & 15)] as char);
-    }
-    s
-}
-
+/// Decodes a SHA-256 name ([`is_hash`]: 64 lowercase hex digits; upper case is refused).
 pub(crate) fn from_hex32(s: &str) -> Option<[u8; 32]> {
     if !is_hash(s) {
         return None;
     }
     let mut out = [0u8; 32];
-    for (i, pair) in s.as_bytes().chunks_exact(2).enumerate() {
-        let v = |c: u8| match c {
-            b'0'..=b'9' => c - b'0',
-            _ => c - b'a' + 10,
-        };
-        out[i] = (v(pair[0]) << 4) | v(pair[1]);
-    }
+    hex::decode_to_slice(s, &mut out).ok()?;
     Some(out)
 }
 
@@ -120,7 +105,7 @@ pub fn is_hash(s: &str) -> bool {
 
 /// SHA-256 of a chunk's stored bytes, in hex: its object name.
 pub fn chunk_hash(data: &[u8]) -> String {
-    to_hex(&Sha256::digest(data))
+    hex::encode(Sha256::digest(data))
 }
 
 /// The decoded, structurally valid manifest.
@@ -200,38 +185,6 @@ pub fn key_check(dek: &Dek, id: &SnapshotId) -> Result<[u8; 32], SnapshotError> 
     Ok(m.finalize().into_bytes().into())
 }
 
-/// Length-prefixed canonical encoding (the conventions of the volume header MAC).
-struct Enc(Vec<u8>);
-
-impl Enc {
-    fn raw(&mut self, b: &[u8]) {
-        self.0.extend_from_slice(b);
-    }
-    fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-    fn u32(&mut self, v: u32) {
-        self.raw(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.raw(&v.to_le_bytes());
-    }
-    fn bytes(&mut self, b: &[u8]) {
-        self.u64(b.len() as u64);
-        self.raw(b);
-    }
-    fn str(&mut self, s: &str) {
-        self.bytes(s.as_bytes());
-    }
-    fn map(&mut self, m: &BTreeMap<String, String>) {
-        self.u32(m.len() as u32);
-        for (k, v) in m {
-            self.str(k);
-            self.str(v);
-        }
-    }
-}
-
 impl Manifest {
     /// Number of chunks the volume is cut into.
     pub fn chunk_count(&self) -> u64 {
@@ -245,7 +198,7 @@ impl Manifest {
 
     /// The hex name of chunk `index`, `None` for a hole.
     pub fn chunk_name(&self, index: u64) -> Option<String> {
-        self.chunks.get(&index).map(|h| to_hex(h))
+        self.chunks.get(&index).map(hex::encode)
     }
 
     /// The first sector of chunk `index` (its XTS tweak).
@@ -253,49 +206,47 @@ impl Manifest {
         index * u64::from(self.chunk_size / self.sector_size.max(1))
     }
 
-    /// The canonical byte string the MAC covers (docs/format.md, "Snapshots").
-    pub fn mac_input(&self) -> Vec<u8> {
-        let mut e = Enc(Vec::with_capacity(256 + self.chunks.len() * 40));
-        e.bytes(MAC_DOMAIN);
-        e.u32(self.version);
-        e.str(self.id.as_str());
-        e.raw(self.volume_uuid.as_bytes());
-        e.u64(self.volume_size);
-        e.u32(self.sector_size);
-        e.u32(self.chunk_size);
-        e.str(&self.cipher);
-        e.u64(self.chunks.len() as u64);
+    /// The canonical byte string the MAC covers (docs/format.md, "Snapshots"), in the
+    /// [`MAC_V1`] profile of the volume header MAC. The chunk list's count is a `u64`, as
+    /// it always was, not the profile's `u32` count.
+    pub fn mac_input(&self) -> Result<Vec<u8>, SnapshotError> {
+        let mut e = CanonicalWriter::with_capacity(MAC_V1, 256 + self.chunks.len() * 40);
+        e.bytes(MAC_DOMAIN)
+            .u32(self.version)
+            .str(self.id.as_str())
+            .raw(self.volume_uuid.as_bytes())
+            .u64(self.volume_size)
+            .u32(self.sector_size)
+            .u32(self.chunk_size)
+            .str(&self.cipher)
+            .u64(self.chunks.len() as u64);
         for (i, h) in &self.chunks {
-            e.u64(*i);
-            e.raw(h);
+            e.u64(*i).raw(h);
         }
-        match &self.parent {
-            Some(p) => {
-                e.u8(1);
-                e.str(p.as_str());
-            }
-            None => e.u8(0),
+        e.flag(self.parent.is_some());
+        if let Some(p) = &self.parent {
+            e.str(p.as_str());
         }
-        e.str(&self.created_at);
-        e.str(&self.description);
-        e.map(&self.encryption_context.0);
-        e.u32(self.keyslots.len() as u32);
+        e.str(&self.created_at)
+            .str(&self.description)
+            .map(&self.encryption_context.0)
+            .count(self.keyslots.len());
         for s in &self.keyslots {
-            e.str(&s.backend);
-            e.str(&s.key_id);
-            e.bytes(&s.blob);
-            e.map(&s.context.0);
-            e.map(&s.params);
+            e.str(&s.backend)
+                .str(&s.key_id)
+                .bytes(&s.blob)
+                .map(&s.context.0)
+                .map(&s.params);
         }
         e.raw(&self.key_check);
-        e.0
+        Ok(e.finish()?)
     }
 
     /// Computes the key check value and the MAC with `dek` (after every other field is set).
     pub fn seal(&mut self, dek: &Dek) -> Result<(), SnapshotError> {
         self.key_check = key_check(dek, &self.id)?;
         let mut m = derive(dek, MAC_INFO)?;
-        m.update(&self.mac_input());
+        m.update(&self.mac_input()?);
         self.mac = m.finalize().into_bytes().into();
         Ok(())
     }
@@ -317,7 +268,7 @@ impl Manifest {
             });
         }
         let mut m = derive(dek, MAC_INFO)?;
-        m.update(&self.mac_input());
+        m.update(&self.mac_input()?);
         if m.verify_slice(&self.mac).is_err() {
             return Err(SnapshotError::ManifestTampered {
                 id: self.id.to_string(),
@@ -359,7 +310,11 @@ impl Manifest {
             sector_size: self.sector_size,
             chunk_size: self.chunk_size,
             cipher: self.cipher.clone(),
-            chunks: self.chunks.iter().map(|(i, h)| (*i, to_hex(h))).collect(),
+            chunks: self
+                .chunks
+                .iter()
+                .map(|(i, h)| (*i, hex::encode(h)))
+                .collect(),
             parent: self.parent.as_ref().map(|p| p.to_string()),
             created_at: self.created_at.clone(),
             description: self.description.clone(),
@@ -644,12 +599,12 @@ pub(crate) mod tests {
             "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc",
         );
         let m = pinned();
-        assert_eq!(hex::encode(m.mac_input()), WANT);
+        assert_eq!(hex::encode(m.mac_input().unwrap()), WANT);
         // No parent: a single 0 byte in its place.
         let mut orphan = m;
         orphan.parent = None;
         assert_eq!(
-            hex::encode(orphan.mac_input()),
+            hex::encode(orphan.mac_input().unwrap()),
             WANT.replacen(PARENT, "00", 1)
         );
     }
@@ -679,7 +634,7 @@ pub(crate) mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert!(is_hash(&h));
-        assert_eq!(to_hex(&from_hex32(&h).unwrap()), h);
+        assert_eq!(hex::encode(from_hex32(&h).unwrap()), h);
         assert!(from_hex32(&h.to_uppercase()).is_none());
         assert!(!is_hash("abc"));
     }

@@ -356,7 +356,7 @@ pub async fn delete_snapshot(store: &Store, id: &SnapshotId) -> Result<DeleteSta
         if used.contains(&h) {
             stats.chunks_kept += 1;
         } else {
-            store.delete_chunk(&manifest::to_hex(&h)).await?;
+            store.delete_chunk(&hex::encode(h)).await?;
             stats.chunks_deleted += 1;
         }
     }
@@ -371,7 +371,7 @@ pub async fn collect_garbage(store: &Store) -> Result<DeleteStats, SnapshotError
     let mut used: HashSet<String> = HashSet::new();
     for id in store.list_ids().await? {
         match load_manifest(store, &id).await {
-            Ok(m) => used.extend(m.chunks.values().map(|h| manifest::to_hex(h))),
+            Ok(m) => used.extend(m.chunks.values().map(hex::encode)),
             Err(SnapshotError::NotFound { .. }) => {}
             Err(e) => {
                 return Err(SnapshotError::BadManifest {
