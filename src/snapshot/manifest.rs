@@ -339,70 +339,14 @@ impl Manifest {
     /// Decodes and structurally validates the manifest stored as snapshot `id` (no key
     /// needed; authenticity is checked by [`Manifest::verify`]).
     pub fn parse(id: &SnapshotId, bytes: &[u8]) -> Result<Manifest, SnapshotError> {
-        let bad = |reason: String| SnapshotError::BadManifest {
-            id: id.to_string(),
-            reason,
-        };
+        let bad = |reason: String| bad_manifest(id, reason);
         let j: Json = serde_json::from_slice(bytes)
             .map_err(|e| bad(format!("not valid manifest JSON: {e}")))?;
-        if j.format != MANIFEST_FORMAT {
-            return Err(bad(format!(
-                "format {:?} is not {MANIFEST_FORMAT:?}",
-                j.format
-            )));
-        }
-        if j.version != MANIFEST_VERSION {
-            return Err(bad(format!(
-                "manifest version {} is not supported (this cryptvol reads version {MANIFEST_VERSION}); upgrade cryptvol",
-                j.version
-            )));
-        }
-        if j.id != id.as_str() {
-            return Err(bad(format!(
-                "it names snapshot {:?}, not the one it is stored as",
-                j.id.escape_debug().to_string()
-            )));
-        }
+        check_identity(id, &j)?;
         let volume_uuid = uuid::Uuid::try_parse(&j.volume_uuid)
             .map_err(|_| bad("volume_uuid is not a UUID".into()))?;
-        if j.sector_size != 512 && j.sector_size != 4096 {
-            return Err(bad(format!(
-                "sector size {} (must be 512 or 4096)",
-                j.sector_size
-            )));
-        }
-        if j.volume_size == 0
-            || !j.volume_size.is_multiple_of(u64::from(j.sector_size))
-            || j.volume_size > i64::MAX as u64 / 2
-        {
-            return Err(bad(format!(
-                "volume size {} is not a positive multiple of the sector size",
-                j.volume_size
-            )));
-        }
-        if j.chunk_size == 0
-            || !j.chunk_size.is_multiple_of(j.sector_size)
-            || j.chunk_size > MAX_CHUNK_SIZE
-        {
-            return Err(bad(format!("chunk size {}", j.chunk_size)));
-        }
-        if j.cipher != CIPHER {
-            return Err(bad(format!("cipher {:?} (only {CIPHER:?})", j.cipher)));
-        }
-        let count = chunk_count(j.volume_size, j.chunk_size);
-        let mut chunks = BTreeMap::new();
-        let mut last: Option<u64> = None;
-        for (i, h) in &j.chunks {
-            if *i >= count || last.is_some_and(|l| *i <= l) {
-                return Err(bad(format!(
-                    "chunk index {i} is out of order or beyond the {count} chunks of the volume"
-                )));
-            }
-            last = Some(*i);
-            let hash = from_hex32(h)
-                .ok_or_else(|| bad(format!("chunk {i}: {h:?} is not a SHA-256 hex name")))?;
-            chunks.insert(*i, hash);
-        }
+        check_geometry(id, &j)?;
+        let chunks = parse_chunks(id, &j)?;
         let parent = j
             .parent
             .as_deref()
@@ -412,34 +356,7 @@ impl Manifest {
         if j.description.len() > MAX_DESCRIPTION || j.created_at.len() > 64 {
             return Err(bad("description or creation time too long".into()));
         }
-        if j.keyslots.is_empty() || j.keyslots.len() > MAX_KEYSLOTS {
-            return Err(bad(format!(
-                "{} keyslots (must be 1 to {MAX_KEYSLOTS})",
-                j.keyslots.len()
-            )));
-        }
-        let mut keyslots = Vec::with_capacity(j.keyslots.len());
-        for s in j.keyslots {
-            if s.backend.is_empty() {
-                return Err(bad("a keyslot has an empty backend name".into()));
-            }
-            keyslots.push(WrappedDek {
-                backend: s.backend,
-                key_id: s.key_id,
-                blob: b64()
-                    .decode(&s.blob)
-                    .map_err(|_| bad("a keyslot blob is not base64".into()))?,
-                context: EncryptionContext(s.context),
-                params: s.params,
-            });
-        }
-        let mac32 = |name: &str, s: &str| -> Result<[u8; 32], SnapshotError> {
-            b64()
-                .decode(s)
-                .ok()
-                .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
-                .ok_or_else(|| bad(format!("{name} is not 32 bytes of base64")))
-        };
+        let keyslots = parse_keyslots(id, j.keyslots)?;
         let m = Manifest {
             version: j.version,
             id: id.clone(),
@@ -454,12 +371,132 @@ impl Manifest {
             description: j.description,
             encryption_context: EncryptionContext(j.encryption_context),
             keyslots,
-            key_check: mac32("key_check", &j.key_check)?,
-            mac: mac32("mac", &j.mac)?,
+            key_check: decode_b64_32(id, "key_check", &j.key_check)?,
+            mac: decode_b64_32(id, "mac", &j.mac)?,
         };
         m.expected_context()?;
         Ok(m)
     }
+}
+
+/// The error for a manifest stored as `id` that is not structurally valid.
+fn bad_manifest(id: &SnapshotId, reason: String) -> SnapshotError {
+    SnapshotError::BadManifest {
+        id: id.to_string(),
+        reason,
+    }
+}
+
+/// Checks the format name, the version, and that the manifest names the snapshot it is
+/// stored as.
+fn check_identity(id: &SnapshotId, j: &Json) -> Result<(), SnapshotError> {
+    let bad = |reason: String| Err(bad_manifest(id, reason));
+    if j.format != MANIFEST_FORMAT {
+        return bad(format!("format {:?} is not {MANIFEST_FORMAT:?}", j.format));
+    }
+    if j.version != MANIFEST_VERSION {
+        return bad(format!(
+            "manifest version {} is not supported (this cryptvol reads version {MANIFEST_VERSION}); upgrade cryptvol",
+            j.version
+        ));
+    }
+    if j.id != id.as_str() {
+        return bad(format!(
+            "it names snapshot {:?}, not the one it is stored as",
+            j.id.escape_debug().to_string()
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the sector size, the volume size, the chunk size and the cipher.
+fn check_geometry(id: &SnapshotId, j: &Json) -> Result<(), SnapshotError> {
+    let bad = |reason: String| Err(bad_manifest(id, reason));
+    if j.sector_size != 512 && j.sector_size != 4096 {
+        return bad(format!(
+            "sector size {} (must be 512 or 4096)",
+            j.sector_size
+        ));
+    }
+    if j.volume_size == 0
+        || !j.volume_size.is_multiple_of(u64::from(j.sector_size))
+        || j.volume_size > i64::MAX as u64 / 2
+    {
+        return bad(format!(
+            "volume size {} is not a positive multiple of the sector size",
+            j.volume_size
+        ));
+    }
+    if j.chunk_size == 0
+        || !j.chunk_size.is_multiple_of(j.sector_size)
+        || j.chunk_size > MAX_CHUNK_SIZE
+    {
+        return bad(format!("chunk size {}", j.chunk_size));
+    }
+    if j.cipher != CIPHER {
+        return bad(format!("cipher {:?} (only {CIPHER:?})", j.cipher));
+    }
+    Ok(())
+}
+
+/// The chunk list: strictly increasing indexes within the volume (checked geometry),
+/// each with a SHA-256 hex name.
+fn parse_chunks(id: &SnapshotId, j: &Json) -> Result<BTreeMap<u64, [u8; 32]>, SnapshotError> {
+    let count = chunk_count(j.volume_size, j.chunk_size);
+    let mut chunks = BTreeMap::new();
+    let mut last: Option<u64> = None;
+    for (i, h) in &j.chunks {
+        if *i >= count || last.is_some_and(|l| *i <= l) {
+            return Err(bad_manifest(
+                id,
+                format!(
+                    "chunk index {i} is out of order or beyond the {count} chunks of the volume"
+                ),
+            ));
+        }
+        last = Some(*i);
+        let hash = from_hex32(h).ok_or_else(|| {
+            bad_manifest(id, format!("chunk {i}: {h:?} is not a SHA-256 hex name"))
+        })?;
+        chunks.insert(*i, hash);
+    }
+    Ok(chunks)
+}
+
+/// The keyslots: 1 to [`MAX_KEYSLOTS`], each with a backend name and a base64 blob.
+fn parse_keyslots(id: &SnapshotId, slots: Vec<SlotJson>) -> Result<Vec<WrappedDek>, SnapshotError> {
+    let bad = |reason: String| bad_manifest(id, reason);
+    if slots.is_empty() || slots.len() > MAX_KEYSLOTS {
+        return Err(bad(format!(
+            "{} keyslots (must be 1 to {MAX_KEYSLOTS})",
+            slots.len()
+        )));
+    }
+    let mut keyslots = Vec::with_capacity(slots.len());
+    for s in slots {
+        if s.backend.is_empty() {
+            return Err(bad("a keyslot has an empty backend name".into()));
+        }
+        keyslots.push(WrappedDek {
+            backend: s.backend,
+            key_id: s.key_id,
+            blob: b64()
+                .decode(&s.blob)
+                .map_err(|_| bad("a keyslot blob is not base64".into()))?,
+            context: EncryptionContext(s.context),
+            params: s.params,
+        });
+    }
+    Ok(keyslots)
+}
+
+/// Field `name` (the key check value or the MAC): exactly 32 bytes of base64.
+fn decode_b64_32(id: &SnapshotId, name: &str, s: &str) -> Result<[u8; 32], SnapshotError> {
+    b64()
+        .decode(s)
+        .ok()
+        .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
+        .ok_or_else(|| bad_manifest(id, format!("{name} is not 32 bytes of base64")))
 }
 
 /// The encryption context binding a re-encrypted snapshot copy's keyslots to the copy:
