@@ -10,8 +10,8 @@ use sha2::{Digest, Sha256};
 use super::journal::{Journal, Record};
 use super::source::Source;
 use super::{
-    finish_hex, hash_zeros, hex, is_zero, test_delay, test_write_zeros, unhex, zero_runs, Cancel,
-    MigrateError, BLOCK, ZERO_UNIT,
+    finish_hex, hash_zeros, is_zero, test_delay, test_write_zeros, zero_runs, Cancel, MigrateError,
+    BLOCK, ZERO_UNIT,
 };
 use crate::progress::Progress;
 use crate::volume::Volume;
@@ -24,7 +24,7 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
 const EXTENT_WINDOW: u64 = 1 << 30;
 
 pub(super) fn restore_hasher(hex_state: &str) -> Option<Sha256> {
-    let bytes = unhex(hex_state)?;
+    let bytes = hex::decode(hex_state).ok()?;
     let state = SerializedState::<Sha256>::try_from(bytes.as_slice()).ok()?;
     Sha256::deserialize(&state).ok()
 }
@@ -214,7 +214,7 @@ impl Job {
         let state = self.hasher.serialize();
         self.journal.append(&Record::Checkpoint {
             done: self.done,
-            sha256_state: hex(state.as_slice()),
+            sha256_state: hex::encode(state.as_slice()),
             written: self.written,
             skipped: self.skipped,
         })
@@ -281,7 +281,7 @@ mod tests {
     fn hasher_state_survives_a_round_trip() {
         let mut a = Sha256::new();
         a.update(vec![5u8; 4 << 20]);
-        let saved = hex(a.serialize().as_slice());
+        let saved = hex::encode(a.serialize().as_slice());
         let mut b = restore_hasher(&saved).unwrap();
         a.update(b"tail");
         b.update(b"tail");

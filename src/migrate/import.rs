@@ -269,62 +269,12 @@ async fn resume(
     keys: &KeyOptions,
 ) -> Result<Job, MigrateError> {
     let here = source.identity();
-    let reason = if p.source != *here {
-        Some(format!(
-            "it was started from {} but this source is {}; run it with the original source to resume, or add --restart to discard the {} bytes done and start over",
-            p.source, here, p.done
-        ))
-    } else if p.key != req.key_label {
-        Some(format!(
-            "it was started with key choice {:?} but this command asks for {:?}; use the same key options to resume, or add --restart",
-            p.key, req.key_label
-        ))
-    } else if req.sector_size.is_some_and(|s| s != p.sector_size) {
-        Some(format!(
-            "it was started with --sector-size {}; use the same sector size to resume, or add --restart",
-            p.sector_size
-        ))
-    } else {
-        None
-    };
-    if let Some(r) = reason {
+    if let Some(r) = options_mismatch(req, &p, here) {
         return Err(cannot_resume(paths, r));
     }
-    // The partial volume's name is derived from the target's, in a directory others may
-    // write to: never resume through a symbolic link (it would write the source into
-    // whatever volume it points to).
-    match std::fs::symlink_metadata(&paths.partial) {
-        Ok(m) if m.file_type().is_file() => {}
-        Ok(_) => {
-            return Err(cannot_resume(
-                paths,
-                format!(
-                    "the partial volume {} is not a regular file (a symbolic link?); remove it \
-                     and add --restart to start over",
-                    paths.partial.display()
-                ),
-            ))
-        }
-        Err(e) => return Err(MigrateError::io(&paths.partial, e)),
-    }
-    let (header, _) = volume::read_header(&paths.partial)?;
-    if header.uuid.to_string() != p.uuid || header.size != p.volume_size {
-        return Err(cannot_resume(
-            paths,
-            format!(
-                "the partial volume {} is not the one the journal describes (UUID {}); add --restart to start over",
-                paths.partial.display(),
-                header.uuid
-            ),
-        ));
-    }
-    let hasher = match &p.sha256_state {
-        Some(s) => restore_hasher(s).ok_or_else(|| MigrateError::BadJournal {
-            path: journal.path().display().to_string(),
-            detail: "bad sha256_state".into(),
-        })?,
-        None => Sha256::new(),
-    };
+    check_partial_is_a_file(paths)?;
+    check_partial_header(paths, &p)?;
+    let hasher = saved_hasher(&p, &journal)?;
     if p.done > here.size {
         return Err(cannot_resume(
             paths,
@@ -360,6 +310,79 @@ async fn resume(
     job.skipped = p.skipped;
     job.source_sha256 = p.copied_sha256;
     Ok(job)
+}
+
+/// Why this command is not the one that started the interrupted import (another
+/// source, key choice or sector size), or `None` if it is.
+fn options_mismatch(
+    req: &ImportRequest<'_>,
+    p: &journal::Progress,
+    here: &SourceIdentity,
+) -> Option<String> {
+    if p.source != *here {
+        Some(format!(
+            "it was started from {} but this source is {}; run it with the original source to resume, or add --restart to discard the {} bytes done and start over",
+            p.source, here, p.done
+        ))
+    } else if p.key != req.key_label {
+        Some(format!(
+            "it was started with key choice {:?} but this command asks for {:?}; use the same key options to resume, or add --restart",
+            p.key, req.key_label
+        ))
+    } else if req.sector_size.is_some_and(|s| s != p.sector_size) {
+        Some(format!(
+            "it was started with --sector-size {}; use the same sector size to resume, or add --restart",
+            p.sector_size
+        ))
+    } else {
+        None
+    }
+}
+
+/// The partial volume's name is derived from the target's, in a directory others may
+/// write to: never resume through a symbolic link (it would write the source into
+/// whatever volume it points to).
+fn check_partial_is_a_file(paths: &Paths) -> Result<(), MigrateError> {
+    match std::fs::symlink_metadata(&paths.partial) {
+        Ok(m) if m.file_type().is_file() => Ok(()),
+        Ok(_) => Err(cannot_resume(
+            paths,
+            format!(
+                "the partial volume {} is not a regular file (a symbolic link?); remove it \
+                 and add --restart to start over",
+                paths.partial.display()
+            ),
+        )),
+        Err(e) => Err(MigrateError::io(&paths.partial, e)),
+    }
+}
+
+/// Checks that the partial volume's header is the one the journal describes (UUID and
+/// size).
+fn check_partial_header(paths: &Paths, p: &journal::Progress) -> Result<(), MigrateError> {
+    let (header, _) = volume::read_header(&paths.partial)?;
+    if header.uuid.to_string() != p.uuid || header.size != p.volume_size {
+        return Err(cannot_resume(
+            paths,
+            format!(
+                "the partial volume {} is not the one the journal describes (UUID {}); add --restart to start over",
+                paths.partial.display(),
+                header.uuid
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The source hash state at the last checkpoint (a fresh one if there was none).
+fn saved_hasher(p: &journal::Progress, journal: &Journal) -> Result<Sha256, MigrateError> {
+    match &p.sha256_state {
+        Some(s) => restore_hasher(s).ok_or_else(|| MigrateError::BadJournal {
+            path: journal.path().display().to_string(),
+            detail: "bad sha256_state".into(),
+        }),
+        None => Ok(Sha256::new()),
+    }
 }
 
 /// Compares the checksums, then publishes the volume under its final name.

@@ -125,30 +125,9 @@ pub fn hash_zeros(hasher: &mut Sha256, mut len: u64) {
     }
 }
 
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
-
-/// Parses lower- or upper-case hex.
-pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-        .collect()
-}
-
 /// The final digest as hex.
 pub fn finish_hex(hasher: Sha256) -> String {
-    hex(&hasher.finalize())
+    hex::encode(hasher.finalize())
 }
 
 /// Test-only slow-down of copy loops: `CRYPTVOL_TEST_IMPORT_DELAY_MS=N` sleeps N ms per
@@ -242,10 +221,12 @@ mod tests {
 
     #[test]
     fn hex_round_trip_and_zero_hashing() {
-        assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
-        assert_eq!(unhex("00ab10"), Some(vec![0, 0xab, 0x10]));
-        assert_eq!(unhex("0"), None);
-        assert_eq!(unhex("zz"), None);
+        // The journal's hash state is written with `hex::encode` and read with `hex::decode`.
+        assert_eq!(hex::encode([0, 0xab, 0x10]), "00ab10");
+        assert_eq!(hex::decode("00ab10").ok(), Some(vec![0, 0xab, 0x10]));
+        assert_eq!(hex::decode("00AB10").ok(), Some(vec![0, 0xab, 0x10]));
+        assert_eq!(hex::decode("0").ok(), None);
+        assert_eq!(hex::decode("zz").ok(), None);
         let mut a = Sha256::new();
         hash_zeros(&mut a, 200_000);
         let mut b = Sha256::new();

@@ -2,8 +2,8 @@
 //! volume's DEK at its own sector numbers (exactly the ciphertext the volume file holds
 //! for it), upload what the store does not already hold, and write the manifest last.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -117,7 +117,7 @@ async fn upload_if_absent(
     store: &Store,
     hash: &str,
     data: Vec<u8>,
-    seen: &std::sync::Mutex<std::collections::HashSet<String>>,
+    seen: &Mutex<HashSet<String>>,
 ) -> Result<bool, SnapshotError> {
     let first = match seen.lock() {
         Ok(mut s) => s.insert(hash.to_string()),
@@ -216,77 +216,25 @@ pub async fn create_snapshot(
 ) -> Result<CreateStats, SnapshotError> {
     let size = source.size();
     let sector_size = source.sector_size();
-    if opts.description.len() > manifest::MAX_DESCRIPTION {
-        return Err(SnapshotError::Source(format!(
-            "the description is longer than {} bytes",
-            manifest::MAX_DESCRIPTION
-        )));
-    }
+    check_description(&opts.description)?;
     let engine = Arc::new(XtsEngine::new(dek, sector_size as usize)?);
-    let sectors_per_chunk = u64::from(CHUNK_SIZE / sector_size.max(1));
     let parent = resolve_parent(store, &opts.parent, dek, volume.uuid, size, sector_size).await?;
     let id = SnapshotId::generate()?;
     // The snapshot's point in time: when it starts.
     let created_at = manifest::now();
-    let n = chunk_count(size, CHUNK_SIZE);
-    // Chunks not in the changed set come from the parent (when there is one).
-    let from_parent = |i: u64| -> Option<Option<[u8; 32]>> {
-        match (&opts.changed, &parent) {
-            (Some(changed), Some(p)) if !changed.contains(&i) => Some(p.chunks.get(&i).copied()),
-            _ => None,
-        }
-    };
     if let Some(p) = &parent {
-        tracing::info!(
-            "snapshot {id} of volume {}: incremental to {}{}",
-            volume.uuid,
-            p.id,
-            match &opts.changed {
-                Some(c) => format!(" ({} changed chunks)", c.len()),
-                None => String::new(),
-            }
-        );
+        log_incremental(&id, volume, p, opts.changed.as_ref());
     }
-
-    let seen = std::sync::Mutex::new(std::collections::HashSet::new());
-    let results: Vec<(u64, Entry)> = futures::stream::iter(0..n)
-        .map(|i| {
-            let source = &source;
-            let engine = &engine;
-            let seen = &seen;
-            let inherited = from_parent(i);
-            async move {
-                let len = chunk_len(size, CHUNK_SIZE, i);
-                let entry = match inherited {
-                    Some(None) => Entry::Hole,
-                    Some(Some(h)) => Entry::Data {
-                        hash: manifest::to_hex(&h),
-                        uploaded: false,
-                        read: false,
-                    },
-                    None => {
-                        match read_encrypted(source, engine, i, len, i * sectors_per_chunk).await? {
-                            None => Entry::Hole,
-                            Some(data) => {
-                                let hash = chunk_hash(&data);
-                                let uploaded = upload_if_absent(store, &hash, data, seen).await?;
-                                Entry::Data {
-                                    hash,
-                                    uploaded,
-                                    read: true,
-                                }
-                            }
-                        }
-                    }
-                };
-                progress.advance(len as u64);
-                Ok::<_, SnapshotError>((i, entry))
-            }
-        })
-        .buffered(PARALLEL_CHUNKS)
-        .try_collect()
-        .await?;
-
+    let run = ChunkRun {
+        store,
+        source,
+        engine,
+        size,
+        sectors_per_chunk: u64::from(CHUNK_SIZE / sector_size.max(1)),
+        changed: opts.changed.as_ref(),
+        parent: parent.as_ref(),
+    };
+    let entries = run.entries(progress).await?;
     // Chunks this snapshot relies on without having uploaded them may have been removed
     // meanwhile by a `snapshot delete` of their last other user: check them (and the
     // parent's chunks if the parent itself is gone) and upload any that vanished.
@@ -297,58 +245,14 @@ pub async fn create_snapshot(
     let mut stats = CreateStats {
         id: id.to_string(),
         parent: parent.as_ref().map(|p| p.id.to_string()),
-        chunks: n,
+        chunks: chunk_count(size, CHUNK_SIZE),
         data_chunks: 0,
         read: 0,
         from_parent: 0,
         uploaded: 0,
         uploaded_bytes: 0,
     };
-    let mut chunks = BTreeMap::new();
-    for (i, entry) in results {
-        let Entry::Data {
-            hash,
-            uploaded,
-            read,
-        } = entry
-        else {
-            if from_parent(i).is_none() {
-                stats.read += 1;
-            } else {
-                stats.from_parent += 1;
-            }
-            continue;
-        };
-        let len = chunk_len(size, CHUNK_SIZE, i);
-        let mut hash = hash;
-        let mut uploaded = uploaded;
-        if read {
-            stats.read += 1;
-        } else {
-            stats.from_parent += 1;
-        }
-        if !uploaded && (read || parent_gone) && !store.has_chunk(&hash).await? {
-            tracing::warn!("chunk {i} ({hash}) vanished from the store during the snapshot; uploading it again");
-            if let Some(data) =
-                read_encrypted(&source, &engine, i, len, i * sectors_per_chunk).await?
-            {
-                hash = chunk_hash(&data);
-                store.put_chunk(&hash, Bytes::from(data)).await?;
-                uploaded = true;
-            } else {
-                continue;
-            }
-        }
-        if uploaded {
-            stats.uploaded += 1;
-            stats.uploaded_bytes += len as u64;
-        }
-        stats.data_chunks += 1;
-        let raw = manifest::from_hex32(&hash)
-            .ok_or_else(|| SnapshotError::Internal(format!("bad hash {hash}")))?;
-        chunks.insert(i, raw);
-    }
-
+    let chunks = run.chunk_list(entries, parent_gone, &mut stats).await?;
     let mut m = Manifest {
         version: MANIFEST_VERSION,
         id: id.clone(),
@@ -370,6 +274,182 @@ pub async fn create_snapshot(
     store.put_manifest(&id, m.to_json()?).await?;
     progress.finish();
     Ok(stats)
+}
+
+/// Refuses a description longer than a manifest may hold.
+fn check_description(description: &str) -> Result<(), SnapshotError> {
+    if description.len() > manifest::MAX_DESCRIPTION {
+        return Err(SnapshotError::Source(format!(
+            "the description is longer than {} bytes",
+            manifest::MAX_DESCRIPTION
+        )));
+    }
+    Ok(())
+}
+
+/// Logs that snapshot `id` is incremental to `parent`.
+fn log_incremental(
+    id: &SnapshotId,
+    volume: &VolumeKeys,
+    parent: &Manifest,
+    changed: Option<&ChunkSet>,
+) {
+    tracing::info!(
+        "snapshot {id} of volume {}: incremental to {}{}",
+        volume.uuid,
+        parent.id,
+        match changed {
+            Some(c) => format!(" ({} changed chunks)", c.len()),
+            None => String::new(),
+        }
+    );
+}
+
+/// One snapshot run's chunks: where they are read from, how they are encrypted, and
+/// which ones come from the parent instead.
+struct ChunkRun<'a> {
+    store: &'a Store,
+    source: Arc<dyn ChunkSource>,
+    engine: Arc<XtsEngine>,
+    size: u64,
+    sectors_per_chunk: u64,
+    changed: Option<&'a ChunkSet>,
+    parent: Option<&'a Manifest>,
+}
+
+impl ChunkRun<'_> {
+    /// Chunks not in the changed set come from the parent (when there is one): the
+    /// parent's entry for chunk `i` (`None` inside for a hole), or `None` if it is read.
+    fn inherited(&self, i: u64) -> Option<Option<[u8; 32]>> {
+        match (self.changed, self.parent) {
+            (Some(changed), Some(p)) if !changed.contains(&i) => Some(p.chunks.get(&i).copied()),
+            _ => None,
+        }
+    }
+
+    /// Reads and encrypts chunk `i`: `None` for a hole.
+    async fn read(&self, i: u64) -> Result<Option<Vec<u8>>, SnapshotError> {
+        let len = chunk_len(self.size, CHUNK_SIZE, i);
+        read_encrypted(
+            &self.source,
+            &self.engine,
+            i,
+            len,
+            i * self.sectors_per_chunk,
+        )
+        .await
+    }
+
+    /// Chunk `i`'s entry: taken from the parent, or read, encrypted and uploaded unless
+    /// the store (or this run, `seen`) already has it.
+    async fn entry(&self, i: u64, seen: &Mutex<HashSet<String>>) -> Result<Entry, SnapshotError> {
+        Ok(match self.inherited(i) {
+            Some(None) => Entry::Hole,
+            Some(Some(h)) => Entry::Data {
+                hash: hex::encode(h),
+                uploaded: false,
+                read: false,
+            },
+            None => match self.read(i).await? {
+                None => Entry::Hole,
+                Some(data) => {
+                    let hash = chunk_hash(&data);
+                    let uploaded = upload_if_absent(self.store, &hash, data, seen).await?;
+                    Entry::Data {
+                        hash,
+                        uploaded,
+                        read: true,
+                    }
+                }
+            },
+        })
+    }
+
+    /// Every chunk's entry in index order, [`PARALLEL_CHUNKS`] chunks at once.
+    async fn entries(&self, progress: &Progress) -> Result<Vec<(u64, Entry)>, SnapshotError> {
+        let seen = Mutex::new(HashSet::new());
+        let seen = &seen;
+        futures::stream::iter(0..chunk_count(self.size, CHUNK_SIZE))
+            .map(|i| async move {
+                let entry = self.entry(i, seen).await?;
+                progress.advance(chunk_len(self.size, CHUNK_SIZE, i) as u64);
+                Ok::<_, SnapshotError>((i, entry))
+            })
+            .buffered(PARALLEL_CHUNKS)
+            .try_collect()
+            .await
+    }
+
+    /// The manifest's chunk list from the entries, counted into `stats`; chunks that
+    /// vanished from the store meanwhile are uploaded again ([`ChunkRun::ensure_stored`]).
+    async fn chunk_list(
+        &self,
+        entries: Vec<(u64, Entry)>,
+        parent_gone: bool,
+        stats: &mut CreateStats,
+    ) -> Result<BTreeMap<u64, [u8; 32]>, SnapshotError> {
+        let mut chunks = BTreeMap::new();
+        for (i, entry) in entries {
+            let Entry::Data {
+                hash,
+                uploaded,
+                read,
+            } = entry
+            else {
+                if self.inherited(i).is_none() {
+                    stats.read += 1;
+                } else {
+                    stats.from_parent += 1;
+                }
+                continue;
+            };
+            if read {
+                stats.read += 1;
+            } else {
+                stats.from_parent += 1;
+            }
+            let Some((hash, uploaded)) = self
+                .ensure_stored(i, hash, uploaded, read || parent_gone)
+                .await?
+            else {
+                continue;
+            };
+            if uploaded {
+                stats.uploaded += 1;
+                stats.uploaded_bytes += chunk_len(self.size, CHUNK_SIZE, i) as u64;
+            }
+            stats.data_chunks += 1;
+            let raw = manifest::from_hex32(&hash)
+                .ok_or_else(|| SnapshotError::Internal(format!("bad hash {hash}")))?;
+            chunks.insert(i, raw);
+        }
+        Ok(chunks)
+    }
+
+    /// Makes sure chunk `i` (named `hash`) is in the store: one this run did not upload
+    /// may have been deleted meanwhile, so with `recheck` it is looked up and, if it
+    /// vanished, read, encrypted and uploaded again. Returns its hash and whether it was
+    /// uploaded, or `None` if it now reads as a hole.
+    async fn ensure_stored(
+        &self,
+        i: u64,
+        hash: String,
+        uploaded: bool,
+        recheck: bool,
+    ) -> Result<Option<(String, bool)>, SnapshotError> {
+        if uploaded || !recheck || self.store.has_chunk(&hash).await? {
+            return Ok(Some((hash, uploaded)));
+        }
+        tracing::warn!(
+            "chunk {i} ({hash}) vanished from the store during the snapshot; uploading it again"
+        );
+        let Some(data) = self.read(i).await? else {
+            return Ok(None);
+        };
+        let hash = chunk_hash(&data);
+        self.store.put_chunk(&hash, Bytes::from(data)).await?;
+        Ok(Some((hash, true)))
+    }
 }
 
 #[cfg(test)]

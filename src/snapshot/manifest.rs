@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::{chunk_count, SnapshotError};
+use crate::crypto::canonical::{CanonicalWriter, MAC_V1};
 use crate::crypto::{Dek, DEK_LEN};
 use crate::keys::{EncryptionContext, WrappedDek};
 use crate::volume::CIPHER;
@@ -49,8 +50,8 @@ impl SnapshotId {
     pub fn generate() -> Result<SnapshotId, SnapshotError> {
         let mut raw = [0u8; 9];
         getrandom::fill(&mut raw).map_err(|e| SnapshotError::Internal(format!("rng: {e}")))?;
-        let hex = to_hex(&raw);
-        Ok(SnapshotId(format!("snap-{}", &hex[..17])))
+        let digits = hex::encode(raw);
+        Ok(SnapshotId(format!("snap-{}", &digits[..17])))
     }
 
     /// Parses and validates an id (nothing else can reach an object name).
@@ -85,29 +86,13 @@ impl std::str::FromStr for SnapshotId {
     }
 }
 
-/// Lowercase hex.
-pub fn to_hex(b: &[u8]) -> String {
-    const D: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push(D[usize::from(x >> 4)] as char);
-        s.push(D[usize::from(x & 15)] as char);
-    }
-    s
-}
-
+/// Decodes a SHA-256 name ([`is_hash`]: 64 lowercase hex digits; upper case is refused).
 pub(crate) fn from_hex32(s: &str) -> Option<[u8; 32]> {
     if !is_hash(s) {
         return None;
     }
     let mut out = [0u8; 32];
-    for (i, pair) in s.as_bytes().chunks_exact(2).enumerate() {
-        let v = |c: u8| match c {
-            b'0'..=b'9' => c - b'0',
-            _ => c - b'a' + 10,
-        };
-        out[i] = (v(pair[0]) << 4) | v(pair[1]);
-    }
+    hex::decode_to_slice(s, &mut out).ok()?;
     Some(out)
 }
 
@@ -120,7 +105,7 @@ pub fn is_hash(s: &str) -> bool {
 
 /// SHA-256 of a chunk's stored bytes, in hex: its object name.
 pub fn chunk_hash(data: &[u8]) -> String {
-    to_hex(&Sha256::digest(data))
+    hex::encode(Sha256::digest(data))
 }
 
 /// The decoded, structurally valid manifest.
@@ -200,38 +185,6 @@ pub fn key_check(dek: &Dek, id: &SnapshotId) -> Result<[u8; 32], SnapshotError> 
     Ok(m.finalize().into_bytes().into())
 }
 
-/// Length-prefixed canonical encoding (the conventions of the volume header MAC).
-struct Enc(Vec<u8>);
-
-impl Enc {
-    fn raw(&mut self, b: &[u8]) {
-        self.0.extend_from_slice(b);
-    }
-    fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-    fn u32(&mut self, v: u32) {
-        self.raw(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.raw(&v.to_le_bytes());
-    }
-    fn bytes(&mut self, b: &[u8]) {
-        self.u64(b.len() as u64);
-        self.raw(b);
-    }
-    fn str(&mut self, s: &str) {
-        self.bytes(s.as_bytes());
-    }
-    fn map(&mut self, m: &BTreeMap<String, String>) {
-        self.u32(m.len() as u32);
-        for (k, v) in m {
-            self.str(k);
-            self.str(v);
-        }
-    }
-}
-
 impl Manifest {
     /// Number of chunks the volume is cut into.
     pub fn chunk_count(&self) -> u64 {
@@ -245,7 +198,7 @@ impl Manifest {
 
     /// The hex name of chunk `index`, `None` for a hole.
     pub fn chunk_name(&self, index: u64) -> Option<String> {
-        self.chunks.get(&index).map(|h| to_hex(h))
+        self.chunks.get(&index).map(hex::encode)
     }
 
     /// The first sector of chunk `index` (its XTS tweak).
@@ -253,49 +206,47 @@ impl Manifest {
         index * u64::from(self.chunk_size / self.sector_size.max(1))
     }
 
-    /// The canonical byte string the MAC covers (docs/format.md, "Snapshots").
-    pub fn mac_input(&self) -> Vec<u8> {
-        let mut e = Enc(Vec::with_capacity(256 + self.chunks.len() * 40));
-        e.bytes(MAC_DOMAIN);
-        e.u32(self.version);
-        e.str(self.id.as_str());
-        e.raw(self.volume_uuid.as_bytes());
-        e.u64(self.volume_size);
-        e.u32(self.sector_size);
-        e.u32(self.chunk_size);
-        e.str(&self.cipher);
-        e.u64(self.chunks.len() as u64);
+    /// The canonical byte string the MAC covers (docs/format.md, "Snapshots"), in the
+    /// [`MAC_V1`] profile of the volume header MAC. The chunk list's count is a `u64`, as
+    /// it always was, not the profile's `u32` count.
+    pub fn mac_input(&self) -> Result<Vec<u8>, SnapshotError> {
+        let mut e = CanonicalWriter::with_capacity(MAC_V1, 256 + self.chunks.len() * 40);
+        e.bytes(MAC_DOMAIN)
+            .u32(self.version)
+            .str(self.id.as_str())
+            .raw(self.volume_uuid.as_bytes())
+            .u64(self.volume_size)
+            .u32(self.sector_size)
+            .u32(self.chunk_size)
+            .str(&self.cipher)
+            .u64(self.chunks.len() as u64);
         for (i, h) in &self.chunks {
-            e.u64(*i);
-            e.raw(h);
+            e.u64(*i).raw(h);
         }
-        match &self.parent {
-            Some(p) => {
-                e.u8(1);
-                e.str(p.as_str());
-            }
-            None => e.u8(0),
+        e.flag(self.parent.is_some());
+        if let Some(p) = &self.parent {
+            e.str(p.as_str());
         }
-        e.str(&self.created_at);
-        e.str(&self.description);
-        e.map(&self.encryption_context.0);
-        e.u32(self.keyslots.len() as u32);
+        e.str(&self.created_at)
+            .str(&self.description)
+            .map(&self.encryption_context.0)
+            .count(self.keyslots.len());
         for s in &self.keyslots {
-            e.str(&s.backend);
-            e.str(&s.key_id);
-            e.bytes(&s.blob);
-            e.map(&s.context.0);
-            e.map(&s.params);
+            e.str(&s.backend)
+                .str(&s.key_id)
+                .bytes(&s.blob)
+                .map(&s.context.0)
+                .map(&s.params);
         }
         e.raw(&self.key_check);
-        e.0
+        Ok(e.finish()?)
     }
 
     /// Computes the key check value and the MAC with `dek` (after every other field is set).
     pub fn seal(&mut self, dek: &Dek) -> Result<(), SnapshotError> {
         self.key_check = key_check(dek, &self.id)?;
         let mut m = derive(dek, MAC_INFO)?;
-        m.update(&self.mac_input());
+        m.update(&self.mac_input()?);
         self.mac = m.finalize().into_bytes().into();
         Ok(())
     }
@@ -317,7 +268,7 @@ impl Manifest {
             });
         }
         let mut m = derive(dek, MAC_INFO)?;
-        m.update(&self.mac_input());
+        m.update(&self.mac_input()?);
         if m.verify_slice(&self.mac).is_err() {
             return Err(SnapshotError::ManifestTampered {
                 id: self.id.to_string(),
@@ -359,7 +310,11 @@ impl Manifest {
             sector_size: self.sector_size,
             chunk_size: self.chunk_size,
             cipher: self.cipher.clone(),
-            chunks: self.chunks.iter().map(|(i, h)| (*i, to_hex(h))).collect(),
+            chunks: self
+                .chunks
+                .iter()
+                .map(|(i, h)| (*i, hex::encode(h)))
+                .collect(),
             parent: self.parent.as_ref().map(|p| p.to_string()),
             created_at: self.created_at.clone(),
             description: self.description.clone(),
@@ -384,70 +339,14 @@ impl Manifest {
     /// Decodes and structurally validates the manifest stored as snapshot `id` (no key
     /// needed; authenticity is checked by [`Manifest::verify`]).
     pub fn parse(id: &SnapshotId, bytes: &[u8]) -> Result<Manifest, SnapshotError> {
-        let bad = |reason: String| SnapshotError::BadManifest {
-            id: id.to_string(),
-            reason,
-        };
+        let bad = |reason: String| bad_manifest(id, reason);
         let j: Json = serde_json::from_slice(bytes)
             .map_err(|e| bad(format!("not valid manifest JSON: {e}")))?;
-        if j.format != MANIFEST_FORMAT {
-            return Err(bad(format!(
-                "format {:?} is not {MANIFEST_FORMAT:?}",
-                j.format
-            )));
-        }
-        if j.version != MANIFEST_VERSION {
-            return Err(bad(format!(
-                "manifest version {} is not supported (this cryptvol reads version {MANIFEST_VERSION}); upgrade cryptvol",
-                j.version
-            )));
-        }
-        if j.id != id.as_str() {
-            return Err(bad(format!(
-                "it names snapshot {:?}, not the one it is stored as",
-                j.id.escape_debug().to_string()
-            )));
-        }
+        check_identity(id, &j)?;
         let volume_uuid = uuid::Uuid::try_parse(&j.volume_uuid)
             .map_err(|_| bad("volume_uuid is not a UUID".into()))?;
-        if j.sector_size != 512 && j.sector_size != 4096 {
-            return Err(bad(format!(
-                "sector size {} (must be 512 or 4096)",
-                j.sector_size
-            )));
-        }
-        if j.volume_size == 0
-            || !j.volume_size.is_multiple_of(u64::from(j.sector_size))
-            || j.volume_size > i64::MAX as u64 / 2
-        {
-            return Err(bad(format!(
-                "volume size {} is not a positive multiple of the sector size",
-                j.volume_size
-            )));
-        }
-        if j.chunk_size == 0
-            || !j.chunk_size.is_multiple_of(j.sector_size)
-            || j.chunk_size > MAX_CHUNK_SIZE
-        {
-            return Err(bad(format!("chunk size {}", j.chunk_size)));
-        }
-        if j.cipher != CIPHER {
-            return Err(bad(format!("cipher {:?} (only {CIPHER:?})", j.cipher)));
-        }
-        let count = chunk_count(j.volume_size, j.chunk_size);
-        let mut chunks = BTreeMap::new();
-        let mut last: Option<u64> = None;
-        for (i, h) in &j.chunks {
-            if *i >= count || last.is_some_and(|l| *i <= l) {
-                return Err(bad(format!(
-                    "chunk index {i} is out of order or beyond the {count} chunks of the volume"
-                )));
-            }
-            last = Some(*i);
-            let hash = from_hex32(h)
-                .ok_or_else(|| bad(format!("chunk {i}: {h:?} is not a SHA-256 hex name")))?;
-            chunks.insert(*i, hash);
-        }
+        check_geometry(id, &j)?;
+        let chunks = parse_chunks(id, &j)?;
         let parent = j
             .parent
             .as_deref()
@@ -457,34 +356,7 @@ impl Manifest {
         if j.description.len() > MAX_DESCRIPTION || j.created_at.len() > 64 {
             return Err(bad("description or creation time too long".into()));
         }
-        if j.keyslots.is_empty() || j.keyslots.len() > MAX_KEYSLOTS {
-            return Err(bad(format!(
-                "{} keyslots (must be 1 to {MAX_KEYSLOTS})",
-                j.keyslots.len()
-            )));
-        }
-        let mut keyslots = Vec::with_capacity(j.keyslots.len());
-        for s in j.keyslots {
-            if s.backend.is_empty() {
-                return Err(bad("a keyslot has an empty backend name".into()));
-            }
-            keyslots.push(WrappedDek {
-                backend: s.backend,
-                key_id: s.key_id,
-                blob: b64()
-                    .decode(&s.blob)
-                    .map_err(|_| bad("a keyslot blob is not base64".into()))?,
-                context: EncryptionContext(s.context),
-                params: s.params,
-            });
-        }
-        let mac32 = |name: &str, s: &str| -> Result<[u8; 32], SnapshotError> {
-            b64()
-                .decode(s)
-                .ok()
-                .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
-                .ok_or_else(|| bad(format!("{name} is not 32 bytes of base64")))
-        };
+        let keyslots = parse_keyslots(id, j.keyslots)?;
         let m = Manifest {
             version: j.version,
             id: id.clone(),
@@ -499,12 +371,132 @@ impl Manifest {
             description: j.description,
             encryption_context: EncryptionContext(j.encryption_context),
             keyslots,
-            key_check: mac32("key_check", &j.key_check)?,
-            mac: mac32("mac", &j.mac)?,
+            key_check: decode_b64_32(id, "key_check", &j.key_check)?,
+            mac: decode_b64_32(id, "mac", &j.mac)?,
         };
         m.expected_context()?;
         Ok(m)
     }
+}
+
+/// The error for a manifest stored as `id` that is not structurally valid.
+fn bad_manifest(id: &SnapshotId, reason: String) -> SnapshotError {
+    SnapshotError::BadManifest {
+        id: id.to_string(),
+        reason,
+    }
+}
+
+/// Checks the format name, the version, and that the manifest names the snapshot it is
+/// stored as.
+fn check_identity(id: &SnapshotId, j: &Json) -> Result<(), SnapshotError> {
+    let bad = |reason: String| Err(bad_manifest(id, reason));
+    if j.format != MANIFEST_FORMAT {
+        return bad(format!("format {:?} is not {MANIFEST_FORMAT:?}", j.format));
+    }
+    if j.version != MANIFEST_VERSION {
+        return bad(format!(
+            "manifest version {} is not supported (this cryptvol reads version {MANIFEST_VERSION}); upgrade cryptvol",
+            j.version
+        ));
+    }
+    if j.id != id.as_str() {
+        return bad(format!(
+            "it names snapshot {:?}, not the one it is stored as",
+            j.id.escape_debug().to_string()
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the sector size, the volume size, the chunk size and the cipher.
+fn check_geometry(id: &SnapshotId, j: &Json) -> Result<(), SnapshotError> {
+    let bad = |reason: String| Err(bad_manifest(id, reason));
+    if j.sector_size != 512 && j.sector_size != 4096 {
+        return bad(format!(
+            "sector size {} (must be 512 or 4096)",
+            j.sector_size
+        ));
+    }
+    if j.volume_size == 0
+        || !j.volume_size.is_multiple_of(u64::from(j.sector_size))
+        || j.volume_size > i64::MAX as u64 / 2
+    {
+        return bad(format!(
+            "volume size {} is not a positive multiple of the sector size",
+            j.volume_size
+        ));
+    }
+    if j.chunk_size == 0
+        || !j.chunk_size.is_multiple_of(j.sector_size)
+        || j.chunk_size > MAX_CHUNK_SIZE
+    {
+        return bad(format!("chunk size {}", j.chunk_size));
+    }
+    if j.cipher != CIPHER {
+        return bad(format!("cipher {:?} (only {CIPHER:?})", j.cipher));
+    }
+    Ok(())
+}
+
+/// The chunk list: strictly increasing indexes within the volume (checked geometry),
+/// each with a SHA-256 hex name.
+fn parse_chunks(id: &SnapshotId, j: &Json) -> Result<BTreeMap<u64, [u8; 32]>, SnapshotError> {
+    let count = chunk_count(j.volume_size, j.chunk_size);
+    let mut chunks = BTreeMap::new();
+    let mut last: Option<u64> = None;
+    for (i, h) in &j.chunks {
+        if *i >= count || last.is_some_and(|l| *i <= l) {
+            return Err(bad_manifest(
+                id,
+                format!(
+                    "chunk index {i} is out of order or beyond the {count} chunks of the volume"
+                ),
+            ));
+        }
+        last = Some(*i);
+        let hash = from_hex32(h).ok_or_else(|| {
+            bad_manifest(id, format!("chunk {i}: {h:?} is not a SHA-256 hex name"))
+        })?;
+        chunks.insert(*i, hash);
+    }
+    Ok(chunks)
+}
+
+/// The keyslots: 1 to [`MAX_KEYSLOTS`], each with a backend name and a base64 blob.
+fn parse_keyslots(id: &SnapshotId, slots: Vec<SlotJson>) -> Result<Vec<WrappedDek>, SnapshotError> {
+    let bad = |reason: String| bad_manifest(id, reason);
+    if slots.is_empty() || slots.len() > MAX_KEYSLOTS {
+        return Err(bad(format!(
+            "{} keyslots (must be 1 to {MAX_KEYSLOTS})",
+            slots.len()
+        )));
+    }
+    let mut keyslots = Vec::with_capacity(slots.len());
+    for s in slots {
+        if s.backend.is_empty() {
+            return Err(bad("a keyslot has an empty backend name".into()));
+        }
+        keyslots.push(WrappedDek {
+            backend: s.backend,
+            key_id: s.key_id,
+            blob: b64()
+                .decode(&s.blob)
+                .map_err(|_| bad("a keyslot blob is not base64".into()))?,
+            context: EncryptionContext(s.context),
+            params: s.params,
+        });
+    }
+    Ok(keyslots)
+}
+
+/// Field `name` (the key check value or the MAC): exactly 32 bytes of base64.
+fn decode_b64_32(id: &SnapshotId, name: &str, s: &str) -> Result<[u8; 32], SnapshotError> {
+    b64()
+        .decode(s)
+        .ok()
+        .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
+        .ok_or_else(|| bad_manifest(id, format!("{name} is not 32 bytes of base64")))
 }
 
 /// The encryption context binding a re-encrypted snapshot copy's keyslots to the copy:
@@ -564,6 +556,96 @@ pub(crate) mod tests {
         m
     }
 
+    /// A small manifest with every optional part present (one chunk, a parent, one
+    /// keyslot with a param), unsealed so that its key check value is fixed.
+    fn pinned() -> Manifest {
+        let uuid = uuid::Uuid::from_bytes([7; 16]);
+        Manifest {
+            version: MANIFEST_VERSION,
+            id: SnapshotId::parse("snap-00000000000000001").unwrap(),
+            volume_uuid: uuid,
+            volume_size: 1 << 20,
+            sector_size: 4096,
+            chunk_size: super::super::CHUNK_SIZE,
+            cipher: CIPHER.into(),
+            chunks: [(1u64, [0xab; 32])].into_iter().collect(),
+            parent: Some(SnapshotId::parse("snap-0000000000000000a").unwrap()),
+            created_at: "t".into(),
+            description: "d".into(),
+            encryption_context: snapshot_context(
+                &SnapshotId::parse("snap-00000000000000001").unwrap(),
+            ),
+            keyslots: vec![WrappedDek {
+                backend: "b".into(),
+                key_id: "k".into(),
+                blob: vec![1, 2],
+                context: EncryptionContext::default(),
+                params: [("p".to_string(), "v".to_string())].into_iter().collect(),
+            }],
+            key_check: [0xcc; 32],
+            mac: [0; 32],
+        }
+    }
+
+    /// The MAC input is part of the on-disk format: stored snapshots must keep verifying.
+    #[test]
+    fn mac_input_is_pinned() {
+        const PARENT: &str = "011600000000000000736e61702d3030303030303030303030303030303061";
+        const WANT: &str = concat!(
+            // domain: u64 length, bytes
+            "1e000000000000006372797074766f6c20736e617073686f74206d616e696665737420763100",
+            // version: u32
+            "01000000",
+            // id: u64 length, bytes
+            "1600000000000000736e61702d3030303030303030303030303030303031",
+            // volume uuid: raw
+            "07070707070707070707070707070707",
+            // volume size: u64
+            "0000100000000000",
+            // sector size: u32
+            "00100000",
+            // chunk size: u32
+            "00000800",
+            // cipher: u64 length, bytes
+            "0f000000000000006165732d7874732d706c61696e3634",
+            // chunk count: u64
+            "0100000000000000",
+            // chunk 1: u64 index, raw hash
+            "0100000000000000abababababababababababababababababababababababababababababababab",
+            // parent: flag 1, u64 length, bytes
+            "011600000000000000736e61702d3030303030303030303030303030303061",
+            // created_at
+            "010000000000000074",
+            // description
+            "010000000000000064",
+            // encryption context: u32 count, key, value
+            "0100000014000000000000006372797074766f6c3a736e617073686f742d69641600000000000000736e61702d3030303030303030303030303030303031",
+            // keyslot count: u32
+            "01000000",
+            // keyslot backend
+            "010000000000000062",
+            // keyslot key_id
+            "01000000000000006b",
+            // keyslot blob
+            "02000000000000000102",
+            // keyslot context: u32 count 0
+            "00000000",
+            // keyslot params: u32 count, key, value
+            "01000000010000000000000070010000000000000076",
+            // key check: raw
+            "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc",
+        );
+        let m = pinned();
+        assert_eq!(hex::encode(m.mac_input().unwrap()), WANT);
+        // No parent: a single 0 byte in its place.
+        let mut orphan = m;
+        orphan.parent = None;
+        assert_eq!(
+            hex::encode(orphan.mac_input().unwrap()),
+            WANT.replacen(PARENT, "00", 1)
+        );
+    }
+
     #[test]
     fn ids() {
         let id = SnapshotId::generate().unwrap();
@@ -589,7 +671,7 @@ pub(crate) mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert!(is_hash(&h));
-        assert_eq!(to_hex(&from_hex32(&h).unwrap()), h);
+        assert_eq!(hex::encode(from_hex32(&h).unwrap()), h);
         assert!(from_hex32(&h.to_uppercase()).is_none());
         assert!(!is_hash("abc"));
     }

@@ -11,7 +11,7 @@ use super::manifest::{self, chunk_hash, snapshot_context, Manifest, SnapshotId};
 use super::store::Store;
 use super::{SnapshotError, PARALLEL_CHUNKS};
 use crate::crypto::{Dek, XtsEngine};
-use crate::keys::WrappedDek;
+use crate::keys::{EncryptionContext, WrappedDek};
 use crate::progress::Progress;
 use crate::volume::Volume;
 
@@ -237,45 +237,16 @@ pub async fn copy_reencrypt(
     } = new;
     let new_id = &new_id;
     let ctx = snapshot_context(new_id);
-    if keyslots.is_empty() || keyslots.iter().any(|s| s.context != ctx) {
-        return Err(SnapshotError::Internal(
-            "keyslots of a re-encrypted copy must be bound to the copy's context".into(),
-        ));
-    }
-    let old = Arc::new(XtsEngine::new(old_dek, m.sector_size as usize)?);
-    let new = Arc::new(XtsEngine::new(new_dek, m.sector_size as usize)?);
+    check_copy_keyslots(&keyslots, &ctx)?;
+    let engines = Reencryption {
+        old: Arc::new(XtsEngine::new(old_dek, m.sector_size as usize)?),
+        new: Arc::new(XtsEngine::new(new_dek, m.sector_size as usize)?),
+    };
     let results: Vec<(u64, Option<String>, bool)> = futures::stream::iter(m.chunks.keys().copied())
         .map(|i| {
-            let (old, new) = (Arc::clone(&old), Arc::clone(&new));
+            let engines = &engines;
             async move {
-                let data = fetch_verified(from, m, i).await?.unwrap_or_default();
-                let first = m.first_sector(i);
-                let out = tokio::task::spawn_blocking(
-                    move || -> Result<Option<Vec<u8>>, SnapshotError> {
-                        let mut buf = data.to_vec();
-                        old.decrypt_sectors(&mut buf, first)?;
-                        if buf.iter().all(|&b| b == 0) {
-                            return Ok(None);
-                        }
-                        new.encrypt_sectors(&mut buf, first)?;
-                        Ok(Some(buf))
-                    },
-                )
-                .await
-                .map_err(|e| SnapshotError::Internal(format!("re-encryption: {e}")))??;
-                let res = match out {
-                    None => (i, None, false),
-                    Some(buf) => {
-                        let hash = chunk_hash(&buf);
-                        let uploaded = if to.has_chunk(&hash).await? {
-                            false
-                        } else {
-                            to.put_chunk(&hash, Bytes::from(buf)).await?;
-                            true
-                        };
-                        (i, Some(hash), uploaded)
-                    }
-                };
+                let res = engines.copy_chunk(from, m, i, to).await?;
                 progress.advance(m.chunk_len(i) as u64);
                 Ok::<_, SnapshotError>(res)
             }
@@ -283,16 +254,7 @@ pub async fn copy_reencrypt(
         .buffer_unordered(PARALLEL_CHUNKS)
         .try_collect()
         .await?;
-    let mut chunks = BTreeMap::new();
-    let mut copied = 0;
-    for (i, hash, uploaded) in &results {
-        if let Some(h) = hash {
-            let raw = manifest::from_hex32(h)
-                .ok_or_else(|| SnapshotError::Internal(format!("bad hash {h}")))?;
-            chunks.insert(*i, raw);
-        }
-        copied += u64::from(*uploaded);
-    }
+    let (chunks, copied) = reencrypted_chunk_list(&results)?;
     let mut copy = Manifest {
         id: new_id.clone(),
         chunks,
@@ -313,6 +275,87 @@ pub async fn copy_reencrypt(
         chunks_present: results.len() as u64 - copied,
         reencrypted: true,
     })
+}
+
+/// Refuses keyslots of a re-encrypted copy that are missing or not bound to the copy's
+/// own context `ctx`.
+fn check_copy_keyslots(
+    keyslots: &[WrappedDek],
+    ctx: &EncryptionContext,
+) -> Result<(), SnapshotError> {
+    if keyslots.is_empty() || keyslots.iter().any(|s| s.context != *ctx) {
+        return Err(SnapshotError::Internal(
+            "keyslots of a re-encrypted copy must be bound to the copy's context".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The two ciphers of a re-encrypting copy.
+struct Reencryption {
+    old: Arc<XtsEngine>,
+    new: Arc<XtsEngine>,
+}
+
+impl Reencryption {
+    /// Copies chunk `i` of `m` from `from` to `to` under the new key: its index, its new
+    /// hash (`None` if it decrypts to zeros: a hole), and whether it was uploaded (the
+    /// store did not have it).
+    async fn copy_chunk(
+        &self,
+        from: &Store,
+        m: &Manifest,
+        i: u64,
+        to: &Store,
+    ) -> Result<(u64, Option<String>, bool), SnapshotError> {
+        let data = fetch_verified(from, m, i).await?.unwrap_or_default();
+        let Some(buf) = self.reencrypt(data, m.first_sector(i)).await? else {
+            return Ok((i, None, false));
+        };
+        let hash = chunk_hash(&buf);
+        let uploaded = if to.has_chunk(&hash).await? {
+            false
+        } else {
+            to.put_chunk(&hash, Bytes::from(buf)).await?;
+            true
+        };
+        Ok((i, Some(hash), uploaded))
+    }
+
+    /// Decrypts a chunk's stored bytes with the old key and encrypts them with the new one
+    /// at the same sector numbers (from `first`), on a blocking thread: `None` if the
+    /// plaintext is all zeros.
+    async fn reencrypt(&self, data: Bytes, first: u64) -> Result<Option<Vec<u8>>, SnapshotError> {
+        let (old, new) = (Arc::clone(&self.old), Arc::clone(&self.new));
+        tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, SnapshotError> {
+            let mut buf = data.to_vec();
+            old.decrypt_sectors(&mut buf, first)?;
+            if buf.iter().all(|&b| b == 0) {
+                return Ok(None);
+            }
+            new.encrypt_sectors(&mut buf, first)?;
+            Ok(Some(buf))
+        })
+        .await
+        .map_err(|e| SnapshotError::Internal(format!("re-encryption: {e}")))?
+    }
+}
+
+/// The copy's chunk list from the per-chunk results, and how many chunks were uploaded.
+fn reencrypted_chunk_list(
+    results: &[(u64, Option<String>, bool)],
+) -> Result<(BTreeMap<u64, [u8; 32]>, u64), SnapshotError> {
+    let mut chunks = BTreeMap::new();
+    let mut copied = 0;
+    for (i, hash, uploaded) in results {
+        if let Some(h) = hash {
+            let raw = manifest::from_hex32(h)
+                .ok_or_else(|| SnapshotError::Internal(format!("bad hash {h}")))?;
+            chunks.insert(*i, raw);
+        }
+        copied += u64::from(*uploaded);
+    }
+    Ok((chunks, copied))
 }
 
 /// What a delete did.
@@ -356,7 +399,7 @@ pub async fn delete_snapshot(store: &Store, id: &SnapshotId) -> Result<DeleteSta
         if used.contains(&h) {
             stats.chunks_kept += 1;
         } else {
-            store.delete_chunk(&manifest::to_hex(&h)).await?;
+            store.delete_chunk(&hex::encode(h)).await?;
             stats.chunks_deleted += 1;
         }
     }
@@ -371,7 +414,7 @@ pub async fn collect_garbage(store: &Store) -> Result<DeleteStats, SnapshotError
     let mut used: HashSet<String> = HashSet::new();
     for id in store.list_ids().await? {
         match load_manifest(store, &id).await {
-            Ok(m) => used.extend(m.chunks.values().map(|h| manifest::to_hex(h))),
+            Ok(m) => used.extend(m.chunks.values().map(hex::encode)),
             Err(SnapshotError::NotFound { .. }) => {}
             Err(e) => {
                 return Err(SnapshotError::BadManifest {
