@@ -1289,4 +1289,47 @@ mod tests {
             assert_eq!(parse_rfc3339_utc(bad), None, "{bad}");
         }
     }
+
+    /// Pins the calendar arithmetic on leap years, century years and month ends (and the
+    /// accepted spellings), so that replacing the date code cannot change a result.
+    #[test]
+    fn timestamps_on_calendar_edges() {
+        for (s, want) in [
+            ("1970-01-31T00:00:00Z", 2_592_000),
+            ("2000-02-29T00:00:00Z", 951_782_400),
+            ("2023-12-31T23:59:59Z", 1_704_067_199),
+            ("2024-03-01T00:00:00Z", 1_709_251_200),
+            ("2024-04-30T12:00:00Z", 1_714_478_400),
+            ("2038-01-19T03:14:08Z", 2_147_483_648),
+            ("2100-02-28T23:59:59Z", 4_107_542_399),
+            ("2100-03-01T00:00:00Z", 4_107_542_400),
+            ("9999-12-31T23:59:59Z", 253_402_300_799),
+            // Lower-case separators and a long fraction are accepted (the fraction is
+            // dropped).
+            ("2024-03-01t00:00:00z", 1_709_251_200),
+            ("2024-03-01T00:00:00.123456789012Z", 1_709_251_200),
+            // A leap second counts as the next second.
+            ("2016-12-31T23:59:60Z", 1_483_228_800),
+        ] {
+            assert_eq!(parse_rfc3339_utc(s), Some(want), "{s}");
+        }
+        for bad in [
+            "2100-02-29T00:00:00Z",
+            "1900-02-28T00:00:00Z",
+            "2024-04-31T00:00:00Z",
+            "2024-06-31T00:00:00Z",
+            "2024-00-10T00:00:00Z",
+            "2024-01-00T00:00:00Z",
+            "2024-01-32T00:00:00Z",
+            "2024-01-01T00:60:00Z",
+            "2024-01-01T00:00:61Z",
+            "+024-01-01T00:00:00Z",
+            "2024-01-01T00:00:00ZZ",
+            "2024-01-01T00:00:00.5",
+            "2024-1-01T00:00:00Z",
+            "2024-01-01T00:00:0\u{e9}Z",
+        ] {
+            assert_eq!(parse_rfc3339_utc(bad), None, "{bad}");
+        }
+    }
 }
