@@ -2,14 +2,14 @@
 //! policy chosen on the command line go in; a verdict and findings come out. No I/O,
 //! no clock: the caller passes the current time.
 //!
-//! - [`verdict`]: the verdict, the stable finding codes and their severity.
-//! - [`facts`]: what the scanner found out about an item.
-//! - [`policy`]: what the operator asks for, and how keys are named.
-//! - [`header`]: integrity rules (header copies, geometry, allocation map, truncation,
+//! - `verdict`: the verdict, the stable finding codes and their severity.
+//! - `facts`: what the scanner found out about an item.
+//! - `policy`: what the operator asks for, and how keys are named.
+//! - `header`: integrity rules (header copies, geometry, allocation map, truncation,
 //!   unfinished re-encryption).
-//! - [`keys`]: key rules (passphrase-only, master key states, required and default keys).
-//! - [`rotation`]: the rotation rule.
-//! - [`timestamp`]: the keystore's UTC timestamps.
+//! - `keys`: key rules (passphrase-only, master key states, required and default keys).
+//! - `rotation`: the rotation rule.
+//! - `timestamp`: the keystore's UTC timestamps.
 
 mod facts;
 mod header;
