@@ -34,7 +34,7 @@ impl<'a> Origin<'a> {
     }
 
     /// `what`, prefixed with the file it is about (if there is one).
-    pub(super) fn in_file(&self, what: &str) -> String {
+    fn in_file(&self, what: &str) -> String {
         match self.path {
             Some(p) => format!("config file {}: {what}", p.display()),
             None => what.to_string(),
