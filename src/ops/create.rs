@@ -145,7 +145,8 @@ async fn create_with_dek(
 }
 
 /// Creates a volume file at `path` with the given UUID, keyslots and data key (the key
-/// check value and MAC are computed from `dek`). For restores that keep a snapshot's DEK.
+/// check value and MAC are computed from `dek`), for restores, which make the data key
+/// and its keyslots first.
 pub fn create_volume_with_dek(
     path: &Path,
     spec: &VolumeSpec,
