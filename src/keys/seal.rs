@@ -188,6 +188,14 @@ mod tests {
         c
     }
 
+    fn aad(kind: &str, key_id: &str, c: &EncryptionContext) -> Vec<u8> {
+        associated_data(kind, key_id, c)
+    }
+
+    fn canonical(c: &EncryptionContext) -> Vec<u8> {
+        c.canonical_bytes()
+    }
+
     #[test]
     fn seal_open_round_trip_and_tamper() {
         let kek = [7u8; 32];
@@ -265,6 +273,50 @@ mod tests {
             associated_data("local", "k", &ctx("x")),
             associated_data("local", "k", &ctx("y"))
         );
+    }
+
+    /// A context with two entries (keys are encoded in sorted order).
+    fn sample_context() -> EncryptionContext {
+        let mut c = ctx("6f1c0a52-3c1e-4d8e-9d2b-0a4f2b7c9e11");
+        c.0.insert("cryptvol:snapshot".into(), "s1".into());
+        c
+    }
+
+    /// The associated data of existing keyslots: these bytes must never change, or
+    /// wrapped keys already on disk stop unwrapping.
+    #[test]
+    fn associated_data_vector_is_frozen() {
+        let want: &[u8] = b"\x13\x00\x00\x00cryptvol/keywrap/v1\
+            \x05\x00\x00\x00local\
+            \x23\x00\x00\x00mk-00112233445566778899aabbccddeeff\
+            \x11\x00\x00\x00cryptvol:snapshot\x02\x00\x00\x00s1\
+            \x14\x00\x00\x00cryptvol:volume-uuid\
+            \x24\x00\x00\x006f1c0a52-3c1e-4d8e-9d2b-0a4f2b7c9e11";
+        let got = aad(
+            "local",
+            "mk-00112233445566778899aabbccddeeff",
+            &sample_context(),
+        );
+        assert_eq!(got, want);
+    }
+
+    /// The passphrase backend's associated data: an empty key id and an empty context.
+    #[test]
+    fn associated_data_vector_with_empty_fields_is_frozen() {
+        let want: &[u8] = b"\x13\x00\x00\x00cryptvol/keywrap/v1\
+            \x0a\x00\x00\x00passphrase\
+            \x00\x00\x00\x00";
+        assert_eq!(aad("passphrase", "", &EncryptionContext::default()), want);
+    }
+
+    /// The encryption context alone: its pairs in key order, without a count.
+    #[test]
+    fn context_canonical_bytes_vector_is_frozen() {
+        let want: &[u8] = b"\x11\x00\x00\x00cryptvol:snapshot\x02\x00\x00\x00s1\
+            \x14\x00\x00\x00cryptvol:volume-uuid\
+            \x24\x00\x00\x006f1c0a52-3c1e-4d8e-9d2b-0a4f2b7c9e11";
+        assert_eq!(canonical(&sample_context()), want);
+        assert!(canonical(&EncryptionContext::default()).is_empty());
     }
 
     #[test]
