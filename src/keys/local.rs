@@ -1355,7 +1355,7 @@ impl LocalKeystore {
                     "the current material version is missing",
                 )
             })?;
-            let aad = seal::associated_data(KIND, &key_id, ctx);
+            let aad = seal::associated_data(KIND, &key_id, ctx)?;
             let blob = seal::seal(material.expose(), &aad, dek)?;
             let mut params = seal::base_params();
             params.insert(MATERIAL_VERSION_PARAM.to_string(), version.to_string());
@@ -1463,7 +1463,7 @@ impl LocalKeystore {
                 wrapped.key_id
             ),
         })?;
-        let aad = seal::associated_data(KIND, &wrapped.key_id, &wrapped.context);
+        let aad = seal::associated_data(KIND, &wrapped.key_id, &wrapped.context)?;
         seal::open(material.expose(), &aad, &wrapped.blob, &wrapped.key_id)
     }
 

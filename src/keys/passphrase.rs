@@ -496,7 +496,7 @@ impl KeyBackend for PassphraseBackend {
         getrandom::fill(&mut salt).map_err(|e| CryptoError::Rng(e.to_string()))?;
         let salt_b64 = STANDARD.encode(&salt);
         let kek = self.kek(salt, self.params, KeyError::Unsupported).await?;
-        let aad = seal::associated_data(KIND, KEY_ID, ctx);
+        let aad = seal::associated_data(KIND, KEY_ID, ctx)?;
         let blob = seal::seal(kek.expose(), &aad, dek)?;
         let mut params = seal::base_params();
         params.insert("kdf".into(), KDF.into());
@@ -540,7 +540,7 @@ impl KeyBackend for PassphraseBackend {
         }
         self.admit_unwrap(&params)?;
         let kek = self.kek(salt, params, KeyError::Malformed).await?;
-        let aad = seal::associated_data(KIND, KEY_ID, &wrapped.context);
+        let aad = seal::associated_data(KIND, KEY_ID, &wrapped.context)?;
         seal::open(kek.expose(), &aad, &wrapped.blob, WRONG_PASSPHRASE)
     }
 }

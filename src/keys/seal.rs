@@ -13,6 +13,7 @@ use aes_gcm::Aes256Gcm;
 use zeroize::Zeroizing;
 
 use super::{EncryptionContext, KeyError, WrappedDek};
+use crate::crypto::canonical::{CanonicalWriter, KEYWRAP_V1};
 use crate::crypto::{CryptoError, Dek, DEK_LEN};
 
 /// Value of the `alg` parameter of every wrapped key we write.
@@ -31,15 +32,16 @@ pub(super) const KEK_LEN: usize = 32;
 const AAD_LABEL: &[u8] = b"cryptvol/keywrap/v1";
 
 /// Associated data: label, backend kind, key id (each u32-LE length-prefixed), then
-/// the canonical encoding of the encryption context.
-pub(super) fn associated_data(kind: &str, key_id: &str, ctx: &EncryptionContext) -> Vec<u8> {
-    let mut out = Vec::new();
-    for part in [AAD_LABEL, kind.as_bytes(), key_id.as_bytes()] {
-        out.extend_from_slice(&(part.len() as u32).to_le_bytes());
-        out.extend_from_slice(part);
-    }
-    out.extend_from_slice(&ctx.canonical_bytes());
-    out
+/// the canonical encoding of the encryption context (profile `KEYWRAP_V1`).
+pub(super) fn associated_data(
+    kind: &str,
+    key_id: &str,
+    ctx: &EncryptionContext,
+) -> Result<Vec<u8>, KeyError> {
+    let mut w = CanonicalWriter::new(KEYWRAP_V1);
+    w.bytes(AAD_LABEL).str(kind).str(key_id);
+    ctx.write_canonical(&mut w);
+    Ok(w.finish()?)
 }
 
 /// Encrypts `dek` under `kek` with a fresh random nonce.
@@ -188,19 +190,19 @@ mod tests {
         c
     }
 
-    fn aad(kind: &str, key_id: &str, c: &EncryptionContext) -> Vec<u8> {
-        associated_data(kind, key_id, c)
+    fn aad_of(kind: &str, key_id: &str, c: &EncryptionContext) -> Vec<u8> {
+        associated_data(kind, key_id, c).unwrap()
     }
 
     fn canonical(c: &EncryptionContext) -> Vec<u8> {
-        c.canonical_bytes()
+        c.canonical_bytes().unwrap()
     }
 
     #[test]
     fn seal_open_round_trip_and_tamper() {
         let kek = [7u8; 32];
         let dek = Dek::generate().unwrap();
-        let aad = associated_data("local", "mk-1", &ctx("a"));
+        let aad = aad_of("local", "mk-1", &ctx("a"));
         let blob = seal(&kek, &aad, &dek).unwrap();
         assert_eq!(blob.len(), BLOB_LEN);
         assert_ne!(&blob[NONCE_LEN..NONCE_LEN + DEK_LEN], &dek.expose()[..]);
@@ -213,7 +215,7 @@ mod tests {
             open(&kek, &aad, &flipped, "mk-1"),
             Err(KeyError::WrongKey { .. })
         ));
-        let other_aad = associated_data("local", "mk-2", &ctx("a"));
+        let other_aad = aad_of("local", "mk-2", &ctx("a"));
         assert!(matches!(
             open(&kek, &other_aad, &blob, "mk-1"),
             Err(KeyError::WrongKey { .. })
@@ -265,13 +267,10 @@ mod tests {
     #[test]
     fn associated_data_is_unambiguous() {
         // Moving bytes between the kind and the key id must change the encoding.
+        assert_ne!(aad_of("ab", "c", &ctx("x")), aad_of("a", "bc", &ctx("x")));
         assert_ne!(
-            associated_data("ab", "c", &ctx("x")),
-            associated_data("a", "bc", &ctx("x"))
-        );
-        assert_ne!(
-            associated_data("local", "k", &ctx("x")),
-            associated_data("local", "k", &ctx("y"))
+            aad_of("local", "k", &ctx("x")),
+            aad_of("local", "k", &ctx("y"))
         );
     }
 
@@ -292,7 +291,7 @@ mod tests {
             \x11\x00\x00\x00cryptvol:snapshot\x02\x00\x00\x00s1\
             \x14\x00\x00\x00cryptvol:volume-uuid\
             \x24\x00\x00\x006f1c0a52-3c1e-4d8e-9d2b-0a4f2b7c9e11";
-        let got = aad(
+        let got = aad_of(
             "local",
             "mk-00112233445566778899aabbccddeeff",
             &sample_context(),
@@ -306,7 +305,10 @@ mod tests {
         let want: &[u8] = b"\x13\x00\x00\x00cryptvol/keywrap/v1\
             \x0a\x00\x00\x00passphrase\
             \x00\x00\x00\x00";
-        assert_eq!(aad("passphrase", "", &EncryptionContext::default()), want);
+        assert_eq!(
+            aad_of("passphrase", "", &EncryptionContext::default()),
+            want
+        );
     }
 
     /// The encryption context alone: its pairs in key order, without a count.
