@@ -184,68 +184,12 @@ where
             let status = se.raw().status().as_u16();
             let (code, message) =
                 code_and_message(se.err().code(), se.err().message(), se.raw().body().bytes());
-            let aws_said = match (code.is_empty(), message.is_empty()) {
-                (true, _) => format!("HTTP {status} {message}").trim_end().to_string(),
-                (false, true) => code.clone(),
-                (false, false) => format!("{code}: {message}"),
+            let refusal = Refusal {
+                status,
+                code: &code,
+                message: &message,
             };
-            let code = code.as_str();
-            if DENIED_CODES.contains(&code) || (code.is_empty() && status == 403) {
-                // AWS names the action it refused ("... to perform: kms:ReEncryptTo ...").
-                let action = action_from(&message).unwrap_or_else(|| action.to_string());
-                let principal = principal_from(&message);
-                return kms_denied(
-                    &key,
-                    op,
-                    &action,
-                    principal.as_deref().unwrap_or(UNKNOWN_PRINCIPAL),
-                    aws_said,
-                );
-            }
-            if CREDENTIAL_CODES.contains(&code) {
-                return KeyError::KmsAccessDenied(Box::new(KmsDenial {
-                    key,
-                    operation: op.to_string(),
-                    action: action.to_string(),
-                    principal: REFUSED_CREDENTIALS.to_string(),
-                    aws_said,
-                    remedy: "AWS did not accept the credentials: check AWS_ACCESS_KEY_ID, \
-                             AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (or AWS_PROFILE and \
-                             its files), that they have not expired, and the system clock"
-                        .to_string(),
-                }));
-            }
-            match code {
-                "NotFoundException" => KeyError::NotFound {
-                    backend: AWS_KMS.into(),
-                    key: format!("{key} ({message})"),
-                },
-                "DisabledException" | "KMSInvalidStateException" | "KeyUnavailableException" => {
-                    KeyError::KeyUnusable {
-                        key,
-                        state: format!(
-                            "not usable for {op} (AWS KMS said {code}: {message}); enable it \
-                             (aws kms enable-key) or cancel its deletion"
-                        ),
-                    }
-                }
-                "InvalidCiphertextException" | "IncorrectKeyException" => {
-                    KeyError::WrongKey { key }
-                }
-                "ThrottlingException"
-                | "KMSInternalException"
-                | "DependencyTimeoutException"
-                | "LimitExceededException" => {
-                    KeyError::Transient(format!("AWS KMS {op} on {key}: {code}: {message}"))
-                }
-                _ if status >= 500 || status == 429 => KeyError::Transient(format!(
-                    "AWS KMS {op} on {key}: HTTP {status} {code}: {message}"
-                )),
-                _ => KeyError::Unsupported(format!(
-                    "AWS KMS refused {op} on {key}: {} {message}",
-                    if code.is_empty() { "error" } else { code }
-                )),
-            }
+            refusal.into_error(key, op, action)
         }
         _ => KeyError::Transient(format!(
             "AWS KMS {op} on {key} failed: {}; check the region, the endpoint \
@@ -253,6 +197,100 @@ where
             shown(&aws_sdk_kms::error::DisplayErrorContext(&err).to_string())
         )),
     }
+}
+
+/// What AWS KMS answered to a refused call: the HTTP status, the error code (empty if
+/// none) and the message.
+struct Refusal<'a> {
+    status: u16,
+    code: &'a str,
+    message: &'a str,
+}
+
+impl Refusal<'_> {
+    /// The typed key error for this refusal of `action` (for operation `op` on `key`).
+    fn into_error(self, key: String, op: &str, action: &str) -> KeyError {
+        let Refusal {
+            status,
+            code,
+            message,
+        } = self;
+        let aws_said = match (code.is_empty(), message.is_empty()) {
+            (true, _) => format!("HTTP {status} {message}").trim_end().to_string(),
+            (false, true) => code.to_string(),
+            (false, false) => format!("{code}: {message}"),
+        };
+        if DENIED_CODES.contains(&code) || (code.is_empty() && status == 403) {
+            // AWS names the action it refused ("... to perform: kms:ReEncryptTo ...").
+            let action = action_from(message).unwrap_or_else(|| action.to_string());
+            let principal = principal_from(message);
+            return kms_denied(
+                &key,
+                op,
+                &action,
+                principal.as_deref().unwrap_or(UNKNOWN_PRINCIPAL),
+                aws_said,
+            );
+        }
+        if CREDENTIAL_CODES.contains(&code) {
+            return credentials_refused(key, op, action, aws_said);
+        }
+        self.by_code(key, op)
+    }
+
+    /// The error for a refusal that is neither a denial nor refused credentials.
+    fn by_code(self, key: String, op: &str) -> KeyError {
+        let Refusal {
+            status,
+            code,
+            message,
+        } = self;
+        match code {
+            "NotFoundException" => KeyError::NotFound {
+                backend: AWS_KMS.into(),
+                key: format!("{key} ({message})"),
+            },
+            "DisabledException" | "KMSInvalidStateException" | "KeyUnavailableException" => {
+                KeyError::KeyUnusable {
+                    key,
+                    state: format!(
+                        "not usable for {op} (AWS KMS said {code}: {message}); enable it \
+                         (aws kms enable-key) or cancel its deletion"
+                    ),
+                }
+            }
+            "InvalidCiphertextException" | "IncorrectKeyException" => KeyError::WrongKey { key },
+            "ThrottlingException"
+            | "KMSInternalException"
+            | "DependencyTimeoutException"
+            | "LimitExceededException" => {
+                KeyError::Transient(format!("AWS KMS {op} on {key}: {code}: {message}"))
+            }
+            _ if status >= 500 || status == 429 => KeyError::Transient(format!(
+                "AWS KMS {op} on {key}: HTTP {status} {code}: {message}"
+            )),
+            _ => KeyError::Unsupported(format!(
+                "AWS KMS refused {op} on {key}: {} {message}",
+                if code.is_empty() { "error" } else { code }
+            )),
+        }
+    }
+}
+
+/// AWS did not accept the credentials (an unknown access key, a bad signature, an
+/// expired token).
+fn credentials_refused(key: String, op: &str, action: &str, aws_said: String) -> KeyError {
+    KeyError::KmsAccessDenied(Box::new(KmsDenial {
+        key,
+        operation: op.to_string(),
+        action: action.to_string(),
+        principal: REFUSED_CREDENTIALS.to_string(),
+        aws_said,
+        remedy: "AWS did not accept the credentials: check AWS_ACCESS_KEY_ID, \
+                 AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (or AWS_PROFILE and \
+                 its files), that they have not expired, and the system clock"
+            .to_string(),
+    }))
 }
 
 /// AWS's AccessDenied messages usually read "User: ARN is not authorized to perform:
