@@ -122,6 +122,90 @@ struct MaterialIn<'a> {
     material: &'a str,
 }
 
+/// One material of a key file: version, creation time, base64 material (borrowed from
+/// the zeroizing file buffer).
+type MaterialEntry<'a> = (u32, String, &'a str);
+
+impl<'a> KeyFileIn<'a> {
+    /// Refuses a file of a newer format, of another key, or of another key spec.
+    fn check_identity(&self, path: &Path, key_id: &str) -> Result<(), KeyError> {
+        if self.version > KEY_FORMAT_VERSION {
+            return Err(newer_format(path, self.version));
+        }
+        if self.key_id != key_id {
+            return Err(ks_err(
+                path,
+                format!(
+                    "the file holds key {:?}, not {key_id}; restore it from a backup",
+                    self.key_id.escape_debug().to_string()
+                ),
+            ));
+        }
+        if self.spec != KEY_SPEC {
+            return Err(ks_err(
+                path,
+                format!(
+                    "unsupported key spec {:?} (expected {KEY_SPEC})",
+                    self.spec.escape_debug().to_string()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The materials of either format version, each version positive and distinct.
+    fn material_entries(&self, path: &Path) -> Result<Vec<MaterialEntry<'a>>, KeyError> {
+        // Version 1 held one material and no policy.
+        let entries: Vec<MaterialEntry<'a>> = match (self.material, self.materials.is_empty()) {
+            (Some(m), true) => vec![(1, self.created_at.clone(), m)],
+            (None, false) => self
+                .materials
+                .iter()
+                .map(|m| (m.version, m.created_at.clone(), m.material))
+                .collect(),
+            _ => {
+                return Err(ks_err(
+                    path,
+                    "the key file must hold either \"material\" (version 1) or a non-empty \
+                     \"materials\" list; restore it from a backup",
+                ))
+            }
+        };
+        let mut seen = BTreeSet::new();
+        for (v, _, _) in &entries {
+            if *v == 0 || !seen.insert(*v) {
+                return Err(ks_err(
+                    path,
+                    format!(
+                        "material version {v} is invalid or repeated; restore it from a backup"
+                    ),
+                ));
+            }
+        }
+        Ok(entries)
+    }
+
+    /// The key's metadata; a version-1 file's creator and policy default to the
+    /// file's owner.
+    fn into_meta(self, entries: Vec<MaterialEntry<'_>>, owner: u32) -> KeyMeta {
+        KeyMeta {
+            key_id: self.key_id,
+            state: self.state,
+            created_at: self.created_at,
+            deletion_unix: self.deletion_unix,
+            creator_uid: self.creator_uid.unwrap_or(owner),
+            policy: self.policy.unwrap_or_else(|| KeyPolicy::owner(owner)),
+            versions: entries
+                .into_iter()
+                .map(|(version, created_at, _)| MaterialVersion {
+                    version,
+                    created_at,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// `mk-` followed by exactly 32 lowercase hex digits.
 pub(super) fn is_key_id(s: &str) -> bool {
     s.strip_prefix(KEY_ID_PREFIX).is_some_and(|hex| {
@@ -196,54 +280,8 @@ impl LocalKeystore {
         let content = read_private_file(&path)?.ok_or_else(|| not_found(key_id))?;
         let file: KeyFileIn<'_> = serde_json::from_slice(&content.bytes)
             .map_err(|e| json_err(&path, "the key file", &e))?;
-        if file.version > KEY_FORMAT_VERSION {
-            return Err(newer_format(&path, file.version));
-        }
-        if file.key_id != key_id {
-            return Err(ks_err(
-                &path,
-                format!(
-                    "the file holds key {:?}, not {key_id}; restore it from a backup",
-                    file.key_id.escape_debug().to_string()
-                ),
-            ));
-        }
-        if file.spec != KEY_SPEC {
-            return Err(ks_err(
-                &path,
-                format!(
-                    "unsupported key spec {:?} (expected {KEY_SPEC})",
-                    file.spec.escape_debug().to_string()
-                ),
-            ));
-        }
-        // Version 1 held one material and no policy.
-        let entries: Vec<(u32, String, &str)> = match (file.material, file.materials.is_empty()) {
-            (Some(m), true) => vec![(1, file.created_at.clone(), m)],
-            (None, false) => file
-                .materials
-                .iter()
-                .map(|m| (m.version, m.created_at.clone(), m.material))
-                .collect(),
-            _ => {
-                return Err(ks_err(
-                    &path,
-                    "the key file must hold either \"material\" (version 1) or a non-empty \
-                     \"materials\" list; restore it from a backup",
-                ))
-            }
-        };
-        let mut seen = BTreeSet::new();
-        for (v, _, _) in &entries {
-            if *v == 0 || !seen.insert(*v) {
-                return Err(ks_err(
-                    &path,
-                    format!(
-                        "material version {v} is invalid or repeated; restore it from a backup"
-                    ),
-                ));
-            }
-        }
+        file.check_identity(&path, key_id)?;
+        let entries = file.material_entries(&path)?;
         if file.state == KeyState::PendingDeletion && file.deletion_unix.is_none() {
             return Err(ks_err(
                 &path,
@@ -257,23 +295,7 @@ impl LocalKeystore {
             }
         }
         Ok(MasterKey {
-            meta: KeyMeta {
-                key_id: file.key_id,
-                state: file.state,
-                created_at: file.created_at,
-                deletion_unix: file.deletion_unix,
-                creator_uid: file.creator_uid.unwrap_or(content.owner),
-                policy: file
-                    .policy
-                    .unwrap_or_else(|| KeyPolicy::owner(content.owner)),
-                versions: entries
-                    .into_iter()
-                    .map(|(version, created_at, _)| MaterialVersion {
-                        version,
-                        created_at,
-                    })
-                    .collect(),
-            },
+            meta: file.into_meta(entries, content.owner),
             materials,
         })
     }
