@@ -875,7 +875,7 @@ mod tests {
         };
         let kek = derive_kek(&[1u8; 32], &[2u8; 16], params).unwrap();
         let expected = "03aab965c12001c9d7d0d2de33192c0494b684bb148196d73c1df1acaf6d0c2e";
-        let got: String = kek.expose().iter().map(|b| format!("{b:02x}")).collect();
+        let got = hex::encode(kek.expose());
         assert_eq!(got, expected);
     }
 

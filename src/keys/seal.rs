@@ -173,11 +173,7 @@ where
 pub(super) fn random_hex(n: usize) -> Result<String, KeyError> {
     let mut bytes = vec![0u8; n];
     getrandom::fill(&mut bytes).map_err(|e| CryptoError::Rng(e.to_string()))?;
-    let mut s = String::with_capacity(2 * n);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    Ok(s)
+    Ok(hex::encode(bytes))
 }
 
 #[cfg(test)]
@@ -231,10 +227,7 @@ mod tests {
     }
 
     fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        hex::decode(s).unwrap()
     }
 
     /// McGrew & Viega, "The Galois/Counter Mode of Operation (GCM)", Test Case 15
