@@ -16,6 +16,7 @@ use super::{LocalKeystore, FORMAT_VERSION, KIND};
 pub(super) const ALIASES_FILE: &str = "aliases.json";
 pub(super) const MAX_ALIAS_NAME_LEN: usize = 256;
 
+/// The alias table (`aliases.json`): each alias's key id and the local default key.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct AliasIndex {
     pub(super) version: u32,

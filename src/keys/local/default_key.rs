@@ -11,6 +11,7 @@ use super::{LocalKeystore, FORMAT_VERSION};
 pub const DEFAULT_KEY_ALIAS: &str = "alias/cryptvol/default";
 const SETTINGS_FILE: &str = "settings.json";
 
+/// The keystore settings (`settings.json`).
 #[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct Settings {
     pub(super) version: u32,
