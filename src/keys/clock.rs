@@ -1,13 +1,13 @@
-//! Wall-clock helpers: Unix seconds and RFC 3339 UTC timestamps (no time-zone database).
+//! Wall-clock helpers: Unix seconds and RFC 3339 UTC timestamps (formatted by `chrono`,
+//! always in UTC with a `Z` suffix, so no time-zone database is needed).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use chrono::{DateTime, SecondsFormat, Utc};
+
 /// Seconds since the Unix epoch (0 if the clock is before it).
 pub(crate) fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    since_epoch().as_secs()
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for the current time.
@@ -17,50 +17,36 @@ pub(crate) fn now_rfc3339() -> String {
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` for the current time (audit records).
 pub(crate) fn now_rfc3339_millis() -> String {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let base = rfc3339_utc(d.as_secs());
-    // Insert the milliseconds before the final 'Z'.
-    let stem = base.strip_suffix('Z').unwrap_or(&base);
-    format!("{stem}.{:03}Z", d.subsec_millis())
+    let d = since_epoch();
+    rfc3339_utc_millis(d.as_secs(), d.subsec_millis())
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the Unix epoch.
 pub(crate) fn rfc3339_utc(secs: u64) -> String {
-    fn is_leap(y: u64) -> bool {
-        (y.is_multiple_of(4) && !y.is_multiple_of(100)) || y.is_multiple_of(400)
-    }
-    const DAYS_PER_400_YEARS: u64 = 146_097;
-    let time_of_day = secs % 86_400;
-    let mut days = secs / 86_400;
-    let mut year = 1970 + 400 * (days / DAYS_PER_400_YEARS);
-    days %= DAYS_PER_400_YEARS;
-    loop {
-        let len = if is_leap(year) { 366 } else { 365 };
-        if days < len {
-            break;
-        }
-        days -= len;
-        year += 1;
-    }
-    let february = if is_leap(year) { 29 } else { 28 };
-    let month_lengths = [31, february, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
-    let mut month = 1;
-    for len in month_lengths {
-        if days < len {
-            break;
-        }
-        days -= len;
-        month += 1;
-    }
-    format!(
-        "{year:04}-{month:02}-{:02}T{:02}:{:02}:{:02}Z",
-        days + 1,
-        time_of_day / 3600,
-        time_of_day / 60 % 60,
-        time_of_day % 60
-    )
+    format_utc(secs, 0, SecondsFormat::Secs)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for seconds since the Unix epoch and milliseconds.
+fn rfc3339_utc_millis(secs: u64, millis: u32) -> String {
+    format_utc(secs, millis, SecondsFormat::Millis)
+}
+
+/// The time since the Unix epoch (zero if the clock is before it).
+fn since_epoch() -> std::time::Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// Formats an instant in UTC. An instant beyond what `chrono` represents (after the
+/// year 262,143; only a hand-edited file holds one) is written as a plain offset rather
+/// than a date.
+fn format_utc(secs: u64, millis: u32, format: SecondsFormat) -> String {
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| DateTime::<Utc>::from_timestamp(s, millis.min(999) * 1_000_000))
+        .map(|t| t.to_rfc3339_opts(format, true))
+        .unwrap_or_else(|| format!("{secs} seconds after 1970-01-01T00:00:00Z"))
 }
 
 #[cfg(test)]
@@ -83,5 +69,28 @@ mod tests {
         let t = now_rfc3339_millis();
         assert_eq!(t.len(), 24, "{t}");
         assert!(t.ends_with('Z') && t.as_bytes()[19] == b'.', "{t}");
+    }
+
+    /// The audit log's `time` field for a fixed instant: three digits of milliseconds,
+    /// zero-padded, and `Z` (never `+00:00`).
+    #[test]
+    fn millis_format_of_a_fixed_instant() {
+        assert_eq!(
+            rfc3339_utc_millis(1_738_324_800, 7),
+            "2025-01-31T12:00:00.007Z"
+        );
+        assert_eq!(rfc3339_utc_millis(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339_utc_millis(1_735_689_599, 999),
+            "2024-12-31T23:59:59.999Z"
+        );
+    }
+
+    #[test]
+    fn instants_beyond_chrono_do_not_panic() {
+        assert_eq!(
+            rfc3339_utc(u64::MAX),
+            "18446744073709551615 seconds after 1970-01-01T00:00:00Z"
+        );
     }
 }

@@ -41,6 +41,7 @@ pub use service::KeyService;
 
 use std::collections::BTreeMap;
 
+use crate::crypto::canonical::{CanonicalWriter, KEYWRAP_V1};
 use crate::crypto::Dek;
 
 /// Canonical, ordered key/value map bound to a wrapped key as associated data
@@ -56,16 +57,17 @@ impl EncryptionContext {
         EncryptionContext(m)
     }
     /// Canonical byte encoding used as AEAD associated data: `len(k) k len(v) v ...`
-    /// with u32 little-endian lengths, keys in sorted order.
-    pub fn canonical_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (k, v) in &self.0 {
-            out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-            out.extend_from_slice(k.as_bytes());
-            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-            out.extend_from_slice(v.as_bytes());
-        }
-        out
+    /// with u32 little-endian lengths, keys in sorted order (the
+    /// [`KEYWRAP_V1`](crate::crypto::canonical::KEYWRAP_V1) profile's `pairs`).
+    pub fn canonical_bytes(&self) -> Result<Vec<u8>, KeyError> {
+        let mut w = CanonicalWriter::new(KEYWRAP_V1);
+        self.write_canonical(&mut w);
+        Ok(w.finish()?)
+    }
+
+    /// Appends the canonical encoding (see [`EncryptionContext::canonical_bytes`]).
+    pub(crate) fn write_canonical(&self, w: &mut CanonicalWriter) {
+        w.pairs(&self.0);
     }
 }
 

@@ -496,7 +496,7 @@ impl KeyBackend for PassphraseBackend {
         getrandom::fill(&mut salt).map_err(|e| CryptoError::Rng(e.to_string()))?;
         let salt_b64 = STANDARD.encode(&salt);
         let kek = self.kek(salt, self.params, KeyError::Unsupported).await?;
-        let aad = seal::associated_data(KIND, KEY_ID, ctx);
+        let aad = seal::associated_data(KIND, KEY_ID, ctx)?;
         let blob = seal::seal(kek.expose(), &aad, dek)?;
         let mut params = seal::base_params();
         params.insert("kdf".into(), KDF.into());
@@ -540,7 +540,7 @@ impl KeyBackend for PassphraseBackend {
         }
         self.admit_unwrap(&params)?;
         let kek = self.kek(salt, params, KeyError::Malformed).await?;
-        let aad = seal::associated_data(KIND, KEY_ID, &wrapped.context);
+        let aad = seal::associated_data(KIND, KEY_ID, &wrapped.context)?;
         seal::open(kek.expose(), &aad, &wrapped.blob, WRONG_PASSPHRASE)
     }
 }
@@ -875,7 +875,7 @@ mod tests {
         };
         let kek = derive_kek(&[1u8; 32], &[2u8; 16], params).unwrap();
         let expected = "03aab965c12001c9d7d0d2de33192c0494b684bb148196d73c1df1acaf6d0c2e";
-        let got: String = kek.expose().iter().map(|b| format!("{b:02x}")).collect();
+        let got = hex::encode(kek.expose());
         assert_eq!(got, expected);
     }
 

@@ -13,6 +13,7 @@ use aes_gcm::Aes256Gcm;
 use zeroize::Zeroizing;
 
 use super::{EncryptionContext, KeyError, WrappedDek};
+use crate::crypto::canonical::{CanonicalWriter, KEYWRAP_V1};
 use crate::crypto::{CryptoError, Dek, DEK_LEN};
 
 /// Value of the `alg` parameter of every wrapped key we write.
@@ -31,15 +32,16 @@ pub(super) const KEK_LEN: usize = 32;
 const AAD_LABEL: &[u8] = b"cryptvol/keywrap/v1";
 
 /// Associated data: label, backend kind, key id (each u32-LE length-prefixed), then
-/// the canonical encoding of the encryption context.
-pub(super) fn associated_data(kind: &str, key_id: &str, ctx: &EncryptionContext) -> Vec<u8> {
-    let mut out = Vec::new();
-    for part in [AAD_LABEL, kind.as_bytes(), key_id.as_bytes()] {
-        out.extend_from_slice(&(part.len() as u32).to_le_bytes());
-        out.extend_from_slice(part);
-    }
-    out.extend_from_slice(&ctx.canonical_bytes());
-    out
+/// the canonical encoding of the encryption context (profile `KEYWRAP_V1`).
+pub(super) fn associated_data(
+    kind: &str,
+    key_id: &str,
+    ctx: &EncryptionContext,
+) -> Result<Vec<u8>, KeyError> {
+    let mut w = CanonicalWriter::new(KEYWRAP_V1);
+    w.bytes(AAD_LABEL).str(kind).str(key_id);
+    ctx.write_canonical(&mut w);
+    Ok(w.finish()?)
 }
 
 /// Encrypts `dek` under `kek` with a fresh random nonce.
@@ -171,11 +173,7 @@ where
 pub(super) fn random_hex(n: usize) -> Result<String, KeyError> {
     let mut bytes = vec![0u8; n];
     getrandom::fill(&mut bytes).map_err(|e| CryptoError::Rng(e.to_string()))?;
-    let mut s = String::with_capacity(2 * n);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    Ok(s)
+    Ok(hex::encode(bytes))
 }
 
 #[cfg(test)]
@@ -188,11 +186,19 @@ mod tests {
         c
     }
 
+    fn aad_of(kind: &str, key_id: &str, c: &EncryptionContext) -> Vec<u8> {
+        associated_data(kind, key_id, c).unwrap()
+    }
+
+    fn canonical(c: &EncryptionContext) -> Vec<u8> {
+        c.canonical_bytes().unwrap()
+    }
+
     #[test]
     fn seal_open_round_trip_and_tamper() {
         let kek = [7u8; 32];
         let dek = Dek::generate().unwrap();
-        let aad = associated_data("local", "mk-1", &ctx("a"));
+        let aad = aad_of("local", "mk-1", &ctx("a"));
         let blob = seal(&kek, &aad, &dek).unwrap();
         assert_eq!(blob.len(), BLOB_LEN);
         assert_ne!(&blob[NONCE_LEN..NONCE_LEN + DEK_LEN], &dek.expose()[..]);
@@ -205,7 +211,7 @@ mod tests {
             open(&kek, &aad, &flipped, "mk-1"),
             Err(KeyError::WrongKey { .. })
         ));
-        let other_aad = associated_data("local", "mk-2", &ctx("a"));
+        let other_aad = aad_of("local", "mk-2", &ctx("a"));
         assert!(matches!(
             open(&kek, &other_aad, &blob, "mk-1"),
             Err(KeyError::WrongKey { .. })
@@ -221,10 +227,7 @@ mod tests {
     }
 
     fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        hex::decode(s).unwrap()
     }
 
     /// McGrew & Viega, "The Galois/Counter Mode of Operation (GCM)", Test Case 15
@@ -257,14 +260,58 @@ mod tests {
     #[test]
     fn associated_data_is_unambiguous() {
         // Moving bytes between the kind and the key id must change the encoding.
+        assert_ne!(aad_of("ab", "c", &ctx("x")), aad_of("a", "bc", &ctx("x")));
         assert_ne!(
-            associated_data("ab", "c", &ctx("x")),
-            associated_data("a", "bc", &ctx("x"))
+            aad_of("local", "k", &ctx("x")),
+            aad_of("local", "k", &ctx("y"))
         );
-        assert_ne!(
-            associated_data("local", "k", &ctx("x")),
-            associated_data("local", "k", &ctx("y"))
+    }
+
+    /// A context with two entries (keys are encoded in sorted order).
+    fn sample_context() -> EncryptionContext {
+        let mut c = ctx("6f1c0a52-3c1e-4d8e-9d2b-0a4f2b7c9e11");
+        c.0.insert("cryptvol:snapshot".into(), "s1".into());
+        c
+    }
+
+    /// The associated data of existing keyslots: these bytes must never change, or
+    /// wrapped keys already on disk stop unwrapping.
+    #[test]
+    fn associated_data_vector_is_frozen() {
+        let want: &[u8] = b"\x13\x00\x00\x00cryptvol/keywrap/v1\
+            \x05\x00\x00\x00local\
+            \x23\x00\x00\x00mk-00112233445566778899aabbccddeeff\
+            \x11\x00\x00\x00cryptvol:snapshot\x02\x00\x00\x00s1\
+            \x14\x00\x00\x00cryptvol:volume-uuid\
+            \x24\x00\x00\x006f1c0a52-3c1e-4d8e-9d2b-0a4f2b7c9e11";
+        let got = aad_of(
+            "local",
+            "mk-00112233445566778899aabbccddeeff",
+            &sample_context(),
         );
+        assert_eq!(got, want);
+    }
+
+    /// The passphrase backend's associated data: an empty key id and an empty context.
+    #[test]
+    fn associated_data_vector_with_empty_fields_is_frozen() {
+        let want: &[u8] = b"\x13\x00\x00\x00cryptvol/keywrap/v1\
+            \x0a\x00\x00\x00passphrase\
+            \x00\x00\x00\x00";
+        assert_eq!(
+            aad_of("passphrase", "", &EncryptionContext::default()),
+            want
+        );
+    }
+
+    /// The encryption context alone: its pairs in key order, without a count.
+    #[test]
+    fn context_canonical_bytes_vector_is_frozen() {
+        let want: &[u8] = b"\x11\x00\x00\x00cryptvol:snapshot\x02\x00\x00\x00s1\
+            \x14\x00\x00\x00cryptvol:volume-uuid\
+            \x24\x00\x00\x006f1c0a52-3c1e-4d8e-9d2b-0a4f2b7c9e11";
+        assert_eq!(canonical(&sample_context()), want);
+        assert!(canonical(&EncryptionContext::default()).is_empty());
     }
 
     #[test]

@@ -1,6 +1,20 @@
 use super::*;
 
+use std::ffi::OsString;
+use std::fs::{self, Permissions};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::sync::{Arc, Barrier};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+
+use super::aliases::{ALIASES_FILE, MAX_ALIAS_NAME_LEN};
+use super::directory::{keystore_dir_for, LOCK_FILE};
+use super::files::TMP_PREFIX;
+use super::record::is_key_id;
+use crate::keys::audit::AUDIT_FILE;
+use crate::keys::clock::now_unix;
+use crate::keys::{KeyRef, KeyState, Permission};
 
 mod admin;
 
