@@ -10,7 +10,7 @@ use futures::{StreamExt, TryStreamExt};
 use super::manifest::{self, chunk_hash, snapshot_context, Manifest, SnapshotId};
 use super::store::Store;
 use super::{SnapshotError, PARALLEL_CHUNKS};
-use crate::crypto::{Dek, XtsEngine};
+use crate::crypto::{Dek, SectorSize, XtsEngine};
 use crate::keys::WrappedDek;
 use crate::progress::Progress;
 use crate::volume::Volume;
@@ -100,7 +100,7 @@ pub async fn restore_into(
             m.sector_size
         )));
     }
-    let engine = Arc::new(XtsEngine::new(dek, m.sector_size as usize)?);
+    let engine = Arc::new(XtsEngine::new(dek, SectorSize::try_from(m.sector_size)?)?);
     let cs = u64::from(m.chunk_size);
     let stats: Vec<u64> = futures::stream::iter(0..m.chunk_count())
         .map(|i| {
@@ -242,8 +242,9 @@ pub async fn copy_reencrypt(
             "keyslots of a re-encrypted copy must be bound to the copy's context".into(),
         ));
     }
-    let old = Arc::new(XtsEngine::new(old_dek, m.sector_size as usize)?);
-    let new = Arc::new(XtsEngine::new(new_dek, m.sector_size as usize)?);
+    let sector_size = SectorSize::try_from(m.sector_size)?;
+    let old = Arc::new(XtsEngine::new(old_dek, sector_size)?);
+    let new = Arc::new(XtsEngine::new(new_dek, sector_size)?);
     let results: Vec<(u64, Option<String>, bool)> = futures::stream::iter(m.chunks.keys().copied())
         .map(|i| {
             let (old, new) = (Arc::clone(&old), Arc::clone(&new));
