@@ -3,7 +3,7 @@
 //! Knows nothing about NBD or key backends beyond the [`WrappedDek`] it stores.
 
 mod alloc;
-mod geometry;
+pub(crate) mod geometry;
 mod header;
 mod io;
 mod online;
