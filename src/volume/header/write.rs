@@ -30,6 +30,8 @@ pub(super) struct WritePlan {
     pub(super) writes: [(u64, Vec<u8>); 2],
 }
 
+/// Checks `header` against `dek` and the copies on disk and encodes the new copies
+/// (sequence bumped, MAC recomputed) without writing anything.
 pub(super) fn plan_write(
     file: &File,
     path: &Path,
