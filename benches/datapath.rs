@@ -11,7 +11,7 @@ use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
-use cryptvol::crypto::{Dek, XtsEngine};
+use cryptvol::crypto::{Dek, SectorSize, XtsEngine};
 use cryptvol::keys::{EncryptionContext, WrappedDek};
 use cryptvol::volume::{self, OpenOptions, Volume, VolumeSpec};
 
@@ -80,7 +80,11 @@ fn bench_volume(dir: &Path) -> Volume {
 
 fn xts(c: &mut Criterion) {
     let dek = Dek::generate().unwrap_or_else(|e| fail("generate a DEK", e));
-    let engine = XtsEngine::new(&dek, SECTOR).unwrap_or_else(|e| fail("key the engine", e));
+    let engine = XtsEngine::new(
+        &dek,
+        SectorSize::try_from(SECTOR).expect("benchmark sector size is valid"),
+    )
+    .unwrap_or_else(|e| fail("key the engine", e));
     let mut buf = vec![0x5Au8; MIB];
     let mut g = c.benchmark_group("xts");
     g.throughput(Throughput::Bytes(MIB as u64));

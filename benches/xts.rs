@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{BenchmarkId, Criterion, Throughput};
-use cryptvol::crypto::{Dek, XtsEngine};
+use cryptvol::crypto::{Dek, SectorSize, XtsEngine};
 
 /// CPU time consumed by the calling thread (`CLOCK_THREAD_CPUTIME_ID`).
 struct ThreadCpuTime;
@@ -57,7 +57,11 @@ impl Measurement for ThreadCpuTime {
 fn engine(sector_size: usize) -> XtsEngine {
     let key: Vec<u8> = (0u8..64).map(|i| i.wrapping_mul(37) ^ 0xa5).collect();
     let dek = Dek::from_slice(&key).expect("benchmark key is valid");
-    XtsEngine::new(&dek, sector_size).expect("benchmark sector size is valid")
+    XtsEngine::new(
+        &dek,
+        SectorSize::try_from(sector_size).expect("benchmark sector size is valid"),
+    )
+    .expect("benchmark sector size is valid")
 }
 
 /// Encrypt and decrypt `len`-byte buffers in place, one call per buffer.

@@ -335,7 +335,8 @@ mod tests {
     #[test]
     fn dek_and_engine_key_schedules_are_in_locked_pages() {
         let dek = crate::crypto::Dek::generate().expect("dek");
-        let engine = crate::crypto::XtsEngine::new(&dek, 512).expect("engine");
+        let engine =
+            crate::crypto::XtsEngine::new(&dek, crate::crypto::SectorSize::S512).expect("engine");
         if dek.is_memory_locked() {
             // The engine's key schedules take at least one more locked page while alive
             // (other tests run concurrently, so only a lower bound is reliable).

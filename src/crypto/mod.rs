@@ -4,11 +4,13 @@
 pub mod canonical;
 mod locked;
 mod secret;
+mod sector;
 mod xts;
 
 pub use locked::harden_process;
 pub(crate) use locked::LockedBytes;
 pub use secret::{Dek, SecretBytes, DEK_LEN};
+pub use sector::{ParseSectorSizeError, SectorSize};
 pub use xts::XtsEngine;
 
 /// Errors of the crypto layer.

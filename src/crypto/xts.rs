@@ -25,7 +25,7 @@ use aes::{Aes256, Aes256Enc, Block};
 use zeroize::Zeroize;
 
 use super::locked::Locked;
-use super::{CryptoError, Dek};
+use super::{CryptoError, Dek, SectorSize};
 
 /// AES block length in bytes.
 const BLOCK_LEN: usize = 16;
@@ -58,11 +58,9 @@ enum Direction {
 }
 
 impl XtsEngine {
-    /// `sector_size` is the XTS data unit (512 or 4096).
-    pub fn new(dek: &Dek, sector_size: usize) -> Result<XtsEngine, CryptoError> {
-        if sector_size != 512 && sector_size != 4096 {
-            return Err(CryptoError::BadSectorSize(sector_size));
-        }
+    /// `sector_size` is the XTS data unit (validated where it was parsed).
+    pub fn new(dek: &Dek, sector_size: SectorSize) -> Result<XtsEngine, CryptoError> {
+        let sector_size = sector_size.bytes();
         let k = dek.expose();
         let (k1, k2) = k.split_at(32);
         let keys = Locked::try_new_with(|| {

@@ -12,7 +12,7 @@ use super::manifest::{self, chunk_hash, Manifest, SnapshotId, MANIFEST_VERSION};
 use super::store::Store;
 use super::{chunk_count, chunk_len, ChunkSet, ChunkSource, ChunkState, SnapshotError};
 use super::{CHUNK_SIZE, PARALLEL_CHUNKS};
-use crate::crypto::{Dek, XtsEngine};
+use crate::crypto::{Dek, SectorSize, XtsEngine};
 use crate::keys::{EncryptionContext, WrappedDek};
 use crate::progress::Progress;
 use crate::volume::CIPHER;
@@ -217,7 +217,7 @@ pub async fn create_snapshot(
     let size = source.size();
     let sector_size = source.sector_size();
     check_description(&opts.description)?;
-    let engine = Arc::new(XtsEngine::new(dek, sector_size as usize)?);
+    let engine = Arc::new(XtsEngine::new(dek, SectorSize::try_from(sector_size)?)?);
     let parent = resolve_parent(store, &opts.parent, dek, volume.uuid, size, sector_size).await?;
     let id = SnapshotId::generate()?;
     // The snapshot's point in time: when it starts.
@@ -540,7 +540,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let mut expect = src.data.lock().unwrap()[3 * cs..4 * cs].to_vec();
-        XtsEngine::new(&k, 4096)
+        XtsEngine::new(&k, SectorSize::S4096)
             .unwrap()
             .encrypt_sectors(&mut expect, 3 * 128)
             .unwrap();

@@ -10,7 +10,7 @@ use futures::{StreamExt, TryStreamExt};
 use super::manifest::{self, chunk_hash, snapshot_context, Manifest, SnapshotId};
 use super::store::Store;
 use super::{SnapshotError, PARALLEL_CHUNKS};
-use crate::crypto::{Dek, XtsEngine};
+use crate::crypto::{Dek, SectorSize, XtsEngine};
 use crate::keys::{EncryptionContext, WrappedDek};
 use crate::progress::Progress;
 use crate::volume::Volume;
@@ -100,7 +100,7 @@ pub async fn restore_into(
             m.sector_size
         )));
     }
-    let engine = Arc::new(XtsEngine::new(dek, m.sector_size as usize)?);
+    let engine = Arc::new(XtsEngine::new(dek, SectorSize::try_from(m.sector_size)?)?);
     let cs = u64::from(m.chunk_size);
     let stats: Vec<u64> = futures::stream::iter(0..m.chunk_count())
         .map(|i| {
@@ -239,8 +239,8 @@ pub async fn copy_reencrypt(
     let ctx = snapshot_context(new_id);
     check_copy_keyslots(&keyslots, &ctx)?;
     let engines = Reencryption {
-        old: Arc::new(XtsEngine::new(old_dek, m.sector_size as usize)?),
-        new: Arc::new(XtsEngine::new(new_dek, m.sector_size as usize)?),
+        old: Arc::new(XtsEngine::new(old_dek, SectorSize::try_from(m.sector_size)?)?),
+        new: Arc::new(XtsEngine::new(new_dek, SectorSize::try_from(m.sector_size)?)?),
     };
     let results: Vec<(u64, Option<String>, bool)> = futures::stream::iter(m.chunks.keys().copied())
         .map(|i| {

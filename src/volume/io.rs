@@ -23,7 +23,7 @@ use super::header::check_file_uuid;
 use super::rangelock::RangeLocks;
 use super::sectors::{self, Span};
 use super::{Header, VolumeError};
-use crate::crypto::{Dek, XtsEngine};
+use crate::crypto::{Dek, SectorSize, XtsEngine};
 
 /// Largest buffer one write step encrypts and writes at a time (also the bound on
 /// the per-thread scratch buffer).
@@ -238,9 +238,10 @@ impl Volume {
                 ),
             });
         }
-        let engine = XtsEngine::new(&dek, header.sector_size as usize)?;
+        let sector_size = SectorSize::try_from(header.sector_size)?;
+        let engine = XtsEngine::new(&dek, sector_size)?;
         let next_engine = match &next {
-            Some(n) => Some(XtsEngine::new(n, header.sector_size as usize)?),
+            Some(n) => Some(XtsEngine::new(n, sector_size)?),
             None => None,
         };
         let wm = header

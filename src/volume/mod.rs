@@ -3,6 +3,7 @@
 //! Knows nothing about NBD or key backends beyond the [`WrappedDek`] it stores.
 
 mod alloc;
+pub(crate) mod geometry;
 mod header;
 mod io;
 mod online;

@@ -18,7 +18,7 @@ use super::{
     crash_point, crash_point_active, read_header, write_header, Header, Hotzone, Reencryption,
     Volume, VolumeError, REENCRYPT_FEATURE,
 };
-use crate::crypto::{Dek, XtsEngine};
+use crate::crypto::{Dek, SectorSize, XtsEngine};
 use crate::keys::{EncryptionContext, WrappedDek};
 
 /// Sectors converted per re-encryption step (4 MiB at 4096-byte sectors, 512 KiB at
@@ -111,7 +111,7 @@ impl Volume {
         if new_kcv == compute_kcv(&ctl.dek, &uuid)? {
             return Err(self.reenc_err("the new data key is the current one"));
         }
-        let engine = XtsEngine::new(&new_dek, self.sector_size() as usize)?;
+        let engine = XtsEngine::new(&new_dek, SectorSize::try_from(self.sector_size())?)?;
         // Snapshot views and re-encryption exclude each other: a view's preserved chunks
         // are ciphertext under the current key. Checked and set under the view mutex,
         // which `snapshot_view` holds while it checks `reencrypting`.

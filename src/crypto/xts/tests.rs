@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use xts_mode::{get_tweak_default, Xts128};
 
 use super::{fill_tweaks, mul_alpha, mul_alpha_pow, Pass, XtsEngine, BLOCK_LEN};
-use crate::crypto::{CryptoError, Dek};
+use crate::crypto::{CryptoError, Dek, SectorSize};
 
 fn unhex(s: &str) -> Vec<u8> {
     let digits: Vec<u8> = s
@@ -153,7 +153,7 @@ const IEEE_VECTORS: [(u32, u64, &str); 5] = [
 
 fn ieee_engine() -> XtsEngine {
     let dek = Dek::from_slice(&unhex(IEEE_KEY)).unwrap();
-    XtsEngine::new(&dek, 512).unwrap()
+    XtsEngine::new(&dek, SectorSize::S512).unwrap()
 }
 
 #[test]
@@ -220,7 +220,7 @@ fn unaligned_lengths_are_refused_and_leave_the_buffer_alone() {
     )
     .unwrap();
     for (sector_size, len) in [(512, 511), (512, 513), (512, 16), (4096, 512), (4096, 4097)] {
-        let engine = XtsEngine::new(&dek, sector_size).unwrap();
+        let engine = XtsEngine::new(&dek, SectorSize::try_from(sector_size).unwrap()).unwrap();
         let mut buf = vec![0x5au8; len];
         match engine.encrypt_sectors(&mut buf, 3) {
             Err(CryptoError::Unaligned {
@@ -243,7 +243,7 @@ fn unaligned_lengths_are_refused_and_leave_the_buffer_alone() {
 #[test]
 fn empty_buffer_is_a_no_op() {
     let dek = Dek::generate().unwrap();
-    let engine = XtsEngine::new(&dek, 4096).unwrap();
+    let engine = XtsEngine::new(&dek, SectorSize::S4096).unwrap();
     let mut buf = [0u8; 0];
     engine.encrypt_sectors(&mut buf, u64::MAX).unwrap();
     engine.decrypt_sectors(&mut buf, 0).unwrap();
@@ -252,14 +252,25 @@ fn empty_buffer_is_a_no_op() {
 #[test]
 fn unsupported_sector_sizes_are_refused() {
     let dek = Dek::generate().unwrap();
-    for size in [0, 16, 520, 1024, 2048, 8192] {
+    // The engine takes a `SectorSize`: an unsupported size is refused where it becomes one.
+    for size in [0usize, 16, 520, 1024, 2048, 8192] {
         assert!(
-            matches!(XtsEngine::new(&dek, size), Err(CryptoError::BadSectorSize(s)) if s == size),
+            matches!(SectorSize::try_from(size), Err(CryptoError::BadSectorSize(s)) if s == size),
             "sector size {size} accepted"
         );
     }
-    assert_eq!(XtsEngine::new(&dek, 512).unwrap().sector_size(), 512);
-    assert_eq!(XtsEngine::new(&dek, 4096).unwrap().sector_size(), 4096);
+    assert_eq!(
+        XtsEngine::new(&dek, SectorSize::S512)
+            .unwrap()
+            .sector_size(),
+        512
+    );
+    assert_eq!(
+        XtsEngine::new(&dek, SectorSize::S4096)
+            .unwrap()
+            .sector_size(),
+        4096
+    );
 }
 
 #[test]
@@ -279,7 +290,7 @@ fn engine_is_send_and_sync() {
     assert_send_sync::<XtsEngine>();
     // And it is actually usable from several threads at once.
     let dek = Dek::generate().unwrap();
-    let engine = XtsEngine::new(&dek, 512).unwrap();
+    let engine = XtsEngine::new(&dek, SectorSize::S512).unwrap();
     let results: Vec<Vec<u8>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..4u64)
             .map(|i| {
@@ -304,7 +315,7 @@ fn sector_number_is_the_tweak() {
     // Same plaintext, neighbouring sectors: different ciphertexts; and the sector after
     // u64::MAX continues into bit 64 of the 128-bit tweak like the oracle does.
     let dek = Dek::generate().unwrap();
-    let engine = XtsEngine::new(&dek, 512).unwrap();
+    let engine = XtsEngine::new(&dek, SectorSize::S512).unwrap();
     let mut buf = vec![0u8; 1024];
     engine.encrypt_sectors(&mut buf, 41).unwrap();
     assert_ne!(buf[..512], buf[512..]);
@@ -387,7 +398,7 @@ proptest! {
 
     #[test]
     fn encrypt_matches_xts_mode((key, ss, first, data) in case_strategy()) {
-        let engine = XtsEngine::new(&Dek::from_slice(&key).unwrap(), ss).unwrap();
+        let engine = XtsEngine::new(&Dek::from_slice(&key).unwrap(), SectorSize::try_from(ss).unwrap()).unwrap();
         let mut ours = data.clone();
         engine.encrypt_sectors(&mut ours, first).unwrap();
         let mut theirs = data.clone();
@@ -398,7 +409,7 @@ proptest! {
 
     #[test]
     fn decrypt_matches_xts_mode((key, ss, first, data) in case_strategy()) {
-        let engine = XtsEngine::new(&Dek::from_slice(&key).unwrap(), ss).unwrap();
+        let engine = XtsEngine::new(&Dek::from_slice(&key).unwrap(), SectorSize::try_from(ss).unwrap()).unwrap();
         let mut ours = data.clone();
         engine.decrypt_sectors(&mut ours, first).unwrap();
         let mut theirs = data.clone();
@@ -408,7 +419,7 @@ proptest! {
 
     #[test]
     fn round_trip_and_per_sector_independence((key, ss, first, data) in case_strategy()) {
-        let engine = XtsEngine::new(&Dek::from_slice(&key).unwrap(), ss).unwrap();
+        let engine = XtsEngine::new(&Dek::from_slice(&key).unwrap(), SectorSize::try_from(ss).unwrap()).unwrap();
         let mut whole = data.clone();
         engine.encrypt_sectors(&mut whole, first).unwrap();
         // Sector by sector gives the same ciphertext as one call over the whole run.
