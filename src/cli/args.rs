@@ -184,6 +184,26 @@ pub(super) fn parse_mode(s: &str) -> Result<u32, String> {
     config::parse_mode(s)
 }
 
+/// The options of a command that wraps a new data key (`create`, `import`, `snapshot
+/// copy`): the keystore, a passphrase instead of a master key, and the Argon2 parameters
+/// of the new passphrase keyslot.
+#[derive(Args, Clone)]
+pub(super) struct WrappingArgs {
+    #[command(flatten)]
+    pub(super) keystore: KeystoreArgs,
+    #[command(flatten)]
+    pub(super) pass: PassphraseArgs,
+    #[command(flatten)]
+    pub(super) kdf: KdfArgs,
+}
+
+impl WrappingArgs {
+    /// The key options these arguments give.
+    pub(super) fn options(&self) -> KeyOptions {
+        key_options(&self.keystore, Some(&self.pass), self.kdf.params())
+    }
+}
+
 /// The key options of a command: its keystore, passphrase (if it takes one) and the
 /// Argon2 parameters for a new passphrase keyslot.
 pub(super) fn key_options(

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::args::{
-    key_options, new_volume_key, parse_sector_size, KdfArgs, KeystoreArgs, PassphraseArgs,
+    key_options, new_volume_key, parse_sector_size, KeystoreArgs, PassphraseArgs, WrappingArgs,
 };
 use super::print::print_json;
 use super::signals::cancel_on_signal;
@@ -61,11 +61,7 @@ pub(super) struct ImportArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    keystore: KeystoreArgs,
-    #[command(flatten)]
-    pass: PassphraseArgs,
-    #[command(flatten)]
-    kdf: KdfArgs,
+    keys: WrappingArgs,
 }
 
 /// `cryptvol export`.
@@ -92,7 +88,7 @@ pub(super) struct ExportArgs {
 /// `cryptvol import`: an encrypted volume from an unencrypted disk (resumable).
 pub(super) async fn import(a: ImportArgs) -> Result<()> {
     use crate::migrate::{ImportRequest, ResumeMode};
-    let keys = key_options(&a.keystore, Some(&a.pass), a.kdf.params());
+    let keys = a.keys.options();
     let key = new_volume_key(a.key.as_deref(), &keys)?;
     let key_label = match (&keys.passphrase, &a.key) {
         (Some(_), _) => "passphrase".to_string(),

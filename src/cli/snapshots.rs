@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
 use super::args::{
-    key_options, optional_new_key, ControlArg, KdfArgs, KeystoreArgs, PassphraseArgs, StoreArg,
+    key_options, optional_new_key, ControlArg, KeystoreArgs, PassphraseArgs, StoreArg, WrappingArgs,
 };
 use super::control::control_call;
 use super::print::{keyslot_line, print_json};
@@ -128,11 +128,7 @@ pub(super) struct CopyArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    keystore: KeystoreArgs,
-    #[command(flatten)]
-    pass: PassphraseArgs,
-    #[command(flatten)]
-    kdf: KdfArgs,
+    keys: WrappingArgs,
 }
 
 /// A snapshot id argument, parsed.
@@ -388,7 +384,7 @@ async fn copy(a: CopyArgs) -> Result<()> {
     }
     .open(true)?;
     let id = snapshot_id(&a.id)?;
-    let keys = key_options(&a.keystore, Some(&a.pass), a.kdf.params());
+    let keys = a.keys.options();
     let target = optional_new_key(a.key.as_deref(), &keys)?;
     let st = interruptible("copy", async {
         ops::snapshot_copy(&from, &id, &to, &keys, target)

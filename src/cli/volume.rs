@@ -7,8 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::args::{
-    key_options, new_volume_key, optional_new_key, parse_sector_size, parse_size_arg, KdfArgs,
-    KeystoreArgs, PassphraseArgs, StoreArg,
+    new_volume_key, optional_new_key, parse_sector_size, parse_size_arg, StoreArg, WrappingArgs,
 };
 use super::print::{first_slot_label, keyslot_line, percent};
 use super::signals::interruptible;
@@ -56,11 +55,7 @@ pub(super) struct CreateArgs {
     #[arg(long, hide_short_help = true)]
     no_allocation_map: bool,
     #[command(flatten)]
-    keystore: KeystoreArgs,
-    #[command(flatten)]
-    pass: PassphraseArgs,
-    #[command(flatten)]
-    kdf: KdfArgs,
+    keys: WrappingArgs,
     /// The volume file to create (refuses to overwrite an existing file).
     file: PathBuf,
 }
@@ -80,7 +75,7 @@ pub(super) async fn create(a: CreateArgs) -> Result<()> {
     if a.from_snapshot.is_some() {
         return restore(a).await;
     }
-    let keys = key_options(&a.keystore, Some(&a.pass), a.kdf.params());
+    let keys = a.keys.options();
     let new_key = new_volume_key(a.key.as_deref(), &keys)?;
     let spec = VolumeSpec {
         size: a.size.context("--size is required")?,
@@ -214,7 +209,7 @@ async fn restore(a: CreateArgs) -> Result<()> {
         store: a.store.clone(),
     }
     .open(false)?;
-    let keys = key_options(&a.keystore, Some(&a.pass), a.kdf.params());
+    let keys = a.keys.options();
     let target = optional_new_key(a.key.as_deref(), &keys)?;
     let out = interruptible("restore", async {
         ops::restore_snapshot(&store, &id, &a.file, &keys, target)
