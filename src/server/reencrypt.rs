@@ -341,6 +341,59 @@ mod tests {
         jobs.join_all();
     }
 
+    /// Stops after `stop_after` progress reports; counts them.
+    struct Counting {
+        stop_after: usize,
+        seen: usize,
+    }
+
+    impl StepHandler for Counting {
+        type Error = VolumeError;
+        fn should_stop(&self) -> bool {
+            self.seen >= self.stop_after
+        }
+        fn progressed(&mut self, _: ReencryptStatus) {
+            self.seen += 1;
+        }
+        fn failed(&mut self, e: VolumeError) -> Result<(), VolumeError> {
+            Err(e)
+        }
+    }
+
+    #[test]
+    fn the_loop_stops_when_asked_and_a_second_run_finishes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let zone = crate::volume::ZONE_SECTORS * 4096;
+        let vol = volume(tmp.path(), 3 * zone);
+        let slot = crate::keys::WrappedDek {
+            backend: "local".into(),
+            key_id: "mk-test".into(),
+            blob: vec![2; 60],
+            context: crate::keys::EncryptionContext::for_volume(&vol.uuid()),
+            params: Default::default(),
+        };
+        let dek = crate::crypto::Dek::generate().unwrap();
+        vol.reencrypt_begin(dek, vec![slot]).unwrap();
+
+        let mut first = Counting {
+            stop_after: 1,
+            seen: 0,
+        };
+        assert_eq!(step_until_done(&vol, &mut first).unwrap(), RunEnd::Stopped);
+        assert_eq!(vol.reencrypt_status().unwrap().watermark, zone);
+
+        let mut rest = Counting {
+            stop_after: usize::MAX,
+            seen: 0,
+        };
+        assert_eq!(step_until_done(&vol, &mut rest).unwrap(), RunEnd::Finished);
+        assert!(vol.reencrypt_status().is_none());
+        assert!(rest.seen >= 1, "{}", rest.seen);
+        let mut buf = [0u8; 4096];
+        vol.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [7u8; 4096], "data survives under the new key");
+    }
+
     #[test]
     fn a_job_stops_at_shutdown() {
         let tmp = tempfile::tempdir().unwrap();
