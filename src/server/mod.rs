@@ -12,7 +12,7 @@ pub mod control;
 mod export;
 mod listen;
 mod peer;
-mod reencrypt;
+pub(crate) mod reencrypt;
 pub mod systemd;
 pub mod tls;
 
@@ -20,7 +20,6 @@ pub use control::{ControlHooks, ControlSocket};
 pub use export::{errno_for, Export, Exports};
 pub use listen::{Listener, ListenerSpec};
 pub use peer::AccessPolicy;
-pub(crate) use reencrypt::test_step_delay as reencrypt_test_step_delay;
 pub use reencrypt::JobState;
 pub use tls::{reload_tls, TlsError, TlsFiles, TlsSetup};
 

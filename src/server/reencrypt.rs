@@ -1,5 +1,7 @@
 //! Background re-encryption of served volumes: one thread per export that calls
 //! [`Volume::reencrypt_step`] until the volume reports no re-encryption in progress.
+//! The loop itself, [`step_until_done`], is shared with offline re-encryption
+//! (`cryptvol reencrypt FILE`), which plugs in its own [`StepHandler`].
 //!
 //! The thread stops between steps when the server shuts down (the header records the
 //! watermark, so the next start resumes); a failed step is logged at error level and
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::volume::Volume;
+use crate::volume::{ReencryptStatus, Volume, VolumeError};
 
 /// Delay before a failed step is retried.
 pub const RETRY_DELAY: Duration = Duration::from_secs(5);
@@ -134,7 +136,7 @@ impl Jobs {
 /// `CRYPTVOL_TEST_REENCRYPT_STEP_DELAY_MS` milliseconds (at most 10 s), honoured only
 /// together with `CRYPTVOL_FAULT_INJECTION=1`, so that tests can interrupt a
 /// re-encryption of a small volume in the middle (daemon and offline alike).
-pub(crate) fn test_step_delay() {
+fn test_step_delay() {
     if std::env::var_os("CRYPTVOL_FAULT_INJECTION").is_some_and(|v| v == "1") {
         if let Some(ms) = std::env::var("CRYPTVOL_TEST_REENCRYPT_STEP_DELAY_MS")
             .ok()
@@ -145,24 +147,125 @@ pub(crate) fn test_step_delay() {
     }
 }
 
-/// The worker loop.
+/// How a run of [`step_until_done`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunEnd {
+    /// The volume reports no re-encryption in progress any more: it is complete.
+    Finished,
+    /// Stopped between two steps because [`StepHandler::should_stop`] said so (the
+    /// header records the watermark: the next run resumes from there).
+    Stopped,
+}
+
+/// The caller's side of [`step_until_done`]: when to stop, where progress goes, what a
+/// failed step does. The daemon retries failed steps and publishes progress to control
+/// connections; `cryptvol reencrypt FILE` shows a progress bar and gives up.
+pub(crate) trait StepHandler {
+    /// Why the run gives up, if it ever does.
+    type Error;
+    /// Asked before each step: stop now (shutdown, a signal)?
+    fn should_stop(&self) -> bool;
+    /// A step succeeded; `st` is the progress after it.
+    fn progressed(&mut self, st: ReencryptStatus);
+    /// A step failed: `Ok(())` tries again (after whatever waiting the handler does),
+    /// `Err` ends the run with that error.
+    fn failed(&mut self, e: VolumeError) -> Result<(), Self::Error>;
+}
+
+/// The one re-encryption loop, used by the daemon's workers and by offline
+/// re-encryption: calls [`Volume::reencrypt_step`] until the volume reports no
+/// re-encryption in progress, checking `handler` for a stop request before each step.
+pub(crate) fn step_until_done<H: StepHandler>(
+    volume: &Volume,
+    handler: &mut H,
+) -> Result<RunEnd, H::Error> {
+    loop {
+        test_step_delay();
+        if handler.should_stop() {
+            return Ok(RunEnd::Stopped);
+        }
+        match volume.reencrypt_step() {
+            Ok(Some(st)) => handler.progressed(st),
+            Ok(None) => return Ok(RunEnd::Finished),
+            Err(e) => handler.failed(e)?,
+        }
+    }
+}
+
+/// A daemon worker's [`StepHandler`]: publishes progress on the job's channel, logs it
+/// every [`LOG_EVERY`], retries a failed step after [`RETRY_DELAY`] and stops at
+/// shutdown.
+struct Worker<'a> {
+    export: &'a str,
+    tx: &'a watch::Sender<JobState>,
+    shutdown: &'a watch::Receiver<bool>,
+    started: Instant,
+    last_log: Instant,
+    first_done: Option<u64>,
+}
+
+impl StepHandler for Worker<'_> {
+    type Error = std::convert::Infallible;
+
+    fn should_stop(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    fn progressed(&mut self, st: ReencryptStatus) {
+        let from = *self.first_done.get_or_insert(st.watermark);
+        self.tx.send_modify(|s| {
+            s.done = st.watermark;
+            s.total = st.size;
+            s.last_error = None;
+        });
+        if self.last_log.elapsed() >= LOG_EVERY {
+            self.last_log = Instant::now();
+            log_progress(self.export, st.watermark, st.size, from, self.started);
+        }
+    }
+
+    fn failed(&mut self, e: VolumeError) -> Result<(), Self::Error> {
+        let msg = e.to_string();
+        tracing::error!(
+            export = self.export,
+            "re-encryption step failed (retrying in {} s): {msg}",
+            RETRY_DELAY.as_secs()
+        );
+        self.tx.send_modify(|s| s.last_error = Some(msg));
+        let until = Instant::now() + RETRY_DELAY;
+        while Instant::now() < until && !*self.shutdown.borrow() {
+            std::thread::sleep(POLL);
+        }
+        Ok(())
+    }
+}
+
+/// The worker thread of `export`: runs the re-encryption to its end or to shutdown.
 fn run(
     export: &str,
     volume: &Volume,
     tx: &watch::Sender<JobState>,
     shutdown: &watch::Receiver<bool>,
 ) {
-    let started = Instant::now();
-    let mut last_log = Instant::now();
-    let mut first_done = None;
+    let mut worker = Worker {
+        export,
+        tx,
+        shutdown,
+        started: Instant::now(),
+        last_log: Instant::now(),
+        first_done: None,
+    };
     tracing::info!(
         export,
         path = volume.path(),
         "re-encryption running in the background"
     );
-    loop {
-        test_step_delay();
-        if *shutdown.borrow() {
+    let end = match step_until_done(volume, &mut worker) {
+        Ok(end) => end,
+        Err(never) => match never {},
+    };
+    match end {
+        RunEnd::Stopped => {
             let s = tx.borrow().clone();
             tracing::info!(
                 export,
@@ -171,48 +274,19 @@ fn run(
                 s.total
             );
             tx.send_modify(|s| s.running = false);
-            return;
         }
-        match volume.reencrypt_step() {
-            Ok(Some(st)) => {
-                let from = *first_done.get_or_insert(st.watermark);
-                tx.send_modify(|s| {
-                    s.done = st.watermark;
-                    s.total = st.size;
-                    s.last_error = None;
-                });
-                if last_log.elapsed() >= LOG_EVERY {
-                    last_log = Instant::now();
-                    log_progress(export, st.watermark, st.size, from, started);
-                }
-            }
-            Ok(None) => {
-                tx.send_modify(|s| {
-                    s.done = s.total;
-                    s.running = false;
-                    s.finished = true;
-                    s.last_error = None;
-                });
-                tracing::info!(
-                    export,
-                    secs = started.elapsed().as_secs(),
-                    "re-encryption complete: the volume is under its new data key; the old key is destroyed"
-                );
-                return;
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                tracing::error!(
-                    export,
-                    "re-encryption step failed (retrying in {} s): {msg}",
-                    RETRY_DELAY.as_secs()
-                );
-                tx.send_modify(|s| s.last_error = Some(msg));
-                let until = Instant::now() + RETRY_DELAY;
-                while Instant::now() < until && !*shutdown.borrow() {
-                    std::thread::sleep(POLL);
-                }
-            }
+        RunEnd::Finished => {
+            tx.send_modify(|s| {
+                s.done = s.total;
+                s.running = false;
+                s.finished = true;
+                s.last_error = None;
+            });
+            tracing::info!(
+                export,
+                secs = worker.started.elapsed().as_secs(),
+                "re-encryption complete: the volume is under its new data key; the old key is destroyed"
+            );
         }
     }
 }
@@ -265,6 +339,59 @@ mod tests {
         assert_eq!(jobs.state("v").unwrap(), done);
         assert!(jobs.follow("v").is_none(), "a finished job is not followed");
         jobs.join_all();
+    }
+
+    /// Stops after `stop_after` progress reports; counts them.
+    struct Counting {
+        stop_after: usize,
+        seen: usize,
+    }
+
+    impl StepHandler for Counting {
+        type Error = VolumeError;
+        fn should_stop(&self) -> bool {
+            self.seen >= self.stop_after
+        }
+        fn progressed(&mut self, _: ReencryptStatus) {
+            self.seen += 1;
+        }
+        fn failed(&mut self, e: VolumeError) -> Result<(), VolumeError> {
+            Err(e)
+        }
+    }
+
+    #[test]
+    fn the_loop_stops_when_asked_and_a_second_run_finishes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let zone = crate::volume::ZONE_SECTORS * 4096;
+        let vol = volume(tmp.path(), 3 * zone);
+        let slot = crate::keys::WrappedDek {
+            backend: "local".into(),
+            key_id: "mk-test".into(),
+            blob: vec![2; 60],
+            context: crate::keys::EncryptionContext::for_volume(&vol.uuid()),
+            params: Default::default(),
+        };
+        let dek = crate::crypto::Dek::generate().unwrap();
+        vol.reencrypt_begin(dek, vec![slot]).unwrap();
+
+        let mut first = Counting {
+            stop_after: 1,
+            seen: 0,
+        };
+        assert_eq!(step_until_done(&vol, &mut first).unwrap(), RunEnd::Stopped);
+        assert_eq!(vol.reencrypt_status().unwrap().watermark, zone);
+
+        let mut rest = Counting {
+            stop_after: usize::MAX,
+            seen: 0,
+        };
+        assert_eq!(step_until_done(&vol, &mut rest).unwrap(), RunEnd::Finished);
+        assert!(vol.reencrypt_status().is_none());
+        assert!(rest.seen >= 1, "{}", rest.seen);
+        let mut buf = [0u8; 4096];
+        vol.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [7u8; 4096], "data survives under the new key");
     }
 
     #[test]

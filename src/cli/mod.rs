@@ -1,0 +1,169 @@
+//! The clap front end: parses arguments, sets up logging and the runtime, and calls
+//! into `ops` and `server`. This module holds the top-level [`Cli`]/[`Command`] types,
+//! the binary's entry point and the dispatch to one module per command family;
+//! argument groups shared by several commands are in [`args`].
+
+mod args;
+mod check;
+mod control;
+mod demo;
+mod keys;
+mod keyslots;
+mod migrate;
+mod print;
+mod reencrypt;
+mod serve;
+mod signals;
+mod snapshots;
+mod volume;
+
+use std::io::IsTerminal as _;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::compliance;
+use crate::server::systemd::{self, ActivatedSocket};
+use crate::server::ServerError;
+
+use check::CheckStatus;
+
+const AFTER_HELP: &str = "\
+Each volume has its own random 512-bit data key (AES-256-XTS). The data key is stored only
+wrapped by a master key held by a key backend: the local keystore (default), a passphrase,
+AWS KMS (arn:aws:kms:…, aws-kms:ID, aws-kms:alias/NAME) or an external program
+(exec:NAME[:KEY]). See docs/keys.md.
+
+Examples:
+  cryptvol create --size 10G vol.img              # wrapped by the default key
+  cryptvol create --size 10G --key alias/db db.img
+  cryptvol create --size 10G --key aws-kms:alias/db db.img
+  cryptvol info vol.img
+  cryptvol rekey vol.img --to-key alias/new       # rewrap the data key, data untouched
+  cryptvol keyslot add vol.img --passphrase       # add a recovery passphrase
+  cryptvol serve --unix /run/cryptvol.sock vol.img
+  nbdinfo 'nbd+unix:///vol?socket=/run/cryptvol.sock'
+
+Logging goes to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more detail.";
+
+#[derive(Parser)]
+#[command(name = "cryptvol", version, about = "Encrypted block volumes served over NBD", after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new encrypted volume file with a fresh random data key.
+    Create(volume::CreateArgs),
+    /// Show a volume's header: size, sector size, UUID, cipher, keyslots, header health.
+    Info(volume::InfoArgs),
+    /// Serve volumes over NBD (TCP and/or Unix sockets) until SIGTERM or SIGINT.
+    Serve(Box<serve::ServeArgs>),
+    /// Manage master keys: the local keystore, the default key, exec backends.
+    #[command(subcommand)]
+    Key(keys::KeyCommand),
+    /// Rewrap a volume's data key under another master key (any backend to any backend),
+    /// replacing one keyslot in a crash-safe header update. The data is not touched.
+    Rekey(keyslots::RekeyArgs),
+    /// Add or remove keyslots (e.g. a recovery passphrase) of a volume.
+    #[command(subcommand)]
+    Keyslot(keyslots::KeyslotCommand),
+    /// Create a demo volume in a scratch directory and serve it, printing how to attach it.
+    Demo(demo::DemoArgs),
+    /// Compliance scan: check volume files and directories for unencrypted images, key
+    /// problems and damaged headers (reads headers and key metadata only).
+    Check(check::CheckArgs),
+    /// Encrypted, incremental snapshots in a local directory or an S3-compatible store:
+    /// create, list, describe, delete, copy (restore: cryptvol create --from-snapshot).
+    #[command(subcommand)]
+    Snapshot(snapshots::SnapshotCommand),
+    /// Create an encrypted volume from an unencrypted disk: a raw image, a block device or an
+    /// NBD export (e.g. qcow2/vmdk through qemu-nbd). Sparse, checksummed, resumable.
+    Import(migrate::ImportArgs),
+    /// Decrypt a volume to a raw file, a block device or an NBD export (migrating out).
+    /// The result is PLAINTEXT.
+    Export(migrate::ExportArgs),
+    /// Re-encrypt a volume under a new data key: a served export online through the
+    /// daemon (it stays attached), or a volume file that is not served.
+    Reencrypt(reencrypt::ReencryptArgs),
+    /// Show what a running daemon serves: exports, connections, re-encryptions.
+    Status(control::StatusArgs),
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    // Every command may hold key material (a DEK, a master key, a KEK, a passphrase), so
+    // all of them, not only `serve`: no core dumps, no ptrace or /proc/PID/mem access by
+    // other processes of the same uid. Programs we start (exec key backends) are
+    // dumpable again after their execve, as usual.
+    if let Err(e) = crate::crypto::harden_process() {
+        tracing::warn!("could not harden the process against core dumps: {e}");
+    }
+    // Socket activation: adopt the sockets systemd passed while this process still has a
+    // single thread (the LISTEN_* variables are removed from the environment).
+    let activated = match cli.command {
+        Command::Serve(_) => systemd::take_listen_fds(),
+        _ => Ok(Vec::new()),
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(64)
+        .thread_name("cryptvol")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cryptvol: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let is_check = matches!(cli.command, Command::Check(_));
+    match rt.block_on(run(cli, activated)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(CheckStatus(code)) = e.downcast_ref::<CheckStatus>() {
+                return ExitCode::from(*code);
+            }
+            eprintln!("cryptvol: error: {e:#}");
+            if is_check {
+                // `check` reserves 1 for "non-compliant": any failure is a scan error.
+                return ExitCode::from(compliance::EXIT_ERROR);
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
+}
+
+async fn run(cli: Cli, activated: Result<Vec<ActivatedSocket>, ServerError>) -> Result<()> {
+    match cli.command {
+        Command::Create(a) => volume::create(a).await,
+        Command::Info(a) => volume::info(a),
+        Command::Serve(a) => serve::serve(*a, activated?).await,
+        Command::Key(k) => keys::key(k),
+        Command::Rekey(a) => keyslots::rekey(a).await,
+        Command::Keyslot(k) => keyslots::keyslot(k).await,
+        Command::Demo(a) => demo::demo(a).await,
+        Command::Check(a) => check::check(a).await,
+        Command::Snapshot(c) => snapshots::snapshot(c).await,
+        Command::Import(a) => migrate::import(a).await,
+        Command::Export(a) => migrate::export(a).await,
+        Command::Reencrypt(a) => reencrypt::reencrypt(a).await,
+        Command::Status(a) => control::status(a).await,
+    }
+}
