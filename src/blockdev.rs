@@ -106,14 +106,11 @@ impl MemDevice {
         if block == 0 || !block.is_power_of_two() {
             return Err(VolumeError::BadSectorSize(block));
         }
-        let bad = || VolumeError::BadSize {
+        crate::volume::geometry::check_size(size, block)?;
+        let len = usize::try_from(size).map_err(|_| VolumeError::BadSize {
             size,
             sector_size: block,
-        };
-        if size == 0 || !size.is_multiple_of(u64::from(block)) {
-            return Err(bad());
-        }
-        let len = usize::try_from(size).map_err(|_| bad())?;
+        })?;
         Ok(MemDevice {
             block,
             read_only,

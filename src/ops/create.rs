@@ -161,14 +161,5 @@ pub fn create_volume_with_dek(
 /// Checks a new volume's sector size (512 or 4096) and size (a non-zero multiple of
 /// the sector size).
 fn validate_spec(spec: &VolumeSpec) -> Result<(), VolumeError> {
-    if spec.sector_size != 512 && spec.sector_size != 4096 {
-        return Err(VolumeError::BadSectorSize(spec.sector_size));
-    }
-    if spec.size == 0 || !spec.size.is_multiple_of(u64::from(spec.sector_size)) {
-        return Err(VolumeError::BadSize {
-            size: spec.size,
-            sector_size: spec.sector_size,
-        });
-    }
-    Ok(())
+    crate::volume::geometry::check_spec(spec).map(drop)
 }
