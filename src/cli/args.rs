@@ -172,11 +172,9 @@ pub(super) fn parse_size_arg(s: &str) -> Result<u64, String> {
 
 /// clap value parser for `--sector-size`: 4096 or 512.
 pub(super) fn parse_sector_size(s: &str) -> Result<u32, String> {
-    match s {
-        "4096" => Ok(4096),
-        "512" => Ok(512),
-        _ => Err(format!("sector size must be 4096 or 512, not {s}")),
-    }
+    s.parse::<crate::crypto::SectorSize>()
+        .map(crate::crypto::SectorSize::get)
+        .map_err(|e| e.to_string())
 }
 
 /// clap value parser for an octal socket mode.
