@@ -474,13 +474,15 @@ pub struct Raw {
 }
 
 impl Raw {
-    /// Connects with 10 s read/write timeouts (a stuck server fails the test, never hangs it).
+    /// Connects with 60 s read/write timeouts: a stuck server fails the test, never hangs
+    /// it (generous because a debug server on a loaded 2-core machine can stall for
+    /// seconds; the timeouts are a safety net, nothing waits for them to expire).
     pub fn connect(server: &Server) -> Raw {
         let s = std::os::unix::net::UnixStream::connect(&server.sock)
             .expect("connect to the server socket");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
+        s.set_read_timeout(Some(Duration::from_secs(60)))
             .expect("timeout");
-        s.set_write_timeout(Some(Duration::from_secs(10)))
+        s.set_write_timeout(Some(Duration::from_secs(60)))
             .expect("timeout");
         Raw { s }
     }
