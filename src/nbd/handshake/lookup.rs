@@ -3,8 +3,8 @@
 
 use std::fmt::Write as _;
 
-use super::encode::*;
-use super::outcome::*;
+use super::encode::truncate_utf8;
+use super::outcome::Refusal;
 use super::{ECHOED_NAME_LEN, MAX_HUMAN_STRING};
 use crate::nbd::{ExportCatalog, ExportInfo, LookupError};
 

@@ -1,10 +1,10 @@
 //! The negotiation state machine: the TLS mode, what has been negotiated so far
 //! (structured replies, metadata contexts, TLS) and the dispatch of each option.
 
-use super::encode::*;
-use super::greeting::*;
-use super::options::*;
-use super::outcome::*;
+use super::encode::push_reply;
+use super::greeting::{ClientFlags, OptionHeader};
+use super::options::{abort, export_name, info_or_go, list, list_meta_context, meta_request};
+use super::outcome::{Next, OptionOutcome};
 use super::MAX_OPTION_LEN;
 use crate::nbd::consts::*;
 use crate::nbd::meta::{meta_context_payload, MetaContext, QueryMode};

@@ -1,11 +1,11 @@
 //! The handlers of the options that need no negotiation state: `EXPORT_NAME`,
 //! `ABORT`, `LIST`, `LIST_META_CONTEXT`, `INFO`/`GO`, and the block sizes they advertise.
 
-use super::encode::*;
-use super::greeting::*;
-use super::lookup::*;
-use super::outcome::*;
-use super::parse::*;
+use super::encode::{push_info_string, push_reply, truncate_utf8};
+use super::greeting::ClientFlags;
+use super::lookup::{resolve_export, Unresolved};
+use super::outcome::{Next, OptionOutcome};
+use super::parse::{check_name, parse_info_request};
 use super::{EXPORT_NAME_PADDING, MAX_HUMAN_STRING, MAX_REPLY_PAYLOAD};
 use crate::nbd::consts::*;
 use crate::nbd::meta::{meta_context_payload, parse_meta_request, MetaContext, QueryMode};

@@ -1,8 +1,8 @@
 //! What handling one option produces: the reply bytes, what happens next, and any
 //! refused export.
 
-use super::encode::*;
-use super::lookup::*;
+use super::encode::push_error;
+use super::lookup::{denied_message, Unresolved};
 use crate::nbd::consts::*;
 use crate::nbd::ExportInfo;
 
