@@ -4,9 +4,10 @@
 //!
 //! What this server speaks: fixed newstyle (plain newstyle clients may only use
 //! `NBD_OPT_EXPORT_NAME`), `NBD_OPT_GO`/`INFO`/`EXPORT_NAME`/`LIST`/`ABORT`,
-//! `NBD_OPT_STRUCTURED_REPLY` and `NBD_OPT_LIST_META_CONTEXT`/`SET_META_CONTEXT` with the
-//! one context `base:allocation`; every other option gets `NBD_REP_ERR_UNSUP`. No TLS, no
-//! extended headers. Transmission uses compact requests; simple replies unless the client
+//! `NBD_OPT_STRUCTURED_REPLY`, `NBD_OPT_LIST_META_CONTEXT`/`SET_META_CONTEXT` with the
+//! one context `base:allocation`, and `NBD_OPT_STARTTLS` (with the `--tls` modes off, on
+//! and require: [`TlsMode`]; the codec only says when to upgrade, the server runs TLS);
+//! every other option gets `NBD_REP_ERR_UNSUP`. No extended headers. Transmission uses compact requests; simple replies unless the client
 //! negotiated structured replies, in which case READ (and BLOCK_STATUS) are answered with
 //! structured chunks ([`structured`]) and the other commands still with simple replies
 //! (which the spec allows for replies without payload). Option reply payloads always stay

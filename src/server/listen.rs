@@ -358,22 +358,7 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             Ok(a) => a,
             Err(why) => {
                 if let Some(suppressed) = refusal_log.due() {
-                    let what = match why {
-                        Refusal::Listener => format!(
-                            "this listener has {} connections (--max-connections)",
-                            shared.config.max_connections
-                        ),
-                        Refusal::Peer => format!(
-                            "this peer has {} connections (--max-connections-per-peer)",
-                            shared.config.max_connections_per_peer
-                        ),
-                    };
-                    tracing::warn!(
-                        listener = %desc,
-                        peer = %peer,
-                        refused_since_last_warning = suppressed,
-                        "connection refused: {what}"
-                    );
+                    log_refusal(why, &shared.config, &desc, &peer, suppressed);
                 }
                 drop(stream);
                 continue;
@@ -386,25 +371,7 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             }
         }
         next_id += 1;
-        let id = next_id;
-        let shared2 = shared.clone();
-        match stream {
-            Accepted::Tcp(s) => {
-                let _ = s.set_nodelay(true);
-                let peer = PeerIdentity::tcp(peer, desc.clone());
-                conns.spawn(async move {
-                    conn::run(s, peer, id, shared2).await;
-                    drop(admission);
-                });
-            }
-            Accepted::Unix(s, cred) => {
-                let peer = PeerIdentity::unix(peer, desc.clone(), cred);
-                conns.spawn(async move {
-                    conn::run(s, peer, id, shared2).await;
-                    drop(admission);
-                });
-            }
-        }
+        spawn_connection(&mut conns, stream, peer, &desc, next_id, &shared, admission);
     }
     if let Listener::Unix {
         path, owned: true, ..
@@ -414,6 +381,63 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
     }
     drop(listener);
     while conns.join_next().await.is_some() {}
+}
+
+/// Logs a connection refused by the connection limits (`suppressed`: refusals not
+/// logged since the last warning).
+fn log_refusal(
+    why: Refusal,
+    config: &super::ServerConfig,
+    desc: &str,
+    peer: &str,
+    suppressed: u64,
+) {
+    let what = match why {
+        Refusal::Listener => format!(
+            "this listener has {} connections (--max-connections)",
+            config.max_connections
+        ),
+        Refusal::Peer => format!(
+            "this peer has {} connections (--max-connections-per-peer)",
+            config.max_connections_per_peer
+        ),
+    };
+    tracing::warn!(
+        listener = %desc,
+        peer = %peer,
+        refused_since_last_warning = suppressed,
+        "connection refused: {what}"
+    );
+}
+
+/// Runs an admitted connection in its own task, which holds `admission` until it ends.
+fn spawn_connection<A: Send + 'static>(
+    conns: &mut tokio::task::JoinSet<()>,
+    stream: Accepted,
+    peer: String,
+    desc: &str,
+    id: u64,
+    shared: &Arc<Shared>,
+    admission: A,
+) {
+    let shared = shared.clone();
+    match stream {
+        Accepted::Tcp(s) => {
+            let _ = s.set_nodelay(true);
+            let peer = PeerIdentity::tcp(peer, desc.to_string());
+            conns.spawn(async move {
+                conn::run(s, peer, id, shared).await;
+                drop(admission);
+            });
+        }
+        Accepted::Unix(s, cred) => {
+            let peer = PeerIdentity::unix(peer, desc.to_string(), cred);
+            conns.spawn(async move {
+                conn::run(s, peer, id, shared).await;
+                drop(admission);
+            });
+        }
+    }
 }
 
 /// `SO_PEERCRED` of a Unix-socket peer: the credentials the kernel recorded when it

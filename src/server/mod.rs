@@ -1,10 +1,17 @@
-//! Sockets, tasks, concurrency and shutdown.
+//! The server layer: sockets, sessions, limits and shutdown. It owns the listeners (TCP,
+//! Unix, systemd socket activation: `listen`, [`systemd`]), the NBD sessions on them
+//! (`conn`: the handshake on the async runtime, driving the pure [`crate::nbd`] codec,
+//! then transmission on a few blocking threads per connection), TLS ([`tls`]), who may
+//! open which export (`peer`), the connection limits (`listen`) and the byte budget of
+//! payloads in flight (`budget`),
+//! the control socket ([`control`]) and online re-encryption jobs (`reencrypt`), and an
+//! orderly shutdown: stop accepting, finish in-flight requests, flush every volume.
 //!
-//! One tokio task accepts on each listener; each connection runs the handshake
-//! (driving the pure `nbd` state machine), then a reader loop that parses requests and
-//! hands each one to a blocking worker (crypto and file I/O never run on the async
-//! runtime), and a writer task that sends replies as they complete, out of order.
-//! Bytes in flight are bounded by a server-wide budget.
+//! Sessions sit behind the [`BlockDevice`](crate::blockdev::BlockDevice) trait: they read,
+//! write, trim and query allocation through it and never see the volume's files or
+//! ciphers. The control socket's re-encryption and snapshot requests work on the
+//! [`Volume`](crate::volume::Volume) itself (a new data key comes in through a
+//! [`ControlHooks`] hook the CLI provides).
 
 mod budget;
 mod conn;
@@ -175,28 +182,7 @@ pub async fn serve_with(
         shutdown: shutdown.0.subscribe(),
     });
     let jobs = Arc::new(reencrypt::Jobs::default());
-    for e in shared.exports.iter() {
-        if let Some(st) = e.volume.reencrypt_status() {
-            if e.volume.read_only() {
-                tracing::warn!(
-                    export = %e.info.name,
-                    watermark = st.watermark,
-                    size = st.size,
-                    "a re-encryption is in progress but the export is served read-only: it \
-                     stays paused (reads use both data keys) until the volume is served \
-                     read-write or `cryptvol reencrypt FILE` runs"
-                );
-                continue;
-            }
-            tracing::info!(
-                export = %e.info.name,
-                watermark = st.watermark,
-                size = st.size,
-                "resuming an interrupted re-encryption"
-            );
-            jobs.start(&e.info.name, e.volume.clone(), shared.shutdown.clone());
-        }
-    }
+    resume_reencryptions(&shared, &jobs);
     let mut tasks = tokio::task::JoinSet::new();
     for l in listeners {
         tasks.spawn(listen::accept_loop(l, shared.clone()));
@@ -222,6 +208,39 @@ pub async fn serve_with(
     }
     // Every accept loop waits for its connections before returning; make everything durable.
     writeback.abort();
+    final_flush(&shared).await;
+    Ok(())
+}
+
+/// Resumes, in the background, every re-encryption a read-write export reports in
+/// progress (one served read-only stays paused, with a warning).
+fn resume_reencryptions(shared: &Shared, jobs: &reencrypt::Jobs) {
+    for e in shared.exports.iter() {
+        if let Some(st) = e.volume.reencrypt_status() {
+            if e.volume.read_only() {
+                tracing::warn!(
+                    export = %e.info.name,
+                    watermark = st.watermark,
+                    size = st.size,
+                    "a re-encryption is in progress but the export is served read-only: it \
+                     stays paused (reads use both data keys) until the volume is served \
+                     read-write or `cryptvol reencrypt FILE` runs"
+                );
+                continue;
+            }
+            tracing::info!(
+                export = %e.info.name,
+                watermark = st.watermark,
+                size = st.size,
+                "resuming an interrupted re-encryption"
+            );
+            jobs.start(&e.info.name, e.volume.clone(), shared.shutdown.clone());
+        }
+    }
+}
+
+/// Flushes every export's volume once the server has stopped.
+async fn final_flush(shared: &Shared) {
     for e in shared.exports.iter() {
         let vol = e.volume.clone();
         let name = e.info.name.clone();
@@ -231,7 +250,6 @@ pub async fn serve_with(
             Err(err) => tracing::error!(export = %name, "final flush task failed: {err}"),
         }
     }
-    Ok(())
 }
 
 /// Raises the soft limit of open descriptors (`RLIMIT_NOFILE`) to the hard limit, so that

@@ -1,6 +1,21 @@
 //! systemd integration without libsystemd: readiness notification (the `sd_notify`
 //! datagram protocol) and socket activation (`LISTEN_PID` / `LISTEN_FDS`).
 //!
+//! The notification messages (`READY=1`, `STATUS=...`, `STOPPING=1`) are the `sd-notify`
+//! crate's [`NotifyState`]s. Two parts stay hand-written because the crate (0.5) does
+//! not do what this program needs:
+//! - Sending the datagram ([`send_notify`]): the crate connects to `NOTIFY_SOCKET` as a
+//!   filesystem path, so an abstract-namespace address (`@NAME`, which systemd and
+//!   sd_notify(3) use and `tests/systemd.rs` exercises) fails; it also blocks on a full
+//!   receive queue and reads the target only from the environment, so it cannot be
+//!   tested without editing the process environment.
+//! - Socket activation ([`take_listen_fds`], [`parse_listen_env`]): the crate sets
+//!   close-on-exec on every descriptor in the range before checking any of them, refuses
+//!   a `LISTEN_FDNAMES` whose count does not match (here it is ignored with a warning, and
+//!   empty names mean none), reads only the environment (the pure parser here is
+//!   unit-tested with explicit values), and has no check that each descriptor is an
+//!   open, listening stream socket of a supported family (`adopt` below).
+//!
 //! Socket activation rule: when systemd passes at least one socket, `cryptvol serve` listens
 //! on exactly the passed sockets and opens none of its configured listeners. The TCP ones
 //! obey the same rule as configured listeners: a non-loopback one is refused unless TLS
@@ -19,6 +34,7 @@ use nix::sys::socket::{
     getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrLike as _, SockaddrStorage,
 };
 use nix::sys::stat::{fstat, SFlag};
+use sd_notify::NotifyState;
 
 use super::{Listener, ServerError};
 
@@ -271,15 +287,26 @@ pub fn send_notify(target: &OsStr, state: &str) -> std::io::Result<()> {
 
 /// Tells systemd the service is ready, with a status line. Failures are logged.
 pub fn notify_ready(status: &str) {
-    report(notify(&format!("READY=1\nSTATUS={status}")), "READY=1");
+    let states = [NotifyState::Ready, NotifyState::Status(status)];
+    report(notify(&message(&states)), "READY=1");
 }
 
 /// Tells systemd the service is stopping. Failures are logged.
 pub fn notify_stopping() {
-    report(
-        notify("STOPPING=1\nSTATUS=stopping: finishing in-flight requests"),
-        "STOPPING=1",
-    );
+    let states = [
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: finishing in-flight requests"),
+    ];
+    report(notify(&message(&states)), "STOPPING=1");
+}
+
+/// One notification datagram: the states in the crate's `KEY=VALUE` form, one a line.
+fn message(states: &[NotifyState]) -> String {
+    states
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn report(result: std::io::Result<bool>, what: &str) {
@@ -412,6 +439,21 @@ mod tests {
         send_notify(OsStr::new(&format!("@{name}")), "STOPPING=1").expect("send");
         let n = rx.recv(&mut buf).expect("recv");
         assert_eq!(&buf[..n], b"STOPPING=1");
+    }
+
+    #[test]
+    fn messages_are_the_states_one_a_line() {
+        assert_eq!(
+            message(&[NotifyState::Ready, NotifyState::Status("serving 1 export")]),
+            "READY=1\nSTATUS=serving 1 export"
+        );
+        assert_eq!(
+            message(&[
+                NotifyState::Stopping,
+                NotifyState::Status("stopping: finishing in-flight requests")
+            ]),
+            "STOPPING=1\nSTATUS=stopping: finishing in-flight requests"
+        );
     }
 
     #[test]

@@ -606,7 +606,7 @@ pub(crate) fn cert_identity(end_entity: &CertificateDer) -> Option<CertIdentity>
                 let name = attribute_name(&attr.attr_type().to_id_string());
                 let value = match attr.as_str() {
                     Ok(s) => escape_rfc4514(s),
-                    Err(_) => format!("#{}", hex(attr.attr_value().data)),
+                    Err(_) => format!("#{}", hex::encode(attr.attr_value().data)),
                 };
                 format!("{name}={value}")
             })
@@ -672,10 +672,6 @@ fn escape_rfc4514(s: &str) -> String {
         }
     }
     out
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn ip_from_bytes(b: &[u8]) -> Option<std::net::IpAddr> {
