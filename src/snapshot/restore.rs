@@ -238,9 +238,10 @@ pub async fn copy_reencrypt(
     let new_id = &new_id;
     let ctx = snapshot_context(new_id);
     check_copy_keyslots(&keyslots, &ctx)?;
+    let sector_size = SectorSize::try_from(m.sector_size)?;
     let engines = Reencryption {
-        old: Arc::new(XtsEngine::new(old_dek, SectorSize::try_from(m.sector_size)?)?),
-        new: Arc::new(XtsEngine::new(new_dek, SectorSize::try_from(m.sector_size)?)?),
+        old: Arc::new(XtsEngine::new(old_dek, sector_size)?),
+        new: Arc::new(XtsEngine::new(new_dek, sector_size)?),
     };
     let results: Vec<(u64, Option<String>, bool)> = futures::stream::iter(m.chunks.keys().copied())
         .map(|i| {
