@@ -953,6 +953,19 @@ pub(super) mod tests {
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
     }
 
+    /// The sidecar's bytes are part of the on-disk format: pinned here, byte for byte.
+    #[test]
+    fn the_sidecar_encoding_is_pinned() {
+        let uuid = uuid::Uuid::from_bytes([
+            0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
+            0xee, 0xff,
+        ]);
+        let b = cbt_encode(&uuid, true, Some("s1"), &[5, 1 << 63]);
+        assert_eq!(hex::encode(&b), "435643425430303100112233445566778899aabbccddeeff0102007331000008000000000002000000000000000500000000000000000000000000008099cf366baebff08a554e73e301a1ca8e8636a81438944651a9b200a823849bc1");
+        let none = cbt_encode(&uuid, false, None, &[]);
+        assert_eq!(hex::encode(&none), "435643425430303100112233445566778899aabbccddeeff0000000000080000000000000000000000000022c3c3cca92a5ed127abfd2848b2503b5cac850905479f15b93f8afbcd121a7c");
+    }
+
     thread_local! {
         /// Makes the next zone conversion stop half-way, as a crash would.
         pub(in crate::volume) static INTERRUPT: Cell<bool> = const { Cell::new(false) };
