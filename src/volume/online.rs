@@ -18,6 +18,7 @@ use super::{
     crash_point, crash_point_active, read_header, write_header, Header, Hotzone, Reencryption,
     Volume, VolumeError, REENCRYPT_FEATURE,
 };
+use crate::crypto::canonical::{CanonicalWriter, SIDECAR_V1};
 use crate::crypto::{Dek, XtsEngine};
 use crate::keys::{EncryptionContext, WrappedDek};
 
@@ -442,22 +443,31 @@ struct TrackMeta {
 
 const CBT_MAGIC: &[u8; 8] = b"CVCBT001";
 
-fn cbt_encode(uuid: &uuid::Uuid, in_use: bool, base: Option<&str>, words: &[u64]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(64 + words.len() * 8);
-    b.extend_from_slice(CBT_MAGIC);
-    b.extend_from_slice(uuid.as_bytes());
-    b.push(u8::from(in_use));
-    let base = base.unwrap_or("").as_bytes();
-    b.extend_from_slice(&(base.len() as u16).to_le_bytes());
-    b.extend_from_slice(base);
-    b.extend_from_slice(&SNAPSHOT_CHUNK.to_le_bytes());
-    b.extend_from_slice(&(words.len() as u64).to_le_bytes());
-    for w in words {
-        b.extend_from_slice(&w.to_le_bytes());
+/// The sidecar's bytes: the fields in the canonical encoding (profile
+/// [`SIDECAR_V1`]: a `u16` base-id length, a `u64` word count), then their SHA-256.
+/// A base id longer than `u16::MAX` bytes is an error, never truncated.
+fn cbt_encode(
+    uuid: &uuid::Uuid,
+    in_use: bool,
+    base: Option<&str>,
+    words: &[u64],
+) -> std::io::Result<Vec<u8>> {
+    let mut w = CanonicalWriter::with_capacity(SIDECAR_V1, 64 + words.len() * 8);
+    w.raw(CBT_MAGIC)
+        .raw(uuid.as_bytes())
+        .flag(in_use)
+        .str(base.unwrap_or(""))
+        .u64(SNAPSHOT_CHUNK)
+        .count(words.len());
+    for &word in words {
+        w.u64(word);
     }
+    let mut b = w
+        .finish()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let sum = Sha256::digest(&b);
     b.extend_from_slice(&sum);
-    b
+    Ok(b)
 }
 
 /// Reads the sidecar at `path` if its length can be that of a sidecar with `nwords`
@@ -557,7 +567,7 @@ impl Tracking {
             .collect();
         write_atomically(
             &self.sidecar,
-            &cbt_encode(uuid, in_use, base.as_deref(), &words),
+            &cbt_encode(uuid, in_use, base.as_deref(), &words)?,
         )
     }
 }
@@ -944,7 +954,7 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("v.img.cbt");
         let uuid = uuid::Uuid::new_v4();
-        let good = cbt_encode(&uuid, false, Some("snap-1"), &[5, 6]);
+        let good = cbt_encode(&uuid, false, Some("snap-1"), &[5, 6]).unwrap();
         std::fs::write(&p, &good).unwrap();
         assert_eq!(read_sidecar(&p, 2).unwrap(), good);
         let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
@@ -960,9 +970,9 @@ pub(super) mod tests {
             0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
             0xee, 0xff,
         ]);
-        let b = cbt_encode(&uuid, true, Some("s1"), &[5, 1 << 63]);
+        let b = cbt_encode(&uuid, true, Some("s1"), &[5, 1 << 63]).unwrap();
         assert_eq!(hex::encode(&b), "435643425430303100112233445566778899aabbccddeeff0102007331000008000000000002000000000000000500000000000000000000000000008099cf366baebff08a554e73e301a1ca8e8636a81438944651a9b200a823849bc1");
-        let none = cbt_encode(&uuid, false, None, &[]);
+        let none = cbt_encode(&uuid, false, None, &[]).unwrap();
         assert_eq!(hex::encode(&none), "435643425430303100112233445566778899aabbccddeeff0000000000080000000000000000000000000022c3c3cca92a5ed127abfd2848b2503b5cac850905479f15b93f8afbcd121a7c");
     }
 
