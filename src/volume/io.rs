@@ -601,9 +601,15 @@ impl Volume {
         if let Some(map) = &self.map {
             let cs = map.chunk_size();
             let (c0, c1) = (offset / cs, (offset + len).div_ceil(cs));
+            if !map.all_allocated(c0, c1) {
+                // First write to a chunk: the general path allocates it, under one lock
+                // over the whole chunks (not this span's lock first, then that one).
+                return self.write_range(offset, len, Source::Data(buf), fua);
+            }
             let guard = self.lock_w(span)?;
             if !map.all_allocated(c0, c1) {
-                // First write to a chunk: the general path allocates it.
+                // A trim unallocated a chunk between the check and the lock (rare):
+                // the general path reallocates it.
                 drop(guard);
                 return self.write_range(offset, len, Source::Data(buf), fua);
             }
@@ -1453,6 +1459,57 @@ mod tests {
             (1, 65536, 16)
         );
         assert!(sum.health.is_healthy());
+    }
+
+    /// Issue 15: the first write to a never-written chunk used to take the sector
+    /// range lock, find the chunk unallocated, drop it and lock the whole chunk: two
+    /// acquisitions (and two copy-before-write passes). Every write locks once.
+    #[test]
+    fn every_write_takes_the_range_lock_once() {
+        let (_d, _path, _h, _dek, v) = setup(1 << 20, 4096);
+        let locks = |v: &Volume| v.locks.acquisitions();
+        let cases: [(&str, u64, usize, bool); 5] = [
+            (
+                "aligned write_at_mut, never-written chunk",
+                2 * 65536,
+                4096,
+                true,
+            ),
+            (
+                "aligned write_at_mut, allocated chunk",
+                2 * 65536 + 8192,
+                4096,
+                true,
+            ),
+            (
+                "unaligned write_at, never-written chunk",
+                5 * 65536 + 10,
+                100,
+                false,
+            ),
+            (
+                "unaligned write_at, allocated chunk",
+                5 * 65536 + 500,
+                100,
+                false,
+            ),
+            (
+                "write_at across chunks, one never written",
+                5 * 65536 + 60000,
+                10000,
+                false,
+            ),
+        ];
+        for (what, offset, len, in_place) in cases {
+            let mut data = vec![0x5Au8; len];
+            let before = locks(&v);
+            if in_place {
+                v.write_at_mut(&mut data, offset, false).expect(what);
+            } else {
+                v.write_at(&data, offset, false).expect(what);
+            }
+            assert_eq!(locks(&v) - before, 1, "{what}");
+        }
     }
 
     /// Issue 14 B11: a read that found a chunk allocated, then a trim of that chunk
