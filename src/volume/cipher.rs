@@ -64,6 +64,7 @@ impl Cipher {
 }
 
 impl Volume {
+    /// The engines and watermark, read-locked.
     pub(super) fn keys_read(&self) -> RwLockReadGuard<'_, Keys> {
         self.cipher
             .keys

@@ -140,11 +140,11 @@ impl Volume {
         self.pread_sectors(&mut buf, a / ss)?;
         let bits = self.alloc_bits(c);
         if inner.spill.is_none() {
-            inner.spill = Some(spill_file(Path::new(self.path())).map_err(|e| self.io_error(e))?);
+            inner.spill = Some(spill_file(Path::new(self.path())).map_err(|e| self.io_err(e))?);
         }
         let off = inner.spill_len;
         if let Some(f) = &inner.spill {
-            f.write_all_at(&buf, off).map_err(|e| self.io_error(e))?;
+            f.write_all_at(&buf, off).map_err(|e| self.io_err(e))?;
         }
         inner.spill_len += buf.len() as u64;
         inner.preserved.insert(c, (off, bits));

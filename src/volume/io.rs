@@ -156,10 +156,6 @@ impl Volume {
         self.geo.data_offset + sector * self.ss()
     }
 
-    pub(super) fn io_error(&self, source: std::io::Error) -> VolumeError {
-        self.io_err(source)
-    }
-
     /// Takes the range lock for a write over `span` and runs the pre-write hooks
     /// (changed-chunk tracking, snapshot copy-before-write).
     pub(super) fn lock_w(&self, span: Span) -> Result<RangeGuard<'_>, VolumeError> {
@@ -171,6 +167,7 @@ impl Volume {
         Ok(g)
     }
 
+    /// An I/O error on the backing file: out-of-space errors as [`VolumeError::NoSpace`].
     pub(super) fn io_err(&self, source: std::io::Error) -> VolumeError {
         match source.raw_os_error() {
             Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => VolumeError::NoSpace(source),

@@ -115,7 +115,7 @@ impl SnapshotView {
                 path: v.path().to_string(),
                 detail: "preserved chunk lost".into(),
             })?;
-            f.read_exact_at(buf, off).map_err(|e| v.io_error(e))?;
+            f.read_exact_at(buf, off).map_err(|e| v.io_err(e))?;
             v.decrypt(buf, a / ss)?;
             return Ok(zero_unallocated(v, buf, &bits));
         }
@@ -157,7 +157,7 @@ impl SnapshotView {
         let v = &*self.volume;
         if let Some(t) = v.tracking.get() {
             t.set_base(id);
-            t.save(&v.uuid(), true).map_err(|e| v.io_error(e))?;
+            t.save(&v.uuid(), true).map_err(|e| v.io_err(e))?;
         }
         *lock_ignoring_poison(&self.completed) = true;
         Ok(())
