@@ -68,8 +68,6 @@ pub(crate) fn data_end(data_offset: u64, size: u64) -> Option<u64> {
 }
 
 /// A file of `file_len` bytes holds the whole data area.
-// For `Volume::open` (volume/io.rs), which still has its own copy of this check.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn data_area_fits(file_len: u64, data_offset: u64, size: u64) -> bool {
     data_end(data_offset, size).is_some_and(|end| end <= file_len)
 }

@@ -3,12 +3,19 @@
 //! Knows nothing about NBD or key backends beyond the [`WrappedDek`] it stores.
 
 mod alloc;
+mod cipher;
+mod cow;
+mod engine;
 pub(crate) mod geometry;
 mod header;
 mod io;
-mod online;
+mod open;
 mod rangelock;
+mod reencrypt;
 mod sectors;
+mod snapshot_view;
+mod tracking;
+mod write;
 
 pub use alloc::{MapHealth, MapLayout, MapSummary, CHUNKS_PER_PAGE, DEFAULT_CHUNK_SIZE};
 pub use header::{
@@ -16,10 +23,12 @@ pub use header::{
     Reencryption, FORMAT_VERSION, HEADER_COPY_SIZE, KNOWN_REQUIRED_FEATURES, MAX_KEYSLOTS,
     REENCRYPT_FEATURE,
 };
-pub use io::{OpenOptions, Volume, WRITE_CHUNK};
-pub use online::{
-    test_delay as snapshot_test_delay, ReencryptStatus, SnapshotView, SNAPSHOT_CHUNK, ZONE_SECTORS,
-};
+pub use io::Volume;
+pub use open::OpenOptions;
+pub use reencrypt::{ReencryptStatus, ZONE_SECTORS};
+pub use snapshot_view::{test_delay as snapshot_test_delay, SnapshotView};
+pub use tracking::SNAPSHOT_CHUNK;
+pub use write::WRITE_CHUNK;
 
 /// One run of the allocation map, as [`Volume::extents`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

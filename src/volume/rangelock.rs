@@ -18,6 +18,10 @@ struct State {
 pub(crate) struct RangeLocks {
     state: Mutex<State>,
     released: Condvar,
+    /// Test-only count of non-empty ranges taken, so tests can assert how often a
+    /// request locks.
+    #[cfg(test)]
+    acquired: std::sync::atomic::AtomicU64,
 }
 
 /// Holds a range until dropped.
@@ -54,6 +58,9 @@ impl RangeLocks {
                 .wait(st)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+        #[cfg(test)]
+        self.acquired
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ticket = st.next_ticket;
         st.next_ticket = st.next_ticket.wrapping_add(1);
         st.active.push((ticket, span));
@@ -61,6 +68,12 @@ impl RangeLocks {
             table: self,
             ticket: Some(ticket),
         }
+    }
+
+    /// How many non-empty ranges were taken so far (tests only).
+    #[cfg(test)]
+    pub(crate) fn acquisitions(&self) -> u64 {
+        self.acquired.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     #[cfg(test)]

@@ -1,0 +1,221 @@
+//! Changed-block tracking of a served volume: one bit per snapshot chunk written since
+//! the base snapshot, kept in memory and persisted in the sidecar `<volume>.cbt`
+//! (its encoding, checksum, and atomic replacement), so that a snapshot reads only
+//! the chunks changed since the last one, across clean restarts.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use sha2::{Digest, Sha256};
+
+use super::io::lock_ignoring_poison;
+use super::{Volume, VolumeError};
+use crate::crypto::canonical::{CanonicalWriter, SIDECAR_V1};
+
+/// Granularity of snapshot chunks and of changed-chunk tracking (as EBS: 512 KiB).
+pub const SNAPSHOT_CHUNK: u64 = 512 * 1024;
+
+/// Changed-chunk tracking of a served volume: one bit per snapshot chunk written since
+/// the base snapshot, persisted in a sidecar file `<volume>.cbt` on clean close. The
+/// sidecar says "in use" while the volume is open, so after a crash the tracking is
+/// known to be incomplete and the next snapshot reads everything.
+pub(super) struct Tracking {
+    words: Vec<AtomicU64>,
+    meta: Mutex<TrackMeta>,
+    sidecar: PathBuf,
+}
+
+struct TrackMeta {
+    /// The snapshot the bits are relative to; `None`: unknown (read everything).
+    base: Option<String>,
+}
+
+const CBT_MAGIC: &[u8; 8] = b"CVCBT001";
+
+/// The sidecar's bytes: the fields in the canonical encoding (profile
+/// [`SIDECAR_V1`]: a `u16` base-id length, a `u64` word count), then their SHA-256.
+/// A base id longer than `u16::MAX` bytes is an error, never truncated.
+fn cbt_encode(
+    uuid: &uuid::Uuid,
+    in_use: bool,
+    base: Option<&str>,
+    words: &[u64],
+) -> std::io::Result<Vec<u8>> {
+    let mut w = CanonicalWriter::with_capacity(SIDECAR_V1, 64 + words.len() * 8);
+    w.raw(CBT_MAGIC)
+        .raw(uuid.as_bytes())
+        .flag(in_use)
+        .str(base.unwrap_or(""))
+        .u64(SNAPSHOT_CHUNK)
+        .count(words.len());
+    for &word in words {
+        w.u64(word);
+    }
+    let mut b = w
+        .finish()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let sum = Sha256::digest(&b);
+    b.extend_from_slice(&sum);
+    Ok(b)
+}
+
+/// Reads the sidecar at `path` if its length can be that of a sidecar with `nwords`
+/// words (fixed fields, a base id of at most `u16::MAX` bytes, the words): a larger
+/// file, a link or a file of another user is not read (it is not ours; tracking then
+/// restarts).
+fn read_sidecar(path: &Path, nwords: usize) -> std::io::Result<Vec<u8>> {
+    let most = (8 + 16 + 1 + 2 + 8 + 8 + 32 + usize::from(u16::MAX) + nwords * 8) as u64;
+    crate::fsutil::read_own_file_nofollow(path, most)
+}
+
+/// Parses a sidecar written cleanly for volume `uuid` with `nwords` words.
+pub(super) fn cbt_decode(b: &[u8], uuid: &uuid::Uuid, nwords: usize) -> Option<(String, Vec<u64>)> {
+    let body = b.get(..b.len().checked_sub(32)?)?;
+    if Sha256::digest(body)[..] != b[body.len()..] || body.get(..8)? != CBT_MAGIC {
+        return None;
+    }
+    if body.get(8..24)? != uuid.as_bytes() || *body.get(24)? != 0 {
+        return None; // another volume, or not closed cleanly
+    }
+    let blen = u16::from_le_bytes(body.get(25..27)?.try_into().ok()?) as usize;
+    let base = std::str::from_utf8(body.get(27..27 + blen)?)
+        .ok()?
+        .to_string();
+    let mut at = 27 + blen;
+    let chunk = u64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?);
+    let n = u64::from_le_bytes(body.get(at + 8..at + 16)?.try_into().ok()?) as usize;
+    at += 16;
+    if chunk != SNAPSHOT_CHUNK || n != nwords || base.is_empty() || body.len() != at + n * 8 {
+        return None;
+    }
+    let words = body[at..]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect();
+    Some((base, words))
+}
+
+/// Replaces the sidecar through `<volume>.cbt.tmp`. Both names are derived from the
+/// volume's path, in a directory others may write to: the temporary is created with
+/// `O_EXCL | O_NOFOLLOW` (a symlink planted there is removed, never written through) and
+/// renamed over the sidecar (which replaces a symlink at `.cbt`, not its target).
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("cbt.tmp");
+    crate::fsutil::write_atomically_via(
+        path,
+        &tmp,
+        bytes,
+        0o600,
+        crate::fsutil::Durability::DataOnly,
+    )
+}
+
+impl Tracking {
+    pub(super) fn nwords(size: u64) -> usize {
+        size.div_ceil(SNAPSHOT_CHUNK).div_ceil(64) as usize
+    }
+
+    pub(super) fn mark(&self, first_byte: u64, end_byte: u64) {
+        if end_byte <= first_byte {
+            return;
+        }
+        for c in first_byte / SNAPSHOT_CHUNK..end_byte.div_ceil(SNAPSHOT_CHUNK) {
+            if let Some(w) = self.words.get((c / 64) as usize) {
+                let bit = 1u64 << (c % 64);
+                if w.load(Ordering::Relaxed) & bit == 0 {
+                    w.fetch_or(bit, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Takes the bits (they restart from zero) and the base.
+    pub(super) fn take(&self) -> (Option<String>, Vec<u64>) {
+        let base = lock_ignoring_poison(&self.meta).base.clone();
+        let words = self
+            .words
+            .iter()
+            .map(|w| w.swap(0, Ordering::AcqRel))
+            .collect();
+        (base, words)
+    }
+
+    /// Puts taken bits back (a snapshot that did not complete).
+    pub(super) fn restore(&self, words: &[u64]) {
+        for (w, &b) in self.words.iter().zip(words) {
+            w.fetch_or(b, Ordering::AcqRel);
+        }
+    }
+
+    pub(super) fn save(&self, uuid: &uuid::Uuid, in_use: bool) -> std::io::Result<()> {
+        let base = lock_ignoring_poison(&self.meta).base.clone();
+        let words: Vec<u64> = self
+            .words
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect();
+        write_atomically(
+            &self.sidecar,
+            &cbt_encode(uuid, in_use, base.as_deref(), &words)?,
+        )
+    }
+
+    /// Tracking continues relative to snapshot `id` from now on.
+    pub(super) fn set_base(&self, id: &str) {
+        lock_ignoring_poison(&self.meta).base = Some(id.to_string());
+    }
+}
+
+impl Volume {
+    /// Starts changed-chunk tracking (the server does, for every writable export):
+    /// loads the sidecar `<volume>.cbt` if it was closed cleanly and marks it in use.
+    /// When the sidecar cannot be written, tracking stays off (logged), never an error.
+    pub fn enable_change_tracking(&self) -> Result<(), VolumeError> {
+        if self.read_only() || self.tracking.get().is_some() {
+            return Ok(());
+        }
+        let sidecar = PathBuf::from(format!("{}.cbt", self.path()));
+        let n = Tracking::nwords(self.size());
+        let (base, words) = match read_sidecar(&sidecar, n) {
+            Ok(b) => match cbt_decode(&b, &self.uuid(), n) {
+                Some((base, w)) => (Some(base), w),
+                None => {
+                    tracing::info!(path = %self.path(), "changed-chunk tracking restarts (the volume was not closed cleanly, or no snapshot was tracked yet): the next snapshot reads the whole volume");
+                    (None, vec![0; n])
+                }
+            },
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %self.path(), "changed-chunk tracking restarts: {e}");
+                }
+                (None, vec![0; n])
+            }
+        };
+        let t = Tracking {
+            words: words.into_iter().map(AtomicU64::new).collect(),
+            meta: Mutex::new(TrackMeta { base }),
+            sidecar,
+        };
+        // Tracking is an optimisation: without a writable sidecar (a read-only
+        // directory, a filesystem without rename), snapshots simply read every chunk.
+        if let Err(e) = t.save(&self.uuid(), true) {
+            tracing::warn!(path = %self.path(), sidecar = %t.sidecar.display(), "changed-chunk tracking is off: cannot write its file ({e}); snapshots of this volume read every chunk (only changed ones are uploaded)");
+            return Ok(());
+        }
+        let _ = self.tracking.set(t);
+        Ok(())
+    }
+
+    /// Saves the changed-chunk tracking as cleanly closed (on drop, after the last flush).
+    pub(super) fn close_tracking(&self) {
+        if let Some(t) = self.tracking.get() {
+            if let Err(e) = t.save(&self.uuid(), false) {
+                tracing::warn!(path = %self.path(), "cannot save changed-chunk tracking: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
