@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 const LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// A progress reporter over a known number of bytes. `Sync`: share it between threads.
+#[derive(Debug)]
 pub struct Progress {
     what: String,
     total: u64,

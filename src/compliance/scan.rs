@@ -46,6 +46,7 @@ enum Entry {
 }
 
 /// Scans paths and evaluates each item. Key lookups are cached per key.
+#[derive(Debug)]
 pub struct Scanner {
     keystore_dir: PathBuf,
     keystore: Option<Result<LocalKeystore, String>>,

@@ -6,7 +6,7 @@ use crate::keys::PassphraseSource;
 use crate::nbd::TlsMode;
 
 /// The `--allow-*` flags (they apply to the exports of `VOLUME` arguments).
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct AllowFlags {
     /// User names or uids.
     pub uid: Vec<String>,
@@ -28,7 +28,7 @@ impl AllowFlags {
 }
 
 /// What the command line says, before combining with a file.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct CliOverrides {
     pub tcp: Vec<String>,
     pub unix: Vec<PathBuf>,

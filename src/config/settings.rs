@@ -38,6 +38,7 @@ pub struct ExportSpec {
 }
 
 /// The effective settings of `cryptvol serve`.
+#[derive(Debug)]
 pub struct ServeSettings {
     /// Configured listeners (used unless systemd passes sockets).
     pub listeners: Vec<ListenerSpec>,

@@ -11,6 +11,7 @@ pub const DEK_LEN: usize = 64;
 
 /// A volume data encryption key (512 bits for AES-256-XTS). The bytes live in their own
 /// locked, non-dumpable page (see `crypto::locked`) and are wiped on drop.
+#[allow(missing_debug_implementations)] // no Debug by design: holds key material
 pub struct Dek {
     bytes: Locked<Zeroizing<[u8; DEK_LEN]>>,
 }
@@ -55,6 +56,7 @@ impl Dek {
 /// A variable-length secret (passphrases, master key material, derived keys). The bytes
 /// live in their own locked, non-dumpable pages (see `crypto::locked`), wiped on drop;
 /// only if no mapping can be made at all do they stay in a zeroizing heap buffer.
+#[allow(missing_debug_implementations)] // no Debug by design: holds key material
 pub struct SecretBytes {
     bytes: SecretStorage,
 }

@@ -37,6 +37,7 @@ const TWEAK_BATCH: usize = 64;
 const TWEAK_LANES: usize = 8;
 
 /// An XTS engine keyed with one volume's DEK. Cheap to share between threads (`Sync`).
+#[allow(missing_debug_implementations)] // no Debug by design: holds key material
 pub struct XtsEngine {
     /// The expanded AES key schedules, in their own locked, non-dumpable page.
     pub(super) keys: Locked<Keys>,

@@ -39,6 +39,7 @@ pub struct AuditLog {
 }
 
 /// One audit record.
+#[derive(Debug)]
 pub struct AuditEvent<'a> {
     /// `generate`, `wrap`, `unwrap`, `rewrap-from`, `rewrap-to`, `create-key`, `enable`, ...
     pub operation: &'a str,
@@ -115,6 +116,7 @@ impl<'a> Denied<'a> {
 
 /// A client the server refused to let open an export (operation `open-export`, result
 /// `denied`): who, which export, from where, why.
+#[derive(Debug)]
 pub struct AccessEvent<'a> {
     pub export: &'a str,
     /// The listener the client came in on (`unix:///run/cryptvol/nbd.sock`, `tcp://...`).
@@ -154,6 +156,7 @@ struct AccessLine<'a> {
 }
 
 /// An open audit log (or none, when the default log's keystore does not exist).
+#[derive(Debug)]
 pub struct AuditWriter {
     file: Option<File>,
     path: PathBuf,

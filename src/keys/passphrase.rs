@@ -237,6 +237,7 @@ fn derive_kek(passphrase: &[u8], salt: &[u8], params: Argon2Params) -> Result<Se
 }
 
 /// Where a passphrase comes from. Never argv.
+#[derive(Debug)]
 pub enum PassphraseSource {
     File(PathBuf),
     Fd(i32),
@@ -367,6 +368,7 @@ fn prompt(confirm: bool) -> Result<SecretBytes, KeyError> {
 }
 
 /// Wraps/unwraps with a passphrase-derived key.
+#[allow(missing_debug_implementations)] // no Debug by design: holds key material
 pub struct PassphraseBackend {
     /// Shared with the blocking Argon2 task.
     passphrase: Arc<SecretBytes>,

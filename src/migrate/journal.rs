@@ -60,6 +60,7 @@ pub enum Record {
 }
 
 /// An open, locked journal.
+#[derive(Debug)]
 pub struct Journal {
     file: Flock<File>,
     path: PathBuf,

@@ -44,6 +44,7 @@ impl std::fmt::Display for SourceIdentity {
 }
 
 /// An open source.
+#[derive(Debug)]
 pub enum Source {
     /// A regular file or a block device.
     Local {

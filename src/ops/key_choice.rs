@@ -13,6 +13,7 @@ use crate::keys::{
 use super::{key_suffix, keyslot_err, OpsError};
 
 /// Where keys come from, as chosen on the command line.
+#[derive(Debug)]
 pub struct KeyOptions {
     /// `--keystore DIR`; `None` means the default location.
     pub keystore: Option<PathBuf>,
@@ -42,6 +43,7 @@ impl KeyOptions {
 }
 
 /// Which master key wraps a data key.
+#[derive(Debug)]
 pub enum NewKey<'a> {
     /// The configured default key (`cryptvol key set-default`), else the local default
     /// key (created on first use).

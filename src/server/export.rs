@@ -22,6 +22,16 @@ pub struct Export {
     active: AtomicUsize,
 }
 
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export")
+            .field("info", &self.info)
+            .field("volume", &self.volume)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Export {
     pub fn new(name: String, volume: Volume) -> Export {
         let sector = volume.sector_size();
@@ -81,6 +91,7 @@ impl Drop for ConnectionGuard<'_> {
 }
 
 /// The set of exports of a server.
+#[derive(Debug)]
 pub struct Exports(Vec<Export>);
 
 impl Exports {

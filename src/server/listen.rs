@@ -37,6 +37,7 @@ pub enum ListenerSpec {
 }
 
 /// A bound listener.
+#[derive(Debug)]
 pub enum Listener {
     Tcp(TcpListener),
     Unix {

@@ -127,7 +127,7 @@ pub(crate) struct Shared {
 }
 
 /// A handle to request shutdown.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct ShutdownHandle(Arc<watch::Sender<bool>>);
 
 impl ShutdownHandle {
@@ -148,7 +148,7 @@ pub async fn serve(
 }
 
 /// The control channel of a server and the hooks its operations use.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Control {
     /// The bound control socket (`None`: no control channel).
     pub socket: Option<ControlSocket>,

@@ -42,12 +42,14 @@ use super::{Listener, ServerError};
 const LISTEN_FDS_START: RawFd = 3;
 
 /// A listening socket inherited from systemd, not yet registered with the async runtime.
+#[derive(Debug)]
 pub struct ActivatedSocket {
     socket: Inherited,
     fd: RawFd,
     name: Option<String>,
 }
 
+#[derive(Debug)]
 enum Inherited {
     Tcp(std::net::TcpListener),
     Unix {
@@ -408,10 +410,10 @@ mod tests {
     fn refuses_non_sockets_and_non_listening_sockets() {
         let f = tempfile::tempfile().expect("tempfile");
         // adopt refuses before taking ownership; the descriptor is leaked on purpose.
-        let err = adopt(f.into_raw_fd(), None).err().expect("not a socket");
+        let err = adopt(f.into_raw_fd(), None).expect_err("not a socket");
         assert!(err.to_string().contains("not a socket"), "{err}");
         let d = UnixDatagram::unbound().expect("dgram");
-        let err = adopt(d.into_raw_fd(), None).err().expect("datagram");
+        let err = adopt(d.into_raw_fd(), None).expect_err("datagram");
         assert!(
             err.to_string().contains("not a listening stream socket"),
             "{err}"

@@ -208,7 +208,7 @@ pub async fn copy_as_is(
     })
 }
 
-/// The identity and key of a re-encrypted copy.
+/// The identity and key of a re-encrypted copy (Debug leaves the key out).
 pub struct NewSnapshotKey<'a> {
     /// The copy's id (chosen first: the keyslots are bound to it).
     pub id: SnapshotId,
@@ -216,6 +216,15 @@ pub struct NewSnapshotKey<'a> {
     pub dek: &'a Dek,
     /// `dek` wrapped, bound to [`snapshot_context`]`(id)`.
     pub keyslots: Vec<WrappedDek>,
+}
+
+impl std::fmt::Debug for NewSnapshotKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewSnapshotKey")
+            .field("id", &self.id)
+            .field("keyslots", &self.keyslots)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Copies snapshot `m` (verified with `old_dek`) from `from` to `to` as a new snapshot

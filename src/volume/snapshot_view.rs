@@ -68,6 +68,7 @@ impl Volume {
 /// in an unlinked temporary file (copy-before-write), so [`SnapshotView::read_chunk`]
 /// always returns the contents as of the view's creation. Dropping the view ends
 /// copy-before-write and frees the preserved chunks.
+#[derive(Debug)]
 pub struct SnapshotView {
     volume: Arc<Volume>,
     /// Changed-chunk bits taken when the view started, with their base snapshot.

@@ -22,20 +22,17 @@ fn duplicate_export_names_are_refused() {
         volumes: vec!["data=/tmp/other.img".into()],
         ..CliOverrides::default()
     };
-    let err = resolve_full(cli).err().expect("duplicate");
+    let err = resolve_full(cli).expect_err("duplicate");
     assert!(err.to_string().contains("\"data\" is used twice"), "{err}");
 }
 
 #[test]
 fn nothing_to_serve_is_an_error() {
-    let err = resolve(None, with_default_socket())
-        .err()
-        .expect("no exports");
+    let err = resolve(None, with_default_socket()).expect_err("no exports");
     assert!(err.to_string().contains("nothing to serve"), "{err}");
     let f = file("[listen]\nunix = [\"/tmp/s\"]\n");
-    let err = resolve(Some((Path::new("/c.toml"), f)), CliOverrides::default())
-        .err()
-        .expect("no exports");
+    let err =
+        resolve(Some((Path::new("/c.toml"), f)), CliOverrides::default()).expect_err("no exports");
     assert!(err.to_string().contains("[[export]]"), "{err}");
 }
 
@@ -98,8 +95,7 @@ fn bad_export_access_keys_are_refused_naming_file_export_and_key() {
             Some((Path::new("/c.toml"), file(&text))),
             with_default_socket(),
         )
-        .err()
-        .expect(bad);
+        .expect_err(bad);
         let msg = err.to_string();
         assert!(msg.contains("/c.toml"), "{msg}");
         assert!(msg.contains("export \"v\""), "{msg}");
@@ -135,7 +131,7 @@ fn allow_flags_apply_to_volume_arguments_only() {
         },
         ..with_default_socket()
     };
-    let err = resolve_full(cli).err().expect("flags without volumes");
+    let err = resolve_full(cli).expect_err("flags without volumes");
     assert!(err.to_string().contains("[[export]]"), "{err}");
 
     let cli = CliOverrides {
@@ -146,7 +142,7 @@ fn allow_flags_apply_to_volume_arguments_only() {
         },
         ..with_default_socket()
     };
-    let err = resolve(None, cli).err().expect("unknown user");
+    let err = resolve(None, cli).expect_err("unknown user");
     assert!(err.to_string().contains("--allow-uid"), "{err}");
 }
 

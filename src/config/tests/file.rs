@@ -34,8 +34,7 @@ fn syntax_and_type_errors_name_the_file() {
         let err = match parse(text, Path::new("/x/c.toml")) {
             Err(e) => e,
             Ok(f) => resolve(Some((Path::new("/x/c.toml"), f)), with_default_socket())
-                .err()
-                .expect("invalid"),
+                .expect_err("invalid"),
         };
         assert!(err.to_string().contains("/x/c.toml"), "{err}");
     }

@@ -92,9 +92,7 @@ fn modes_and_sizes_in_either_form() {
             text
         };
         let f = file(&text);
-        let err = resolve(Some((Path::new("/c.toml"), f)), with_default_socket())
-            .err()
-            .expect(bad);
+        let err = resolve(Some((Path::new("/c.toml"), f)), with_default_socket()).expect_err(bad);
         assert!(err.to_string().contains("/c.toml"), "{err}");
     }
 }

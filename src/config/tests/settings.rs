@@ -94,7 +94,7 @@ fn defaults_without_a_file() {
         volumes: vec!["v.img".into()],
         ..CliOverrides::default()
     };
-    let err = resolve(None, cli).err().expect("no default socket");
+    let err = resolve(None, cli).expect_err("no default socket");
     assert!(err.to_string().contains("--unix PATH"), "{err}");
     let cli = CliOverrides {
         volumes: vec!["v.img".into()],
@@ -143,8 +143,7 @@ fn limits_are_bounded() {
             Some((Path::new("/c.toml"), file(&text))),
             CliOverrides::default(),
         )
-        .err()
-        .expect(bad);
+        .expect_err(bad);
         assert!(err.to_string().contains("/c.toml"), "{err}");
     }
 }

@@ -61,7 +61,7 @@ fn tls_on_without_certificate_and_key_is_a_clear_error() {
             volumes: vec!["/v.img".into()],
             ..CliOverrides::default()
         };
-        let e = resolve(None, cli).err().expect("refused").to_string();
+        let e = resolve(None, cli).expect_err("refused").to_string();
         assert!(
             e.contains("--tls require needs") && e.contains("--tls-key"),
             "{e}"
@@ -76,7 +76,7 @@ fn tls_files_with_tls_off_are_refused() {
         volumes: vec!["/v.img".into()],
         ..CliOverrides::default()
     };
-    let e = resolve(None, cli).err().expect("refused").to_string();
+    let e = resolve(None, cli).expect_err("refused").to_string();
     assert!(e.contains("TLS is off"), "{e}");
 }
 
@@ -87,8 +87,7 @@ fn tls_mode_and_unknown_tls_keys_are_checked() {
         Some((Path::new("/x.toml"), file(bad))),
         CliOverrides::default(),
     )
-    .err()
-    .expect("refused")
+    .expect_err("refused")
     .to_string();
     assert!(e.contains("tls.mode") && e.contains("maybe"), "{e}");
     let e = parse("[tls]\ncertificate = \"x\"\n", Path::new("/x.toml"))

@@ -69,6 +69,7 @@ pub(super) struct Selection {
 }
 
 /// Negotiation state for one connection.
+#[derive(Debug)]
 pub struct Negotiation {
     client: ClientFlags,
     /// Set once an outcome with `Next::Transmit` or `Next::Close` was returned; any later

@@ -22,6 +22,7 @@ pub trait DataKeyMaker: Send + Sync {
 }
 
 /// What a snapshot through the daemon works on.
+#[derive(Debug)]
 pub struct SnapshotJob {
     pub export: String,
     pub volume: Arc<Volume>,
@@ -48,4 +49,13 @@ pub trait SnapshotTaker: Send + Sync {
 pub struct ControlHooks {
     pub keys: Option<Arc<dyn DataKeyMaker>>,
     pub snapshots: Option<Arc<dyn SnapshotTaker>>,
+}
+
+impl std::fmt::Debug for ControlHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlHooks")
+            .field("keys", &self.keys.is_some())
+            .field("snapshots", &self.snapshots.is_some())
+            .finish()
+    }
 }

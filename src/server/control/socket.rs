@@ -24,6 +24,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
 /// A bound control socket.
+#[derive(Debug)]
 pub struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
