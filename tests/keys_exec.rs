@@ -288,3 +288,66 @@ fn exec_program_inherits_no_environment_and_no_descriptors() {
     let info = info_json(&env, &vol);
     assert_eq!(info["keyslots"][1]["key_id"], "dump:k1");
 }
+
+/// A signal while `serve` is still unlocking its volumes (here: an exec backend that
+/// hangs) is handled: SIGHUP does not end it, SIGTERM ends it cleanly (status 0, a log
+/// line) instead of killing it by the signal's default action, as it did when the
+/// handlers were installed only once serving.
+#[test]
+fn signals_during_start_up_are_handled() {
+    require_python_cryptography();
+    let env = Env::new();
+    let keys = env.path("example-keys");
+    example_admin(&keys, &["create-key", "k1"]);
+    run_ok(
+        env.cmd()
+            .args(["key", "exec", "add", "example", "--timeout", "30", "--"])
+            .arg("/usr/bin/python3")
+            .arg(example())
+            .arg("--dir")
+            .arg(&keys),
+    );
+    let vol = env.create("x.img", "4M", &["--key", "exec:example:k1"]);
+    // Replace the backend by one that says it started, then hangs.
+    let hold = env.path("hold.sh");
+    std::fs::write(
+        &hold,
+        "echo $$ > \"$1.tmp\"; mv \"$1.tmp\" \"$1\"; exec sleep 120\n",
+    )
+    .expect("write");
+    let started = env.path("started");
+    run_ok(
+        env.cmd()
+            .args(["key", "exec", "add", "example", "--timeout", "60", "--"])
+            .arg("/bin/sh")
+            .arg(&hold)
+            .arg(&started),
+    );
+    let mut srv = env.serve_starting(&[s(&vol)]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !started.exists() {
+        assert!(
+            srv.alive(),
+            "serve ended before unlocking:\n{}",
+            srv.log_text()
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the exec backend was never started:\n{}",
+            srv.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let holder = std::fs::read_to_string(&started).expect("pid");
+    let signal = |sig: &str, pid: &str| {
+        Command::new("kill")
+            .args([sig, pid.trim()])
+            .status()
+            .expect("kill")
+    };
+    signal("-HUP", &srv.pid().to_string());
+    assert!(srv.alive(), "SIGHUP ended the daemon during start-up");
+    let log = srv.stop();
+    signal("-KILL", &holder);
+    assert!(log.contains("stop requested during start-up"), "{log}");
+}

@@ -9,6 +9,7 @@ use clap::Args;
 
 use super::args::parse_size_arg;
 use super::serve::{bind_all, open_exports, run_server};
+use super::signals::DaemonSignals;
 use crate::config::{self, ExportSpec};
 use crate::keys::{Argon2Params, KeyRef};
 use crate::ops::{self, KeyOptions, NewKey};
@@ -75,13 +76,21 @@ pub(super) async fn demo(a: DemoArgs) -> Result<()> {
             ..server::AccessPolicy::default()
         },
     };
+    let signals = DaemonSignals::register()?;
     let exports = open_exports(&[export], &keys).await?;
     let listeners = bind_all(&specs).await?;
     let config = ServerConfig {
         audit_log: Some(keys.service().audit_log().clone()),
         ..ServerConfig::default()
     };
-    run_server(exports, listeners, config, server::Control::default()).await
+    run_server(
+        exports,
+        listeners,
+        config,
+        server::Control::default(),
+        signals,
+    )
+    .await
 }
 
 /// How to use the demo export, on stdout.

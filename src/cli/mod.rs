@@ -123,7 +123,12 @@ pub fn main() -> ExitCode {
         }
     };
     let is_check = matches!(cli.command, Command::Check(_));
-    match rt.block_on(run(cli, activated)) {
+    let result = rt.block_on(run(cli, activated));
+    // Every command awaits its own blocking work, except a daemon stopped during start-up,
+    // which abandons a key backend call still running (an exec program or KMS request
+    // that does not answer): dropping the runtime would wait for it, up to its timeout.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if let Some(CheckStatus(code)) = e.downcast_ref::<CheckStatus>() {

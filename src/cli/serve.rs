@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::args::{parse_mode, parse_size_arg, KeystoreArgs, PassphraseArgs};
-use super::signals::wait_for_signal;
+use super::signals::DaemonSignals;
 use crate::config::{self, CliOverrides, ExportSpec};
 use crate::keys::{Argon2Params, WrappedDek};
 use crate::ops::{self, KeyOptions};
@@ -148,8 +148,27 @@ pub(super) struct ServeArgs {
 }
 
 /// `cryptvol serve`: resolves the settings (flags over the config file), unlocks every
-/// volume, opens the control socket and the listeners, and serves until a signal.
+/// volume, opens the control socket and the listeners, and serves until a signal. The
+/// signal handlers come first: SIGTERM during start-up is a clean exit (status 0).
 pub(super) async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
+    let mut signals = DaemonSignals::register()?;
+    let Some(d) = signals.unless_stopped(start(a, activated)).await? else {
+        tracing::info!("stop requested during start-up: exiting before serving");
+        return Ok(());
+    };
+    run_server(d.exports, d.listeners, d.config, d.control, signals).await
+}
+
+/// What `serve` has ready once start-up is done.
+struct Started {
+    exports: Exports,
+    listeners: Vec<Listener>,
+    config: ServerConfig,
+    control: server::Control,
+}
+
+/// Start-up: settings, TLS, keys, sockets, unlocked volumes, control socket, listeners.
+async fn start(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<Started> {
     let file = match &a.config {
         Some(path) => Some((path.as_path(), config::load(path)?)),
         None => None,
@@ -185,7 +204,12 @@ pub(super) async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Resu
     let control = daemon_control(settings.control.clone(), &keys).await?;
     let listeners = open_listeners(inherited, &settings.listeners, &control).await?;
     let config = server_config(&settings, a.threads, &keys, tls);
-    run_server(exports, listeners, config, control).await
+    Ok(Started {
+        exports,
+        listeners,
+        config,
+        control,
+    })
 }
 
 /// The `serve` flags as overrides of the config file.
@@ -444,6 +468,7 @@ pub(super) async fn run_server(
     listeners: Vec<Listener>,
     config: ServerConfig,
     control: server::Control,
+    mut signals: DaemonSignals,
 ) -> Result<()> {
     for l in &listeners {
         tracing::info!("listening on {}", l.describe());
@@ -453,11 +478,11 @@ pub(super) async fn run_server(
         "serving {n} export{}",
         if n == 1 { "" } else { "s" }
     ));
-    tokio::spawn(reload_on_sighup(config.tls.clone()));
+    tokio::spawn(reload_on_sighup(config.tls.clone(), signals.take_hangup()));
     let shutdown = server::shutdown_handle();
     let sd = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.stop_requested().await;
         tracing::info!("shutting down: no new connections; finishing in-flight requests");
         systemd::notify_stopping();
         sd.shutdown();
@@ -470,14 +495,12 @@ pub(super) async fn run_server(
 /// On each SIGHUP, re-reads the TLS certificate, key and client CA files (see
 /// `server::reload_tls`; a failure keeps the old ones). Without TLS there is nothing to
 /// reload, but SIGHUP (`systemctl reload`) must still not end the daemon.
-async fn reload_on_sighup(tls: Option<Arc<server::TlsSetup>>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("cannot handle SIGHUP, TLS certificates will not be reloaded: {e}");
-            return;
-        }
+async fn reload_on_sighup(
+    tls: Option<Arc<server::TlsSetup>>,
+    hup: Option<tokio::signal::unix::Signal>,
+) {
+    let Some(mut hup) = hup else {
+        return;
     };
     while hup.recv().await.is_some() {
         let Some(tls) = &tls else {

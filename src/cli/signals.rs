@@ -4,7 +4,58 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+/// The daemon's signals, registered once at the very start of `serve`, before any volume
+/// is unlocked or any socket bound. Registering later (in a task spawned once serving)
+/// left windows in which SIGTERM, SIGINT or SIGHUP took the default action and killed the
+/// process: during a slow unlock, and between the listener answering and the task
+/// running. Signals that arrive early are queued and acted on.
+#[derive(Debug)]
+pub(super) struct DaemonSignals {
+    term: Signal,
+    int: Signal,
+    hup: Option<Signal>,
+}
+
+impl DaemonSignals {
+    /// Installs the handlers (must run inside the tokio runtime).
+    pub(super) fn register() -> Result<DaemonSignals> {
+        let term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+        Ok(DaemonSignals {
+            term,
+            int,
+            hup: Some(hup),
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT (returns at once for one already received).
+    pub(super) async fn stop_requested(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+
+    /// The SIGHUP stream, for the reload task (once).
+    pub(super) fn take_hangup(&mut self) -> Option<Signal> {
+        self.hup.take()
+    }
+
+    /// Runs `start` unless SIGTERM/SIGINT comes first (`None`: stop before serving).
+    pub(super) async fn unless_stopped<T>(
+        &mut self,
+        start: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<Option<T>> {
+        tokio::select! {
+            r = start => r.map(Some),
+            () = self.stop_requested() => Ok(None),
+        }
+    }
+}
 
 /// Waits for SIGTERM or SIGINT (only Ctrl-C if those handlers cannot be installed).
 pub(super) async fn wait_for_signal() {

@@ -123,7 +123,26 @@ impl Env {
         let sock = self.path(&format!("nbd-{}.sock", rand_suffix()));
         self.spawn_server(&sock, volumes, extra, true, false, &[])
     }
+    /// Starts `cryptvol serve` on a Unix socket without waiting for it to be ready (for
+    /// tests of start-up itself).
+    pub fn serve_starting(&self, volumes: &[&str]) -> Server {
+        let sock = self.path(&format!("nbd-{}.sock", rand_suffix()));
+        self.spawn_server_process(&sock, volumes, &[], false, false, &[])
+    }
     fn spawn_server(
+        &self,
+        sock: &Path,
+        volumes: &[&str],
+        extra: &[&str],
+        tcp: bool,
+        allow_anyone: bool,
+        envs: &[(&str, &str)],
+    ) -> Server {
+        let mut s = self.spawn_server_process(sock, volumes, extra, tcp, allow_anyone, envs);
+        s.wait_ready();
+        s
+    }
+    fn spawn_server_process(
         &self,
         sock: &Path,
         volumes: &[&str],
@@ -148,14 +167,12 @@ impl Env {
         let logf = std::fs::File::create(&log).expect("log file");
         c.stdout(Stdio::null()).stderr(logf);
         let child = c.spawn().expect("spawn cryptvol serve");
-        let mut s = Server {
+        Server {
             child: Some(child),
             sock,
             port,
             log,
-        };
-        s.wait_ready();
-        s
+        }
     }
 }
 
