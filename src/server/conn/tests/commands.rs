@@ -96,3 +96,17 @@ fn structured_reads_and_block_status_report_holes() {
     assert_eq!(u64::from_be_bytes(p[..8].try_into().unwrap()), 512);
     assert_eq!(&p[8..], &[5u8; 512][..]);
 }
+
+#[test]
+fn cache_is_acknowledged_without_touching_the_data() {
+    let mut s = start(false, false);
+    s.write(1, 4096, &[7u8; 512]);
+    assert_eq!(s.simple(), (0, 1));
+    s.send(Command::Cache, 0, 2, 0, 8192);
+    assert_eq!(s.simple(), (0, 2));
+    s.send(Command::Read, 0, 3, 4096, 512);
+    assert_eq!(s.simple(), (0, 3));
+    let mut back = [0u8; 512];
+    s.client.read_exact(&mut back).unwrap();
+    assert_eq!(back, [7u8; 512]);
+}

@@ -49,3 +49,32 @@ fn device_failure_becomes_eio_in_a_structured_error_chunk() {
     );
     assert_eq!(be32(&p), NbdErrno::Io.wire());
 }
+
+#[test]
+fn unknown_commands_and_flags_get_einval_and_the_session_goes_on() {
+    let mut s = start(false, false);
+    s.send(Command::Unknown(99), 0, 1, 0, 512);
+    assert_eq!(s.simple(), (NbdErrno::Inval.wire(), 1));
+    // NO_HOLE only means something on WRITE_ZEROES; REQ_ONE only on BLOCK_STATUS.
+    s.send(Command::Read, CMD_FLAG_NO_HOLE, 2, 0, 512);
+    assert_eq!(s.simple(), (NbdErrno::Inval.wire(), 2));
+    s.send(Command::Trim, CMD_FLAG_REQ_ONE, 3, 0, 512);
+    assert_eq!(s.simple(), (NbdErrno::Inval.wire(), 3));
+    // FLUSH carries no range.
+    s.send(Command::Flush, 0, 4, 0, 512);
+    assert_eq!(s.simple(), (NbdErrno::Inval.wire(), 4));
+    s.send(Command::Flush, 0, 5, 0, 0);
+    assert_eq!(s.simple(), (0, 5));
+}
+
+#[test]
+fn block_status_without_a_negotiated_context_gets_einval() {
+    let mut s = start(false, false);
+    s.send(Command::BlockStatus, 0, 1, 0, 4096);
+    assert_eq!(s.simple(), (NbdErrno::Inval.wire(), 1));
+    let mut s = start(false, true);
+    s.send(Command::BlockStatus, 0, 2, 0, 0);
+    let (h, p) = s.chunk();
+    assert_eq!((h.reply_type, h.cookie), (REPLY_TYPE_ERROR, 2));
+    assert_eq!(be32(&p), NbdErrno::Inval.wire());
+}

@@ -18,7 +18,7 @@ use std::net::Shutdown;
 
 use crate::blockdev::{BlockDevice, MemDevice};
 use crate::nbd::consts::{
-    CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR,
+    CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR,
     REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE,
 };
 use crate::nbd::structured::{decode_chunk_header, ChunkHeader, CHUNK_HEADER_LEN};
