@@ -8,7 +8,8 @@
 //! - [`volume`]: on-disk header, backing-file I/O, sector arithmetic.
 //! - [`crypto`]: the XTS engine and secret types (no I/O).
 //! - [`keys`]: the `KeyBackend` trait and its backends.
-//! - [`ops`]: volume lifecycle operations composed from the layers above (create, open, info).
+//! - [`ops`]: the commands' logic composed from the layers above (create, unlock, info,
+//!   keyslots and rekey, snapshots and restore, the data key of a re-encryption).
 //! - [`nbdclient`]: a small blocking NBD client (socket I/O over the [`nbd`] codec).
 //! - [`migrate`]: `import` (unencrypted disk → new volume, resumable) and `export`.
 //! - [`progress`]: progress bars / periodic log lines for long operations.
@@ -16,7 +17,8 @@
 //! - [`snapshot`]: encrypted, incremental snapshots in a local or S3-compatible object store.
 //! - [`fsutil`]: creating and rewriting files without following symlinks.
 //! - [`config`]: the `serve` configuration file and how it combines with the command line.
-//! - [`cli`]: the thin clap front end.
+//! - [`cli`]: the clap front end: arguments, printing, and the daemon's wiring (`cli/serve.rs`:
+//!   settings, signals, listeners, control hooks).
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod blockdev;

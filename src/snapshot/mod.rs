@@ -12,7 +12,7 @@
 //! - [`restore`]: writing a snapshot into a new volume, copying a snapshot between stores
 //!   (as is, or re-encrypted under another DEK), deleting with reference counting.
 //!
-//! This module never sees master keys: callers (`ops.rs`) unwrap the DEK from the
+//! This module never sees master keys: callers (`ops/snapshots.rs`, `ops/restore.rs`) unwrap the DEK from the
 //! manifest's keyslots and hand it in.
 
 use std::collections::BTreeSet;

@@ -7,7 +7,7 @@
 //! What goes through the engine: every data-area read and write (sector ciphertext,
 //! copy-before-write reads, re-encryption zones), data syncs (the flush, with the
 //! allocation map's persistence calling the engine's sync between its two steps) and
-//! hole punching. What does not: the header (`header.rs`, through its own path with
+//! hole punching. What does not: the header (`header/`, through its own path with
 //! `flock`), the allocation map's pages (`alloc.rs`, given the `File`), the in-use lock
 //! and the file-identity check at open (`open.rs`). The engine knows offsets in the
 //! file only: no sectors, no keys.

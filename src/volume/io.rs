@@ -359,7 +359,7 @@ impl Volume {
     pub fn flush(&self) -> Result<(), VolumeError> {
         match &self.map {
             Some(map) if !self.geo.read_only => map
-                .persist(&self.file, &|| self.file.sync_data())
+                .persist(&self.file, &|| self.engine.sync_data())
                 .map_err(|e| self.io_err(e)),
             _ => self.sync_data(),
         }
