@@ -12,9 +12,9 @@ use zeroize::Zeroizing;
 
 use super::{chunk_count, SnapshotError};
 use crate::crypto::canonical::{CanonicalWriter, MAC_V1};
-use crate::crypto::{Dek, DEK_LEN};
+use crate::crypto::{Dek, SectorSize, DEK_LEN};
 use crate::keys::{EncryptionContext, WrappedDek};
-use crate::volume::CIPHER;
+use crate::volume::{geometry, CIPHER};
 
 /// Manifest format version written and understood.
 pub const MANIFEST_VERSION: u32 = 1;
@@ -412,24 +412,20 @@ fn check_identity(id: &SnapshotId, j: &Json) -> Result<(), SnapshotError> {
 /// Checks the sector size, the volume size, the chunk size and the cipher.
 fn check_geometry(id: &SnapshotId, j: &Json) -> Result<(), SnapshotError> {
     let bad = |reason: String| Err(bad_manifest(id, reason));
-    if j.sector_size != 512 && j.sector_size != 4096 {
+    let Ok(sector) = SectorSize::try_from(j.sector_size) else {
         return bad(format!(
             "sector size {} (must be 512 or 4096)",
             j.sector_size
         ));
-    }
-    if j.volume_size == 0
-        || !j.volume_size.is_multiple_of(u64::from(j.sector_size))
-        || j.volume_size > i64::MAX as u64 / 2
-    {
+    };
+    // Half the largest file offset: the manifest's own bound, leaving room for a header.
+    if !geometry::is_whole_sectors(j.volume_size, sector) || j.volume_size > i64::MAX as u64 / 2 {
         return bad(format!(
             "volume size {} is not a positive multiple of the sector size",
             j.volume_size
         ));
     }
-    if j.chunk_size == 0
-        || !j.chunk_size.is_multiple_of(j.sector_size)
-        || j.chunk_size > MAX_CHUNK_SIZE
+    if !geometry::is_whole_sectors(u64::from(j.chunk_size), sector) || j.chunk_size > MAX_CHUNK_SIZE
     {
         return bad(format!("chunk size {}", j.chunk_size));
     }
@@ -780,5 +776,34 @@ pub(crate) mod tests {
         assert!(m.expected_context().is_ok());
         m.encryption_context = EncryptionContext::for_volume(&uuid::Uuid::from_bytes([9; 16]));
         assert!(m.expected_context().is_err());
+    }
+
+    #[test]
+    fn geometry_outside_the_format_is_refused_before_any_key_is_used() {
+        let k = dek(1);
+        let m = sample(&k);
+        let json = String::from_utf8(m.to_json().unwrap()).unwrap();
+        let chunk = format!("\"chunk_size\":{}", m.chunk_size);
+        for (from, to) in [
+            ("\"sector_size\":4096", "\"sector_size\":1000".to_string()),
+            ("\"sector_size\":4096", "\"sector_size\":0".to_string()),
+            ("\"volume_size\":4194304", "\"volume_size\":0".to_string()),
+            (
+                "\"volume_size\":4194304",
+                "\"volume_size\":4194305".to_string(),
+            ),
+            (chunk.as_str(), "\"chunk_size\":6144".to_string()),
+            (chunk.as_str(), "\"chunk_size\":0".to_string()),
+        ] {
+            assert!(json.contains(from), "{from} not in {json}");
+            let t = json.replace(from, &to);
+            assert!(
+                matches!(
+                    Manifest::parse(&m.id, t.as_bytes()),
+                    Err(SnapshotError::BadManifest { .. })
+                ),
+                "{to}"
+            );
+        }
     }
 }
