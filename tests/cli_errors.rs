@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use common::{fails, run_ok, Env};
+use common::{fails, info_json, run_ok, Env};
 use cryptvol::keys::{EncryptionContext, KeyBackend, KeyError, LocalKeystore};
 
 fn sha(p: &Path) -> Vec<u8> {
@@ -86,6 +86,37 @@ fn size_not_a_multiple_of_the_sector_size_is_refused() {
     let err = fails(env.cmd().args(["create", "--size", "10000"]).arg(&p));
     assert!(err.contains("multiple of the sector size"), "{err}");
     assert!(!p.exists(), "a refused create left a file behind");
+    // With a unit there is no GiB hint (the size was clearly meant in bytes).
+    let err = fails(env.cmd().args(["create", "--size", "10001K"]).arg(&p));
+    assert!(err.contains("multiple of the sector size"), "{err}");
+    assert!(!err.contains("GiB"), "{err}");
+    assert!(!p.exists(), "a refused create left a file behind");
+}
+
+/// The EBS habit: `aws ec2 create-volume --size 100 --encrypted --kms-key-id …` counts
+/// the size in GiB and asks for encryption. A bare 100 gets a hint naming 100G, and
+/// `--encrypted` is accepted (every volume is encrypted).
+#[test]
+fn ebs_habits_get_a_size_hint_and_encrypted_is_accepted() {
+    let env = Env::new();
+    let p = env.path("ebs.img");
+    let err = fails(
+        env.cmd()
+            .args(["create", "--size", "100", "--encrypted"])
+            .arg(&p),
+    );
+    assert!(
+        err.contains("size 100 is not a positive multiple of the sector size 4096")
+            && err.contains("--size 100G"),
+        "{err}"
+    );
+    assert!(!p.exists(), "a refused create left a file behind");
+    run_ok(
+        env.cmd()
+            .args(["create", "--size", "4M", "--encrypted"])
+            .arg(&p),
+    );
+    assert_eq!(info_json(&env, &p)["size"], 4 << 20);
 }
 
 #[test]

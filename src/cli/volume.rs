@@ -19,9 +19,14 @@ use crate::volume::{VolumeSpec, DEFAULT_SECTOR_SIZE};
 /// `cryptvol create`.
 #[derive(Args)]
 pub(super) struct CreateArgs {
-    /// Volume size, e.g. 512M, 10G, 1T (binary units); a multiple of the sector size.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg, required_unless_present = "from_snapshot", conflicts_with = "from_snapshot")]
-    size: Option<u64>,
+    /// Volume size, e.g. 512M, 10G, 1T (binary units); a multiple of the sector size. A
+    /// number without a unit is in bytes (not GiB as in `aws ec2 create-volume --size`).
+    #[arg(long, value_name = "SIZE", value_parser = parse_volume_size, required_unless_present = "from_snapshot", conflicts_with = "from_snapshot")]
+    size: Option<VolumeSize>,
+    /// Accepted for the EBS habit (`aws ec2 create-volume --encrypted`) and changes
+    /// nothing: every cryptvol volume is encrypted.
+    #[arg(long)]
+    encrypted: bool,
     /// Restore the volume from this snapshot (size and sector size come from it). The
     /// volume gets its own new data key, wrapped by --key (default: the snapshot's own
     /// master key), and every chunk is re-encrypted under it.
@@ -60,6 +65,39 @@ pub(super) struct CreateArgs {
     file: PathBuf,
 }
 
+/// `--size` as given: its bytes, and whether it had a unit.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct VolumeSize {
+    bytes: u64,
+    unitless: bool,
+}
+
+/// clap value parser for `create --size`.
+fn parse_volume_size(s: &str) -> Result<VolumeSize, String> {
+    Ok(VolumeSize {
+        bytes: parse_size_arg(s)?,
+        unitless: s.trim().bytes().all(|b| b.is_ascii_digit()),
+    })
+}
+
+impl VolumeSize {
+    /// A bare number that is no whole number of sectors was most likely meant in GiB
+    /// (`aws ec2 create-volume --size 100`): refused with the spelling that works.
+    fn check_units(self, sector_size: u32) -> Result<()> {
+        if self.unitless
+            && !crate::volume::geometry::is_whole_units(self.bytes, u64::from(sector_size).max(1))
+        {
+            anyhow::bail!(
+                "size {n} is not a positive multiple of the sector size {sector_size}: a size \
+                 without a unit is in bytes; for {n} GiB (as `aws ec2 create-volume --size {n}` \
+                 means) write --size {n}G",
+                n = self.bytes
+            );
+        }
+        Ok(())
+    }
+}
+
 /// `cryptvol info`.
 #[derive(Args)]
 pub(super) struct InfoArgs {
@@ -75,10 +113,15 @@ pub(super) async fn create(a: CreateArgs) -> Result<()> {
     if a.from_snapshot.is_some() {
         return restore(a).await;
     }
+    if a.encrypted {
+        tracing::debug!("--encrypted: every volume is encrypted (accepted for EBS habits)");
+    }
+    let size = a.size.context("--size is required")?;
+    size.check_units(a.sector_size)?;
     let keys = a.keys.options();
     let new_key = new_volume_key(a.key.as_deref(), &keys)?;
     let spec = VolumeSpec {
-        size: a.size.context("--size is required")?,
+        size: size.bytes,
         sector_size: a.sector_size,
     };
     let opts = ops::CreateOptions {
