@@ -14,7 +14,7 @@ use super::signals::interruptible;
 use super::snapshots::snapshot_id;
 use crate::ops;
 use crate::size::format_size;
-use crate::volume::{VolumeSpec, DEFAULT_SECTOR_SIZE};
+use crate::volume::{VolumeError, VolumeSpec, DEFAULT_SECTOR_SIZE};
 
 /// `cryptvol create`.
 #[derive(Args)]
@@ -81,20 +81,17 @@ fn parse_volume_size(s: &str) -> Result<VolumeSize, String> {
 }
 
 impl VolumeSize {
-    /// A bare number that is no whole number of sectors was most likely meant in GiB
-    /// (`aws ec2 create-volume --size 100`): refused with the spelling that works.
-    fn check_units(self, sector_size: u32) -> Result<()> {
-        if self.unitless
-            && !crate::volume::geometry::is_whole_units(self.bytes, u64::from(sector_size).max(1))
-        {
-            anyhow::bail!(
-                "size {n} is not a positive multiple of the sector size {sector_size}: a size \
-                 without a unit is in bytes; for {n} GiB (as `aws ec2 create-volume --size {n}` \
-                 means) write --size {n}G",
+    /// A bare number refused as no whole number of sectors was most likely meant in GiB
+    /// (`aws ec2 create-volume --size 100`): the refusal gets the spelling that works.
+    fn explain(self, e: ops::OpsError) -> anyhow::Error {
+        if self.unitless && matches!(e, ops::OpsError::Volume(VolumeError::BadSize { .. })) {
+            return anyhow::anyhow!(
+                "{e}: a size without a unit is in bytes; for {n} GiB (as `aws ec2 \
+                 create-volume --size {n}` means) write --size {n}G",
                 n = self.bytes
             );
         }
-        Ok(())
+        e.into()
     }
 }
 
@@ -117,7 +114,6 @@ pub(super) async fn create(a: CreateArgs) -> Result<()> {
         tracing::debug!("--encrypted: every volume is encrypted (accepted for EBS habits)");
     }
     let size = a.size.context("--size is required")?;
-    size.check_units(a.sector_size)?;
     let keys = a.keys.options();
     let new_key = new_volume_key(a.key.as_deref(), &keys)?;
     let spec = VolumeSpec {
@@ -131,6 +127,7 @@ pub(super) async fn create(a: CreateArgs) -> Result<()> {
     };
     let header = ops::create_volume_with(&a.file, &spec, new_key, &keys, &opts)
         .await
+        .map_err(|e| size.explain(e))
         .with_context(|| format!("cannot create {}", a.file.display()))?;
     println!(
         "created {} ({}, {}-byte sectors, uuid {}), data key wrapped by {}",
