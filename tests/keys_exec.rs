@@ -36,6 +36,18 @@ fn example_admin(dir: &Path, args: &[&str]) {
     );
 }
 
+/// Registers the example program, keeping its keys in `keys`, as exec backend `example`.
+fn register_example(env: &Env, keys: &Path) {
+    run_ok(
+        env.cmd()
+            .args(["key", "exec", "add", "example", "--timeout", "30", "--"])
+            .arg("/usr/bin/python3")
+            .arg(example())
+            .arg("--dir")
+            .arg(keys),
+    );
+}
+
 fn slot0(env: &Env, vol: &Path) -> (String, String) {
     let info = info_json(env, vol);
     (
@@ -56,14 +68,7 @@ async fn exec_backend_volume_lifecycle() {
     let env = Env::new();
     let keys = env.path("example-keys");
     example_admin(&keys, &["create-key", "k1"]);
-    run_ok(
-        env.cmd()
-            .args(["key", "exec", "add", "example", "--timeout", "30", "--"])
-            .arg("/usr/bin/python3")
-            .arg(example())
-            .arg("--dir")
-            .arg(&keys),
-    );
+    register_example(&env, &keys);
     let list = run_ok(env.cmd().args(["key", "exec", "list"]));
     assert!(
         list.contains("example") && list.contains("exec-backend-example.py"),
@@ -299,55 +304,40 @@ fn signals_during_start_up_are_handled() {
     let env = Env::new();
     let keys = env.path("example-keys");
     example_admin(&keys, &["create-key", "k1"]);
-    run_ok(
-        env.cmd()
-            .args(["key", "exec", "add", "example", "--timeout", "30", "--"])
-            .arg("/usr/bin/python3")
-            .arg(example())
-            .arg("--dir")
-            .arg(&keys),
-    );
+    register_example(&env, &keys);
     let vol = env.create("x.img", "4M", &["--key", "exec:example:k1"]);
-    // Replace the backend by one that says it started, then hangs.
-    let hold = env.path("hold.sh");
-    std::fs::write(
-        &hold,
-        "echo $$ > \"$1.tmp\"; mv \"$1.tmp\" \"$1\"; exec sleep 120\n",
+    // Replace the backend by one that blocks reading a FIFO: the test's open of the FIFO
+    // for writing returns once the backend is running, and closing it lets the backend go.
+    let fifo = env.path("hold.fifo");
+    nix::unistd::mkfifo(
+        &fifo,
+        nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
     )
-    .expect("write");
-    let started = env.path("started");
+    .expect("mkfifo");
+    let hold = env.path("hold.sh");
+    std::fs::write(&hold, "exec /bin/cat \"$1\" > /dev/null\n").expect("write");
     run_ok(
         env.cmd()
             .args(["key", "exec", "add", "example", "--timeout", "60", "--"])
             .arg("/bin/sh")
             .arg(&hold)
-            .arg(&started),
+            .arg(&fifo),
     );
     let mut srv = env.serve_starting(&[s(&vol)]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !started.exists() {
-        assert!(
-            srv.alive(),
-            "serve ended before unlocking:\n{}",
-            srv.log_text()
-        );
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the exec backend was never started:\n{}",
-            srv.log_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let holder = std::fs::read_to_string(&started).expect("pid");
-    let signal = |sig: &str, pid: &str| {
-        Command::new("kill")
-            .args([sig, pid.trim()])
-            .status()
-            .expect("kill")
-    };
-    signal("-HUP", &srv.pid().to_string());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = fifo.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::OpenOptions::new().write(true).open(path));
+    });
+    let release = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("the exec backend was never started:\n{}", srv.log_text()))
+        .expect("open the FIFO");
+    let _ = Command::new("kill")
+        .args(["-HUP", &srv.pid().to_string()])
+        .status();
     assert!(srv.alive(), "SIGHUP ended the daemon during start-up");
     let log = srv.stop();
-    signal("-KILL", &holder);
+    drop(release);
     assert!(log.contains("stop requested during start-up"), "{log}");
 }

@@ -115,6 +115,7 @@ impl Env {
     ) -> Server {
         // Plaintext TCP clients have no identity: the exports must admit anyone.
         self.spawn_server(sock, volumes, extra, tcp, tcp, envs)
+            .ready()
     }
     /// Like [`Env::serve`] with a TCP listener, but the exports keep the access policy
     /// `extra` gives them (no `--allow-anyone`): for TLS clients identified by their
@@ -122,27 +123,15 @@ impl Env {
     pub fn serve_tcp_policy(&self, volumes: &[&str], extra: &[&str]) -> Server {
         let sock = self.path(&format!("nbd-{}.sock", rand_suffix()));
         self.spawn_server(&sock, volumes, extra, true, false, &[])
+            .ready()
     }
     /// Starts `cryptvol serve` on a Unix socket without waiting for it to be ready (for
     /// tests of start-up itself).
     pub fn serve_starting(&self, volumes: &[&str]) -> Server {
         let sock = self.path(&format!("nbd-{}.sock", rand_suffix()));
-        self.spawn_server_process(&sock, volumes, &[], false, false, &[])
+        self.spawn_server(&sock, volumes, &[], false, false, &[])
     }
     fn spawn_server(
-        &self,
-        sock: &Path,
-        volumes: &[&str],
-        extra: &[&str],
-        tcp: bool,
-        allow_anyone: bool,
-        envs: &[(&str, &str)],
-    ) -> Server {
-        let mut s = self.spawn_server_process(sock, volumes, extra, tcp, allow_anyone, envs);
-        s.wait_ready();
-        s
-    }
-    fn spawn_server_process(
         &self,
         sock: &Path,
         volumes: &[&str],
@@ -195,6 +184,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// This server once it accepts connections (see [`Server::wait_ready`]).
+    fn ready(mut self) -> Server {
+        self.wait_ready();
+        self
+    }
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
