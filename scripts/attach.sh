@@ -21,7 +21,8 @@ run by root; one run by another user listens on its $XDG_RUNTIME_DIR/cryptvol/nb
 
 Device options:
   --block-size N       logical block size, 512|1024|2048|4096 (default: the export's
-                       minimum block size as reported by nbdinfo, else 4096)
+                       preferred block size as reported by nbdinfo, i.e. the volume's
+                       sector size; else 4096)
   --connections N      open N connections (needs an export that allows multi-conn)
   --device /dev/nbdN   use this device (default: the first free one)
   --timeout S          per-request timeout in seconds (nbd-client -t); default none
@@ -186,15 +187,15 @@ if command -v nbdinfo >/dev/null 2>&1; then
         die "export \"$export_name\" does not exist on $where (available: ${available:-none})"
     fi
     if [ -z "$block_size" ]; then
-        min=$(printf '%s\n' "$info" | sed -n 's/^[[:space:]]*"block_size_minimum": \([0-9]*\).*/\1/p' | head -n 1)
-        if [ -z "$min" ]; then
+        # The preferred block size is the volume's sector size (the minimum is 1: the
+        # daemon serves any alignment, by read-modify-write below a sector).
+        pref=$(printf '%s\n' "$info" | sed -n 's/^[[:space:]]*"block_size_preferred": \([0-9]*\).*/\1/p' | head -n 1)
+        if [ -z "$pref" ] || [ "$pref" -ge 4096 ]; then
             block_size=4096
-        elif [ "$min" -le 512 ]; then
+        elif [ "$pref" -le 512 ]; then
             block_size=512
-        elif [ "$min" -le 4096 ]; then
-            block_size=$min
         else
-            die "export \"$export_name\" needs $min-byte blocks; the kernel nbd driver supports at most 4096"
+            block_size=$pref
         fi
     fi
     if [ -n "$connections" ] && [ "$connections" -gt 1 ] &&

@@ -38,7 +38,8 @@ fn nbdinfo_size_block_sizes_and_flags() {
     let e = only_export(&nbdinfo_json(&[&srv.uri("disk")])).clone();
     assert_eq!(e["export-name"], "disk");
     assert_eq!(e["export-size"].as_u64(), Some(64 << 20), "{e}");
-    assert_eq!(e["block_size_minimum"].as_u64(), Some(4096), "{e}");
+    // Any alignment is served (read-modify-write); whole sectors are preferred.
+    assert_eq!(e["block_size_minimum"].as_u64(), Some(1), "{e}");
     assert_eq!(e["block_size_preferred"].as_u64(), Some(4096), "{e}");
     assert_eq!(e["block_size_maximum"].as_u64(), Some(33_554_432), "{e}");
     for f in [
@@ -55,8 +56,8 @@ fn nbdinfo_size_block_sizes_and_flags() {
 
     let e = only_export(&nbdinfo_json(&[&srv.uri("small")])).clone();
     assert_eq!(e["export-size"].as_u64(), Some(16 << 20), "{e}");
-    assert_eq!(e["block_size_minimum"].as_u64(), Some(512), "{e}");
-    assert_eq!(e["block_size_preferred"].as_u64(), Some(4096), "{e}");
+    assert_eq!(e["block_size_minimum"].as_u64(), Some(1), "{e}");
+    assert_eq!(e["block_size_preferred"].as_u64(), Some(512), "{e}");
     assert_eq!(e["block_size_maximum"].as_u64(), Some(33_554_432), "{e}");
 
     // nbdinfo --can / --is agree (exit status 0 = true, 2 = false).

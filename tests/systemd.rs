@@ -785,7 +785,7 @@ fn attach_and_detach_flow_with_a_stand_in_nbd_client() {
         assert!(out.status.success(), "attach failed: {}", stderr_of(&out));
         // nbd0 has a size and nbd1 a pid: the first free device is nbd2.
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "/dev/nbd2");
-        // The block size defaults to the export's minimum (its 4096-byte sectors).
+        // The block size defaults to the export's preferred size (its 4096-byte sectors).
         assert_eq!(
             fake.calls().trim(),
             format!("-u {sock} /dev/nbd2 -N data -b 4096 -C 2 -t 30 -R")

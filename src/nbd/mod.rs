@@ -46,9 +46,12 @@ pub struct ExportInfo {
     pub description: String,
     pub size: u64,
     pub read_only: bool,
-    /// Minimum block size (the volume's sector size; smaller requests still work via RMW,
-    /// but clients that promise to honour it get this).
+    /// Minimum block size: the smallest request alignment the device serves correctly
+    /// (1 for a cryptvol volume, which does read-modify-write). Advertised only to
+    /// clients that request `NBD_INFO_BLOCK_SIZE` (see [`block_size_info`]).
     pub min_block: u32,
+    /// Preferred block size: the alignment that avoids a performance penalty (the
+    /// volume's sector size: smaller or unaligned writes need a read-modify-write).
     pub preferred_block: u32,
     /// Maximum payload (32 MiB).
     pub max_block: u32,

@@ -49,8 +49,10 @@ impl Export {
             name,
             size: volume.size(),
             read_only: volume.read_only(),
-            min_block: sector,
-            preferred_block: sector.max(4096),
+            // Any alignment is served (read-modify-write under the range lock), so
+            // libnbd-based tools need no flags; whole sectors avoid the read-modify-write.
+            min_block: 1,
+            preferred_block: sector,
             max_block: MAX_PAYLOAD,
         };
         let volume = Arc::new(volume);

@@ -265,7 +265,8 @@ def check_aio(uri):
 
 def check_unaligned(uri):
     h = connect(uri)
-    sector = h.get_block_size(nbd.SIZE_MINIMUM) or 512
+    # The sector size is the preferred block size (the minimum is 1: any alignment).
+    sector = h.get_block_size(nbd.SIZE_PREFERRED) or 512
     base = 1 << 20
     n = 8 * 4096
     shadow = pattern(n, 13)

@@ -190,25 +190,24 @@ pub(super) fn info_or_go(option: u32, data: &[u8], catalog: &dyn ExportCatalog) 
 
 /// The `NBD_INFO_BLOCK_SIZE` values `(minimum, preferred, maximum payload)` for an export.
 ///
+/// The minimum is the smallest alignment the export actually serves, its `min_block`: 1
+/// for a cryptvol volume, which serves unaligned requests by read-modify-write, so strict
+/// clients (libnbd's `nbdcopy`, `nbdfuse`, fio's nbd engine) accept any request their user
+/// makes. The preferred size is the export's `preferred_block` (the volume's sector size):
+/// cooperative clients (libnbd, qemu) size and align their requests to it and so avoid
+/// the read-modify-write.
+///
 /// The spec ("Size constraints") lets a server assume its advertised constraints are
-/// honoured only by a client that sent `NBD_OPT_GO` *with* an `NBD_INFO_BLOCK_SIZE` request.
-/// Every other client must be served under the default constraints, whose minimum block
-/// size is 1. This server serves unaligned requests correctly (read-modify-write), so:
+/// honoured only by a client that sent `NBD_OPT_GO` *with* an `NBD_INFO_BLOCK_SIZE` request;
+/// every other client is served under the default constraints, whose minimum is 1. So a
+/// `min_block` above 1 is sent only when the client requested `NBD_INFO_BLOCK_SIZE`. The same
+/// rule applies to `NBD_OPT_INFO`, because the spec requires an `NBD_OPT_GO` with the same
+/// parameters right after a successful `NBD_OPT_INFO` to get the same answer.
 ///
-/// - if the client requested `NBD_INFO_BLOCK_SIZE`, the minimum is the export's
-///   `min_block` (its sector size), so cooperative clients (libnbd, qemu) align to it and
-///   avoid read-modify-write;
-/// - otherwise the minimum is 1: that is the constraint actually in force for that client,
-///   and the spec says a server MUST NOT assume an unrequested info is understood.
-///
-/// The same rule applies to `NBD_OPT_INFO`, because the spec requires an `NBD_OPT_GO` with
-/// the same parameters right after a successful `NBD_OPT_INFO` to get the same answer.
-///
-/// Preferred is the export's `preferred_block`, max its `max_block`, capped at
-/// [`MAX_PAYLOAD`] (larger READ/WRITE requests end the connection). Values that break the
-/// spec's rules (min a power of two ≤ 64 KiB; preferred a power of two ≥ max(min, 512);
-/// max ≥ preferred) are replaced by safe ones rather than sent: libnbd ignores bogus
-/// constraints entirely.
+/// Max is the export's `max_block`, capped at [`MAX_PAYLOAD`] (larger READ/WRITE requests
+/// end the connection). Values that break the spec's rules (min a power of two ≤ 64 KiB;
+/// preferred a power of two ≥ max(min, 512); max ≥ preferred) are replaced by safe ones
+/// rather than sent: libnbd ignores bogus constraints entirely.
 pub fn block_size_info(export: &ExportInfo, client_requested: bool) -> (u32, u32, u32) {
     let min = if client_requested
         && export.min_block.is_power_of_two()

@@ -46,7 +46,8 @@ fn go_with_all_info_requests() {
     expected.extend(rep(
         OPT_GO,
         REP_INFO,
-        &[0, 3, 0, 0, 0x10, 0, 0, 0, 0x10, 0, 0x02, 0, 0, 0],
+        // min 1 (any alignment is served), preferred 4096 (the sector size), max 32 MiB
+        &[0, 3, 0, 0, 0, 1, 0, 0, 0x10, 0, 0x02, 0, 0, 0],
     ));
     expected.extend(rep(OPT_GO, REP_ACK, &[]));
     assert_eq!(out.reply, expected);
@@ -88,15 +89,12 @@ fn info_is_go_without_entering_transmission() {
     };
     assert_eq!(strip(&info), strip(&go));
     assert!(replies(&info).iter().all(|r| r.option == OPT_INFO));
-    // Block size requested: the minimum is the sector size.
+    // Block size requested: minimum 1 (any alignment is served), preferred the sector size.
     let bs = replies(&info)
         .into_iter()
         .find(|r| r.payload.starts_with(&[0, 3]))
         .unwrap();
-    assert_eq!(
-        bs.payload,
-        [0, 3, 0, 0, 0x10, 0, 0, 0, 0x10, 0, 0x02, 0, 0, 0]
-    );
+    assert_eq!(bs.payload, [0, 3, 0, 0, 0, 1, 0, 0, 0x10, 0, 0x02, 0, 0, 0]);
 }
 
 #[test]
@@ -213,7 +211,26 @@ fn a_name_of_exactly_4096_bytes_is_well_formed() {
 // ----- Block size -----
 
 #[test]
-fn block_size_minimum_depends_on_the_request() {
+fn a_served_volume_advertises_minimum_1_and_its_sector_size_as_preferred() {
+    // The server's exports (server/export.rs): any alignment is served by
+    // read-modify-write, whole sectors avoid it; the maximum is capped at MAX_PAYLOAD.
+    for sector in [512, 4096] {
+        let e = ExportInfo {
+            min_block: 1,
+            preferred_block: sector,
+            max_block: u32::MAX,
+            ..export("e", 1 << 30)
+        };
+        for requested in [true, false] {
+            assert_eq!(block_size_info(&e, requested), (1, sector, 32 * MIB));
+        }
+    }
+}
+
+#[test]
+fn a_minimum_above_1_is_sent_only_to_clients_that_requested_block_sizes() {
+    // A device that could not serve unaligned requests: only a client that asked for
+    // NBD_INFO_BLOCK_SIZE promised to honour its minimum (spec, "Size constraints").
     let e = ExportInfo {
         min_block: 512,
         preferred_block: 4096,

@@ -43,7 +43,8 @@ fn export(name: &str, size: u64) -> ExportInfo {
         description: String::new(),
         size,
         read_only: false,
-        min_block: 4096,
+        // As the server builds it for a 4096-byte-sector volume (server/export.rs).
+        min_block: 1,
         preferred_block: 4096,
         max_block: 32 * MIB,
     }
