@@ -7,6 +7,7 @@ mod args;
 mod check;
 mod control;
 mod demo;
+mod docs;
 mod keys;
 mod keyslots;
 mod migrate;
@@ -21,7 +22,7 @@ use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 use crate::compliance;
 use crate::server::systemd::{self, ActivatedSocket};
@@ -91,6 +92,10 @@ enum Command {
     Reencrypt(reencrypt::ReencryptArgs),
     /// Show what a running daemon serves: exports, connections, re-encryptions.
     Status(control::StatusArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(docs::CompletionsArgs),
+    /// Write the man pages (one per command and subcommand) into a directory.
+    Man(docs::ManArgs),
 }
 
 /// Entry point of the binary.
@@ -170,5 +175,7 @@ async fn run(cli: Cli, activated: Result<Vec<ActivatedSocket>, ServerError>) -> 
         Command::Export(a) => migrate::export(a).await,
         Command::Reencrypt(a) => reencrypt::reencrypt(a).await,
         Command::Status(a) => control::status(a).await,
+        Command::Completions(a) => docs::completions(a, Cli::command()),
+        Command::Man(a) => docs::man(a, Cli::command()),
     }
 }
