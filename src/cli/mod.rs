@@ -4,6 +4,7 @@
 //! argument groups shared by several commands are in [`args`].
 
 mod args;
+mod break_glass;
 mod check;
 mod control;
 mod demo;
@@ -91,6 +92,10 @@ enum Command {
     Reencrypt(reencrypt::ReencryptArgs),
     /// Show what a running daemon serves: exports, connections, re-encryptions.
     Status(control::StatusArgs),
+    /// Break-glass recovery: write a volume's data key to an open descriptor and print the
+    /// cryptsetup/dmsetup line that opens the volume file with dm-crypt (audited; root or
+    /// the file's owner, and the key policy's unwrap permission).
+    BreakGlass(break_glass::BreakGlassArgs),
 }
 
 /// Entry point of the binary.
@@ -170,5 +175,6 @@ async fn run(cli: Cli, activated: Result<Vec<ActivatedSocket>, ServerError>) -> 
         Command::Export(a) => migrate::export(a).await,
         Command::Reencrypt(a) => reencrypt::reencrypt(a).await,
         Command::Status(a) => control::status(a).await,
+        Command::BreakGlass(a) => break_glass::break_glass(a).await,
     }
 }
