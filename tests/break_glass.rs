@@ -52,12 +52,19 @@ impl ShellCmd for Env {
 fn decrypt_sector(file: &Path, key: &Path, line: &str, n: u64) -> Vec<u8> {
     let opt = |name: &str| -> u64 {
         let w: Vec<&str> = line.split_whitespace().collect();
-        let i = w.iter().position(|x| *x == name).unwrap_or_else(|| panic!("{name} missing in {line}"));
+        let i = w
+            .iter()
+            .position(|x| *x == name)
+            .unwrap_or_else(|| panic!("{name} missing in {line}"));
         w[i + 1].parse().expect("number")
     };
     let ss = opt("--sector-size");
     let offset = opt("--offset") * 512 + n * ss;
-    let iv = if line.contains("--iv-large-sectors") { n } else { n * ss / 512 };
+    let iv = if line.contains("--iv-large-sectors") {
+        n
+    } else {
+        n * ss / 512
+    };
     let script = r#"
 import sys
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -92,7 +99,13 @@ fn audit(p: &Path) -> Vec<serde_json::Value> {
 }
 
 /// Imports `len` bytes of pattern into a new volume of `sector` bytes per sector.
-fn imported(env: &Env, name: &str, sector: &str, len: usize, seed: u64) -> (std::path::PathBuf, Vec<u8>) {
+fn imported(
+    env: &Env,
+    name: &str,
+    sector: &str,
+    len: usize,
+    seed: u64,
+) -> (std::path::PathBuf, Vec<u8>) {
     let src = env.path(&format!("{name}.raw"));
     let data = pattern(len, seed);
     std::fs::write(&src, &data).expect("write source");
@@ -115,11 +128,22 @@ fn the_key_from_a_pipe_decrypts_the_file_as_the_printed_dm_crypt_options_say() {
         let key = env.path(&format!("{name}.key"));
         let v = break_glass_pipe(&env, &vol, &key);
         assert_eq!(std::fs::metadata(&key).unwrap().len(), 64, "{v}");
-        let line = v["cryptsetup"].as_str().expect("cryptsetup line").to_string();
+        let line = v["cryptsetup"]
+            .as_str()
+            .expect("cryptsetup line")
+            .to_string();
         let ss: u64 = sector.parse().unwrap();
-        assert!(line.starts_with("cryptsetup open --type plain --cipher aes-xts-plain64 --key-size 512 "), "{line}");
+        assert!(
+            line.starts_with(
+                "cryptsetup open --type plain --cipher aes-xts-plain64 --key-size 512 "
+            ),
+            "{line}"
+        );
         assert!(line.contains(&format!("--sector-size {sector}")), "{line}");
-        assert!(line.contains(&format!("--size {}", 4 * MIB / 512)), "{line}");
+        assert!(
+            line.contains(&format!("--size {}", 4 * MIB / 512)),
+            "{line}"
+        );
         assert_eq!(line.contains("--iv-large-sectors"), large, "{line}");
         assert!(line.contains("--readonly"), "{line}");
         let table = v["dm_table"].as_str().expect("table");
@@ -148,7 +172,10 @@ fn the_key_from_a_pipe_decrypts_the_file_as_the_printed_dm_crypt_options_say() {
         assert_eq!(bg[0]["result"], "ok");
         assert_eq!(bg[0]["principal"], "root");
         let detail = bg[0]["detail"].as_str().unwrap();
-        assert!(detail.contains("left cryptvol") && detail.contains("pipe"), "{detail}");
+        assert!(
+            detail.contains("left cryptvol") && detail.contains("pipe"),
+            "{detail}"
+        );
         assert!(
             recs.iter().any(|r| r["operation"] == "break-glass-unwrap"
                 && r["volume_uuid"] == uuid.as_str()
@@ -165,24 +192,27 @@ fn a_disabled_key_refuses_and_nothing_is_written() {
     let vol = env.create("v.img", "8M", &["--key", "alias/bg"]);
     run_ok(env.cmd().args(["key", "disable", "alias/bg"]));
     let key = env.path("k");
-    let out = run(
-        env.sh()
-            .arg("-c")
-            .arg(r#"umask 077; "$0" break-glass "$1" --dek-fd 3 3>"$2""#)
-            .arg(bin())
-            .arg(&vol)
-            .arg(&key),
-    );
+    let out = run(env
+        .sh()
+        .arg("-c")
+        .arg(r#"umask 077; "$0" break-glass "$1" --dek-fd 3 3>"$2""#)
+        .arg(bin())
+        .arg(&vol)
+        .arg(&key));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("disabled"), "{err}");
     assert_eq!(std::fs::metadata(&key).unwrap().len(), 0);
     let recs = audit(&env.keystore().join("audit.jsonl"));
     assert!(
-        recs.iter().any(|r| r["operation"] == "break-glass-unwrap" && r["result"] == "error"),
+        recs.iter()
+            .any(|r| r["operation"] == "break-glass-unwrap" && r["result"] == "error"),
         "{recs:?}"
     );
-    assert!(!recs.iter().any(|r| r["operation"] == "break-glass"), "{recs:?}");
+    assert!(
+        !recs.iter().any(|r| r["operation"] == "break-glass"),
+        "{recs:?}"
+    );
 }
 
 #[test]
@@ -191,7 +221,12 @@ fn terminals_standard_descriptors_and_readable_files_are_refused() {
     let env = Env::new();
     let vol = env.create("v.img", "8M", &[]);
     // fd 1 without --allow-std-fd.
-    let err = fails(env.cmd().arg("break-glass").arg(&vol).args(["--dek-fd", "1"]));
+    let err = fails(
+        env.cmd()
+            .arg("break-glass")
+            .arg(&vol)
+            .args(["--dek-fd", "1"]),
+    );
     assert!(err.contains("--allow-std-fd"), "{err}");
     // fd 1 on a terminal, even when allowed.
     let cmd = format!(
@@ -199,26 +234,25 @@ fn terminals_standard_descriptors_and_readable_files_are_refused() {
         bin().display(),
         vol.display()
     );
-    let out = run_ok(
-        env.cmd_script()
-            .args(["-qec", &cmd, "/dev/null"]),
-    );
+    let out = run_ok(env.cmd_script().args(["-qec", &cmd, "/dev/null"]));
     assert!(out.contains("is a terminal"), "{out}");
     assert!(out.contains("status=1"), "{out}");
     // A file others may read.
     let key = env.path("k");
     std::fs::write(&key, b"").unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = run(
-        env.sh()
-            .arg("-c")
-            .arg(r#""$0" break-glass "$1" --dek-fd 3 3>"$2""#)
-            .arg(bin())
-            .arg(&vol)
-            .arg(&key),
-    );
+    let out = run(env
+        .sh()
+        .arg("-c")
+        .arg(r#""$0" break-glass "$1" --dek-fd 3 3>"$2""#)
+        .arg(bin())
+        .arg(&vol)
+        .arg(&key));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("group or others may read"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("group or others may read"),
+        "{err}"
+    );
     assert_eq!(std::fs::metadata(&key).unwrap().len(), 0);
 }
 

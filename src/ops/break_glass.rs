@@ -138,7 +138,8 @@ pub struct Recovery {
 impl Recovery {
     fn of(path: &Path, h: &Header, keyslot: usize) -> Recovery {
         Recovery {
-            file: path.to_path_buf(),
+            // Absolute, so that the printed commands work from any directory.
+            file: std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
             uuid: h.uuid.to_string(),
             offset_sectors: h.data_offset / DM_SECTOR,
             size_sectors: h.size / DM_SECTOR,
@@ -233,7 +234,10 @@ pub async fn break_glass(path: &Path, keys: &KeyOptions, out: DekFd) -> Result<R
     let (dek, slot) = unlock_dek(path, &header, keys, KeyOp::BreakGlass, &order).await?;
     let recovery = Recovery::of(path, &header, slot);
     let ctx = crate::keys::EncryptionContext::for_volume(&header.uuid);
-    let slot_ref = &header.keyslots[slot];
+    let slot_ref = header
+        .keyslots
+        .get(slot)
+        .ok_or_else(|| keyslot_err(path, format!("keyslot {slot} vanished")))?;
     let detail = format!(
         "the data key left cryptvol: written to descriptor {} ({}) for dm-crypt; volume file {}; keyslot {slot}",
         out.fd,
