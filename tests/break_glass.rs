@@ -320,3 +320,112 @@ impl ScriptCmd for Env {
         c
     }
 }
+
+/// `cryptvol key create --json --alias ALIAS` in the keystore `ks`; the key id.
+fn key_in(env: &Env, ks: &Path, alias: &str) -> String {
+    let out = run_ok(
+        env.cmd()
+            .args(["key", "create", "--json", "--alias", alias, "--keystore"])
+            .arg(ks),
+    );
+    serde_json::from_str::<serde_json::Value>(&out).expect("json")["key_id"]
+        .as_str()
+        .expect("id")
+        .to_string()
+}
+
+#[test]
+fn the_owner_needs_the_key_policy_unwrap_grant() {
+    let (uid, gid) = ensure_user();
+    let env = Env::new();
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin_copy = env.path("cryptvol");
+    std::fs::copy(bin(), &bin_copy).expect("copy the binary");
+    std::fs::set_permissions(&bin_copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A keystore shared read-only with the user's group (as in tests/keys_policy.rs).
+    let ks = env.keystore();
+    std::fs::create_dir(&ks).expect("mkdir");
+    std::os::unix::fs::chown(&ks, Some(0), Some(gid)).expect("chown");
+    std::fs::set_permissions(&ks, std::fs::Permissions::from_mode(0o2750)).unwrap();
+    key_in(&env, &ks, "alias/granted");
+    let other = key_in(&env, &ks, "alias/other");
+    run_ok(
+        env.cmd()
+            .args([
+                "key",
+                "grant",
+                "alias/granted",
+                "--principal",
+                "cryptvol-test",
+            ])
+            .args(["--operations", "unwrap", "--keystore"])
+            .arg(&ks),
+    );
+    let userdir = env.path("user");
+    std::fs::create_dir(&userdir).expect("mkdir");
+    std::os::unix::fs::chown(&userdir, Some(uid), Some(gid)).expect("chown");
+    let mut vols = Vec::new();
+    for (name, key) in [
+        ("granted.img", "alias/granted"),
+        ("other.img", "alias/other"),
+    ] {
+        let v = env.path(name);
+        run_ok(
+            env.cmd()
+                .args(["create", "--size", "8M", "--key", key, "--keystore"])
+                .arg(&ks)
+                .arg(&v),
+        );
+        std::os::unix::fs::chown(&v, Some(uid), Some(gid)).expect("chown");
+        vols.push(v);
+    }
+    let audit_log = userdir.join("audit.jsonl");
+    let as_user = |vol: &Path, key: &Path| {
+        run(Command::new("setpriv")
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={gid}"))
+            .arg("--init-groups")
+            .arg("--")
+            .arg("sh")
+            .arg("-c")
+            .arg(r#"umask 077; "$0" break-glass "$1" --keystore "$2" --audit-log "$3" --dek-fd 3 3>"$4""#)
+            .arg(&bin_copy)
+            .arg(vol)
+            .arg(&ks)
+            .arg(&audit_log)
+            .arg(key)
+            .env_remove("CRYPTVOL_KEYSTORE"))
+    };
+    // The owner, granted unwrap: the key comes out.
+    let key = userdir.join("granted.key");
+    let out = as_user(&vols[0], &key);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::metadata(&key).unwrap().len(), 64);
+    // The owner of a volume under a key the policy does not grant: refused.
+    let key = userdir.join("other.key");
+    let out = as_user(&vols[1], &key);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("access denied") && err.contains(&other) && err.contains("unwrap"),
+        "{err}"
+    );
+    assert_eq!(std::fs::metadata(&key).unwrap().len(), 0);
+    let recs = audit(&audit_log);
+    assert!(
+        recs.iter().any(|r| r["operation"] == "break-glass-unwrap"
+            && r["error"] == "AccessDenied"
+            && r["uid"] == uid),
+        "{recs:?}"
+    );
+    let ok: Vec<_> = recs
+        .iter()
+        .filter(|r| r["operation"] == "break-glass")
+        .collect();
+    assert_eq!(ok.len(), 1, "one key left cryptvol: {recs:?}");
+    assert_eq!(ok[0]["principal"], "cryptvol-test");
+}
