@@ -285,6 +285,8 @@ kt_build_initramfs() {
     kt_stage_bin "$(command -v e2fsck || echo /sbin/e2fsck)" /usr/sbin/e2fsck "$stage"
     ln -s mke2fs "$stage/usr/sbin/mkfs.ext4"
     kt_stage_bin "$(command -v fio)" /usr/bin/fio "$stage"
+    # break-glass: the guest maps a volume file with device-mapper (dm-crypt table line).
+    kt_stage_bin "$(command -v dmsetup || echo /sbin/dmsetup)" /usr/sbin/dmsetup "$stage"
     [ -r /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$stage/etc/"
     # The guest's TLS client credentials (nbd-client links GnuTLS; kt_stage_bin copied it).
     mkdir -p "$stage/kt/tls"
@@ -305,7 +307,7 @@ kt_build_initramfs() {
         local extra=
         case "$rel" in */nbd.ko*) extra="nbds_max=8" ;; esac
         echo "$rel $args $extra" >> "$stage/kt/modules.list"
-    done < <(for m in virtio_pci virtio_net nbd; do
+    done < <(for m in virtio_pci virtio_net nbd loop xts dm_crypt; do
         modprobe -C /dev/null -d "$KT_KROOT" -S "$KT_KVER" --show-depends "$m" || die "modprobe --show-depends $m failed"
     done)
     grep -q '/nbd\.ko' "$stage/kt/modules.list" || die "nbd.ko not found in $KT_KVER"
@@ -329,6 +331,7 @@ EXP_S512=s512
 EXP_RMW=rmw
 EXP_MC=mc
 EXP_RO=ro
+EXP_BG=bg
 EXP_SECT_S512="$s512_sect"
 EXP_SECT_RMW="$rmw_sect"
 NBD_TIMEOUT=60
@@ -654,6 +657,35 @@ kt_cleanup() {
     exit "$st"
 }
 
+# Break-glass (issue 16 item 7): `cryptvol break-glass` on the stopped volume FILE (written
+# in full by the guest in boot 1) puts the data key, the backing file and the command's
+# dm-crypt table line into the next boot's extra initramfs (/kt/bg); checks the audit record.
+kt_break_glass() {
+    local file=$1 dir=$KT_WORK/extra/kt/bg out rc=0
+    mkdir -p "$dir"
+    if [ "$KT_SERVER" != cryptvol ]; then
+        kt_result breakglass-dek PASS "n/a($KT_SERVER)"
+        return 0
+    fi
+    out=$KT_WORK/break-glass.json
+    (umask 077 && "$CRYPTVOL_BIN" break-glass --keystore "$KT_WORK/keystore" --json "$file" \
+        --dek-fd 3 3> "$dir/dek" > "$out" 2> "$KT_WORK/break-glass.log") || rc=$?
+    if [ "$rc" != 0 ]; then
+        kt_result breakglass-dek FAIL "cryptvol break-glass exited $rc: $(tail -n 1 "$KT_WORK/break-glass.log")"
+        return 0
+    fi
+    sed -n 's/^ *"dm_table": "\(.*\)",\{0,1\}$/\1/p' "$out" > "$dir/table"
+    cp "$file" "$dir/bg.vol"
+    local size audit
+    size=$(stat -c %s "$dir/dek")
+    audit=$(grep -c '"operation":"break-glass"' "$KT_WORK/keystore/audit.jsonl" || true)
+    if [ "$size" = 64 ] && [ -s "$dir/table" ] && [ "$audit" -ge 1 ]; then
+        kt_result breakglass-dek PASS "64-byte key, table '$(cut -d' ' -f6- "$dir/table")', $audit break-glass audit record(s); $(grep -o 'cryptsetup open[^"]*' "$out")"
+    else
+        kt_result breakglass-dek FAIL "key $size bytes, table '$(cat "$dir/table")', $audit audit record(s)"
+    fi
+}
+
 kt_main() {
     local t_start
     t_start=$(now)
@@ -684,6 +716,7 @@ kt_main() {
     kt_volume_create "$vdir/mc.vol" 64M 4096
     kt_volume_create "$vdir/ro.vol" 64M 4096
     kt_volume_create "$vdir/tls.vol" 64M 4096
+    kt_volume_create "$vdir/bg.vol" 32M 4096
 
     local rw_port prep_port ro_port tls_port
     rw_port=$(kt_free_port)
@@ -692,7 +725,7 @@ kt_main() {
     tls_port=$(kt_free_port "$rw_port" "$prep_port" "$ro_port")
     kt_server_start rw "$rw_port" rw fs="$vdir/fs.vol" raw="$vdir/raw.vol" s512="$vdir/s512.vol" \
         rmw="$vdir/rmw.vol" mc="$vdir/mc.vol"
-    kt_server_start prep "$prep_port" rw ro="$vdir/ro.vol"
+    kt_server_start prep "$prep_port" rw ro="$vdir/ro.vol" bg="$vdir/bg.vol"
     kt_server_start tls "$tls_port" tls tls="$vdir/tls.vol"
 
     # ---- boot 1
@@ -702,13 +735,14 @@ kt_main() {
     # Checksums written in boot 1, carried into boot 2.
     mkdir -p "$KT_WORK/extra/kt"
     tr -d '\r' < "$KT_WORK/console1.log" | sed -n 's/^.*KT-SUM //p' > "$KT_WORK/extra/kt/expected.sums"
-    (cd "$KT_WORK/extra" && find . | cpio -o -H newc --quiet) > "$KT_WORK/extra.cpio"
 
     # ---- between the boots: SIGTERM while the guest is detached (and off), restart.
     kt_server_restart rw server-idle
     kt_check_at_rest "$vdir/fs.vol"
     if kt_server_stop prep; then :; else log "prep server stop: status $KT_STOP_STATUS"; fi
     kt_server_start ro "$ro_port" ro ro="$vdir/ro.vol"
+    kt_break_glass "$vdir/bg.vol"
+    (cd "$KT_WORK/extra" && find . | cpio -o -H newc --quiet) > "$KT_WORK/extra.cpio"
 
     # ---- boot 2
     kt_boot 2 "$ro_port" "$KT_WORK/extra.cpio"
@@ -725,6 +759,7 @@ kt_main() {
         server-idle-sigterm server-idle-restart at-rest-encrypted
         boot2-setup restart-data-intact server-attached-sigterm server-attached-restart
         restart-while-attached ro-export-refuses-writes boot2-completed
+        breakglass-prepare breakglass-dek breakglass-dm-crypt-mount
     )
     local pass=0 fail=0 name line st
     echo

@@ -284,6 +284,23 @@ c_tls_plain() {
     detail "plaintext nbd-client refused by the --tls require server; nbd7 stays unconfigured"
 }
 
+# Break-glass (issue 16 item 7), boot 1: a volume written in full (random bytes over the
+# whole device, then ext4 and files) so that every chunk holds ciphertext; boot 2 opens
+# its backing file with dm-crypt, not through cryptvol.
+c_bg_prep() {
+    attach /dev/nbd7 "$PREP_PORT" "$EXP_BG" -b 4096 || return 1
+    dd if=/dev/urandom of=/dev/nbd7 bs=1M oflag=direct 2>/dev/null
+    mkfs.ext4 -F -q -b 4096 -E lazy_itable_init=0,lazy_journal_init=0 -L ktbg /dev/nbd7 || return 1
+    mount -t ext4 /dev/nbd7 /mnt/b || return 1
+    mkdir -p /mnt/b/data
+    dd if=/dev/urandom of=/mnt/b/data/bg.bin bs=64k count=40 2>/dev/null || return 1
+    echo "$MARKER (break-glass)" > /mnt/b/data/readme
+    (cd /mnt/b/data && find . -type f | sort | xargs sha256sum) > /tmp/bg.sums || return 1
+    umount /mnt/b || return 1
+    detach /dev/nbd7 || return 1
+    detail "'$EXP_BG' written in full (urandom, then ext4 with $(wc -l < /tmp/bg.sums) files)"
+}
+
 phase1() {
     check fs-attach-mkfs c_fs_attach
     check fs-write c_fs_write
@@ -297,9 +314,11 @@ phase1() {
     check ro-prepare c_ro_prep
     check tls-attach-mkfs-fsck c_tls
     check tls-plaintext-refused c_tls_plain
+    check breakglass-prepare c_bg_prep
     # Carry the checksums to the next boot (and the host's log).
     sed 's/^/KT-SUM fs /' /tmp/fs.sums 2>/dev/null | while IFS= read -r l; do say "$l"; done
     sed 's/^/KT-SUM ro /' /tmp/ro.sums 2>/dev/null | while IFS= read -r l; do say "$l"; done
+    sed 's/^/KT-SUM bg /' /tmp/bg.sums 2>/dev/null | while IFS= read -r l; do say "$l"; done
 }
 
 # ---------------------------------------------------------------- phase 2
@@ -368,10 +387,36 @@ c_ro() {
     detail "flags $(printf 0x%x "$f") READ_ONLY, getro=1, dd oflag=direct refused ($err), plain mount came up ro, mount -o ro ok, $(wc -l < /tmp/ro.sums) checksums equal"
 }
 
+# Break-glass, boot 2: the host ran `cryptvol break-glass` on the stopped volume and put
+# its backing file, the data key and the command's dm-crypt table line into /kt/bg. The
+# guest maps the file with device-mapper (no cryptvol involved), mounts and compares.
+c_bg_dm() {
+    [ -r /kt/bg/table ] || die "no break-glass output from the host" || return 1
+    expected bg > /tmp/bg.sums
+    [ -s /tmp/bg.sums ] || die "no break-glass checksums carried from boot 1" || return 1
+    losetup -r /dev/loop0 /kt/bg/bg.vol || die "losetup of the backing file failed" || return 1
+    hex=$(od -An -v -tx1 /kt/bg/dek | tr -d ' \n')
+    [ ${#hex} = 128 ] || die "the data key is ${#hex} hex digits, not 128" || return 1
+    table=$(sed -e "s/HEXKEY/$hex/" -e "s|LOOPDEV|/dev/loop0|" /kt/bg/table)
+    echo "+ dmsetup create ktbg --readonly --table '$(sed "s|LOOPDEV|/dev/loop0|" /kt/bg/table)'"
+    dmsetup --noudevsync create ktbg --readonly --table "$table" || die "dmsetup create failed" || return 1
+    dev=/dev/mapper/ktbg
+    [ -b "$dev" ] || dev=/dev/$(ls /sys/block | grep -m1 '^dm-')
+    e2fsck -fn "$dev" || die "e2fsck -fn of the dm-crypt device failed" || return 1
+    mount -t ext4 -o ro,noload "$dev" /mnt/b || die "mount of the dm-crypt device failed" || return 1
+    (cd /mnt/b/data && sha256sum -c /tmp/bg.sums) || die "checksums differ through dm-crypt" || return 1
+    grep -q "break-glass" /mnt/b/data/readme || die "marker missing" || return 1
+    umount /mnt/b
+    dmsetup --noudevsync remove ktbg
+    losetup -d /dev/loop0
+    detail "dm-crypt table from break-glass (offset and options: $(cut -d' ' -f8- /kt/bg/table)): e2fsck -fn clean, ext4 mounted, $(wc -l < /tmp/bg.sums) checksums equal"
+}
+
 phase2() {
     check restart-data-intact c_restart_verify
     check restart-while-attached c_idle_restart
     check ro-export-refuses-writes c_ro
+    check breakglass-dm-crypt-mount c_bg_dm
 }
 
 # ---------------------------------------------------------------- main

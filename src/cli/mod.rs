@@ -4,6 +4,7 @@
 //! argument groups shared by several commands are in [`args`].
 
 mod args;
+mod break_glass;
 mod check;
 mod control;
 mod demo;
@@ -96,6 +97,10 @@ enum Command {
     Completions(docs::CompletionsArgs),
     /// Write the man pages (one per command and subcommand) into a directory.
     Man(docs::ManArgs),
+    /// Break-glass recovery: write a volume's data key to an open descriptor and print the
+    /// cryptsetup/dmsetup line that opens the volume file with dm-crypt (audited; root or
+    /// the file's owner, and the key policy's unwrap permission).
+    BreakGlass(break_glass::BreakGlassArgs),
 }
 
 /// Entry point of the binary.
@@ -177,5 +182,6 @@ async fn run(cli: Cli, activated: Result<Vec<ActivatedSocket>, ServerError>) -> 
         Command::Status(a) => control::status(a).await,
         Command::Completions(a) => docs::completions(a, Cli::command()),
         Command::Man(a) => docs::man(a, Cli::command()),
+        Command::BreakGlass(a) => break_glass::break_glass(a).await,
     }
 }

@@ -163,6 +163,9 @@ pub enum KeyOp {
     RewrapFrom,
     /// A data key is wrapped under its new key (rekey, keyslot add).
     RewrapTo,
+    /// A data key is unwrapped to be handed out of cryptvol (`cryptvol break-glass`):
+    /// needs the unwrap permission, audited under its own name.
+    BreakGlass,
 }
 
 impl KeyOp {
@@ -174,6 +177,7 @@ impl KeyOp {
             KeyOp::Unwrap => "unwrap",
             KeyOp::RewrapFrom => "rewrap-from",
             KeyOp::RewrapTo => "rewrap-to",
+            KeyOp::BreakGlass => "break-glass-unwrap",
         }
     }
 
@@ -181,7 +185,7 @@ impl KeyOp {
     pub fn permission(self) -> Permission {
         match self {
             KeyOp::Generate | KeyOp::Wrap => Permission::Generate,
-            KeyOp::Unwrap => Permission::Unwrap,
+            KeyOp::Unwrap | KeyOp::BreakGlass => Permission::Unwrap,
             KeyOp::RewrapFrom | KeyOp::RewrapTo => Permission::Rewrap,
         }
     }
@@ -363,5 +367,7 @@ mod tests {
         assert_eq!(KeyOp::RewrapFrom.permission(), Permission::Rewrap);
         assert_eq!(KeyOp::RewrapTo.permission(), Permission::Rewrap);
         assert_eq!(KeyOp::RewrapFrom.name(), "rewrap-from");
+        assert_eq!(KeyOp::BreakGlass.permission(), Permission::Unwrap);
+        assert_eq!(KeyOp::BreakGlass.name(), "break-glass-unwrap");
     }
 }

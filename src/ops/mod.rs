@@ -13,7 +13,9 @@
 //! - `reencrypt_keys`: the fresh data key a re-encryption wraps for every keyslot.
 //! - `snapshots`: taking and copying snapshots; `restore`: restoring one.
 //! - `info`: what `cryptvol info` shows.
+//! - `break_glass`: handing a volume's data key to dm-crypt (`cryptvol break-glass`).
 
+mod break_glass;
 mod create;
 mod info;
 mod key_choice;
@@ -24,6 +26,7 @@ mod restore;
 mod snapshots;
 mod unlock;
 
+pub use break_glass::{break_glass, DekFd, Recovery};
 pub use create::{
     create_and_open, create_volume, create_volume_with, create_volume_with_dek, CreateOptions,
 };
@@ -63,6 +66,8 @@ pub enum OpsError {
     Snapshot(#[from] SnapshotError),
     #[error("{path} is being served by a running cryptvol (its open lock is held): a served volume is snapshotted through the daemon that serves it (`cryptvol snapshot create EXPORT [--control SOCKET]`), or stop serving it first")]
     VolumeServed { path: String },
+    #[error("break-glass refused: {reason}")]
+    BreakGlass { reason: String },
 }
 
 /// An [`OpsError::Keyslot`] for the volume at `path`.
