@@ -12,6 +12,7 @@ mod keyslots;
 mod migrate;
 mod print;
 mod reencrypt;
+mod resize;
 mod serve;
 mod signals;
 mod snapshots;
@@ -91,6 +92,8 @@ enum Command {
     Reencrypt(reencrypt::ReencryptArgs),
     /// Show what a running daemon serves: exports, connections, re-encryptions.
     Status(control::StatusArgs),
+    /// Grow a volume (never shrink): a volume file that is not served.
+    Resize(resize::ResizeArgs),
 }
 
 /// Entry point of the binary.
@@ -170,5 +173,6 @@ async fn run(cli: Cli, activated: Result<Vec<ActivatedSocket>, ServerError>) -> 
         Command::Export(a) => migrate::export(a).await,
         Command::Reencrypt(a) => reencrypt::reencrypt(a).await,
         Command::Status(a) => control::status(a).await,
+        Command::Resize(a) => resize::resize(a).await,
     }
 }
