@@ -41,10 +41,10 @@ fn offline_grow_keeps_data_and_new_clients_see_and_use_the_new_size() {
             OLD - 8192
         ),
     );
-    // A served volume is refused, with the online way named.
+    // A served volume is refused, saying what to do.
     let err = fails(env.cmd().args(["resize", s(&vol), "--size", "+64M"]));
     assert!(
-        err.contains("being served") && err.contains("--control"),
+        err.contains("being served") && err.contains("stop serving it"),
         "{err}"
     );
     srv.stop();
@@ -109,4 +109,48 @@ fn shrinking_is_refused_and_the_volume_is_unchanged() {
     let err = fails(env.cmd().args(["resize", s(&vol), "--size", "64M"]));
     assert!(err.contains("already has"), "{err}");
     assert_eq!(info_json(&env, &vol)["size"], 64 << 20);
+}
+
+#[test]
+fn a_thick_volume_grows_thin_or_thick_with_preallocate() {
+    let env = Env::new();
+    let vol = env.create("thick.vol", "64M", &["--preallocate"]);
+    let srv = env.serve(&[s(&vol)], &[], false);
+    nbdsh_ok(
+        &srv.uri(""),
+        "h.pwrite(b'T' * 65536, (64 << 20) - 65536)\nh.flush()",
+    );
+    srv.stop();
+    let alloc = |v: &serde_json::Value| v["allocation"]["allocated_bytes"].as_u64();
+    assert_eq!(alloc(&info_json(&env, &vol)), Some(64 << 20));
+    // Without --preallocate the new space is thin.
+    run_ok(env.cmd().args(["resize", s(&vol), "--size", "96M"]));
+    let info = info_json(&env, &vol);
+    assert_eq!(
+        (info["size"].as_u64(), alloc(&info)),
+        (Some(96 << 20), Some(64 << 20)),
+        "{info}"
+    );
+    // With it, every chunk is allocated afterwards.
+    run_ok(
+        env.cmd()
+            .args(["resize", s(&vol), "--size", "+32M", "--preallocate"]),
+    );
+    let info = info_json(&env, &vol);
+    assert_eq!(
+        (info["size"].as_u64(), alloc(&info)),
+        (Some(128 << 20), Some(128 << 20)),
+        "{info}"
+    );
+    let srv = env.serve(&[s(&vol)], &[], false);
+    assert_eq!(nbdinfo_size(&srv.uri("")), 128 << 20);
+    let got = nbdsh_ok(
+        &srv.uri(""),
+        "assert h.pread(65536, (64 << 20) - 65536) == b'T' * 65536\n\
+         for off in range(64 << 20, 128 << 20, 1 << 20):\n    \
+             assert h.pread(1 << 20, off) == bytes(1 << 20), off\n\
+         print('THICK-OK')",
+    );
+    assert!(got.contains("THICK-OK"), "{got}");
+    srv.stop();
 }

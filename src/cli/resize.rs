@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::args::{key_options, KeystoreArgs, UnlockArgs};
 use crate::keys::Argon2Params;
-use crate::ops::{self, NewSize};
+use crate::ops::{self, NewSize, ResizeOptions};
 use crate::size::format_size;
 
 const RESIZE_AFTER_HELP: &str = "\
@@ -15,13 +15,16 @@ Grows the volume's data area; the new space reads as zeros. The file is extended
 (sparse), the allocation map moved when it needs more room, and the header that records
 the new size written last, so a crash at any point leaves the old or the new size.
 Shrinking is refused (data beyond the new end would be lost): make a new volume and copy.
+The new space is thin (unallocated) unless --preallocate fills it, as `create
+--preallocate` does; an interrupted preallocation leaves the new size, partly thin.
 The change is recorded in the key audit log (operation `resize`).
 
 After growing, grow the filesystem inside (e.g. resize2fs) once it is attached.
 
 Examples:
   cryptvol resize /var/lib/cryptvol/vol1.img --size 20G
-  cryptvol resize /var/lib/cryptvol/vol1.img --size +10G";
+  cryptvol resize /var/lib/cryptvol/vol1.img --size +10G
+  cryptvol resize /var/lib/cryptvol/thick.img --size 200G --preallocate";
 
 /// `cryptvol resize FILE --size SIZE`.
 #[derive(Args)]
@@ -32,6 +35,10 @@ pub(super) struct ResizeArgs {
     /// The new size (e.g. 20G; units as in `create --size`), or `+SIZE` to add that much.
     #[arg(long, value_name = "SIZE")]
     size: String,
+    /// Then fill all unallocated space with encrypted zeros (for a volume made with
+    /// `create --preallocate`: its new space is then allocated too).
+    #[arg(long)]
+    preallocate: bool,
     #[command(flatten)]
     unlock: UnlockArgs,
     #[command(flatten)]
@@ -43,7 +50,12 @@ pub(super) async fn resize(a: ResizeArgs) -> Result<()> {
     let size = NewSize::parse(&a.size).with_context(|| format!("invalid --size {:?}", a.size))?;
     let mut keys = key_options(&a.keystore, None, Argon2Params::default());
     keys.passphrase = a.unlock.source();
-    let g = ops::resize(&a.file, &keys, size)
+    let opts = ResizeOptions {
+        size,
+        preallocate: a.preallocate,
+        progress: true,
+    };
+    let g = ops::resize(&a.file, &keys, opts)
         .await
         .with_context(|| format!("cannot resize {}", a.file.display()))?;
     println!(

@@ -36,7 +36,7 @@ pub use key_choice::{slot_key_ref, KeyOptions, NewKey};
 pub use keyslots::{keyslot_add, keyslot_remove, purge_expired_keys, rekey, KeyslotChange};
 pub use partial::partial_path;
 pub use reencrypt_keys::reencrypt_new_dek;
-pub use resize::{resize, NewSize};
+pub use resize::{resize, NewSize, ResizeOptions};
 pub use restore::{restore_snapshot, RestoreOutcome};
 pub use snapshots::{snapshot_copy, snapshot_create, snapshot_served};
 pub use unlock::{unlock, unlock_snapshot};

@@ -5,8 +5,10 @@
 
 use std::path::Path;
 
-use crate::keys::{AuditEvent, AuditLog, EncryptionContext, KeyError, Principal};
-use crate::volume::{Growth, OpenOptions, VolumeError};
+use crate::crypto::Dek;
+use crate::keys::{AuditEvent, AuditLog, AuditWriter, EncryptionContext, KeyError, Principal};
+use crate::progress::Progress;
+use crate::volume::{Growth, Header, OpenOptions, Volume, VolumeError};
 
 use super::{unlock, KeyOptions, OpsError};
 
@@ -37,17 +39,34 @@ impl NewSize {
     }
 }
 
-/// Grows the volume at `path` (not served) to `size`.
-pub async fn resize(path: &Path, keys: &KeyOptions, size: NewSize) -> Result<Growth, OpsError> {
+/// How to grow.
+#[derive(Debug, Clone, Copy)]
+pub struct ResizeOptions {
+    /// The size asked for.
+    pub size: NewSize,
+    /// Afterwards fill every unallocated chunk with encrypted zeros (keeps a volume made
+    /// with `create --preallocate` thick: its new space is the only unallocated part).
+    pub preallocate: bool,
+    /// Show a progress bar while preallocating (else only log lines).
+    pub progress: bool,
+}
+
+/// Grows the volume at `path` (not served) as `opts` say.
+pub async fn resize(
+    path: &Path,
+    keys: &KeyOptions,
+    opts: ResizeOptions,
+) -> Result<Growth, OpsError> {
+    let size = opts.size;
     let audit = AuditLog::choose(keys.audit_log.as_deref(), &keys.keystore_dir()).open()?;
-    let opts = OpenOptions {
+    let rw = OpenOptions {
         read_only: false,
         ..OpenOptions::default()
     };
-    let (vol, header, _) = match unlock(path, keys, opts).await {
+    let (vol, header, _) = match unlock(path, keys, rw).await {
         Err(OpsError::Volume(VolumeError::InUse { path })) => {
             return Err(OpsError::Volume(VolumeError::Resize {
-                detail: "it is being served by a running cryptvol (its open lock is held); grow a served volume through its daemon: cryptvol resize --control SOCKET EXPORT --size SIZE".into(),
+                detail: "it is being served by a running cryptvol (its open lock is held); stop serving it (stop the daemon or remove the export), resize, and serve it again; clients that reconnect see the new size".into(),
                 path,
             }))
         }
@@ -62,11 +81,41 @@ pub async fn resize(path: &Path, keys: &KeyOptions, size: NewSize) -> Result<Gro
     let dek = vol.data_key()?;
     let result = vol.grow_offline(&header, &dek, new_size);
     drop(vol);
+    audit_resize(&audit, path, &header, new_size, result.as_ref().err())?;
+    let (grown, growth) = result?;
+    if opts.preallocate {
+        preallocate(path, &grown, dek, opts.progress)?;
+    }
+    Ok(growth)
+}
+
+/// Fills the grown volume's unallocated chunks with encrypted zeros. Interrupted, the
+/// volume keeps its new size and the rest stays thin (reads as zeros).
+fn preallocate(path: &Path, header: &Header, dek: Dek, show: bool) -> Result<(), VolumeError> {
+    let vol = Volume::open(path, header, dek, OpenOptions::default())?;
+    let progress = if show {
+        Progress::new(format!("preallocate {}", path.display()), header.size)
+    } else {
+        Progress::hidden(header.size)
+    };
+    vol.preallocate(&|done| progress.set_done(done))?;
+    progress.finish();
+    Ok(())
+}
+
+/// One `resize` record in the key audit log, for a grow that worked or failed.
+fn audit_resize(
+    audit: &AuditWriter,
+    path: &Path,
+    header: &Header,
+    new_size: u64,
+    error: Option<&VolumeError>,
+) -> Result<(), KeyError> {
     let ctx = EncryptionContext::for_volume(&header.uuid);
     let detail = format!("path={} size={}->{}", path.display(), header.size, new_size);
     // The audit record's `error` field names a key error kind: a failed resize is
     // recorded as the volume being in a state that does not allow it.
-    let failure = result.as_ref().err().map(|e| KeyError::InvalidState {
+    let failure = error.map(|e| KeyError::InvalidState {
         key: header.uuid.to_string(),
         reason: e.to_string(),
     });
@@ -78,6 +127,5 @@ pub async fn resize(path: &Path, keys: &KeyOptions, size: NewSize) -> Result<Gro
         principal: &Principal::current(),
         outcome: failure.as_ref().map_or(Ok(()), Err),
         detail: Some(&detail),
-    })?;
-    Ok(result?.1)
+    })
 }

@@ -166,7 +166,7 @@ pub enum VolumeError {
     ReencryptInterrupted { path: String },
     #[error("{path}: {detail}")]
     Reencrypt { path: String, detail: String },
-    #[error("cannot resize {path}: {detail}")]
+    #[error("{path}: {detail}")]
     Resize { path: String, detail: String },
     #[error("{path}: cannot snapshot: {detail}")]
     Snapshot { path: String, detail: String },
