@@ -14,6 +14,7 @@ mod keyslots;
 mod migrate;
 mod print;
 mod reencrypt;
+mod resize;
 mod serve;
 mod signals;
 mod snapshots;
@@ -101,6 +102,8 @@ enum Command {
     /// cryptsetup/dmsetup line that opens the volume file with dm-crypt (audited; root or
     /// the file's owner, and the key policy's unwrap permission).
     BreakGlass(break_glass::BreakGlassArgs),
+    /// Grow a volume (never shrink): a volume file that is not served.
+    Resize(resize::ResizeArgs),
 }
 
 /// Entry point of the binary.
@@ -183,5 +186,6 @@ async fn run(cli: Cli, activated: Result<Vec<ActivatedSocket>, ServerError>) -> 
         Command::Completions(a) => docs::completions(a, Cli::command()),
         Command::Man(a) => docs::man(a, Cli::command()),
         Command::BreakGlass(a) => break_glass::break_glass(a).await,
+        Command::Resize(a) => resize::resize(a).await,
     }
 }

@@ -11,6 +11,7 @@
 //! - `partial`: files built under a hidden `.FILE.partial` name and published whole.
 //! - `keyslots`: changing a volume's keyslots (rekey, add, remove) and purging keys.
 //! - `reencrypt_keys`: the fresh data key a re-encryption wraps for every keyslot.
+//! - `resize`: growing a volume that is not served ([`resize`], [`NewSize`]).
 //! - `snapshots`: taking and copying snapshots; `restore`: restoring one.
 //! - `info`: what `cryptvol info` shows.
 //! - `break_glass`: handing a volume's data key to dm-crypt (`cryptvol break-glass`).
@@ -22,6 +23,7 @@ mod key_choice;
 mod keyslots;
 mod partial;
 mod reencrypt_keys;
+mod resize;
 mod restore;
 mod snapshots;
 mod unlock;
@@ -37,6 +39,7 @@ pub use key_choice::{slot_key_ref, KeyOptions, NewKey};
 pub use keyslots::{keyslot_add, keyslot_remove, purge_expired_keys, rekey, KeyslotChange};
 pub use partial::partial_path;
 pub use reencrypt_keys::reencrypt_new_dek;
+pub use resize::{resize, NewSize, ResizeOptions};
 pub use restore::{restore_snapshot, RestoreOutcome};
 pub use snapshots::{snapshot_copy, snapshot_create, snapshot_served};
 pub use unlock::{unlock, unlock_snapshot};

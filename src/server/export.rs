@@ -165,6 +165,7 @@ pub fn errno_for(e: &VolumeError) -> NbdErrno {
         | VolumeError::ReencryptKeyNeeded { .. }
         | VolumeError::ReencryptInterrupted { .. }
         | VolumeError::Reencrypt { .. }
+        | VolumeError::Resize { .. }
         | VolumeError::Snapshot { .. } => NbdErrno::Io,
     }
 }

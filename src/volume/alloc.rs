@@ -441,6 +441,37 @@ pub fn write_initial(file: &File, layout: &MapLayout, uuid: &uuid::Uuid) -> std:
     Ok(())
 }
 
+/// Writes both copies of a whole map at `layout` (sequence 1) from `words` (missing
+/// words are zero), without syncing: a resize writes the grown map at a new place
+/// before the header that points there is committed.
+pub(crate) fn write_copies(
+    file: &File,
+    layout: &MapLayout,
+    uuid: &uuid::Uuid,
+    words: &[u64],
+) -> std::io::Result<()> {
+    let zeros = [0u64; WORDS_PER_PAGE];
+    for copy in 0..2 {
+        for page in 0..layout.pages {
+            let base = usize::try_from(page)
+                .ok()
+                .and_then(|p| p.checked_mul(WORDS_PER_PAGE))
+                .unwrap_or(usize::MAX);
+            let w = words
+                .get(base..base.saturating_add(WORDS_PER_PAGE))
+                .unwrap_or(&zeros[..]);
+            let w = if w.len() == WORDS_PER_PAGE {
+                w
+            } else {
+                &zeros[..]
+            };
+            let p = encode_page(uuid, page, copy, 1, w);
+            file.write_all_at(&p[..], layout.page_offset(copy, page))?;
+        }
+    }
+    Ok(())
+}
+
 struct Durable {
     /// The map as last written (or being written) to disk.
     words: Vec<u64>,
@@ -558,6 +589,14 @@ impl AllocMap {
     }
 
     /// Whether changes wait to be persisted.
+    /// The live bits (one word per 64 chunks), for a resize that rewrites the map.
+    pub fn words(&self) -> Vec<u64> {
+        self.live
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect()
+    }
+
     pub fn is_dirty(&self) -> bool {
         !lock(&self.pending).is_empty() || !lock(&self.durable).dirty.is_empty()
     }

@@ -12,6 +12,7 @@ mod io;
 mod open;
 mod rangelock;
 mod reencrypt;
+mod resize;
 mod sectors;
 mod snapshot_view;
 mod tracking;
@@ -26,6 +27,7 @@ pub use header::{
 pub use io::Volume;
 pub use open::OpenOptions;
 pub use reencrypt::{ReencryptStatus, ZONE_SECTORS};
+pub use resize::Growth;
 pub use snapshot_view::{test_delay as snapshot_test_delay, SnapshotView};
 pub use tracking::SNAPSHOT_CHUNK;
 pub use write::WRITE_CHUNK;
@@ -164,6 +166,8 @@ pub enum VolumeError {
     ReencryptInterrupted { path: String },
     #[error("{path}: {detail}")]
     Reencrypt { path: String, detail: String },
+    #[error("{path}: {detail}")]
+    Resize { path: String, detail: String },
     #[error("{path}: cannot snapshot: {detail}")]
     Snapshot { path: String, detail: String },
     #[error("volume is read-only")]

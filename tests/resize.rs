@@ -1,0 +1,210 @@
+//! Growing volumes (issue 16 item 2): `cryptvol resize FILE --size SIZE` on a volume that
+//! is not served, checked through the real peers (nbdinfo, nbdsh), `info`, `check` and
+//! the audit log; shrinking and resizing a served file are refused.
+
+mod common;
+
+use common::*;
+
+const OLD: u64 = 64 * 1024 * 1024 + 4096; // the last 64 KiB chunk is short
+const NEW: u64 = 2 * OLD;
+
+fn nbdinfo_size(uri: &str) -> u64 {
+    require("nbdinfo");
+    let out = run_ok(std::process::Command::new("nbdinfo").args(["--size", uri]));
+    out.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("nbdinfo --size said {out:?}: {e}"))
+}
+
+fn nbdsh_ok(uri: &str, script: &str) -> String {
+    let out = nbdsh(uri, script);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn offline_grow_keeps_data_and_new_clients_see_and_use_the_new_size() {
+    let env = Env::new();
+    let vol = env.create("grow.vol", &OLD.to_string(), &[]);
+    let srv = env.serve(&[s(&vol)], &[], false);
+    // Data at the start and in the short last chunk (its bit is set).
+    nbdsh_ok(
+        &srv.uri(""),
+        &format!(
+            "h.pwrite(b'A' * 8192, 0)\nh.pwrite(b'Z' * 8192, {})\nh.flush()",
+            OLD - 8192
+        ),
+    );
+    // A served volume is refused, saying what to do.
+    let err = fails(env.cmd().args(["resize", s(&vol), "--size", "+64M"]));
+    assert!(
+        err.contains("being served") && err.contains("stop serving it"),
+        "{err}"
+    );
+    srv.stop();
+
+    let out = run_ok(
+        env.cmd()
+            .args(["resize", s(&vol), "--size", &format!("+{OLD}")]),
+    );
+    assert!(
+        out.contains("grown from") && out.contains(&NEW.to_string()),
+        "{out}"
+    );
+    let info = info_json(&env, &vol);
+    assert_eq!(info["size"], NEW, "{info}");
+
+    let srv = env.serve(&[s(&vol)], &[], false);
+    assert_eq!(nbdinfo_size(&srv.uri("")), NEW);
+    let got = nbdsh_ok(
+        &srv.uri(""),
+        &format!(
+            "assert h.pread(8192, 0) == b'A' * 8192\n\
+             assert h.pread(8192, {old} - 8192) == b'Z' * 8192\n\
+             assert h.pread({rest}, {old}) == bytes({rest})\n\
+             h.pwrite(b'E' * 4096, {new} - 4096)\nh.flush()\n\
+             assert h.pread(4096, {new} - 4096) == b'E' * 4096\n\
+             print('OK', h.get_size())",
+            old = OLD,
+            new = NEW,
+            rest = 1 << 20,
+        ),
+    );
+    assert!(got.contains(&format!("OK {NEW}")), "{got}");
+    srv.stop();
+
+    // The audit log records the resize; check finds the volume compliant.
+    let audit = String::from_utf8_lossy(&read(&env.keystore().join("audit.jsonl"))).into_owned();
+    let line = audit
+        .lines()
+        .find(|l| l.contains("\"operation\":\"resize\""))
+        .unwrap_or_else(|| panic!("no resize record in the audit log:\n{audit}"));
+    assert!(
+        line.contains(&format!("{OLD}->{NEW}")) && line.contains("\"result\":\"ok\""),
+        "{line}"
+    );
+    let out = run(env.cmd().arg("check").arg(&vol));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("COMPLIANT"), "{text}");
+}
+
+#[test]
+fn shrinking_is_refused_and_the_volume_is_unchanged() {
+    let env = Env::new();
+    let vol = env.create("shrink.vol", "64M", &[]);
+    let err = fails(env.cmd().args(["resize", s(&vol), "--size", "32M"]));
+    assert!(
+        err.contains("cannot shrink") && err.contains("use a new volume and copy"),
+        "{err}"
+    );
+    let err = fails(env.cmd().args(["resize", s(&vol), "--size", "100"]));
+    assert!(err.contains("cannot shrink"), "{err}");
+    let err = fails(env.cmd().args(["resize", s(&vol), "--size", "64M"]));
+    assert!(err.contains("already has"), "{err}");
+    assert_eq!(info_json(&env, &vol)["size"], 64 << 20);
+}
+
+#[test]
+fn a_thick_volume_grows_thin_or_thick_with_preallocate() {
+    let env = Env::new();
+    let vol = env.create("thick.vol", "64M", &["--preallocate"]);
+    let srv = env.serve(&[s(&vol)], &[], false);
+    nbdsh_ok(
+        &srv.uri(""),
+        "h.pwrite(b'T' * 65536, (64 << 20) - 65536)\nh.flush()",
+    );
+    srv.stop();
+    let alloc = |v: &serde_json::Value| v["allocation"]["allocated_bytes"].as_u64();
+    assert_eq!(alloc(&info_json(&env, &vol)), Some(64 << 20));
+    // Without --preallocate the new space is thin.
+    run_ok(env.cmd().args(["resize", s(&vol), "--size", "96M"]));
+    let info = info_json(&env, &vol);
+    assert_eq!(
+        (info["size"].as_u64(), alloc(&info)),
+        (Some(96 << 20), Some(64 << 20)),
+        "{info}"
+    );
+    // With it, every chunk is allocated afterwards.
+    run_ok(
+        env.cmd()
+            .args(["resize", s(&vol), "--size", "+32M", "--preallocate"]),
+    );
+    let info = info_json(&env, &vol);
+    assert_eq!(
+        (info["size"].as_u64(), alloc(&info)),
+        (Some(128 << 20), Some(128 << 20)),
+        "{info}"
+    );
+    let srv = env.serve(&[s(&vol)], &[], false);
+    assert_eq!(nbdinfo_size(&srv.uri("")), 128 << 20);
+    let got = nbdsh_ok(
+        &srv.uri(""),
+        "assert h.pread(65536, (64 << 20) - 65536) == b'T' * 65536\n\
+         for off in range(64 << 20, 128 << 20, 1 << 20):\n    \
+             assert h.pread(1 << 20, off) == bytes(1 << 20), off\n\
+         print('THICK-OK')",
+    );
+    assert!(got.contains("THICK-OK"), "{got}");
+    srv.stop();
+}
+
+/// Kills `cryptvol resize` (fault injection, SIGKILL) at each step of a grow that also
+/// moves the allocation map: every state opens, with the old size before the first
+/// header copy is complete and the new size after, and the data intact.
+#[test]
+fn a_resize_killed_at_any_step_leaves_the_old_or_the_new_size() {
+    const GIB: u64 = 1 << 30;
+    let env = Env::new();
+    let base = env.create("base.vol", "1G", &[]);
+    let srv = env.serve(&[s(&base)], &[], false);
+    nbdsh_ok(
+        &srv.uri(""),
+        &format!("h.pwrite(b'D' * 65536, {})\nh.flush()", GIB - 65536),
+    );
+    srv.stop();
+    let steps = [
+        ("resize-after-extend", GIB),
+        ("resize-before-header", GIB),
+        ("header-copy-1-torn", GIB),
+        ("header-copy-1", 3 * GIB),
+        ("header-copy-2-torn", 3 * GIB),
+        ("header-copy-2", 3 * GIB),
+    ];
+    for (step, want) in steps {
+        let vol = env.path(&format!("{step}.vol"));
+        run_ok(std::process::Command::new("cp").args(["--sparse=always", s(&base), s(&vol)]));
+        let out = run(env
+            .cmd()
+            .args(["resize", s(&vol), "--size", "3G"])
+            .env("CRYPTVOL_FAULT_INJECTION", "1")
+            .env("CRYPTVOL_TEST_CRASH_AT", step));
+        assert!(!out.status.success(), "{step}: resize was not killed");
+        assert_eq!(info_json(&env, &vol)["size"], want, "{step}");
+        let srv = env.serve(&[s(&vol)], &[], false);
+        assert_eq!(nbdinfo_size(&srv.uri("")), want, "{step}");
+        nbdsh_ok(
+            &srv.uri(""),
+            &format!("assert h.pread(65536, {}) == b'D' * 65536", GIB - 65536),
+        );
+        srv.stop();
+        if want == GIB {
+            // The interrupted grow can simply be run again.
+            run_ok(env.cmd().args(["resize", s(&vol), "--size", "3G"]));
+            assert_eq!(info_json(&env, &vol)["size"], 3 * GIB, "{step}");
+        }
+        let out = run(env.cmd().arg("check").arg(&vol));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{step}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
