@@ -1,12 +1,12 @@
 #!/bin/bash
 # Runs cryptvol.service and cryptvol.socket under a real systemd: boots this host's own
-# root as a container with systemd-nspawn (--volatile=overlay: every change lands in a
-# tmpfs and disappears with the container), installs the units, the binary and a config
+# root as a container with systemd-nspawn (--volatile=yes: a tmpfs root with this host's
+# /usr, gone with the container), installs the units, the binary and a config
 # file in it, and checks:
 #   1. socket activation: the service is inactive until a client (nbdinfo) connects to
 #      /run/cryptvol/nbd.sock, then it is started and serves the export;
 #   2. systemctl reload (ExecReload, SIGHUP) keeps it running (same MainPID);
-#   3. journalctl -o json -u cryptvol shows cryptvol's structured fields (EXPORT=, …);
+#   3. journalctl -o json -u cryptvol shows cryptvol's structured fields (F_EXPORT=, F_PATH=, …);
 #   4. the watchdog: the daemon is SIGSTOPped, systemd kills it after WatchdogSec and
 #      starts a new one (NRestarts grows, MainPID changes), which serves again.
 # Needs root and systemd-nspawn (Debian: systemd-container). Prints "PASS: …" lines and
@@ -33,15 +33,22 @@ done
 
 machine=cvtest-$$
 log=$(mktemp /tmp/systemd-test-nspawn.XXXXXX)
-# --register=no --keep-unit: the host's PID 1 need not be systemd (no machined, no bus).
-systemd-nspawn --quiet --register=no --keep-unit --volatile=overlay -D / -M "$machine" \
+# /usr/local of the container (the unit runs /usr/local/bin/cryptvol).
+local_dir=$(mktemp -d /tmp/systemd-test-local.XXXXXX)
+mkdir -p "$local_dir/bin"
+install -m 0755 "$bin" "$local_dir/bin/cryptvol"
+# --volatile=yes: the container's root is a tmpfs and only /usr comes from this host
+# (read-only), so nothing the test does outlives it. --register=no --keep-unit: the
+# host's PID 1 need not be systemd (no machined, no system bus).
+systemd-nspawn --quiet --register=no --keep-unit --volatile=yes -D / -M "$machine" \
+    --bind="$local_dir:/usr/local" --bind-ro="$repo:/mnt/repo" \
     --console=passive -b systemd.firstboot=off >"$log" 2>&1 &
 nspawn=$!
 cleanup() {
     kill "$nspawn" 2>/dev/null || true
     for _ in $(seq 1 100); do kill -0 "$nspawn" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$nspawn" 2>/dev/null || true
-    rm -f "$log"
+    rm -rf "$log" "$local_dir"
 }
 trap cleanup EXIT
 
@@ -54,80 +61,87 @@ for _ in $(seq 1 300); do
     sleep 0.1
 done
 [ -n "$leader" ] || die "the container did not start"
-in() { nsenter -t "$leader" -m -u -i -n -p -C -- "$@"; }
+ct() { nsenter -t "$leader" -m -u -i -n -p -C -- "$@"; }
 
 # Wait until systemd inside has finished booting (running, or degraded: some host
 # services may not start in a container; they do not matter here).
 state=
 for _ in $(seq 1 600); do
-    state=$(in systemctl is-system-running 2>/dev/null || true)
+    state=$(ct systemctl is-system-running 2>/dev/null || true)
     case $state in running|degraded) break ;; esac
     sleep 0.2
 done
 case $state in running|degraded) ;; *) cat "$log" >&2; die "systemd did not boot (state: ${state:-none})" ;; esac
-pass "systemd $(in systemctl --version | head -n1 | cut -d' ' -f2) booted in the container (state $state)"
+pass "systemd $(ct systemctl --version | head -n1 | cut -d' ' -f2) booted in the container (state $state)"
 
 # Install: binary, units, config, a volume (keystore default for root: /var/lib/cryptvol/keys).
-in install -m 0755 "$bin" /usr/local/bin/cryptvol
-in install -m 0644 "$repo/systemd/cryptvol.service" "$repo/systemd/cryptvol.socket" /etc/systemd/system/
-in mkdir -p /etc/systemd/system/cryptvol.service.d /etc/cryptvol /var/lib/cryptvol
-in sh -c "printf '[Service]\nWatchdogSec=%ss\n' $watchdog_sec > /etc/systemd/system/cryptvol.service.d/test.conf"
-in install -m 0600 "$repo/systemd/cryptvol.toml.example" /etc/cryptvol/cryptvol.toml
-in /usr/local/bin/cryptvol create --size 16M /var/lib/cryptvol/data.img >/dev/null
-in systemctl daemon-reload
+ct install -m 0644 /mnt/repo/systemd/cryptvol.service /mnt/repo/systemd/cryptvol.socket /etc/systemd/system/
+ct mkdir -p /etc/systemd/system/cryptvol.service.d /etc/cryptvol /var/lib/cryptvol
+ct sh -c "printf '[Service]\nWatchdogSec=%ss\n' $watchdog_sec > /etc/systemd/system/cryptvol.service.d/test.conf"
+ct install -m 0600 /mnt/repo/systemd/cryptvol.toml.example /etc/cryptvol/cryptvol.toml
+ct /usr/local/bin/cryptvol create --size 16M /var/lib/cryptvol/data.img >/dev/null
+ct systemctl daemon-reload
 
 # 1. Socket activation.
-in systemctl start cryptvol.socket
-[ "$(in systemctl is-active cryptvol.service || true)" = inactive ] || die "cryptvol.service runs before any client connected"
+ct systemctl start cryptvol.socket
+[ "$(ct systemctl is-active cryptvol.service || true)" = inactive ] || die "cryptvol.service runs before any client connected"
 uri='nbd+unix:///data?socket=/run/cryptvol/nbd.sock'
-size=$(in timeout 120 nbdinfo --size "$uri") || { in journalctl -u cryptvol --no-pager | tail -n 30 >&2; die "nbdinfo through the activation socket failed"; }
+size=$(ct timeout 120 nbdinfo --size "$uri") || { ct journalctl -u cryptvol --no-pager | tail -n 30 >&2; die "nbdinfo through the activation socket failed"; }
 [ "$size" = 16777216 ] || die "export size $size, expected 16777216"
-[ "$(in systemctl is-active cryptvol.service)" = active ] || die "cryptvol.service not active after the first client"
-pid1=$(in systemctl show -p MainPID --value cryptvol.service)
+[ "$(ct systemctl is-active cryptvol.service)" = active ] || die "cryptvol.service not active after the first client"
+pid1=$(ct systemctl show -p MainPID --value cryptvol.service)
 pass "socket activation: nbdinfo connected through cryptvol.socket, export size $size, daemon MainPID $pid1"
 
 # 2. Reload.
-in systemctl reload cryptvol.service
-[ "$(in systemctl show -p MainPID --value cryptvol.service)" = "$pid1" ] || die "reload changed the MainPID"
+ct systemctl reload cryptvol.service
+[ "$(ct systemctl show -p MainPID --value cryptvol.service)" = "$pid1" ] || die "reload changed the MainPID"
 for _ in $(seq 1 100); do
-    in journalctl -u cryptvol.service --no-pager -o cat | grep -q SIGHUP && break
+    ct journalctl -u cryptvol.service --no-pager -o cat | grep -q SIGHUP && break
     sleep 0.2
 done
-in journalctl -u cryptvol.service --no-pager -o cat | grep -q SIGHUP || die "no SIGHUP line in the journal after systemctl reload"
+ct journalctl -u cryptvol.service --no-pager -o cat | grep -q SIGHUP || die "no SIGHUP line in the journal after systemctl reload"
 pass "systemctl reload: SIGHUP handled, MainPID still $pid1"
 
 # 3. Structured journal fields.
-json=$(in journalctl -u cryptvol.service -o json --no-pager)
+json=$(ct journalctl -u cryptvol.service -o json --no-pager)
 opened=$(echo "$json" | grep '"MESSAGE":"export opened"' | head -n1)
 [ -n "$opened" ] || die "no 'export opened' entry in journalctl -o json"
-for field in '"EXPORT":"data"' '"SYSLOG_IDENTIFIER":"cryptvol"' '"PATH":"/var/lib/cryptvol/data.img"' '"SIZE":"16777216"' '"PRIORITY":"5"\|"PRIORITY":"6"'; do
+for field in '"F_EXPORT":"data"' '"SYSLOG_IDENTIFIER":"cryptvol"' '"F_PATH":"/var/lib/cryptvol/data.img"' '"F_SIZE":"16777216"' '"PRIORITY":"5"\|"PRIORITY":"6"'; do
     echo "$opened" | grep -q "$field" || die "journal entry lacks $field: $opened"
 done
-pass "journalctl -o json: $(echo "$opened" | grep -o '"EXPORT":"[^"]*"\|"UUID":"[^"]*"\|"TARGET":"[^"]*"\|"SIZE":"[^"]*"' | tr '\n' ' ')"
+pass "journalctl -o json: $(echo "$opened" | grep -o '"F_EXPORT":"[^"]*"\|"F_UUID":"[^"]*"\|"TARGET":"[^"]*"\|"F_SIZE":"[^"]*"' | tr '\n' ' ')"
 if echo "$json" | grep -qi 'passphrase=\|"DEK"\|"KEY_MATERIAL"'; then die "secret-looking field in the journal"; fi
 
-# 4. Watchdog: a daemon that stops answering is restarted.
-restarts0=$(in systemctl show -p NRestarts --value cryptvol.service)
+# 4. Watchdog. First a healthy daemon outlives several WatchdogSec (its keep-alives
+# arrive: systemd's WatchdogTimestamp moves), then a stopped one is restarted.
+restarts0=$(ct systemctl show -p NRestarts --value cryptvol.service)
+ping0=$(ct systemctl show -p WatchdogTimestampMonotonic --value cryptvol.service)
+sleep $((watchdog_sec * 2 + 1))
+ping1=$(ct systemctl show -p WatchdogTimestampMonotonic --value cryptvol.service)
+[ "$(ct systemctl show -p MainPID --value cryptvol.service)" = "$pid1" ] || die "the healthy daemon was restarted (keep-alives missing?)"
+[ "$(ct systemctl show -p NRestarts --value cryptvol.service)" = "$restarts0" ] || die "NRestarts grew while the daemon was healthy"
+[ "$ping1" -gt "$ping0" ] || die "systemd saw no keep-alive (WatchdogTimestampMonotonic $ping0 -> $ping1)"
+pass "watchdog: healthy daemon $pid1 alive after $((watchdog_sec * 2 + 1))s with WatchdogSec=${watchdog_sec}s; last keep-alive moved ${ping0} -> ${ping1} us"
 # MainPID is a pid of the container's pid namespace: signal it from inside.
-in kill -STOP "$pid1"
+ct kill -STOP "$pid1"
 stopped_at=$(date +%s)
 pid2=$pid1
 for _ in $(seq 1 $((watchdog_sec * 20 + 600))); do
-    pid2=$(in systemctl show -p MainPID --value cryptvol.service)
-    restarts=$(in systemctl show -p NRestarts --value cryptvol.service)
+    pid2=$(ct systemctl show -p MainPID --value cryptvol.service)
+    restarts=$(ct systemctl show -p NRestarts --value cryptvol.service)
     if [ "$restarts" -gt "$restarts0" ] && [ "$pid2" != 0 ] && [ "$pid2" != "$pid1" ] \
-        && [ "$(in systemctl is-active cryptvol.service || true)" = active ]; then
+        && [ "$(ct systemctl is-active cryptvol.service || true)" = active ]; then
         break
     fi
     sleep 0.2
 done
 took=$(( $(date +%s) - stopped_at ))
-[ "$pid2" != "$pid1" ] && [ "$restarts" -gt "$restarts0" ] || { in journalctl -u cryptvol --no-pager | tail -n 30 >&2; die "watchdog did not restart the stopped daemon (NRestarts $restarts, MainPID $pid2)"; }
-in journalctl -u cryptvol.service --no-pager -o cat | grep -qi 'watchdog timeout' \
-    || in journalctl --no-pager -o cat | grep -qi 'cryptvol.service: Watchdog timeout' \
+[ "$pid2" != "$pid1" ] && [ "$restarts" -gt "$restarts0" ] || { ct journalctl -u cryptvol --no-pager | tail -n 30 >&2; die "watchdog did not restart the stopped daemon (NRestarts $restarts, MainPID $pid2)"; }
+ct journalctl -u cryptvol.service --no-pager -o cat | grep -qi 'watchdog timeout' \
+    || ct journalctl --no-pager -o cat | grep -qi 'cryptvol.service: Watchdog timeout' \
     || die "no watchdog timeout recorded by systemd"
-size=$(in timeout 120 nbdinfo --size "$uri") || die "the restarted daemon does not serve"
+size=$(ct timeout 120 nbdinfo --size "$uri") || die "the restarted daemon does not serve"
 pass "watchdog: SIGSTOPped daemon $pid1 killed after WatchdogSec=${watchdog_sec}s and restarted as $pid2 in ${took}s (NRestarts $restarts0 -> $restarts); it serves again (size $size)"
 
-in systemctl stop cryptvol.service cryptvol.socket
+ct systemctl stop cryptvol.service cryptvol.socket
 echo "systemd-test: OK"
