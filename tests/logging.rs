@@ -137,6 +137,26 @@ fn serve_with_run_dir(env: &Env, run_dir: &Path, vol: &Path) -> String {
     read(&log)
 }
 
+/// The fields of one datagram of journald's native protocol, as `KEY=VALUE`: each field
+/// is `KEY=VALUE\n`, or `KEY\n` + a 64-bit little-endian length + the value + `\n`.
+fn parse_native(mut d: &[u8]) -> Vec<String> {
+    let mut fields = Vec::new();
+    while let Some(nl) = d.iter().position(|&b| b == b'\n') {
+        let line = String::from_utf8_lossy(&d[..nl]).into_owned();
+        d = &d[nl + 1..];
+        if line.contains('=') {
+            fields.push(line);
+            continue;
+        }
+        let len_bytes: [u8; 8] = d[..8].try_into().expect("length");
+        let len = usize::try_from(u64::from_le_bytes(len_bytes)).expect("len");
+        let value = String::from_utf8_lossy(&d[8..8 + len]).into_owned();
+        fields.push(format!("{line}={value}"));
+        d = &d[8 + len + 1..];
+    }
+    fields
+}
+
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
@@ -153,11 +173,11 @@ fn journald_entries_carry_structured_fields() {
     let mut entries = Vec::new();
     let mut buf = vec![0u8; 1 << 16];
     while let Ok(n) = journal.recv(&mut buf) {
-        entries.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        entries.push(parse_native(&buf[..n]));
     }
     let opened = entries
         .iter()
-        .find(|e| e.lines().any(|l| l == "MESSAGE=export opened"))
+        .find(|e| e.iter().any(|f| f == "MESSAGE=export opened"))
         .unwrap_or_else(|| panic!("no 'export opened' entry in {entries:#?}\nstderr: {stderr}"));
     for field in [
         "F_EXPORT=data",
@@ -168,7 +188,7 @@ fn journald_entries_carry_structured_fields() {
         "PRIORITY=5",
     ] {
         assert!(
-            opened.lines().any(|l| l == field),
+            opened.iter().any(|f| f == field),
             "{field} missing in {opened:?}"
         );
     }
