@@ -864,10 +864,19 @@ fn attach_and_detach_flow_with_a_stand_in_nbd_client() {
 /// `WATCHDOG=1` datagrams received within `secs` (other notifications are skipped).
 fn next_keepalive(rx: &UnixDatagram, secs: u64) -> bool {
     let deadline = Instant::now() + Duration::from_secs(secs);
+    rx.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut buf = [0u8; 4096];
     while Instant::now() < deadline {
-        match recv_msg(rx, 1) {
-            Some(m) if m.lines().any(|l| l == "WATCHDOG=1") => return true,
-            _ => {}
+        match rx.recv(&mut buf) {
+            Ok(n) if buf[..n].split(|&b| b == b'\n').any(|l| l == b"WATCHDOG=1") => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            Err(e) => panic!("recv on the notify socket: {e} ({:?})", e.kind()),
         }
     }
     false
