@@ -856,3 +856,109 @@ fn attach_and_detach_flow_with_a_stand_in_nbd_client() {
     }
     server.stop();
 }
+
+// ---------------------------------------------------------------------------------------
+// Watchdog keep-alives (the sd_notify stand-in; scripts/systemd-test.sh checks the
+// restart under a real systemd)
+
+/// `WATCHDOG=1` datagrams received within `secs` (other notifications are skipped).
+fn next_keepalive(rx: &UnixDatagram, secs: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    rx.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match rx.recv(&mut buf) {
+            Ok(n) if buf[..n].split(|&b| b == b'\n').any(|l| l == b"WATCHDOG=1") => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            Err(e) => panic!("recv on the notify socket: {e} ({:?})", e.kind()),
+        }
+    }
+    false
+}
+
+/// Waits until process `pid` is in state `want` ('T': stopped) per /proc/PID/stat.
+fn wait_proc_state(pid: u32, want: char) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+        if state == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} never in state {want}: {stat}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn serve_with_watchdog(env: &Env, notify: &Path, usec: &str, pid: Option<&str>) -> Guard {
+    let vol = env.create(&format!("w{}.img", rand_id()), "16M", &[]);
+    let mut c = env.cmd();
+    c.arg("serve")
+        .arg("--unix")
+        .arg(env.path(&format!("w-{}.sock", rand_id())))
+        .arg(format!("vol={}", vol.display()))
+        .env("NOTIFY_SOCKET", notify)
+        .env("WATCHDOG_USEC", usec)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(env.path(&format!("w-{}.log", rand_id()))).expect("log"));
+    if let Some(p) = pid {
+        c.env("WATCHDOG_PID", p);
+    }
+    Guard(Some(c.spawn().expect("spawn")))
+}
+
+#[test]
+fn watchdog_keepalives_arrive_and_stop_while_the_daemon_is_stopped() {
+    let env = Env::new();
+    let path = env.path("notify.dgram");
+    let rx = UnixDatagram::bind(&path).expect("bind notify socket");
+    // WatchdogSec=0.4s: a keep-alive every 200 ms.
+    let mut g = serve_with_watchdog(&env, &path, "400000", None);
+    let ready = recv_msg(&rx, 60).expect("no READY=1");
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    for _ in 0..3 {
+        assert!(
+            next_keepalive(&rx, 30),
+            "no WATCHDOG=1 from a healthy daemon"
+        );
+    }
+    let pid = g.child().id();
+    run_ok(Command::new("kill").args(["-STOP", &pid.to_string()]));
+    wait_proc_state(pid, 'T');
+    // Drop what was queued before the stop; then nothing for 10 intervals.
+    rx.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 512];
+    while rx.recv(&mut buf).is_ok() {}
+    rx.set_nonblocking(false).expect("blocking");
+    assert!(!next_keepalive(&rx, 2), "WATCHDOG=1 from a stopped daemon");
+    run_ok(Command::new("kill").args(["-CONT", &pid.to_string()]));
+    assert!(next_keepalive(&rx, 30), "no WATCHDOG=1 after SIGCONT");
+    sigterm(g.child());
+    assert!(wait_exit(g.child(), 30).success());
+}
+
+#[test]
+fn no_keepalives_when_the_watchdog_is_meant_for_another_process() {
+    let env = Env::new();
+    let path = env.path("notify.dgram");
+    let rx = UnixDatagram::bind(&path).expect("bind notify socket");
+    // PID 1 is never the daemon.
+    let mut g = serve_with_watchdog(&env, &path, "400000", Some("1"));
+    let ready = recv_msg(&rx, 60).expect("no READY=1");
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(
+        !next_keepalive(&rx, 2),
+        "WATCHDOG=1 although WATCHDOG_PID names another process"
+    );
+    sigterm(g.child());
+    assert!(wait_exit(g.child(), 30).success());
+}

@@ -11,6 +11,7 @@ mod demo;
 mod docs;
 mod keys;
 mod keyslots;
+mod logging;
 mod migrate;
 mod print;
 mod reencrypt;
@@ -20,7 +21,6 @@ mod signals;
 mod snapshots;
 mod volume;
 
-use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use anyhow::Result;
@@ -48,11 +48,17 @@ Examples:
   cryptvol serve --unix /run/cryptvol.sock vol.img
   nbdinfo 'nbd+unix:///vol?socket=/run/cryptvol.sock'
 
-Logging goes to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more detail.";
+Logging goes to stderr (--log-format text|json|journald); set RUST_LOG (e.g. RUST_LOG=debug)
+for more detail.";
 
 #[derive(Parser)]
 #[command(name = "cryptvol", version, about = "Encrypted block volumes served over NBD", after_help = AFTER_HELP)]
 struct Cli {
+    /// Form of the log output on stderr: text, json (one object a line), or journald
+    /// (native journal entries with structured fields) [default: journald when stderr is
+    /// systemd's journal stream, else text; `serve` also reads `log_format` from --config].
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    log_format: Option<logging::LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -109,7 +115,12 @@ enum Command {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    let config = match &cli.command {
+        Command::Serve(a) => a.config_path(),
+        _ => None,
+    };
+    let (format, warning) = logging::choose(cli.log_format, config);
+    logging::init(format, warning);
     // Every command may hold key material (a DEK, a master key, a KEK, a passphrase), so
     // all of them, not only `serve`: no core dumps, no ptrace or /proc/PID/mem access by
     // other processes of the same uid. Programs we start (exec key backends) are
@@ -155,17 +166,6 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
 }
 
 async fn run(cli: Cli, activated: Result<Vec<ActivatedSocket>, ServerError>) -> Result<()> {

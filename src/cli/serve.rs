@@ -40,6 +40,13 @@ allowed by any of its identities is let in. Everyone else gets NBD_REP_ERR_POLIC
 the export in a listing, and is recorded in the audit log. Plaintext TCP clients have no
 identity: they need --allow-anyone.";
 
+impl ServeArgs {
+    /// The --config file, for settings read before the daemon starts (`log_format`).
+    pub(super) fn config_path(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+}
+
 /// `cryptvol serve`.
 #[derive(Args)]
 #[command(after_help = SERVE_AFTER_HELP)]
@@ -478,6 +485,9 @@ pub(super) async fn run_server(
         "serving {n} export{}",
         if n == 1 { "" } else { "s" }
     ));
+    if let Some(interval) = server::watchdog::from_env() {
+        tokio::spawn(server::watchdog::keep_alive(interval));
+    }
     tokio::spawn(reload_on_sighup(config.tls.clone(), signals.take_hangup()));
     let shutdown = server::shutdown_handle();
     let sd = shutdown.clone();

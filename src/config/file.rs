@@ -22,6 +22,9 @@ pub struct ConfigFile {
     /// The control socket (`cryptvol status`, `reencrypt`, `snapshot create` talk to the
     /// daemon through it) [default: /run/cryptvol/control.sock when running as root].
     pub control: Option<PathBuf>,
+    /// Form of the log output: "text", "json" or "journald" (`--log-format` overrides
+    /// it; read by `cli::logging` before anything else).
+    pub log_format: Option<String>,
     /// Where to listen.
     pub listen: Option<ListenSection>,
     /// TLS on the listeners.

@@ -22,6 +22,7 @@ mod peer;
 pub(crate) mod reencrypt;
 pub mod systemd;
 pub mod tls;
+pub mod watchdog;
 
 pub use control::{ControlHooks, ControlSocket};
 pub use export::{errno_for, Export, Exports};
