@@ -22,6 +22,8 @@ pub struct ConfigFile {
     /// The control socket (`cryptvol status`, `reencrypt`, `snapshot create` talk to the
     /// daemon through it) [default: /run/cryptvol/control.sock when running as root].
     pub control: Option<PathBuf>,
+    /// `HOST:PORT` of the Prometheus metrics endpoint (`GET /metrics`) [default: none].
+    pub metrics: Option<String>,
     /// Where to listen.
     pub listen: Option<ListenSection>,
     /// TLS on the listeners.
