@@ -33,7 +33,8 @@ pub struct HistogramSnapshot {
     pub sum_seconds: f64,
     /// Number of observations.
     pub count: u64,
-    /// Cumulative counts per upper bound in seconds, the last bound `+Inf`.
+    /// Observations per bucket (not cumulative, as `prometheus-client`'s encoder takes
+    /// them: it cumulates), by upper bound in seconds, the last bound `+Inf`.
     pub buckets: Vec<(f64, u64)>,
 }
 
@@ -61,22 +62,23 @@ impl LatencyHistogram {
         self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
-    /// The counts now, cumulated per bound. Observations recorded while this runs may
-    /// be partly included (each counter is read once; counts never go backwards).
+    /// The counts now. Observations recorded while this runs may be partly included
+    /// (each counter is read once; the count is the sum of the buckets read).
     pub fn snapshot(&self) -> HistogramSnapshot {
-        let mut cumulative = 0u64;
+        let mut count = 0u64;
         let mut buckets = Vec::with_capacity(BUCKETS);
         for (i, bucket) in self.buckets.iter().enumerate() {
-            cumulative = cumulative.saturating_add(bucket.load(Ordering::Relaxed));
+            let n = bucket.load(Ordering::Relaxed);
+            count = count.saturating_add(n);
             let bound = BOUNDS_MICROS
                 .get(i)
                 .map(|&us| us as f64 / 1e6)
                 .unwrap_or(f64::INFINITY);
-            buckets.push((bound, cumulative));
+            buckets.push((bound, n));
         }
         HistogramSnapshot {
             sum_seconds: self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
-            count: cumulative,
+            count,
             buckets,
         }
     }
@@ -97,13 +99,14 @@ mod tests {
         assert_eq!(s.count, 4);
         assert_eq!(s.buckets.len(), BOUNDS_MICROS.len() + 1);
         assert_eq!(s.buckets[0], (50e-6, 1));
-        assert_eq!(s.buckets[1], (100e-6, 2));
-        assert_eq!(s.buckets[5].1, 2, "2.5 ms bound: the 3 ms one is above it");
-        assert_eq!(s.buckets[6], (5e-3, 3));
-        assert_eq!(s.buckets[BOUNDS_MICROS.len() - 1].1, 3);
+        assert_eq!(s.buckets[1], (100e-6, 1));
+        assert_eq!(s.buckets[5].1, 0, "2.5 ms bound: the 3 ms one is above it");
+        assert_eq!(s.buckets[6], (5e-3, 1));
+        assert_eq!(s.buckets[BOUNDS_MICROS.len() - 1].1, 0);
         let last = s.buckets[BOUNDS_MICROS.len()];
         assert!(last.0.is_infinite());
-        assert_eq!(last.1, 4);
+        assert_eq!(last.1, 1);
+        assert_eq!(s.buckets.iter().map(|b| b.1).sum::<u64>(), 4);
         let expected = 50e-6 + 51e-6 + 3e-3 + 60.0;
         assert!((s.sum_seconds - expected).abs() < 1e-9, "{}", s.sum_seconds);
     }

@@ -229,7 +229,7 @@ fn encode_progress(encoder: &mut DescriptorEncoder, exports: &[&Export]) -> Fmt 
     )
 }
 
-fn encode_key_backends(encoder: &mut DescriptorEncoder, backends: &[BackendSnapshot]) -> Fmt {
+pub(super) fn encode_key_backends(encoder: &mut DescriptorEncoder, backends: &[BackendSnapshot]) -> Fmt {
     family(
         encoder,
         "key_backend_calls",

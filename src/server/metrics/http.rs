@@ -171,6 +171,24 @@ async fn answer(mut stream: TcpStream, registry: &Registry) {
         stream.shutdown().await
     })
     .await;
+    drain(&mut stream).await;
+}
+
+/// Reads and discards what the client still sends (bounded in bytes and time) before the
+/// socket is closed: closing with unread input would reset the connection and could
+/// destroy the reply before the client reads it.
+async fn drain(stream: &mut TcpStream) {
+    let mut sink = [0u8; 4096];
+    let mut left = 64 * 1024usize;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 /// The bytes up to the end of the request head (`\r\n\r\n` or `\n\n`), at most
