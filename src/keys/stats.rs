@@ -76,7 +76,10 @@ mod tests {
     use super::*;
 
     fn of(backend: &str) -> BackendSnapshot {
-        snapshot().into_iter().find(|s| s.backend == backend).unwrap()
+        snapshot()
+            .into_iter()
+            .find(|s| s.backend == backend)
+            .unwrap()
     }
 
     // The counters are process-wide and other tests use keys: compare differences.

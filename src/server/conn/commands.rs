@@ -14,9 +14,13 @@ impl Conn {
     /// (command, bytes, time to the reply). Returns false once the connection is unusable.
     pub(super) fn serve(&self, cookie: u64, req: ValidRequest, buf: &mut Vec<u8>) -> bool {
         let started = Instant::now();
+        let command = Command::of(&req);
+        if let Some((command, bytes)) = command {
+            self.metrics.started(command, bytes);
+        }
         let ok = self.perform(cookie, req, buf);
-        if let Some((command, bytes)) = Command::of(&req) {
-            self.metrics.record(command, bytes, started.elapsed());
+        if let Some((command, _)) = command {
+            self.metrics.finished(command, started.elapsed());
         }
         ok
     }

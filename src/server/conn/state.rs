@@ -13,8 +13,8 @@ use super::reply::rejection_message;
 use super::stream::BlockingStream;
 use crate::blockdev::BlockDevice;
 use crate::nbd::{self, Negotiated};
-use crate::server::metrics::ExportMetrics;
 use crate::server::budget::{BufferPool, ByteBudget};
+use crate::server::metrics::ExportMetrics;
 use crate::server::Shared;
 
 /// A transmission thread keeps a payload buffer up to this size between requests; a

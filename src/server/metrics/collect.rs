@@ -145,9 +145,12 @@ fn encode_connections(encoder: &mut DescriptorEncoder, exports: &[&Export]) -> F
         "connections",
         "NBD connections that entered transmission since the daemon started, by export.",
         MetricType::Counter,
-        exports
-            .iter()
-            .map(|e| ([("export", e.info.name.as_str())], e.metrics.connections_total())),
+        exports.iter().map(|e| {
+            (
+                [("export", e.info.name.as_str())],
+                e.metrics.connections_total(),
+            )
+        }),
     )
 }
 
@@ -166,9 +169,12 @@ fn encode_volumes(encoder: &mut DescriptorEncoder, exports: &[&Export]) -> Fmt {
         "volume_allocated_bytes",
         "Allocated bytes of the volume's data area (thin volumes; the whole size otherwise).",
         MetricType::Gauge,
-        exports
-            .iter()
-            .map(|e| ([("export", e.info.name.as_str())], e.volume.allocated_bytes())),
+        exports.iter().map(|e| {
+            (
+                [("export", e.info.name.as_str())],
+                e.volume.allocated_bytes(),
+            )
+        }),
     )
 }
 
@@ -204,7 +210,12 @@ fn encode_progress(encoder: &mut DescriptorEncoder, exports: &[&Export]) -> Fmt 
     )?;
     let snaps: Vec<_> = exports
         .iter()
-        .map(|e| ([("export", e.info.name.as_str())], e.metrics.snapshot_state()))
+        .map(|e| {
+            (
+                [("export", e.info.name.as_str())],
+                e.metrics.snapshot_state(),
+            )
+        })
         .collect();
     family(
         encoder,
@@ -229,7 +240,10 @@ fn encode_progress(encoder: &mut DescriptorEncoder, exports: &[&Export]) -> Fmt 
     )
 }
 
-pub(super) fn encode_key_backends(encoder: &mut DescriptorEncoder, backends: &[BackendSnapshot]) -> Fmt {
+pub(super) fn encode_key_backends(
+    encoder: &mut DescriptorEncoder,
+    backends: &[BackendSnapshot],
+) -> Fmt {
     family(
         encoder,
         "key_backend_calls",
@@ -242,7 +256,9 @@ pub(super) fn encode_key_backends(encoder: &mut DescriptorEncoder, backends: &[B
         "key_backend_failures",
         "Key backend calls that failed, by backend.",
         MetricType::Counter,
-        backends.iter().map(|b| ([("backend", b.backend)], b.failures)),
+        backends
+            .iter()
+            .map(|b| ([("backend", b.backend)], b.failures)),
     )?;
     histograms(
         encoder,

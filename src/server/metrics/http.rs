@@ -62,7 +62,9 @@ impl MetricsListener {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Route {
     /// `GET /metrics` (`head`: `HEAD /metrics`, the same without a body).
-    Metrics { head: bool },
+    Metrics {
+        head: bool,
+    },
     Refused(Status),
 }
 

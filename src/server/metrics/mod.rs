@@ -13,9 +13,9 @@ mod http;
 #[cfg(test)]
 mod tests;
 
-pub use http::{MetricsError, MetricsListener};
 pub(crate) use collect::registry;
 pub(crate) use http::serve_metrics;
+pub use http::{MetricsError, MetricsListener};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -124,12 +124,17 @@ pub struct CommandSnapshot {
 }
 
 impl ExportMetrics {
-    /// Counts one request of `command` over `bytes` that took `elapsed` (to its reply).
-    pub fn record(&self, command: Command, bytes: u64, elapsed: Duration) {
+    /// Counts one request of `command` over `bytes`, as it starts (so a client that has
+    /// its reply always finds it counted).
+    pub fn started(&self, command: Command, bytes: u64) {
         let s = &self.commands[command.index()];
         s.requests.fetch_add(1, Ordering::Relaxed);
         s.bytes.fetch_add(bytes, Ordering::Relaxed);
-        s.latency.observe(elapsed);
+    }
+
+    /// Records the time one request of `command` took, up to its reply sent.
+    pub fn finished(&self, command: Command, elapsed: Duration) {
+        self.commands[command.index()].latency.observe(elapsed);
     }
 
     /// Counts one request answered with `errno` (failed on the device, or refused).

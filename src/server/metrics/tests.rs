@@ -16,12 +16,30 @@ use crate::latency::LatencyHistogram;
 #[test]
 fn routes_get_and_head_of_metrics_and_refuses_the_rest() {
     let r = |s: &str| route(s.as_bytes());
-    assert_eq!(r("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), Route::Metrics { head: false });
-    assert_eq!(r("GET /metrics?x=1 HTTP/1.0\r\n\r\n"), Route::Metrics { head: false });
-    assert_eq!(r("HEAD /metrics HTTP/1.1\r\n\r\n"), Route::Metrics { head: true });
-    assert_eq!(r("GET / HTTP/1.1\r\n\r\n"), Route::Refused(Status::NotFound));
-    assert_eq!(r("GET /metricsx HTTP/1.1\r\n\r\n"), Route::Refused(Status::NotFound));
-    assert_eq!(r("POST /metrics HTTP/1.1\r\n\r\n"), Route::Refused(Status::MethodNotAllowed));
+    assert_eq!(
+        r("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+        Route::Metrics { head: false }
+    );
+    assert_eq!(
+        r("GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
+        Route::Metrics { head: false }
+    );
+    assert_eq!(
+        r("HEAD /metrics HTTP/1.1\r\n\r\n"),
+        Route::Metrics { head: true }
+    );
+    assert_eq!(
+        r("GET / HTTP/1.1\r\n\r\n"),
+        Route::Refused(Status::NotFound)
+    );
+    assert_eq!(
+        r("GET /metricsx HTTP/1.1\r\n\r\n"),
+        Route::Refused(Status::NotFound)
+    );
+    assert_eq!(
+        r("POST /metrics HTTP/1.1\r\n\r\n"),
+        Route::Refused(Status::MethodNotAllowed)
+    );
     for bad in [
         "GARBAGE\r\n\r\n",
         "GET /metrics\r\n\r\n",
@@ -33,7 +51,10 @@ fn routes_get_and_head_of_metrics_and_refuses_the_rest() {
     ] {
         assert_eq!(r(bad), Route::Refused(Status::BadRequest), "{bad:?}");
     }
-    assert_eq!(route(b"GET /\xff HTTP/1.1\r\n\r\n"), Route::Refused(Status::BadRequest));
+    assert_eq!(
+        route(b"GET /\xff HTTP/1.1\r\n\r\n"),
+        Route::Refused(Status::BadRequest)
+    );
 }
 
 #[test]
@@ -46,9 +67,12 @@ fn commands_and_errors_are_counted_per_kind() {
     };
     let (cmd, bytes) = Command::of(&write).unwrap();
     assert_eq!((cmd, bytes), (Command::Write, 4096));
-    m.record(cmd, bytes, Duration::from_micros(80));
-    m.record(cmd, bytes, Duration::from_millis(2));
-    m.record(Command::Flush, 0, Duration::from_millis(1));
+    for elapsed in [Duration::from_micros(80), Duration::from_millis(2)] {
+        m.started(cmd, bytes);
+        m.finished(cmd, elapsed);
+    }
+    m.started(Command::Flush, 0);
+    m.finished(Command::Flush, Duration::from_millis(1));
     assert_eq!(Command::of(&ValidRequest::Disc), None);
     m.error(NbdErrno::NoSpc);
     m.error(NbdErrno::NoSpc);
@@ -71,7 +95,15 @@ fn commands_and_errors_are_counted_per_kind() {
     assert_eq!(m.snapshot_state(), (true, 10, 100));
     assert_eq!(
         Command::ALL.map(Command::label),
-        ["read", "write", "flush", "trim", "write_zeroes", "block_status", "cache"]
+        [
+            "read",
+            "write",
+            "flush",
+            "trim",
+            "write_zeroes",
+            "block_status",
+            "cache"
+        ]
     );
     assert_eq!(NbdErrno::ALL.map(errno_label)[..2], ["EPERM", "EIO"]);
 }
@@ -113,7 +145,10 @@ fn key_backend_figures_are_encoded_as_prometheus_text() {
         "cryptvol_key_backend_call_duration_seconds_bucket{backend=\"exec\",le=\"+Inf\"} 1",
         "cryptvol_key_backend_call_duration_seconds_count{backend=\"exec\"} 1",
     ] {
-        assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
     }
 }
 
@@ -133,10 +168,19 @@ async fn the_endpoint_answers_scrapes_and_refuses_bad_requests() {
     let task = tokio::spawn(serve_metrics(listener, Arc::new(fixed_registry()), rx));
     let ok = exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").await;
     assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
-    assert!(ok.contains("Content-Type: text/plain; version=0.0.4"), "{ok}");
-    assert!(ok.contains("cryptvol_key_backend_calls_total{backend=\"exec\"} 3"), "{ok}");
+    assert!(
+        ok.contains("Content-Type: text/plain; version=0.0.4"),
+        "{ok}"
+    );
+    assert!(
+        ok.contains("cryptvol_key_backend_calls_total{backend=\"exec\"} 3"),
+        "{ok}"
+    );
     let head = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
-    assert!(head.starts_with("HTTP/1.1 200 OK") && head.ends_with("\r\n\r\n"), "{head}");
+    assert!(
+        head.starts_with("HTTP/1.1 200 OK") && head.ends_with("\r\n\r\n"),
+        "{head}"
+    );
     let nf = exchange(addr, b"GET /other HTTP/1.1\r\n\r\n").await;
     assert!(nf.starts_with("HTTP/1.1 404 "), "{nf}");
     let bad = exchange(addr, b"\x00\x01garbage\r\n\r\n").await;
