@@ -39,7 +39,8 @@ impl prometheus_client::collector::Collector for ServerCollector {
         encode_requests(&mut encoder, &exports)?;
         encode_connections(&mut encoder, &exports)?;
         encode_volumes(&mut encoder, &exports)?;
-        encode_progress(&mut encoder, &exports)?;
+        encode_reencryption(&mut encoder, &exports)?;
+        encode_snapshots(&mut encoder, &exports)?;
         encode_key_backends(&mut encoder, &key_stats::snapshot())
     }
 }
@@ -57,7 +58,7 @@ where
     V: prometheus_client::encoding::EncodeGaugeValue
         + prometheus_client::encoding::EncodeCounterValue,
 {
-    let mut metric = encoder.encode_descriptor(name, help, None, kind.clone())?;
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
     for (labels, value) in samples {
         let mut m = metric.encode_family(&labels)?;
         match kind {
@@ -178,7 +179,7 @@ fn encode_volumes(encoder: &mut DescriptorEncoder, exports: &[&Export]) -> Fmt {
     )
 }
 
-fn encode_progress(encoder: &mut DescriptorEncoder, exports: &[&Export]) -> Fmt {
+fn encode_reencryption(encoder: &mut DescriptorEncoder, exports: &[&Export]) -> Fmt {
     let reenc: Vec<_> = exports
         .iter()
         .map(|e| {
@@ -207,7 +208,10 @@ fn encode_progress(encoder: &mut DescriptorEncoder, exports: &[&Export]) -> Fmt 
         "Bytes the re-encryption in progress covers (0 when none is in progress).",
         MetricType::Gauge,
         reenc.iter().map(|r| (r.0, r.3)),
-    )?;
+    )
+}
+
+fn encode_snapshots(encoder: &mut DescriptorEncoder, exports: &[&Export]) -> Fmt {
     let snaps: Vec<_> = exports
         .iter()
         .map(|e| {
