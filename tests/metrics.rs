@@ -171,11 +171,8 @@ fn a_scrape_during_and_after_fio_matches_fios_counts() {
         "counters move during the run: {during:?}"
     );
     let live = scrape(&addr);
-    assert_eq!(
-        value(&live, "cryptvol_connections_open{export=\"m\"}"),
-        1.0,
-        "fio's connection is open"
-    );
+    // fio's I/O connection is open (its earlier size probe may still be closing).
+    assert!(value(&live, "cryptvol_connections_open{export=\"m\"}") >= 1.0);
 
     let out = fio.wait_with_output().expect("fio output");
     let stdout = String::from_utf8_lossy(&out.stdout);
