@@ -15,6 +15,7 @@
 //! - [`progress`]: progress bars / periodic log lines for long operations.
 //! - [`compliance`]: `cryptvol check`, the compliance scanner (headers and key metadata only).
 //! - [`snapshot`]: encrypted, incremental snapshots in a local or S3-compatible object store.
+//! - [`latency`]: a lock-free latency histogram (request and key-backend metrics).
 //! - [`fsutil`]: creating and rewriting files without following symlinks.
 //! - [`config`]: the `serve` configuration file and how it combines with the command line.
 //! - [`cli`]: the clap front end: arguments, printing, and the daemon's wiring (`cli/serve.rs`:
@@ -28,6 +29,7 @@ pub mod config;
 pub mod crypto;
 pub mod fsutil;
 pub mod keys;
+pub mod latency;
 pub mod migrate;
 pub mod nbd;
 pub mod nbdclient;

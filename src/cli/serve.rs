@@ -145,6 +145,12 @@ pub(super) struct ServeArgs {
     /// when running as root, else none].
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (per export: requests, bytes
+    /// and latency by command, errors, connections, allocation, re-encryption and
+    /// snapshot progress; per key backend: calls, failures, latency) [default: the config
+    /// file's `metrics`, else none]. Port 0 picks a free port (logged).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
     #[command(flatten)]
     keystore: KeystoreArgs,
     #[command(flatten)]
@@ -208,7 +214,8 @@ async fn start(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<Started>
             make_socket_dir(dir, *mode)?;
         }
     }
-    let control = daemon_control(settings.control.clone(), &keys).await?;
+    let mut control = daemon_control(settings.control.clone(), &keys).await?;
+    control.metrics = open_metrics(settings.metrics.as_deref()).await?;
     let listeners = open_listeners(inherited, &settings.listeners, &control).await?;
     let config = server_config(&settings, a.threads, &keys, tls);
     Ok(Started {
@@ -242,6 +249,7 @@ fn overrides(a: &ServeArgs) -> CliOverrides {
         passphrase: a.pass.source(),
         volumes: a.volumes.clone(),
         control: a.control.clone(),
+        metrics: a.metrics.clone(),
         allow: config::AllowFlags {
             uid: a.allow_uid.clone(),
             gid: a.allow_gid.clone(),
@@ -307,7 +315,22 @@ async fn daemon_control(control: Option<PathBuf>, keys: &KeyOptions) -> Result<s
             })),
             snapshots: Some(Arc::new(DaemonSnapshots)),
         },
+        metrics: None,
     })
+}
+
+/// The `--metrics` endpoint, bound now so that a bad address fails start-up; the bound
+/// address is logged (port 0 picks one).
+async fn open_metrics(addr: Option<&str>) -> Result<Option<server::MetricsListener>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = server::MetricsListener::bind(addr).await?;
+    let bound = listener
+        .local_addr()
+        .with_context(|| format!("metrics endpoint {addr}"))?;
+    tracing::info!("metrics endpoint listening on http://{bound}/metrics");
+    Ok(Some(listener))
 }
 
 /// A control socket given explicitly must be opened; the implicit default (root) is

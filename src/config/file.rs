@@ -25,6 +25,8 @@ pub struct ConfigFile {
     /// Form of the log output: "text", "json" or "journald" (`--log-format` overrides
     /// it; read by `cli::logging` before anything else).
     pub log_format: Option<String>,
+    /// `HOST:PORT` of the Prometheus metrics endpoint (`GET /metrics`) [default: none].
+    pub metrics: Option<String>,
     /// Where to listen.
     pub listen: Option<ListenSection>,
     /// TLS on the listeners.

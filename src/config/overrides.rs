@@ -45,6 +45,8 @@ pub struct CliOverrides {
     pub volumes: Vec<String>,
     /// `--control PATH`.
     pub control: Option<PathBuf>,
+    /// `--metrics HOST:PORT`.
+    pub metrics: Option<String>,
     /// The Unix socket (and the mode of its directory) to use when no listener is
     /// configured: [`super::default_unix_socket`]. `None`: no default, an error.
     pub default_unix: Option<(PathBuf, u32)>,

@@ -116,6 +116,7 @@ pub fn resolve(
         passphrase,
         max_inflight,
         control: cli.control.or(file.control.map(|c| origin.join(c))),
+        metrics: cli.metrics.or(file.metrics),
         tls,
     })
 }

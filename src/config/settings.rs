@@ -65,6 +65,9 @@ pub struct ServeSettings {
     /// The control socket given (`--control` over the file's `control`); `None`: the
     /// default rule of `server::control::control_path`.
     pub control: Option<PathBuf>,
+    /// The metrics endpoint's `HOST:PORT` (`--metrics` over the file's `metrics`);
+    /// `None`: no metrics served.
+    pub metrics: Option<String>,
     /// `None`: TLS off.
     pub tls: Option<TlsSettings>,
 }

@@ -23,6 +23,7 @@ mod passphrase;
 mod principal;
 mod seal;
 mod service;
+pub mod stats;
 
 pub use audit::{AccessEvent, AuditEvent, AuditLog, AuditWriter, AUDIT_FILE};
 pub use aws_kms::AwsKmsBackend;

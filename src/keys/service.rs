@@ -126,6 +126,16 @@ impl KeyService {
         ctx: &EncryptionContext,
         op: KeyOp,
     ) -> Result<WrappedDek, KeyError> {
+        counted(target.backend(), self.wrap_uncounted(target, dek, ctx, op)).await
+    }
+
+    async fn wrap_uncounted(
+        &self,
+        target: &KeyRef,
+        dek: &Dek,
+        ctx: &EncryptionContext,
+        op: KeyOp,
+    ) -> Result<WrappedDek, KeyError> {
         match target {
             KeyRef::Local(key) => {
                 let ks = self.local(true)?;
@@ -163,16 +173,7 @@ impl KeyService {
         ctx: &EncryptionContext,
     ) -> Result<(Dek, WrappedDek), KeyError> {
         match target {
-            KeyRef::AwsKms(k) => {
-                let writer = self.audit.open()?;
-                let result = match AwsKmsBackend::connect().await {
-                    Ok(b) => b.generate_dek(k, ctx).await,
-                    Err(e) => Err(e),
-                };
-                let key_id = result.as_ref().map(|(_, w)| w.key_id.as_str()).unwrap_or(k);
-                let key_id = key_id.to_string();
-                self.finish(&writer, KeyOp::Generate, AWS_KMS, &key_id, ctx, result)
-            }
+            KeyRef::AwsKms(k) => counted(AWS_KMS, self.generate_aws(k, ctx)).await,
             _ => {
                 let dek = Dek::generate()?;
                 let wrapped = self.wrap(target, &dek, ctx, KeyOp::Generate).await?;
@@ -181,9 +182,34 @@ impl KeyService {
         }
     }
 
+    /// `GenerateDataKey` under the AWS KMS key `k`, audited.
+    async fn generate_aws(
+        &self,
+        k: &str,
+        ctx: &EncryptionContext,
+    ) -> Result<(Dek, WrappedDek), KeyError> {
+        let writer = self.audit.open()?;
+        let result = match AwsKmsBackend::connect().await {
+            Ok(b) => b.generate_dek(k, ctx).await,
+            Err(e) => Err(e),
+        };
+        let key_id = result.as_ref().map(|(_, w)| w.key_id.as_str()).unwrap_or(k);
+        let key_id = key_id.to_string();
+        self.finish(&writer, KeyOp::Generate, AWS_KMS, &key_id, ctx, result)
+    }
+
     /// Moves an aws-kms keyslot to another AWS KMS key with `ReEncrypt` (audited as
     /// `rewrap-to` under the destination key).
     pub async fn reencrypt_aws(
+        &self,
+        slot: &WrappedDek,
+        ctx: &EncryptionContext,
+        to: &str,
+    ) -> Result<WrappedDek, KeyError> {
+        counted(AWS_KMS, self.reencrypt_aws_uncounted(slot, ctx, to)).await
+    }
+
+    async fn reencrypt_aws_uncounted(
         &self,
         slot: &WrappedDek,
         ctx: &EncryptionContext,
@@ -207,13 +233,27 @@ impl KeyService {
         ctx: &EncryptionContext,
         op: KeyOp,
     ) -> Result<WrappedDek, KeyError> {
-        let writer = self.audit.open()?;
-        let result = backend.wrap(None, dek, ctx).await;
-        self.finish(&writer, op, PASSPHRASE, "", ctx, result)
+        counted(PASSPHRASE, async {
+            let writer = self.audit.open()?;
+            let result = backend.wrap(None, dek, ctx).await;
+            self.finish(&writer, op, PASSPHRASE, "", ctx, result)
+        })
+        .await
     }
 
     /// Unwraps one keyslot for `op`. Passphrase keyslots need `passphrase`.
     pub async fn unwrap(
+        &self,
+        slot: &WrappedDek,
+        ctx: &EncryptionContext,
+        op: KeyOp,
+        passphrase: Option<&PassphraseBackend>,
+    ) -> Result<Dek, KeyError> {
+        let backend = slot.backend.as_str();
+        counted(backend, self.unwrap_uncounted(slot, ctx, op, passphrase)).await
+    }
+
+    async fn unwrap_uncounted(
         &self,
         slot: &WrappedDek,
         ctx: &EncryptionContext,
@@ -289,6 +329,18 @@ impl KeyService {
         }
         result
     }
+}
+
+/// Runs one backend call, counting it (and its latency, and whether it failed) in
+/// [`super::stats`] under `backend`.
+async fn counted<T>(
+    backend: &str,
+    call: impl std::future::Future<Output = Result<T, KeyError>>,
+) -> Result<T, KeyError> {
+    let started = std::time::Instant::now();
+    let result = call.await;
+    super::stats::record(backend, started.elapsed(), result.is_ok());
+    result
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use super::metrics::ExportMetrics;
 use super::peer::{authorize, AccessPolicy, PeerIdentity};
 use crate::blockdev::BlockDevice;
 use crate::nbd::{ExportCatalog, ExportInfo, LookupError, NbdErrno, MAX_PAYLOAD};
@@ -20,6 +21,8 @@ pub struct Export {
     pub policy: AccessPolicy,
     /// Connections in transmission on this export.
     active: AtomicUsize,
+    /// Request, error and connection counters (`serve --metrics`).
+    pub metrics: Arc<ExportMetrics>,
 }
 
 impl std::fmt::Debug for Export {
@@ -62,6 +65,7 @@ impl Export {
             volume,
             policy: AccessPolicy::default(),
             active: AtomicUsize::new(0),
+            metrics: Arc::new(ExportMetrics::default()),
         }
     }
 
@@ -79,6 +83,7 @@ impl Export {
     /// Counts a connection until the guard is dropped.
     pub(crate) fn connection_guard(&self) -> ConnectionGuard<'_> {
         self.active.fetch_add(1, Ordering::Relaxed);
+        self.metrics.connection_opened();
         ConnectionGuard(&self.active)
     }
 }

@@ -18,6 +18,7 @@ mod conn;
 pub mod control;
 mod export;
 mod listen;
+pub mod metrics;
 mod peer;
 pub(crate) mod reencrypt;
 pub mod systemd;
@@ -27,6 +28,7 @@ pub mod watchdog;
 pub use control::{ControlHooks, ControlSocket};
 pub use export::{errno_for, Export, Exports};
 pub use listen::{Listener, ListenerSpec};
+pub use metrics::MetricsListener;
 pub use peer::AccessPolicy;
 pub use reencrypt::JobState;
 pub use tls::{reload_tls, TlsError, TlsFiles, TlsSetup};
@@ -154,6 +156,8 @@ pub struct Control {
     /// The bound control socket (`None`: no control channel).
     pub socket: Option<ControlSocket>,
     pub hooks: ControlHooks,
+    /// The bound `--metrics` endpoint (`None`: no metrics served).
+    pub metrics: Option<MetricsListener>,
 }
 
 /// [`serve`] with a control channel. Also resumes, in the background, every
@@ -195,6 +199,14 @@ pub async fn serve_with(
             hooks: control.hooks,
         });
         tasks.spawn(control::control_loop(sock, state));
+    }
+    if let Some(listener) = control.metrics {
+        let registry = Arc::new(metrics::registry(shared.clone()));
+        tokio::spawn(metrics::serve_metrics(
+            listener,
+            registry,
+            shared.shutdown.clone(),
+        ));
     }
     let writeback = tokio::spawn(map_writeback(shared.clone()));
     while let Some(res) = tasks.join_next().await {

@@ -147,3 +147,28 @@ fn limits_are_bounded() {
         assert!(err.to_string().contains("/c.toml"), "{err}");
     }
 }
+
+#[test]
+fn metrics_address_from_file_or_flag() {
+    let text = "metrics = \"127.0.0.1:9477\"\n[[export]]\nname = \"v\"\npath = \"v.img\"\n";
+    let at = Path::new("/etc/cv/c.toml");
+    let s = resolve(
+        Some((at, parse(text, at).expect("parses"))),
+        with_default_socket(),
+    )
+    .expect("resolves");
+    assert_eq!(s.metrics.as_deref(), Some("127.0.0.1:9477"));
+    let cli = CliOverrides {
+        metrics: Some("[::1]:0".into()),
+        ..with_default_socket()
+    };
+    let s = resolve(Some((at, parse(text, at).expect("parses"))), cli).expect("resolves");
+    assert_eq!(s.metrics.as_deref(), Some("[::1]:0"));
+    let none = "[[export]]\nname = \"v\"\npath = \"v.img\"\n";
+    let s = resolve(
+        Some((at, parse(none, at).expect("parses"))),
+        with_default_socket(),
+    )
+    .expect("resolves");
+    assert_eq!(s.metrics, None);
+}

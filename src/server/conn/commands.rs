@@ -6,10 +6,27 @@ use super::reply::{failure_message, rejection_message};
 use super::state::Conn;
 use crate::nbd::{encode_simple_reply, structured, NbdErrno, ValidRequest, STATE_HOLE, STATE_ZERO};
 use crate::server::export::errno_for;
+use crate::server::metrics::Command;
+use std::time::Instant;
 
 impl Conn {
-    /// Performs a request and sends its reply. Returns false once the connection is unusable.
+    /// Performs a request and sends its reply, counting it in the export's metrics
+    /// (command, bytes, time to the reply). Returns false once the connection is unusable.
     pub(super) fn serve(&self, cookie: u64, req: ValidRequest, buf: &mut Vec<u8>) -> bool {
+        let started = Instant::now();
+        let command = Command::of(&req);
+        if let Some((command, bytes)) = command {
+            self.metrics.started(command, bytes);
+        }
+        let ok = self.perform(cookie, req, buf);
+        if let Some((command, _)) = command {
+            self.metrics.finished(command, started.elapsed());
+        }
+        ok
+    }
+
+    /// Performs a request and sends its reply. Returns false once the connection is unusable.
+    fn perform(&self, cookie: u64, req: ValidRequest, buf: &mut Vec<u8>) -> bool {
         let vol = &*self.device;
         let result = match req {
             ValidRequest::Read { offset, len } if self.negotiated.structured_replies => {
@@ -65,6 +82,7 @@ impl Conn {
         e: &crate::volume::VolumeError,
     ) -> bool {
         let errno = errno_for(e);
+        self.metrics.error(errno);
         tracing::warn!(conn = self.id, "{req:?} failed ({errno:?}): {e}");
         self.send_error(cookie, errno, failure_message(errno))
     }

@@ -65,6 +65,7 @@ pub(crate) async fn run<S: IntoBlocking>(
         negotiated,
         id,
         &shared,
+        exp.metrics.clone(),
     ) {
         Ok(c) => Arc::new(c),
         Err(e) => {

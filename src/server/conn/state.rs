@@ -14,6 +14,7 @@ use super::stream::BlockingStream;
 use crate::blockdev::BlockDevice;
 use crate::nbd::{self, Negotiated};
 use crate::server::budget::{BufferPool, ByteBudget};
+use crate::server::metrics::ExportMetrics;
 use crate::server::Shared;
 
 /// A transmission thread keeps a payload buffer up to this size between requests; a
@@ -45,6 +46,8 @@ pub(super) struct Conn {
     pub(super) requests: AtomicU64,
     pub(super) bytes_read: AtomicU64,
     pub(super) bytes_written: AtomicU64,
+    /// The export's counters (`serve --metrics`).
+    pub(super) metrics: Arc<ExportMetrics>,
     pub(super) reason: Mutex<Option<String>>,
     pub(super) done: Mutex<Option<oneshot::Sender<()>>>,
 }
@@ -57,6 +60,7 @@ impl Conn {
         negotiated: Negotiated,
         id: u64,
         shared: &Shared,
+        metrics: Arc<ExportMetrics>,
     ) -> std::io::Result<Conn> {
         let config = &shared.config;
         let idle_timeout = config.idle_timeout;
@@ -81,6 +85,7 @@ impl Conn {
             requests: AtomicU64::new(0),
             bytes_read: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
+            metrics,
             reason: Mutex::new(None),
             done: Mutex::new(None),
         })
@@ -155,6 +160,7 @@ impl Conn {
             match incoming {
                 Incoming::Stop => return,
                 Incoming::Reject(cookie, errno) => {
+                    self.metrics.error(errno);
                     if !self.send_error(cookie, errno, rejection_message(errno)) {
                         return;
                     }

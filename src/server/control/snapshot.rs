@@ -46,6 +46,9 @@ pub(super) async fn snapshot(
         description,
         parent,
     };
+    let metrics = e.metrics.clone();
+    metrics.snapshot_progress(0, total);
+    metrics.snapshot_running(true);
     let work = taker.take(job, &progress);
     tokio::pin!(work);
     let mut tick = tokio::time::interval(PROGRESS_EVERY);
@@ -64,6 +67,7 @@ pub(super) async fn snapshot(
                 ));
             }
             _ = tick.tick() => {
+                metrics.snapshot_progress(progress.done(), total);
                 if !client_gone {
                     let ev = ProgressEvent::new("snapshot", &export, progress.done(), total, None);
                     let line = format!("{}\n", serde_json::to_string(&ev).unwrap_or_default());
@@ -73,6 +77,8 @@ pub(super) async fn snapshot(
             }
         }
     };
+    metrics.snapshot_progress(progress.done(), total);
+    metrics.snapshot_running(false);
     match result {
         Ok(v) => {
             tracing::info!(export = %export, "snapshot completed");

@@ -72,6 +72,7 @@ fn start(read_only: bool, structured: bool) -> Session {
         negotiated,
         1,
         &shared,
+        Arc::new(crate::server::metrics::ExportMetrics::default()),
     )
     .unwrap();
     let conn = Arc::new(conn);

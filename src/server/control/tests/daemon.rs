@@ -31,6 +31,7 @@ async fn daemon_answers_requests_and_survives_bad_ones() {
             keys: Some(keys.clone()),
             snapshots: Some(Arc::new(FakeTaker)),
         },
+        metrics: None,
     };
     let shutdown = shutdown_handle();
     let server = tokio::spawn(serve_with(
@@ -141,6 +142,7 @@ async fn refusals_of_the_key_hook_reach_the_client() {
             })),
             snapshots: None,
         },
+        metrics: None,
     };
     let shutdown = shutdown_handle();
     let server = tokio::spawn(serve_with(
