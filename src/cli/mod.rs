@@ -7,8 +7,10 @@ mod args;
 mod check;
 mod control;
 mod demo;
+mod exports;
 mod keys;
 mod keyslots;
+mod live_exports;
 mod migrate;
 mod print;
 mod reencrypt;
@@ -91,6 +93,9 @@ enum Command {
     Reencrypt(reencrypt::ReencryptArgs),
     /// Show what a running daemon serves: exports, connections, re-encryptions.
     Status(control::StatusArgs),
+    /// Add, remove and list the exports of a running daemon without restarting it.
+    #[command(subcommand)]
+    Exports(exports::ExportsCommand),
 }
 
 /// Entry point of the binary.
@@ -170,5 +175,6 @@ async fn run(cli: Cli, activated: Result<Vec<ActivatedSocket>, ServerError>) -> 
         Command::Export(a) => migrate::export(a).await,
         Command::Reencrypt(a) => reencrypt::reencrypt(a).await,
         Command::Status(a) => control::status(a).await,
+        Command::Exports(c) => exports::exports(c).await,
     }
 }
