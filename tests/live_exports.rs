@@ -56,6 +56,29 @@ fn listed(env: &Env, ctl: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Waits until `export` has no client (as `exports list --json` reports).
+fn wait_idle(env: &Env, ctl: &Path, export: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = run_ok(
+            env.cmd()
+                .args(["exports", "list", "--json", "--control"])
+                .arg(ctl),
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).expect("exports list --json");
+        let busy = v["exports"]
+            .as_array()
+            .expect("exports array")
+            .iter()
+            .any(|e| e["name"] == export && e["connections"] != 0);
+        if !busy {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{export} keeps a client: {out}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Writes `count` blocks on `export` and reads them back.
 fn verified_io(srv: &Server, export: &str, seed: u64, count: u64) -> Raw {
     let (mut c, size, _) = Raw::open(srv, export);
@@ -233,7 +256,30 @@ fn exports_are_added_removed_and_reloaded_while_another_export_keeps_serving() {
     srv.signal("HUP");
     wait_log(&srv, "SIGHUP: config reload done", 1);
     assert_eq!(listed(&env, &ctl), ["a", "c"]);
-    drop(verified_io(&srv, "c", 99, 8));
+    let cc = verified_io(&srv, "c", 99, 8);
+
+    // A reload that drops c while its client is connected keeps serving it, with a warning;
+    // once the client is gone, the next reload removes it.
+    config(&env, &[("a", &a)]);
+    srv.signal("HUP");
+    wait_log(&srv, "SIGHUP: config reload done", 2);
+    assert!(
+        srv.log_text()
+            .contains("export removed from the config file is still served"),
+        "{}",
+        srv.log_text()
+    );
+    assert_eq!(listed(&env, &ctl), ["a", "c"]);
+    cc.disconnect();
+    wait_idle(&env, &ctl, "c");
+    srv.signal("HUP");
+    wait_log(&srv, "SIGHUP: config reload done", 3);
+    assert_eq!(listed(&env, &ctl), ["a"]);
+    config(&env, &[("a", &a), ("c", &c)]);
+    srv.signal("HUP");
+    wait_log(&srv, "SIGHUP: config reload done", 4);
+    assert_eq!(listed(&env, &ctl), ["a", "c"]);
+    drop(verified_io(&srv, "c", 99, 1));
 
     // A broken config on reload changes nothing.
     std::fs::write(&cfg, "[[export]\nname = ").unwrap();
