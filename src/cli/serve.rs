@@ -134,9 +134,9 @@ pub(super) struct ServeArgs {
     /// identity check. Plaintext TCP clients have no identity and are refused without it.
     #[arg(long)]
     allow_anyone: bool,
-    /// Control socket for `cryptvol status`, `exports`, `reencrypt EXPORT`, `snapshot create EXPORT`
-    /// (mode 0600) [default: the config file's `control`, else /run/cryptvol/control.sock
-    /// when running as root, else none].
+    /// Control socket for `cryptvol status`, `exports`, `reencrypt EXPORT`, `snapshot create
+    /// EXPORT` (mode 0600) [default: the config file's `control`, else
+    /// /run/cryptvol/control.sock when running as root, else none].
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
     #[command(flatten)]
