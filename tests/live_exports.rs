@@ -17,13 +17,19 @@ const BLOCK: usize = 4096;
 const A_BLOCKS: u64 = 256;
 
 fn config(env: &Env, exports: &[(&str, &Path)]) -> PathBuf {
+    config_with(env, exports, "")
+}
+
+/// A config file with `exports`, the last one with `extra` lines in its table.
+fn config_with(env: &Env, exports: &[(&str, &Path)], extra: &str) -> PathBuf {
     let mut text = String::new();
     for (name, path) in exports {
         text.push_str(&format!(
-            "[[export]]\nname = \"{name}\"\npath = \"{}\"\n\n",
+            "\n[[export]]\nname = \"{name}\"\npath = \"{}\"\n",
             s(path)
         ));
     }
+    text.push_str(extra);
     let p = env.path("cryptvol.toml");
     let tmp = env.path("cryptvol.toml.new");
     std::fs::write(&tmp, text).expect("write config");
@@ -54,6 +60,22 @@ fn listed(env: &Env, ctl: &Path) -> Vec<String> {
         .iter()
         .map(|e| e["name"].as_str().expect("name").to_string())
         .collect()
+}
+
+/// Whether `exports list --json` shows `export` read-only (`None`: not listed).
+fn read_only(env: &Env, ctl: &Path, export: &str) -> Option<bool> {
+    let out = run_ok(
+        env.cmd()
+            .args(["exports", "list", "--json", "--control"])
+            .arg(ctl),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("exports list --json");
+    v["exports"]
+        .as_array()
+        .expect("exports array")
+        .iter()
+        .find(|e| e["name"] == export)
+        .map(|e| e["read_only"].as_bool().expect("read_only"))
 }
 
 /// Waits until `export` has no client (as `exports list --json` reports).
@@ -279,7 +301,26 @@ fn exports_are_added_removed_and_reloaded_while_another_export_keeps_serving() {
     srv.signal("HUP");
     wait_log(&srv, "SIGHUP: config reload done", 4);
     assert_eq!(listed(&env, &ctl), ["a", "c"]);
-    drop(verified_io(&srv, "c", 99, 1));
+    let cc = verified_io(&srv, "c", 99, 1);
+
+    // A changed export (now read-only) with a client is served unchanged, with a warning;
+    // idle, the next reload replaces it.
+    config_with(&env, &[("a", &a), ("c", &c)], "read_only = true\n");
+    srv.signal("HUP");
+    wait_log(&srv, "SIGHUP: config reload done", 5);
+    assert!(
+        srv.log_text()
+            .contains("export changed in the config file but has clients"),
+        "{}",
+        srv.log_text()
+    );
+    assert_eq!(read_only(&env, &ctl, "c"), Some(false));
+    cc.disconnect();
+    wait_idle(&env, &ctl, "c");
+    srv.signal("HUP");
+    wait_log(&srv, "SIGHUP: config reload done", 6);
+    assert_eq!(read_only(&env, &ctl, "c"), Some(true));
+    assert_eq!(listed(&env, &ctl), ["a", "c"]);
 
     // A broken config on reload changes nothing.
     std::fs::write(&cfg, "[[export]\nname = ").unwrap();
