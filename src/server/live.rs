@@ -31,7 +31,7 @@ pub enum LiveError {
     Busy { name: String, count: usize },
     #[error("export {0:?} is being re-encrypted by this daemon; wait until it finishes (cryptvol reencrypt {0} --status) and remove it then")]
     Reencrypting(String),
-    #[error("export {name:?} is no longer served, but {count} of its client(s) did not close within {secs} s; its volume stays open until they do")]
+    #[error("export {name:?} is no longer served, but its volume is still in use after {secs} s ({count} client(s) connected, or a snapshot in progress); it is flushed and closed when that ends")]
     Stuck {
         name: String,
         count: usize,
@@ -101,8 +101,10 @@ impl LiveExports {
     /// disconnects them as a shutdown does (in-flight requests finish and are answered,
     /// then the connection closes). The volume is flushed and dropped with its data key.
     pub async fn remove(&self, name: &str, force: bool) -> Result<Removed, LiveError> {
-        let export = self.exports.get(name).ok_or_else(|| self.unknown(name))?;
-        self.check_removable(&export, force)?;
+        // Only a look: the handle must not outlive the check (see `wait_for_clients`).
+        let found = self.exports.get(name).ok_or_else(|| self.unknown(name))?;
+        self.check_removable(&found, force)?;
+        drop(found);
         let Some(export) = self.exports.take(name) else {
             return Err(self.unknown(name));
         };
@@ -158,10 +160,13 @@ impl LiveExports {
     }
 }
 
-/// Waits until the sessions of a removed export have closed.
-async fn wait_for_clients(export: &Export) -> Result<(), LiveError> {
+/// Waits until the sessions of a removed export have closed and nothing else (a session
+/// ending, the map writeback, a status answer) still holds it, so that the volume (its
+/// in-use lock, its data key) is released when the caller drops the last handle and the
+/// same file can be served again at once.
+async fn wait_for_clients(export: &Arc<Export>) -> Result<(), LiveError> {
     let start = Instant::now();
-    while export.connections() > 0 {
+    while export.connections() > 0 || Arc::strong_count(export) > 1 {
         if start.elapsed() > DISCONNECT_TIMEOUT {
             return Err(LiveError::Stuck {
                 name: export.info.name.clone(),
