@@ -89,6 +89,7 @@ pub(super) async fn demo(a: DemoArgs) -> Result<()> {
         config,
         server::Control::default(),
         signals,
+        None,
     )
     .await
 }

@@ -9,8 +9,10 @@ mod check;
 mod control;
 mod demo;
 mod docs;
+mod exports;
 mod keys;
 mod keyslots;
+mod live_exports;
 mod logging;
 mod migrate;
 mod print;
@@ -110,6 +112,9 @@ enum Command {
     BreakGlass(break_glass::BreakGlassArgs),
     /// Grow a volume (never shrink): a volume file that is not served.
     Resize(resize::ResizeArgs),
+    /// Add, remove and list the exports of a running daemon without restarting it.
+    #[command(subcommand)]
+    Exports(exports::ExportsCommand),
 }
 
 /// Entry point of the binary.
@@ -187,5 +192,6 @@ async fn run(cli: Cli, activated: Result<Vec<ActivatedSocket>, ServerError>) -> 
         Command::Man(a) => docs::man(a, Cli::command()),
         Command::BreakGlass(a) => break_glass::break_glass(a).await,
         Command::Resize(a) => resize::resize(a).await,
+        Command::Exports(c) => exports::exports(c).await,
     }
 }

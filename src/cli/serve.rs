@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::args::{parse_mode, parse_size_arg, KeystoreArgs, PassphraseArgs};
+use super::live_exports::{ConfigReload, DaemonExports};
 use super::signals::DaemonSignals;
 use crate::config::{self, CliOverrides, ExportSpec};
 use crate::keys::{Argon2Params, WrappedDek};
@@ -48,7 +49,7 @@ impl ServeArgs {
 }
 
 /// `cryptvol serve`.
-#[derive(Args)]
+#[derive(Args, Clone)]
 #[command(after_help = SERVE_AFTER_HELP)]
 pub(super) struct ServeArgs {
     /// Read listeners, exports, keystore and limits from a TOML file (the systemd unit uses
@@ -140,9 +141,9 @@ pub(super) struct ServeArgs {
     /// identity check. Plaintext TCP clients have no identity and are refused without it.
     #[arg(long)]
     allow_anyone: bool,
-    /// Control socket for `cryptvol status`, `reencrypt EXPORT`, `snapshot create EXPORT`
-    /// (mode 0600) [default: the config file's `control`, else /run/cryptvol/control.sock
-    /// when running as root, else none].
+    /// Control socket for `cryptvol status`, `exports`, `reencrypt EXPORT`, `snapshot create
+    /// EXPORT` (mode 0600) [default: the config file's `control`, else
+    /// /run/cryptvol/control.sock when running as root, else none].
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (per export: requests, bytes
@@ -165,11 +166,15 @@ pub(super) struct ServeArgs {
 /// signal handlers come first: SIGTERM during start-up is a clean exit (status 0).
 pub(super) async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<()> {
     let mut signals = DaemonSignals::register()?;
+    let config_file = a.config.clone();
+    let args = a.clone();
     let Some(d) = signals.unless_stopped(start(a, activated)).await? else {
         tracing::info!("stop requested during start-up: exiting before serving");
         return Ok(());
     };
-    run_server(d.exports, d.listeners, d.config, d.control, signals).await
+    let reload = config_file
+        .map(|path| ConfigReload::new(path, Box::new(move || overrides(&args)), d.specs, d.opener));
+    run_server(d.exports, d.listeners, d.config, d.control, signals, reload).await
 }
 
 /// What `serve` has ready once start-up is done.
@@ -178,6 +183,10 @@ struct Started {
     listeners: Vec<Listener>,
     config: ServerConfig,
     control: server::Control,
+    /// The exports as configured (what a config reload compares with).
+    specs: Vec<ExportSpec>,
+    /// Opens the exports added while serving.
+    opener: Arc<DaemonExports>,
 }
 
 /// Start-up: settings, TLS, keys, sockets, unlocked volumes, control socket, listeners.
@@ -214,7 +223,13 @@ async fn start(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<Started>
             make_socket_dir(dir, *mode)?;
         }
     }
+    let daemon_options = crate::volume::OpenOptions {
+        read_only: a.read_only,
+        discard: a.discard,
+    };
+    let opener = Arc::new(DaemonExports::new(&keys, daemon_options));
     let mut control = daemon_control(settings.control.clone(), &keys).await?;
+    control.hooks.exports = Some(opener.clone());
     control.metrics = open_metrics(settings.metrics.as_deref()).await?;
     let listeners = open_listeners(inherited, &settings.listeners, &control).await?;
     let config = server_config(&settings, a.threads, &keys, tls);
@@ -223,6 +238,8 @@ async fn start(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<Started>
         listeners,
         config,
         control,
+        specs: settings.exports,
+        opener,
     })
 }
 
@@ -314,6 +331,7 @@ async fn daemon_control(control: Option<PathBuf>, keys: &KeyOptions) -> Result<s
                 },
             })),
             snapshots: Some(Arc::new(DaemonSnapshots)),
+            exports: None,
         },
         metrics: None,
     })
@@ -434,26 +452,31 @@ fn make_socket_dir(dir: &Path, mode: u32) -> Result<()> {
 pub(super) async fn open_exports(specs: &[ExportSpec], keys: &KeyOptions) -> Result<Exports> {
     let mut exports: Vec<Export> = Vec::new();
     for spec in specs {
-        let (name, path, opts) = (&spec.name, &spec.path, spec.options);
-        let (vol, header, _) = ops::unlock(path, keys, opts)
-            .await
-            .with_context(|| format!("cannot open volume {} (export {name:?})", path.display()))?;
-        vol.enable_change_tracking().with_context(|| {
-            format!("cannot start changed-chunk tracking for {}", path.display())
-        })?;
-        tracing::info!(
-            export = %name,
-            path = %path.display(),
-            uuid = %header.uuid,
-            size = header.size,
-            sector_size = header.sector_size,
-            read_only = opts.read_only,
-            access = %access_summary(&spec.access),
-            "export opened"
-        );
-        exports.push(Export::new(name.clone(), vol).with_policy(spec.access.clone()));
+        exports.push(open_export(spec, keys).await?);
     }
     Ok(Exports::new(exports))
+}
+
+/// Unlocks the volume of one export and starts its changed-chunk tracking (at start-up,
+/// and for exports added while serving).
+pub(super) async fn open_export(spec: &ExportSpec, keys: &KeyOptions) -> Result<Export> {
+    let (name, path, opts) = (&spec.name, &spec.path, spec.options);
+    let (vol, header, _) = ops::unlock(path, keys, opts)
+        .await
+        .with_context(|| format!("cannot open volume {} (export {name:?})", path.display()))?;
+    vol.enable_change_tracking()
+        .with_context(|| format!("cannot start changed-chunk tracking for {}", path.display()))?;
+    tracing::info!(
+        export = %name,
+        path = %path.display(),
+        uuid = %header.uuid,
+        size = header.size,
+        sector_size = header.sector_size,
+        read_only = opts.read_only,
+        access = %access_summary(&spec.access),
+        "export opened"
+    );
+    Ok(Export::new(name.clone(), vol).with_policy(spec.access.clone()))
 }
 
 /// Who may open an export, for the start-up log.
@@ -499,6 +522,7 @@ pub(super) async fn run_server(
     config: ServerConfig,
     control: server::Control,
     mut signals: DaemonSignals,
+    reload: Option<ConfigReload>,
 ) -> Result<()> {
     for l in &listeners {
         tracing::info!("listening on {}", l.describe());
@@ -511,8 +535,14 @@ pub(super) async fn run_server(
     if let Some(interval) = server::watchdog::from_env() {
         tokio::spawn(server::watchdog::keep_alive(interval));
     }
-    tokio::spawn(reload_on_sighup(config.tls.clone(), signals.take_hangup()));
     let shutdown = server::shutdown_handle();
+    let live = server::LiveExports::new(exports, &shutdown);
+    let reload = reload.map(|r| (r, live.clone()));
+    tokio::spawn(reload_on_sighup(
+        config.tls.clone(),
+        signals.take_hangup(),
+        reload,
+    ));
     let sd = shutdown.clone();
     tokio::spawn(async move {
         signals.stop_requested().await;
@@ -520,23 +550,31 @@ pub(super) async fn run_server(
         systemd::notify_stopping();
         sd.shutdown();
     });
-    server::serve_with(exports, listeners, config, shutdown, control).await?;
+    server::serve_live(live, listeners, config, shutdown, control).await?;
     tracing::info!("stopped; all volumes flushed");
     Ok(())
 }
 
 /// On each SIGHUP, re-reads the TLS certificate, key and client CA files (see
-/// `server::reload_tls`; a failure keeps the old ones). Without TLS there is nothing to
-/// reload, but SIGHUP (`systemctl reload`) must still not end the daemon.
+/// `server::reload_tls`; a failure keeps the old ones) and, with `--config FILE`, the
+/// exports of the config file (see `live_exports::ConfigReload`). With neither there is
+/// nothing to reload, but SIGHUP (`systemctl reload`) must still not end the daemon.
 async fn reload_on_sighup(
     tls: Option<Arc<server::TlsSetup>>,
     hup: Option<tokio::signal::unix::Signal>,
+    mut reload: Option<(ConfigReload, Arc<server::LiveExports>)>,
 ) {
     let Some(mut hup) = hup else {
         return;
     };
     while hup.recv().await.is_some() {
+        if let Some((r, live)) = &mut reload {
+            r.reload(live).await;
+        }
         let Some(tls) = &tls else {
+            if reload.is_some() {
+                continue;
+            }
             tracing::info!("SIGHUP: nothing to reload (TLS is not configured)");
             continue;
         };

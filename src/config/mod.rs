@@ -26,9 +26,11 @@
 //!
 //! Modules: `file` (the TOML model, reading and parsing), `overrides` (the command
 //! line), `settings` (the result), `resolve` (combining them, one section at a time:
-//! `listen`, `tls`, `limits`, `exports`, with `access` for who may open an export).
+//! `listen`, `tls`, `limits`, `exports`, with `access` for who may open an export), and
+//! `diff` (what a reload on SIGHUP changes, and the export of an `export-add` request).
 
 mod access;
+mod diff;
 mod exports;
 mod file;
 mod limits;
@@ -38,6 +40,7 @@ mod resolve;
 mod settings;
 mod tls;
 
+pub use diff::{diff_exports, same_export, spec_from_add, ExportDiff};
 pub use exports::parse_volume_arg;
 pub use file::{load, parse, ConfigFile, ExportSection, ListenSection, TlsSection};
 pub use listen::{default_unix_socket, parse_mode, parse_tcp};

@@ -1,7 +1,9 @@
 //! Exports: the volumes being served, as the protocol layer sees them.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use tokio::sync::watch;
 
 use super::metrics::ExportMetrics;
 use super::peer::{authorize, AccessPolicy, PeerIdentity};
@@ -23,6 +25,9 @@ pub struct Export {
     active: AtomicUsize,
     /// Request, error and connection counters (`serve --metrics`).
     pub metrics: Arc<ExportMetrics>,
+    /// Set when the export is removed while served: its sessions stop reading, finish
+    /// their in-flight requests and close (as at shutdown).
+    removed: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Export {
@@ -66,6 +71,7 @@ impl Export {
             policy: AccessPolicy::default(),
             active: AtomicUsize::new(0),
             metrics: Arc::new(ExportMetrics::default()),
+            removed: watch::channel(false).0,
         }
     }
 
@@ -78,6 +84,17 @@ impl Export {
     /// Connections in transmission on this export.
     pub fn connections(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Tells every session of this export to close (see [`Export::removal`]).
+    pub(crate) fn disconnect_clients(&self) {
+        self.removed.send_replace(true);
+    }
+
+    /// A receiver that turns `true` once the export's clients are to be disconnected
+    /// (already `true` for a session that starts after that).
+    pub(crate) fn removal(&self) -> watch::Receiver<bool> {
+        self.removed.subscribe()
     }
 
     /// Counts a connection until the guard is dropped.
@@ -97,19 +114,49 @@ impl Drop for ConnectionGuard<'_> {
     }
 }
 
-/// The set of exports of a server.
+/// The set of exports of a server. It changes while serving (`cryptvol exports add` /
+/// `remove`, a config reload: see [`super::live`]); readers take a snapshot.
 #[derive(Debug)]
-pub struct Exports(Vec<Export>);
+pub struct Exports(RwLock<Vec<Arc<Export>>>);
 
 impl Exports {
     pub fn new(exports: Vec<Export>) -> Exports {
-        Exports(exports)
+        Exports(RwLock::new(exports.into_iter().map(Arc::new).collect()))
     }
-    pub fn iter(&self) -> impl Iterator<Item = &Export> {
-        self.0.iter()
+    /// The exports served now (a snapshot, in the order they were added).
+    pub fn iter(&self) -> std::vec::IntoIter<Arc<Export>> {
+        self.list().into_iter()
     }
-    pub fn get(&self, name: &str) -> Option<&Export> {
-        self.0.iter().find(|e| e.info.name == name)
+    /// The exports served now.
+    pub fn list(&self) -> Vec<Arc<Export>> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|e| e.info.name == name)
+            .cloned()
+    }
+    /// Adds an export; `None` (and the export dropped) when its name is already served.
+    pub(crate) fn insert(&self, export: Export) -> Option<Arc<Export>> {
+        let mut list = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        if list.iter().any(|e| e.info.name == export.info.name) {
+            return None;
+        }
+        let export = Arc::new(export);
+        list.push(export.clone());
+        Some(export)
+    }
+    /// Takes an export out of the set (new clients no longer find it).
+    pub(crate) fn take(&self, name: &str) -> Option<Arc<Export>> {
+        let mut list = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        let at = list.iter().position(|e| e.info.name == name)?;
+        Some(list.remove(at))
     }
 }
 
@@ -141,7 +188,7 @@ impl ExportCatalog for AuthorizedCatalog<'_> {
             .collect()
     }
     fn default_export(&self) -> Option<String> {
-        match self.exports.0.as_slice() {
+        match self.exports.list().as_slice() {
             [only] => Some(only.info.name.clone()),
             _ => None,
         }

@@ -18,6 +18,7 @@ mod conn;
 pub mod control;
 mod export;
 mod listen;
+pub mod live;
 pub mod metrics;
 mod peer;
 pub(crate) mod reencrypt;
@@ -28,6 +29,7 @@ pub mod watchdog;
 pub use control::{ControlHooks, ControlSocket};
 pub use export::{errno_for, Export, Exports};
 pub use listen::{Listener, ListenerSpec};
+pub use live::{LiveError, LiveExports, Removed};
 pub use metrics::MetricsListener;
 pub use peer::AccessPolicy;
 pub use reencrypt::JobState;
@@ -118,7 +120,7 @@ impl Default for ServerConfig {
 
 /// Shared state of a running server.
 pub(crate) struct Shared {
-    pub exports: Exports,
+    pub exports: Arc<Exports>,
     pub config: ServerConfig,
     /// Byte budget for payloads in flight (units: bytes, at least 1 per request).
     pub budget: Arc<budget::ByteBudget>,
@@ -170,12 +172,25 @@ pub async fn serve_with(
     shutdown: ShutdownHandle,
     control: Control,
 ) -> Result<(), ServerError> {
+    let live = LiveExports::new(exports, &shutdown);
+    serve_live(live, listeners, config, shutdown, control).await
+}
+
+/// [`serve_with`] on exports that may be added and removed while serving (through the
+/// control socket, or by the holder of another clone of `live`).
+pub async fn serve_live(
+    live: Arc<LiveExports>,
+    listeners: Vec<Listener>,
+    config: ServerConfig,
+    shutdown: ShutdownHandle,
+    control: Control,
+) -> Result<(), ServerError> {
     if listeners.is_empty() {
         return Err(ServerError::NoListeners);
     }
     budget::return_freed_memory_to_the_system();
     let shared = Arc::new(Shared {
-        exports,
+        exports: live.exports.clone(),
         budget: Arc::new(budget::ByteBudget::new(
             config.max_inflight_bytes.max(nbd_max_payload()),
         )),
@@ -186,8 +201,10 @@ pub async fn serve_with(
         config,
         shutdown: shutdown.0.subscribe(),
     });
-    let jobs = Arc::new(reencrypt::Jobs::default());
-    resume_reencryptions(&shared, &jobs);
+    let jobs = live.jobs.clone();
+    for e in shared.exports.iter() {
+        resume_reencryption(&e, &jobs, &shared.shutdown);
+    }
     let mut tasks = tokio::task::JoinSet::new();
     for l in listeners {
         tasks.spawn(listen::accept_loop(l, shared.clone()));
@@ -197,6 +214,7 @@ pub async fn serve_with(
             shared: shared.clone(),
             jobs: jobs.clone(),
             hooks: control.hooks,
+            live: live.clone(),
         });
         tasks.spawn(control::control_loop(sock, state));
     }
@@ -225,31 +243,30 @@ pub async fn serve_with(
     Ok(())
 }
 
-/// Resumes, in the background, every re-encryption a read-write export reports in
+/// Resumes, in the background, a re-encryption a read-write export reports in
 /// progress (one served read-only stays paused, with a warning).
-fn resume_reencryptions(shared: &Shared, jobs: &reencrypt::Jobs) {
-    for e in shared.exports.iter() {
-        if let Some(st) = e.volume.reencrypt_status() {
-            if e.volume.read_only() {
-                tracing::warn!(
-                    export = %e.info.name,
-                    watermark = st.watermark,
-                    size = st.size,
-                    "a re-encryption is in progress but the export is served read-only: it \
-                     stays paused (reads use both data keys) until the volume is served \
-                     read-write or `cryptvol reencrypt FILE` runs"
-                );
-                continue;
-            }
-            tracing::info!(
-                export = %e.info.name,
-                watermark = st.watermark,
-                size = st.size,
-                "resuming an interrupted re-encryption"
-            );
-            jobs.start(&e.info.name, e.volume.clone(), shared.shutdown.clone());
-        }
+fn resume_reencryption(e: &Export, jobs: &reencrypt::Jobs, shutdown: &watch::Receiver<bool>) {
+    let Some(st) = e.volume.reencrypt_status() else {
+        return;
+    };
+    if e.volume.read_only() {
+        tracing::warn!(
+            export = %e.info.name,
+            watermark = st.watermark,
+            size = st.size,
+            "a re-encryption is in progress but the export is served read-only: it \
+             stays paused (reads use both data keys) until the volume is served \
+             read-write or `cryptvol reencrypt FILE` runs"
+        );
+        return;
     }
+    tracing::info!(
+        export = %e.info.name,
+        watermark = st.watermark,
+        size = st.size,
+        "resuming an interrupted re-encryption"
+    );
+    jobs.start(&e.info.name, e.volume.clone(), shutdown.clone());
 }
 
 /// Flushes every export's volume once the server has stopped.

@@ -6,7 +6,7 @@ use std::net::Shutdown;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::handshake::{handshake, Handshake, HandshakeFailure};
 use super::state::Conn;
@@ -33,6 +33,7 @@ pub(crate) async fn run<S: IntoBlocking>(
         return;
     };
     let _counted = exp.connection_guard();
+    let removal = exp.removal();
     let tls = matches!(transport, Transport::Tls(_));
     let (stream, control) = match transport
         .into_blocking()
@@ -73,7 +74,7 @@ pub(crate) async fn run<S: IntoBlocking>(
             return;
         }
     };
-    transmit(conn, control, &shared, &peer, &export).await;
+    transmit(conn, control, &shared, removal, (&peer, &export)).await;
 }
 
 /// The handshake under `--handshake-timeout` (and until shutdown); `None`, with the
@@ -115,15 +116,22 @@ async fn negotiate<S: IntoBlocking>(
     }
 }
 
+/// Turns `true` once the export is removed (never, if its sender is gone).
+async fn export_removed(mut removal: watch::Receiver<bool>) {
+    if removal.wait_for(|r| *r).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Starts the first transmission thread and waits until the last one ends (or, on
-/// shutdown, stops reading and lets in-flight requests finish); then logs the session's
-/// counters.
+/// shutdown or the export's removal, stops reading and lets in-flight requests finish);
+/// then logs the session's counters.
 async fn transmit(
     conn: Arc<Conn>,
     control: BlockingStream,
     shared: &Shared,
-    peer: &PeerIdentity,
-    export: &str,
+    removal: watch::Receiver<bool>,
+    (peer, export): (&PeerIdentity, &str),
 ) {
     let id = conn.id;
     let mut shutdown = shared.shutdown.clone();
@@ -134,12 +142,13 @@ async fn transmit(
         return;
     }
     let stopping = tokio::select! {
-        _ = &mut done_rx => false,
-        r = shutdown.wait_for(|s| *s) => r.is_ok(),
+        _ = &mut done_rx => None,
+        r = shutdown.wait_for(|s| *s) => r.is_ok().then_some("server shutting down"),
+        () = export_removed(removal) => Some("export removed"),
     };
-    if stopping {
+    if let Some(why) = stopping {
         // Stop reading new requests; in-flight ones finish and are answered.
-        conn.close("server shutting down");
+        conn.close(why);
         control.shutdown(Shutdown::Read);
         let _ = done_rx.await;
     }

@@ -5,9 +5,11 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use super::exports_protocol::ExportAdd;
 use crate::crypto::Dek;
 use crate::keys::WrappedDek;
 use crate::progress::Progress;
+use crate::server::Export;
 use crate::volume::{SnapshotView, Volume};
 
 /// An error from a hook, shown to the client as it is.
@@ -44,11 +46,21 @@ pub trait SnapshotTaker: Send + Sync {
     async fn take(&self, job: SnapshotJob, progress: &Progress) -> Result<Value, HookError>;
 }
 
+/// Unlocks the volume of an `export-add` request the way the daemon unlocks its exports
+/// at start-up (key states, policy and audit apply) and makes it an [`Export`] with the
+/// request's options and access rules.
+#[async_trait::async_trait]
+pub trait ExportOpener: Send + Sync {
+    async fn open(&self, add: &ExportAdd) -> Result<Export, HookError>;
+}
+
 /// The hooks of a daemon (`None`: that op answers that it is not available).
 #[derive(Clone, Default)]
 pub struct ControlHooks {
     pub keys: Option<Arc<dyn DataKeyMaker>>,
     pub snapshots: Option<Arc<dyn SnapshotTaker>>,
+    /// `export-add` (`None`: refused).
+    pub exports: Option<Arc<dyn ExportOpener>>,
 }
 
 impl std::fmt::Debug for ControlHooks {
@@ -56,6 +68,7 @@ impl std::fmt::Debug for ControlHooks {
         f.debug_struct("ControlHooks")
             .field("keys", &self.keys.is_some())
             .field("snapshots", &self.snapshots.is_some())
+            .field("exports", &self.exports.is_some())
             .finish()
     }
 }

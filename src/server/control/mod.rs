@@ -13,15 +13,21 @@
 //! | `reencrypt` | `export`, `wait` (default true) | progress events, then `export`, `done` |
 //! | `reencrypt-status` | `export` | `export`, `in_progress`, `reencrypt` |
 //! | `snapshot` | `export`, `store`, `description`, `parent` (optional) | progress events, then `export`, `snapshot` |
+//! | `export-add` | `name`, `path` (absolute), `read_only`, `discard`, `allow_uid`, `allow_gid`, `allow_tls_subject`, `allow_tls_san`, `allow_anyone` | `export` (see [`ExportEntry`]) |
+//! | `export-remove` | `name`, `force` (default false) | `export`, `disconnected` |
+//! | `export-list` | | `exports` (see [`ExportList`]) |
 //!
 //!
 //! Modules: [`protocol`] (the requests and replies as pure types and functions: parsing
 //! and validation, unit-tested), [`path`] (where the socket is), [`hooks`] (what the CLI
 //! plugs in), [`socket`] (the listener and the per-connection handler), one module per
-//! request family ([`status`], [`reencryption`], [`snapshot`]) and [`client`] (a small
+//! request family ([`status`], [`reencryption`], [`snapshot`], [`exports`] with its
+//! pure types in [`exports_protocol`]) and [`client`] (a small
 //! blocking client for the CLI).
 
 mod client;
+mod exports;
+mod exports_protocol;
 mod hooks;
 mod path;
 mod protocol;
@@ -31,7 +37,8 @@ mod socket;
 mod status;
 
 pub use client::{request, ControlError};
-pub use hooks::{ControlHooks, DataKeyMaker, HookError, SnapshotJob, SnapshotTaker};
+pub use exports_protocol::{ExportAdd, ExportEntry, ExportList, ExportsRequest};
+pub use hooks::{ControlHooks, DataKeyMaker, ExportOpener, HookError, SnapshotJob, SnapshotTaker};
 pub use path::{choose_control_path, control_path};
 pub use protocol::{
     err_line, ok_line, parse_reply, parse_request, validate, ExportStatus, ProgressEvent,

@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::exports_protocol::ExportsRequest;
+
 /// Longest request line accepted (the newline included): room for the longest export
 /// name, store and description below, even with every character escaped.
 pub const MAX_REQUEST_BYTES: usize = 32 * 1024;
@@ -20,7 +22,15 @@ pub const SNAPSHOT_CHUNK_SIZE: u64 = 512 * 1024;
 /// The default control socket of a daemon running as root.
 pub const DEFAULT_CONTROL_PATH: &str = "/run/cryptvol/control.sock";
 /// The operations, as named on the wire.
-pub const OPS: [&str; 4] = ["status", "reencrypt", "reencrypt-status", "snapshot"];
+pub const OPS: [&str; 7] = [
+    "status",
+    "reencrypt",
+    "reencrypt-status",
+    "snapshot",
+    "export-add",
+    "export-remove",
+    "export-list",
+];
 
 /// One control request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +49,8 @@ pub enum Request {
         description: String,
         parent: Option<String>,
     },
+    /// Live export management: `export-add`, `export-remove`, `export-list`.
+    Exports(ExportsRequest),
 }
 
 impl Request {
@@ -49,6 +61,7 @@ impl Request {
             Request::Reencrypt { .. } => "reencrypt",
             Request::ReencryptStatus { .. } => "reencrypt-status",
             Request::Snapshot { .. } => "snapshot",
+            Request::Exports(r) => r.op(),
         }
     }
 
@@ -74,6 +87,7 @@ impl Request {
                 "description": description,
                 "parent": parent,
             }),
+            Request::Exports(r) => r.to_value(),
         };
         format!("{v}\n")
     }
@@ -197,7 +211,10 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
                 parent: f.parent,
             }
         }
-        _ => return Err(ProtocolError::UnknownOp(shorten(&op, 64))),
+        other => match ExportsRequest::parse(other, v) {
+            Some(r) => Request::Exports(r?),
+            None => return Err(ProtocolError::UnknownOp(shorten(&op, 64))),
+        },
     };
     validate(&req)?;
     Ok(req)
@@ -224,6 +241,7 @@ pub fn validate(req: &Request) -> Result<(), ProtocolError> {
             }
             Ok(())
         }
+        Request::Exports(r) => r.validate(),
     }
 }
 

@@ -15,6 +15,7 @@ use super::protocol::{
 use super::reencryption::{reencrypt, reencrypt_status};
 use super::snapshot::snapshot;
 use super::status::status_body;
+use crate::server::live::LiveExports;
 use crate::server::reencrypt::Jobs;
 use crate::server::{Listener, ListenerSpec, ServerError, Shared};
 
@@ -53,6 +54,8 @@ pub(crate) struct ControlState {
     pub shared: Arc<Shared>,
     pub jobs: Arc<Jobs>,
     pub hooks: ControlHooks,
+    /// Adding and removing exports while serving.
+    pub live: Arc<LiveExports>,
 }
 
 /// Accepts control connections until shutdown, then removes the socket file and waits
@@ -148,6 +151,7 @@ async fn handle(mut stream: UnixStream, st: Arc<ControlState>) {
             description,
             parent,
         } => snapshot(&mut stream, &st, export, store, description, parent).await,
+        Request::Exports(r) => super::exports::handle(&st, r).await,
     };
     let line = match end {
         Ok(body) => ok_line(body),

@@ -35,7 +35,10 @@ impl std::fmt::Debug for ServerCollector {
 
 impl prometheus_client::collector::Collector for ServerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Fmt {
-        let exports: Vec<&Export> = self.shared.exports.iter().collect();
+        // A snapshot of the export list: exports added or removed live (server::live)
+        // show up on the next scrape.
+        let held: Vec<Arc<Export>> = self.shared.exports.iter().collect();
+        let exports: Vec<&Export> = held.iter().map(|e| &**e).collect();
         encode_requests(&mut encoder, &exports)?;
         encode_connections(&mut encoder, &exports)?;
         encode_volumes(&mut encoder, &exports)?;

@@ -53,7 +53,7 @@ fn start(read_only: bool, structured: bool) -> Session {
         base_allocation: structured.then_some(1),
     };
     let shared = Shared {
-        exports: Exports::new(Vec::new()),
+        exports: Exports::new(Vec::new()).into(),
         config: ServerConfig::default(),
         budget: Arc::new(ByteBudget::new(64 << 20)),
         buffers: Arc::new(BufferPool::new(1 << 20)),

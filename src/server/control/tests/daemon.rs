@@ -30,6 +30,7 @@ async fn daemon_answers_requests_and_survives_bad_ones() {
         hooks: ControlHooks {
             keys: Some(keys.clone()),
             snapshots: Some(Arc::new(FakeTaker)),
+            exports: None,
         },
         metrics: None,
     };
@@ -141,6 +142,7 @@ async fn refusals_of_the_key_hook_reach_the_client() {
                 refuse: true,
             })),
             snapshots: None,
+            exports: None,
         },
         metrics: None,
     };
