@@ -82,9 +82,7 @@ impl std::error::Error for CheckStatus {}
 /// scan's exit status ([`CheckStatus`]) unless everything is compliant.
 pub(super) async fn check(a: CheckArgs) -> Result<()> {
     let opts = CheckOptions {
-        keystore_dir: a
-            .keystore
-            .clone()
+        keystore_dir: super::defaults::keystore(a.keystore.clone())
             .unwrap_or_else(crate::keys::default_keystore_dir),
         require_keys: a.require_key.clone(),
         no_default_key: a.no_default_key,

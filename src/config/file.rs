@@ -22,6 +22,11 @@ pub struct ConfigFile {
     /// The control socket (`cryptvol status`, `reencrypt`, `snapshot create` talk to the
     /// daemon through it) [default: /run/cryptvol/control.sock when running as root].
     pub control: Option<PathBuf>,
+    /// The snapshot store of the `snapshot` commands and `create --from-snapshot`
+    /// (file:///DIR, DIR or s3://BUCKET/PREFIX).
+    pub snapshot_store: Option<String>,
+    /// Which keys the commands use (`[keys]`).
+    pub keys: Option<KeysSection>,
     /// Where to listen.
     pub listen: Option<ListenSection>,
     /// TLS on the listeners.
@@ -29,6 +34,17 @@ pub struct ConfigFile {
     /// The volumes to serve.
     #[serde(default, rename = "export")]
     pub exports: Vec<ExportSection>,
+}
+
+/// `[keys]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysSection {
+    /// The key `create` and `import` wrap a new data key under when given no `--key`
+    /// (a key reference, read like `--key`).
+    pub default_key: Option<String>,
+    /// What a bare `alias/NAME` or key id (UUID) names: "local" (default) or "aws-kms".
+    pub bare_key_refs: Option<String>,
 }
 
 /// `[listen]`.
