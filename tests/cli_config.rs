@@ -79,11 +79,18 @@ fn commands_take_keystore_default_key_audit_log_and_store_from_the_file() {
             .args(["snapshot", "create", "--json"])
             .arg(&vol),
     );
-    assert!(snap["id"].is_string(), "{snap}");
+    let snap_id = snap["id"].as_str().expect("snapshot id");
     assert!(
         env.path("snaps").is_dir(),
         "snapshot not in the file's store"
     );
+    // A restore finds the snapshot in the file's store too.
+    let restored = env.path("restored.img");
+    let r = json_of(
+        c().args(["create", "--json", "--from-snapshot", snap_id])
+            .arg(&restored),
+    );
+    assert_eq!(r["size"], 1 << 20, "{r}");
 }
 
 #[test]

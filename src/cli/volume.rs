@@ -30,9 +30,10 @@ pub(super) struct CreateArgs {
     /// Restore the volume from this snapshot (size and sector size come from it). The
     /// volume gets its own new data key, wrapped by --key (default: the snapshot's own
     /// master key), and every chunk is re-encrypted under it.
-    #[arg(long, value_name = "SNAPSHOT-ID", requires = "store")]
+    #[arg(long, value_name = "SNAPSHOT-ID")]
     from_snapshot: Option<String>,
-    /// The snapshot store of --from-snapshot.
+    /// The snapshot store of --from-snapshot [default: the config file's snapshot_store,
+    /// else the default store, as for `cryptvol snapshot`].
     #[arg(long, value_name = "STORE", env = "CRYPTVOL_SNAPSHOT_STORE")]
     store: Option<String>,
     /// Master key to wrap the data key: a local key id (mk-…) or alias/NAME, exec:NAME[:KEY],
