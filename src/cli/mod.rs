@@ -47,6 +47,11 @@ Examples:
   cryptvol serve --unix /run/cryptvol.sock vol.img
   nbdinfo 'nbd+unix:///vol?socket=/run/cryptvol.sock'
 
+Settings: the keystore, audit log, default key, bare key references and snapshot store come
+from `cryptvol --config FILE`, else $CRYPTVOL_CONFIG, else /etc/cryptvol/cryptvol.toml if it
+exists; flags > environment variables > file > built-in defaults. Every command that prints
+a listing or a record takes --json.
+
 Logging goes to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more detail.";
 
 #[derive(Parser)]
