@@ -88,6 +88,13 @@ impl std::str::FromStr for BareRefs {
     }
 }
 
+/// A bare `alias/NAME` or UUID as an AWS KMS reference, when `bare` says so.
+fn bare_kms_ref(s: &str, bare: BareRefs) -> Option<KeyRef> {
+    let plain = s.len() <= MAX_REF_LEN && !s.chars().any(char::is_control);
+    (bare == BareRefs::AwsKms && plain && (s.starts_with("alias/") || looks_like_uuid(s)))
+        .then(|| KeyRef::AwsKms(s.to_string()))
+}
+
 fn looks_like_uuid(s: &str) -> bool {
     uuid::Uuid::try_parse(s).is_ok()
 }
@@ -101,11 +108,8 @@ impl KeyRef {
 
     /// Parses a reference; `bare` says what a bare `alias/NAME` or UUID names.
     pub fn parse_with(s: &str, bare: BareRefs) -> Result<KeyRef, KeyError> {
-        if bare == BareRefs::AwsKms && !s.starts_with("local:") {
-            let plain = s.len() <= MAX_REF_LEN && !s.chars().any(char::is_control);
-            if plain && (s.starts_with("alias/") || looks_like_uuid(s)) {
-                return Ok(KeyRef::AwsKms(s.to_string()));
-            }
+        if let Some(r) = bare_kms_ref(s, bare) {
+            return Ok(r);
         }
         if s.is_empty() {
             return Err(bad(s, "it is empty"));
