@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
+use super::defaults;
 use crate::config;
-use crate::keys::{Argon2Params, KeyRef, PassphraseSource};
+use crate::keys::{Argon2Params, PassphraseSource};
 use crate::ops::{KeyOptions, NewKey};
 use crate::server::control as ctl;
 use crate::size::parse_size;
@@ -138,13 +139,15 @@ pub(super) struct StoreArg {
 }
 
 impl StoreArg {
-    /// Opens the store given, or the default one (`create`: make a directory store).
+    /// The store given (or in `$CRYPTVOL_SNAPSHOT_STORE`), else the config file's, else
+    /// the default one.
+    pub(super) fn spec(&self) -> String {
+        defaults::snapshot_store(self.store.clone()).unwrap_or_else(crate::snapshot::default_store)
+    }
+
+    /// Opens the store in effect ([`StoreArg::spec`]; `create`: make a directory store).
     pub(super) fn open(&self, create: bool) -> Result<crate::snapshot::Store> {
-        let spec = self
-            .store
-            .clone()
-            .unwrap_or_else(crate::snapshot::default_store);
-        Ok(crate::snapshot::Store::open(&spec, create)?)
+        Ok(crate::snapshot::Store::open(&self.spec(), create)?)
     }
 }
 
@@ -210,19 +213,21 @@ pub(super) fn key_options(
     kdf: Argon2Params,
 ) -> KeyOptions {
     KeyOptions {
-        keystore: keystore.keystore.clone(),
+        keystore: defaults::keystore(keystore.keystore.clone()),
         passphrase: pass.and_then(PassphraseArgs::source),
         argon2: kdf,
-        audit_log: keystore.audit_log.clone(),
+        audit_log: defaults::audit_log(keystore.audit_log.clone()),
     }
 }
 
 /// The key a new volume's data key is wrapped under, from `--key` and the passphrase
-/// options (`create`, `import`).
+/// options (`create`, `import`), else the config file's `default_key`, else the default
+/// key.
 pub(super) fn new_volume_key<'a>(key: Option<&str>, keys: &'a KeyOptions) -> Result<NewKey<'a>> {
-    Ok(match &keys.passphrase {
-        Some(source) => NewKey::Passphrase(source),
-        None => NewKey::parse(key)?,
+    Ok(match (&keys.passphrase, key.or(defaults::default_key())) {
+        (Some(source), _) => NewKey::Passphrase(source),
+        (None, Some(k)) => NewKey::Key(defaults::key_ref(k)?),
+        (None, None) => NewKey::Default,
     })
 }
 
@@ -234,7 +239,7 @@ pub(super) fn optional_new_key<'a>(
 ) -> Result<Option<NewKey<'a>>> {
     Ok(match (&keys.passphrase, key) {
         (Some(source), _) => Some(NewKey::Passphrase(source)),
-        (None, Some(k)) => Some(NewKey::Key(KeyRef::parse(k)?)),
+        (None, Some(k)) => Some(NewKey::Key(defaults::key_ref(k)?)),
         (None, None) => None,
     })
 }

@@ -82,11 +82,9 @@ impl std::error::Error for CheckStatus {}
 /// scan's exit status ([`CheckStatus`]) unless everything is compliant.
 pub(super) async fn check(a: CheckArgs) -> Result<()> {
     let opts = CheckOptions {
-        keystore_dir: a
-            .keystore
-            .clone()
+        keystore_dir: super::defaults::keystore(a.keystore.clone())
             .unwrap_or_else(crate::keys::default_keystore_dir),
-        require_keys: a.require_key.clone(),
+        require_keys: required_keys(&a.require_key)?,
         no_default_key: a.no_default_key,
         max_key_age_days: a.max_key_age,
         require_rotation: a.require_rotation,
@@ -124,6 +122,17 @@ pub(super) async fn check(a: CheckArgs) -> Result<()> {
         0 => Ok(()),
         code => Err(CheckStatus(code).into()),
     }
+}
+
+/// `--require-key` values; with bare references meaning AWS KMS, written out so that the
+/// scan (which reads them as references) sees the KMS key.
+fn required_keys(keys: &[String]) -> Result<Vec<String>> {
+    if super::defaults::bare_key_refs() == crate::keys::BareRefs::Local {
+        return Ok(keys.to_vec());
+    }
+    keys.iter()
+        .map(|k| Ok(super::defaults::key_ref(k)?.to_string()))
+        .collect()
 }
 
 /// Control characters (from file names or headers) shown escaped, so one item stays on

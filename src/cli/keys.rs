@@ -89,8 +89,11 @@ pub(super) enum KeyCommand {
         #[command(flatten)]
         keystore: KeystoreArgs,
     },
-    /// Show the key used when `create` is given none.
+    /// Show the key used when `create` is given none, and where that choice comes from.
     GetDefault {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         keystore: KeystoreArgs,
     },
@@ -218,7 +221,7 @@ pub(super) fn key(k: KeyCommand) -> Result<()> {
             reset,
             keystore,
         } => set_default(key.as_deref(), reset, &keystore),
-        KeyCommand::GetDefault { keystore } => get_default(&keystore),
+        KeyCommand::GetDefault { json, keystore } => get_default(json, &keystore),
         KeyCommand::Exec(e) => exec(e),
     }
 }
@@ -406,7 +409,7 @@ fn revoke(g: &GrantArgs) -> Result<()> {
 fn set_default(key: Option<&str>, reset: bool, keystore: &KeystoreArgs) -> Result<()> {
     let svc = opts(keystore).service();
     let reference = match (key, reset) {
-        (Some(k), false) => Some(KeyRef::parse(k)?),
+        (Some(k), false) => Some(super::defaults::key_ref(k)?),
         _ => None,
     };
     svc.set_default_key(reference.as_ref())?;
@@ -420,15 +423,55 @@ fn set_default(key: Option<&str>, reset: bool, keystore: &KeystoreArgs) -> Resul
     Ok(())
 }
 
-/// `key get-default`.
-fn get_default(keystore: &KeystoreArgs) -> Result<()> {
-    let svc = opts(keystore).service();
-    match svc.default_key()? {
-        KeyRef::Local(None) => println!(
-            "{} (the local default key, created on first use)",
-            crate::keys::DEFAULT_KEY_ALIAS
+/// `key get-default`'s record.
+#[derive(serde::Serialize)]
+struct DefaultKeyView {
+    /// The key reference.
+    key: String,
+    /// Its backend kind.
+    backend: &'static str,
+    /// "config" (`[keys] default_key`), "keystore" (`key set-default`) or "built-in".
+    source: &'static str,
+}
+
+/// `key get-default`: the config file's `default_key`, else the keystore's, else the
+/// local default key.
+fn get_default(json: bool, keystore: &KeystoreArgs) -> Result<()> {
+    let view = match super::defaults::default_key() {
+        Some(k) => {
+            let r = super::defaults::key_ref(k)?;
+            DefaultKeyView {
+                key: r.to_string(),
+                backend: r.backend(),
+                source: "config",
+            }
+        }
+        None => match opts(keystore).service().default_key()? {
+            KeyRef::Local(None) => DefaultKeyView {
+                key: crate::keys::DEFAULT_KEY_ALIAS.to_string(),
+                backend: crate::keys::LOCAL,
+                source: "built-in",
+            },
+            r => DefaultKeyView {
+                key: r.to_string(),
+                backend: r.backend(),
+                source: "keystore",
+            },
+        },
+    };
+    if json {
+        return print_json(&view);
+    }
+    match view.source {
+        "built-in" => println!("{} (the local default key, created on first use)", view.key),
+        "config" => println!(
+            "{} (default_key in {})",
+            view.key,
+            super::defaults::config_file()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
         ),
-        r => println!("{r}"),
+        _ => println!("{}", view.key),
     }
     Ok(())
 }

@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use clap::{ArgGroup, Args, Subcommand};
 
 use super::args::{key_options, passphrase_source, KdfArgs, KeystoreArgs, UnlockArgs};
-use super::print::{keyslot_list, slot_label};
-use crate::keys::{Argon2Params, KeyRef, PassphraseSource};
+use super::print::{keyslot_list, print_json, slot_label};
+use crate::keys::{Argon2Params, PassphraseSource};
 use crate::ops::{self, KeyOptions, KeyslotChange, NewKey};
 
 /// `cryptvol rekey`.
@@ -32,6 +32,9 @@ pub(super) struct RekeyArgs {
     /// The keyslot to replace [default: the only keyslot].
     #[arg(long, value_name = "N")]
     slot: Option<usize>,
+    /// Print the volume's header afterwards as JSON (as `cryptvol info --json` does).
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     unlock: UnlockArgs,
     #[command(flatten)]
@@ -51,6 +54,9 @@ pub(super) enum KeyslotCommand {
         file: PathBuf,
         /// The keyslot number (see `cryptvol info`).
         slot: usize,
+        /// Print the volume's header afterwards as JSON (as `cryptvol info --json` does).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         unlock: UnlockArgs,
         #[command(flatten)]
@@ -76,6 +82,9 @@ pub(super) struct KeyslotAddArgs {
     /// Passphrase of the new keyslot, typed on the terminal (asked twice).
     #[arg(long)]
     passphrase: bool,
+    /// Print the volume's header afterwards as JSON (as `cryptvol info --json` does).
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     unlock: UnlockArgs,
     #[command(flatten)]
@@ -94,8 +103,7 @@ pub(super) async fn rekey(a: RekeyArgs) -> Result<()> {
     let change = ops::rekey(&a.file, &keys, target, a.slot)
         .await
         .with_context(|| format!("cannot rekey {}", a.file.display()))?;
-    print_change("rekeyed", &a.file, &change);
-    Ok(())
+    report("rekeyed", &a.file, &change, a.json)
 }
 
 /// `cryptvol keyslot add|remove`.
@@ -105,6 +113,7 @@ pub(super) async fn keyslot(k: KeyslotCommand) -> Result<()> {
         KeyslotCommand::Remove {
             file,
             slot,
+            json,
             unlock,
             keystore,
         } => {
@@ -112,8 +121,7 @@ pub(super) async fn keyslot(k: KeyslotCommand) -> Result<()> {
             let change = ops::keyslot_remove(&file, &keys, slot)
                 .await
                 .with_context(|| format!("cannot remove keyslot {slot} of {}", file.display()))?;
-            print_change("removed keyslot from", &file, &change);
-            Ok(())
+            report("removed keyslot from", &file, &change, json)
         }
     }
 }
@@ -128,8 +136,7 @@ async fn keyslot_add(a: KeyslotAddArgs) -> Result<()> {
     let change = ops::keyslot_add(&a.file, &keys, target)
         .await
         .with_context(|| format!("cannot add a keyslot to {}", a.file.display()))?;
-    print_change("added keyslot to", &a.file, &change);
-    Ok(())
+    report("added keyslot to", &a.file, &change, a.json)
 }
 
 /// The key options of a command that changes keyslots: unlock with the `--unlock-*`
@@ -146,10 +153,19 @@ fn key_or_passphrase<'a>(
     pass: &'a Option<PassphraseSource>,
 ) -> Result<Option<NewKey<'a>>> {
     Ok(match (key, pass) {
-        (Some(k), _) => Some(NewKey::Key(KeyRef::parse(k)?)),
+        (Some(k), _) => Some(NewKey::Key(super::defaults::key_ref(k)?)),
         (None, Some(source)) => Some(NewKey::Passphrase(source)),
         (None, None) => None,
     })
+}
+
+/// The volume's header as JSON with `json`, else [`print_change`].
+fn report(what: &str, file: &Path, c: &KeyslotChange, json: bool) -> Result<()> {
+    if json {
+        return print_json(&ops::info(file)?);
+    }
+    print_change(what, file, c);
+    Ok(())
 }
 
 /// `rekeyed FILE: keyslot N is …`, then `keyslots now: …`.

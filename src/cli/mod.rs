@@ -7,9 +7,11 @@ mod args;
 mod break_glass;
 mod check;
 mod control;
+mod defaults;
 mod demo;
 mod docs;
 mod exports;
+pub mod json_policy;
 mod keys;
 mod keyslots;
 mod live_exports;
@@ -50,8 +52,12 @@ Examples:
   cryptvol serve --unix /run/cryptvol.sock vol.img
   nbdinfo 'nbd+unix:///vol?socket=/run/cryptvol.sock'
 
-Logging goes to stderr (--log-format text|json|journald); set RUST_LOG (e.g. RUST_LOG=debug)
-for more detail.";
+Settings: the keystore, audit log, default key, bare key references and snapshot store come
+from `cryptvol --config FILE`, else $CRYPTVOL_CONFIG, else /etc/cryptvol/cryptvol.toml if it
+exists; flags > environment variables > file > built-in defaults. Every command that prints
+a listing or a record takes --json.
+
+Logging goes to stderr (--log-format text|json|journald); set RUST_LOG (e.g. RUST_LOG=debug) for more detail.";
 
 #[derive(Parser)]
 #[command(name = "cryptvol", version, about = "Encrypted block volumes served over NBD", after_help = AFTER_HELP)]
@@ -61,8 +67,24 @@ struct Cli {
     /// systemd's journal stream, else text; `serve` also reads `log_format` from --config].
     #[arg(long, global = true, value_enum, value_name = "FORMAT")]
     log_format: Option<logging::LogFormat>,
+    /// Configuration file (TOML) with the keystore, audit log, default key, bare key
+    /// references and snapshot store of every command (flags and their environment
+    /// variables override it) [default: /etc/cryptvol/cryptvol.toml if it exists].
+    /// `serve` reads its exports and listeners from its own `serve --config`.
+    #[arg(long, value_name = "FILE", env = crate::config::CONFIG_ENV)]
+    config: Option<std::path::PathBuf>,
+    /// What a bare alias/NAME or key id (UUID) names: local (the local keystore, default)
+    /// or aws-kms (AWS KMS, as in the AWS CLI). local:…, mk-…, arn:…, aws-kms:… and exec:…
+    /// keep their meaning [config: [keys] bare_key_refs].
+    #[arg(long, value_name = "local|aws-kms", env = defaults::BARE_KEY_REFS_ENV)]
+    bare_key_refs: Option<crate::keys::BareRefs>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The clap definition of the whole command line (for tests and generated docs).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 #[derive(Subcommand)]
@@ -126,6 +148,10 @@ pub fn main() -> ExitCode {
     };
     let (format, warning) = logging::choose(cli.log_format, config);
     logging::init(format, warning);
+    if let Err(e) = defaults::init(cli.config.clone(), cli.bare_key_refs) {
+        eprintln!("cryptvol: error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     // Every command may hold key material (a DEK, a master key, a KEK, a passphrase), so
     // all of them, not only `serve`: no core dumps, no ptrace or /proc/PID/mem access by
     // other processes of the same uid. Programs we start (exec key backends) are

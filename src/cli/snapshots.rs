@@ -68,12 +68,18 @@ pub(super) enum SnapshotCommand {
         id: String,
         #[command(flatten)]
         store: StoreArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete chunks no snapshot references (left by interrupted snapshots). Do not run it
     /// while a snapshot is being created or copied into the same store.
     Gc {
         #[command(flatten)]
         store: StoreArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Copy a snapshot to another store, as it is or re-encrypted under another key.
     #[command(after_help = SNAPSHOT_AFTER_HELP)]
@@ -193,8 +199,8 @@ pub(super) async fn snapshot(c: SnapshotCommand) -> Result<()> {
             json,
         } => list(&store, volume.as_deref(), json).await,
         SnapshotCommand::Describe { id, store, json } => describe(&id, &store, json).await,
-        SnapshotCommand::Delete { id, store } => delete(&id, &store).await,
-        SnapshotCommand::Gc { store } => gc(&store).await,
+        SnapshotCommand::Delete { id, store, json } => delete(&id, &store, json).await,
+        SnapshotCommand::Gc { store, json } => gc(&store, json).await,
         SnapshotCommand::Copy(a) => copy(a).await,
     }
 }
@@ -204,11 +210,7 @@ pub(super) async fn snapshot(c: SnapshotCommand) -> Result<()> {
 async fn create(a: CreateArgs) -> Result<()> {
     if a.control.control.is_some() || !a.file.is_file() {
         let export = a.file.to_string_lossy().into_owned();
-        let spec = a
-            .store
-            .store
-            .clone()
-            .unwrap_or_else(crate::snapshot::default_store);
+        let spec = a.store.spec();
         let parent = a.parent.filter(|p| p != "auto");
         return snapshot_create_online(
             &a.control.path(),
@@ -350,10 +352,13 @@ async fn describe(id: &str, store: &StoreArg, json: bool) -> Result<()> {
 }
 
 /// `snapshot delete`.
-async fn delete(id: &str, store: &StoreArg) -> Result<()> {
+async fn delete(id: &str, store: &StoreArg, json: bool) -> Result<()> {
     let store = store.open(false)?;
     let id = snapshot_id(id)?;
     let st = snap::delete_snapshot(&store, &id).await?;
+    if json {
+        return print_json(&st);
+    }
     println!(
         "deleted snapshot {id} from {}: {} chunks removed, {} kept (used by other snapshots)",
         store.url(),
@@ -364,9 +369,12 @@ async fn delete(id: &str, store: &StoreArg) -> Result<()> {
 }
 
 /// `snapshot gc`.
-async fn gc(store: &StoreArg) -> Result<()> {
+async fn gc(store: &StoreArg, json: bool) -> Result<()> {
     let store = store.open(false)?;
     let st = snap::collect_garbage(&store).await?;
+    if json {
+        return print_json(&st);
+    }
     println!(
         "{}: {} unreferenced chunks removed, {} in use",
         store.url(),

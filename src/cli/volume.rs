@@ -9,7 +9,7 @@ use clap::Args;
 use super::args::{
     new_volume_key, optional_new_key, parse_sector_size, parse_size_arg, StoreArg, WrappingArgs,
 };
-use super::print::{first_slot_label, keyslot_line, percent};
+use super::print::{first_slot_label, keyslot_line, percent, print_json};
 use super::signals::interruptible;
 use super::snapshots::snapshot_id;
 use crate::ops;
@@ -30,9 +30,10 @@ pub(super) struct CreateArgs {
     /// Restore the volume from this snapshot (size and sector size come from it). The
     /// volume gets its own new data key, wrapped by --key (default: the snapshot's own
     /// master key), and every chunk is re-encrypted under it.
-    #[arg(long, value_name = "SNAPSHOT-ID", requires = "store")]
+    #[arg(long, value_name = "SNAPSHOT-ID")]
     from_snapshot: Option<String>,
-    /// The snapshot store of --from-snapshot.
+    /// The snapshot store of --from-snapshot [default: the config file's snapshot_store,
+    /// else the default store, as for `cryptvol snapshot`].
     #[arg(long, value_name = "STORE", env = "CRYPTVOL_SNAPSHOT_STORE")]
     store: Option<String>,
     /// Master key to wrap the data key: a local key id (mk-…) or alias/NAME, exec:NAME[:KEY],
@@ -59,6 +60,9 @@ pub(super) struct CreateArgs {
     /// zeros, and block status reports no holes). For compatibility and benchmarking.
     #[arg(long, hide_short_help = true)]
     no_allocation_map: bool,
+    /// Print the new volume's header as JSON (as `cryptvol info --json` does).
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     keys: WrappingArgs,
     /// The volume file to create (refuses to overwrite an existing file).
@@ -98,7 +102,7 @@ impl VolumeSize {
 /// `cryptvol info`.
 #[derive(Args)]
 pub(super) struct InfoArgs {
-    /// Print JSON instead of text.
+    /// Print JSON.
     #[arg(long)]
     json: bool,
     /// The volume file.
@@ -129,6 +133,9 @@ pub(super) async fn create(a: CreateArgs) -> Result<()> {
         .await
         .map_err(|e| size.explain(e))
         .with_context(|| format!("cannot create {}", a.file.display()))?;
+    if a.json {
+        return print_json(&ops::info(&a.file)?);
+    }
     println!(
         "created {} ({}, {}-byte sectors, uuid {}), data key wrapped by {}",
         a.file.display(),
@@ -143,12 +150,10 @@ pub(super) async fn create(a: CreateArgs) -> Result<()> {
 /// `cryptvol info`: the header, as text or JSON.
 pub(super) fn info(a: InfoArgs) -> Result<()> {
     let i = ops::info(&a.file)?;
-    let mut out = std::io::stdout().lock();
     if a.json {
-        serde_json::to_writer_pretty(&mut out, &i)?;
-        writeln!(out)?;
-        return Ok(());
+        return print_json(&i);
     }
+    let mut out = std::io::stdout().lock();
     writeln!(out, "volume:       {}", i.path)?;
     writeln!(out, "format:       cryptvol v{}", i.format_version)?;
     writeln!(out, "uuid:         {}", i.uuid)?;
@@ -257,6 +262,9 @@ async fn restore(a: CreateArgs) -> Result<()> {
             .with_context(|| format!("cannot restore {} from snapshot {id}", a.file.display()))
     })
     .await?;
+    if a.json {
+        return print_json(&ops::info(&a.file)?);
+    }
     if out.header.sector_size != a.sector_size && a.sector_size != DEFAULT_SECTOR_SIZE {
         tracing::warn!(
             "--sector-size {} ignored: the volume has the snapshot's sector size {}",

@@ -27,6 +27,11 @@ pub struct ConfigFile {
     pub log_format: Option<String>,
     /// `HOST:PORT` of the Prometheus metrics endpoint (`GET /metrics`) [default: none].
     pub metrics: Option<String>,
+    /// The snapshot store of the `snapshot` commands and `create --from-snapshot`
+    /// (file:///DIR, DIR or s3://BUCKET/PREFIX).
+    pub snapshot_store: Option<String>,
+    /// Which keys the commands use (`[keys]`).
+    pub keys: Option<KeysSection>,
     /// Where to listen.
     pub listen: Option<ListenSection>,
     /// TLS on the listeners.
@@ -34,6 +39,17 @@ pub struct ConfigFile {
     /// The volumes to serve.
     #[serde(default, rename = "export")]
     pub exports: Vec<ExportSection>,
+}
+
+/// `[keys]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysSection {
+    /// The key `create` and `import` wrap a new data key under when given no `--key`
+    /// (a key reference, read like `--key`).
+    pub default_key: Option<String>,
+    /// What a bare `alias/NAME` or key id (UUID) names: "local" (default) or "aws-kms".
+    pub bare_key_refs: Option<String>,
 }
 
 /// `[listen]`.

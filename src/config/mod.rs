@@ -24,6 +24,9 @@
 //!   `[tls]` key of the same name (`mode`, `cert`, `key`, `client_ca`).
 //! - relative paths in the file are relative to the directory of the file.
 //!
+//! The same file also holds the settings of every other command (keystore, audit log,
+//! default key, bare key references, snapshot store): see `common`.
+//!
 //! Modules: `file` (the TOML model, reading and parsing), `overrides` (the command
 //! line), `settings` (the result), `resolve` (combining them, one section at a time:
 //! `listen`, `tls`, `limits`, `exports`, with `access` for who may open an export), and
@@ -31,6 +34,7 @@
 
 mod access;
 mod diff;
+mod common;
 mod exports;
 mod file;
 mod limits;
@@ -41,8 +45,9 @@ mod settings;
 mod tls;
 
 pub use diff::{diff_exports, same_export, spec_from_add, ExportDiff};
+pub use common::{config_path, load_common, CommonSettings, CONFIG_ENV};
 pub use exports::parse_volume_arg;
-pub use file::{load, parse, ConfigFile, ExportSection, ListenSection, TlsSection};
+pub use file::{load, parse, ConfigFile, ExportSection, KeysSection, ListenSection, TlsSection};
 pub use listen::{default_unix_socket, parse_mode, parse_tcp};
 pub use overrides::{AllowFlags, CliOverrides};
 pub use resolve::resolve;

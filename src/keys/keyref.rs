@@ -10,6 +10,11 @@
 //! | `aws-kms:KEY_ID`, `aws-kms:alias/NAME` | aws-kms | a KMS key id or alias |
 //! | `exec:NAME` | exec | the default key of the exec backend registered as NAME |
 //! | `exec:NAME:KEY` | exec | key KEY of that exec backend |
+//!
+//! With [`BareRefs::AwsKms`] (the `bare_key_refs = "aws-kms"` setting, for operators whose
+//! keys live in AWS KMS), a bare `alias/NAME` and a bare key id (a UUID) name an AWS KMS
+//! key instead; `local:alias/NAME` and `mk-…` still name local keys and every other form
+//! keeps its meaning.
 
 use std::fmt;
 
@@ -59,13 +64,53 @@ fn bad(s: &str, why: &str) -> KeyError {
     ))
 }
 
+/// What a bare `alias/NAME` or key id (UUID) names: the setting `bare_key_refs`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BareRefs {
+    /// `alias/NAME` is a local alias; a bare UUID is refused (the default).
+    #[default]
+    Local,
+    /// `alias/NAME` and bare UUIDs are AWS KMS aliases and key ids (as in the AWS CLI).
+    AwsKms,
+}
+
+impl std::str::FromStr for BareRefs {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            LOCAL => Ok(BareRefs::Local),
+            AWS_KMS => Ok(BareRefs::AwsKms),
+            _ => Err(format!(
+                "bare key references must mean \"local\" or \"aws-kms\", not {:?}",
+                s.escape_debug().to_string()
+            )),
+        }
+    }
+}
+
+/// A bare `alias/NAME` or UUID as an AWS KMS reference, when `bare` says so.
+fn bare_kms_ref(s: &str, bare: BareRefs) -> Option<KeyRef> {
+    let plain = s.len() <= MAX_REF_LEN && !s.chars().any(char::is_control);
+    (bare == BareRefs::AwsKms && plain && (s.starts_with("alias/") || looks_like_uuid(s)))
+        .then(|| KeyRef::AwsKms(s.to_string()))
+}
+
 fn looks_like_uuid(s: &str) -> bool {
     uuid::Uuid::try_parse(s).is_ok()
 }
 
 impl KeyRef {
-    /// Parses a reference (see the module documentation for the forms).
+    /// Parses a reference (see the module documentation for the forms), bare aliases
+    /// and ids naming local keys.
     pub fn parse(s: &str) -> Result<KeyRef, KeyError> {
+        KeyRef::parse_with(s, BareRefs::Local)
+    }
+
+    /// Parses a reference; `bare` says what a bare `alias/NAME` or UUID names.
+    pub fn parse_with(s: &str, bare: BareRefs) -> Result<KeyRef, KeyError> {
+        if let Some(r) = bare_kms_ref(s, bare) {
+            return Ok(r);
+        }
         if s.is_empty() {
             return Err(bad(s, "it is empty"));
         }
@@ -221,6 +266,33 @@ mod tests {
             let err = KeyRef::parse(s).err().unwrap().to_string();
             assert!(err.contains("Accepted forms"), "{s}: {err}");
         }
+    }
+
+    #[test]
+    fn bare_refs_aws_kms() {
+        let aws = BareRefs::AwsKms;
+        let id = "1234abcd-12ab-34cd-56ef-1234567890ab";
+        assert_eq!(
+            KeyRef::parse_with("alias/db", aws).unwrap(),
+            KeyRef::AwsKms("alias/db".into())
+        );
+        assert_eq!(
+            KeyRef::parse_with(id, aws).unwrap(),
+            KeyRef::AwsKms(id.into())
+        );
+        // Explicit forms keep their meaning.
+        assert_eq!(
+            KeyRef::parse_with("local:alias/db", aws).unwrap(),
+            KeyRef::Local(Some("alias/db".into()))
+        );
+        let mk = "mk-0123456789abcdef0123456789abcdef";
+        assert_eq!(KeyRef::parse_with(mk, aws).unwrap().backend(), LOCAL);
+        assert_eq!(KeyRef::parse_with("exec:v", aws).unwrap().backend(), EXEC);
+        assert!(KeyRef::parse_with("alias/a\nb", aws).is_err());
+        // The default is unchanged.
+        assert_eq!(KeyRef::parse("alias/db").unwrap().backend(), LOCAL);
+        assert_eq!("aws-kms".parse::<BareRefs>().unwrap(), aws);
+        assert!("kms".parse::<BareRefs>().is_err());
     }
 
     proptest! {

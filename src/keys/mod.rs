@@ -28,7 +28,7 @@ pub mod stats;
 pub use audit::{AccessEvent, AuditEvent, AuditLog, AuditWriter, AUDIT_FILE};
 pub use aws_kms::AwsKmsBackend;
 pub use exec::{ExecBackend, ExecSpec, EXEC_PROTOCOL_VERSION};
-pub use keyref::{KeyRef, AWS_KMS, EXEC, LOCAL, PASSPHRASE};
+pub use keyref::{BareRefs, KeyRef, AWS_KMS, EXEC, LOCAL, PASSPHRASE};
 pub use local::{
     default_keystore_dir, KeyDetails, KeyInfo, KeyPolicy, LocalKeystore, MaterialVersion,
     DEFAULT_KEY_ALIAS, MAX_DELETION_DAYS, MIN_DELETION_DAYS,
