@@ -4,6 +4,7 @@
 //! argument groups shared by several commands are in [`args`].
 
 mod args;
+mod attach;
 mod check;
 mod control;
 mod demo;
@@ -91,6 +92,12 @@ enum Command {
     Reencrypt(reencrypt::ReencryptArgs),
     /// Show what a running daemon serves: exports, connections, re-encryptions.
     Status(control::StatusArgs),
+    /// Attach an export to a kernel nbd device (/dev/nbdN) over the kernel's netlink
+    /// interface; reconnect it after a daemon restart (--reconnect, or stay resident with
+    /// --watch), pick up a new size (--refresh-size), or detach it (--detach).
+    Attach(attach::AttachArgs),
+    /// Disconnect a kernel nbd device attached with `cryptvol attach` (or nbd-client).
+    Detach(attach::DetachArgs),
 }
 
 /// Entry point of the binary.
@@ -170,5 +177,7 @@ async fn run(cli: Cli, activated: Result<Vec<ActivatedSocket>, ServerError>) -> 
         Command::Export(a) => migrate::export(a).await,
         Command::Reencrypt(a) => reencrypt::reencrypt(a).await,
         Command::Status(a) => control::status(a).await,
+        Command::Attach(a) => attach::attach(a).await,
+        Command::Detach(a) => attach::detach(a).await,
     }
 }

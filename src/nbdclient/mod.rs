@@ -62,6 +62,8 @@ pub enum NbdClientError {
         reason: String,
         message: String,
     },
+    #[error("the NBD server {server} requires TLS for export {export:?}, which this client does not speak (NBD_REP_ERR_TLS_REQD)")]
+    TlsRequired { server: String, export: String },
     #[error("NBD server {server}: {op} of {len} bytes at offset {offset} failed: {error}")]
     Request {
         server: String,
@@ -107,6 +109,22 @@ impl Stream {
             }
         };
         Ok(s)
+    }
+
+    /// The socket, in blocking mode with no timeouts (for a new owner such as the kernel).
+    fn into_fd(self) -> io::Result<std::os::fd::OwnedFd> {
+        Ok(match self {
+            Stream::Tcp(s) => {
+                s.set_read_timeout(None)?;
+                s.set_write_timeout(None)?;
+                s.into()
+            }
+            Stream::Unix(s) => {
+                s.set_read_timeout(None)?;
+                s.set_write_timeout(None)?;
+                s.into()
+            }
+        })
     }
 
     fn shutdown(&self) {
@@ -284,6 +302,28 @@ impl NbdClient {
         }
         let cookie = self.send(Command::Flush, 0, 0, None)?;
         self.reply(cookie, "FLUSH", 0, 0)
+    }
+
+    /// Ends this client without `NBD_CMD_DISC` and returns its socket, in the transmission
+    /// phase and with no timeouts, for another user of the connection (the kernel's nbd
+    /// driver, `cryptvol attach`). Fails for a connection already out of sync.
+    pub fn into_socket(mut self) -> Result<std::os::fd::OwnedFd, NbdClientError> {
+        if !self.healthy {
+            return Err(NbdClientError::Protocol {
+                server: self.server.clone(),
+                detail: "the connection is out of sync after an earlier error".into(),
+            });
+        }
+        self.healthy = false; // Drop must not send NBD_CMD_DISC nor shut the socket down
+        let placeholder = Stream::Unix(
+            UnixStream::pair()
+                .map_err(|e| self.io("handing the socket over", e))?
+                .0,
+        );
+        let stream = std::mem::replace(&mut self.stream, placeholder);
+        stream
+            .into_fd()
+            .map_err(|e| self.io("clearing the socket's timeouts", e))
     }
 
     /// Sends `NBD_CMD_DISC` and closes the connection.
