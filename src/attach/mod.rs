@@ -102,6 +102,10 @@ pub struct AttachOptions {
     /// Request timeout in seconds (0: the kernel's default).
     pub timeout: u64,
     pub dead_conn_timeout: u64,
+    /// Make the device read-only even when the export is writable.
+    pub read_only: bool,
+    /// A logical block size instead of the export's preferred one.
+    pub block_size: Option<u32>,
 }
 
 /// Opens `n` connections to the export, each through the whole handshake; returns what
@@ -155,7 +159,11 @@ pub fn attach(opts: &AttachOptions, index: Option<u32>) -> Result<Attached, Atta
             details.flags
         )));
     }
-    let block_size = kernel_block_size(details.block_size)?;
+    let block_size = match opts.block_size {
+        Some(b) => check_block_size(b, details.block_size)?,
+        None => kernel_block_size(details.block_size)?,
+    };
+    let read_only = if opts.read_only { FLAG_READ_ONLY } else { 0 };
     let mut nl = NbdNetlink::open()?;
     let index = nl.connect(netlink::ConnectConfig {
         index,
@@ -163,7 +171,7 @@ pub fn attach(opts: &AttachOptions, index: Option<u32>) -> Result<Attached, Atta
         block_size: u64::from(block_size),
         timeout: opts.timeout,
         dead_conn_timeout: opts.dead_conn_timeout,
-        server_flags: u64::from(details.flags),
+        server_flags: u64::from(details.flags | read_only),
         client_flags: 0,
         fds: raw_fds(&fds),
     })?;
@@ -174,6 +182,21 @@ pub fn attach(opts: &AttachOptions, index: Option<u32>) -> Result<Attached, Atta
         details,
         block_size,
     })
+}
+
+/// A block size given by the user: one the kernel accepts and the export allows.
+fn check_block_size(b: u32, export: Option<(u32, u32, u32)>) -> Result<u32, AttachError> {
+    if !b.is_power_of_two() || !(MIN_KERNEL_BLOCK..=MAX_KERNEL_BLOCK).contains(&b) {
+        return Err(AttachError::Usage(format!(
+            "--block-size {b}: give 512, 1024, 2048 or 4096"
+        )));
+    }
+    match export {
+        Some((min, _, _)) if b < min => Err(AttachError::Usage(format!(
+            "--block-size {b} is smaller than the export's minimum block size {min}"
+        ))),
+        _ => Ok(b),
+    }
 }
 
 fn check_connections(n: u32) -> Result<(), AttachError> {
@@ -312,6 +335,18 @@ mod tests {
         assert_eq!(kernel_block_size(Some((1, 1, 1 << 25))).unwrap(), 512);
         assert_eq!(kernel_block_size(None).unwrap(), 512);
         assert!(kernel_block_size(Some((8192, 8192, 1 << 25))).is_err());
+    }
+
+    #[test]
+    fn user_block_sizes() {
+        assert_eq!(
+            check_block_size(4096, Some((512, 4096, 1 << 25))).unwrap(),
+            4096
+        );
+        assert_eq!(check_block_size(512, None).unwrap(), 512);
+        assert!(check_block_size(512, Some((4096, 4096, 1 << 25))).is_err());
+        assert!(check_block_size(1000, None).is_err());
+        assert!(check_block_size(8192, None).is_err());
     }
 
     #[test]

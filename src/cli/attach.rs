@@ -40,6 +40,13 @@ pub struct AttachArgs {
     /// device is detached, or at SIGTERM/SIGINT (the device stays attached).
     #[arg(long, alias = "persist")]
     watch: bool,
+    /// Make the device read-only (the kernel refuses writes) even if the export is writable.
+    #[arg(long)]
+    read_only: bool,
+    /// Logical block size of the device, 512|1024|2048|4096 (default: the export's
+    /// preferred block size, 4096 for volumes with 4096-byte sectors).
+    #[arg(long, value_name = "BYTES")]
+    block_size: Option<u32>,
     /// Disconnect this device (same as `cryptvol detach`).
     #[arg(long, value_name = "/dev/nbdN")]
     detach: Option<String>,
@@ -102,6 +109,8 @@ fn options(a: &AttachArgs) -> Result<AttachOptions> {
         connections: a.connections,
         timeout: a.timeout,
         dead_conn_timeout: a.dead_conn_timeout,
+        read_only: a.read_only,
+        block_size: a.block_size,
     })
 }
 
