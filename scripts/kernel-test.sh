@@ -692,6 +692,10 @@ kt_boot() {
                         log "guest asks: restart the socket-activated daemon (same binary)"
                         kt_holder_restart restart-att att-daemon-restart "$CRYPTVOL_BIN"
                         ;;
+                    KT-REQ\ restart-att-manual)
+                        log "guest asks: restart the socket-activated daemon (for attach --reconnect)"
+                        kt_holder_restart restart-att-manual att-daemon-restart-manual "$CRYPTVOL_BIN"
+                        ;;
                     KT-REQ\ upgrade-att)
                         log "guest asks: upgrade the socket-activated daemon (another binary file)"
                         kt_holder_restart upgrade-att att-daemon-upgrade "$KT_ATT_UPGRADE_BIN"
@@ -830,7 +834,8 @@ kt_main() {
     )
     [ "$KT_SERVER" = cryptvol ] && expected+=(
         boot3-setup attach-netlink-mkfs att-daemon-restart att-daemon-upgrade
-        attach-restart-upgrade-fio attach-fsck-detach attach-tls-refused boot3-completed
+        attach-restart-upgrade-fio attach-fsck-detach att-daemon-restart-manual
+        attach-reconnect-by-hand attach-tls-refused boot3-completed
     )
     local pass=0 fail=0 name line st
     echo

@@ -466,10 +466,37 @@ c_att_tls() {
     detail "refused: $(echo "$out" | cut -c1-120)..."
 }
 
+# cryptvol attach --reconnect by hand (no --watch): the daemon restarts while the device
+# is attached; new connections are handed over and the data reads back.
+c_att_reconnect() {
+    cryptvol attach "$EXP_ATT" --connect "$HOST:$ATT_PORT" --device /dev/nbd1 --dead-conn-timeout 60 ||
+        die "cryptvol attach on nbd1 failed" || return 1
+    dd if=/dev/urandom of=/tmp/att.blk bs=64k count=16 2>/dev/null || return 1
+    dd if=/tmp/att.blk of=/dev/nbd1 bs=64k seek=100 oflag=direct conv=fsync 2>/dev/null || die "write failed" || return 1
+    dmesg -c > /dev/null
+    ctl_wait restart-att-manual || return 1
+    sleep 1
+    out=$(cryptvol attach --reconnect /dev/nbd1 "$EXP_ATT" --connect "$HOST:$ATT_PORT" 2>&1) ||
+        die "cryptvol attach --reconnect failed: $out" || return 1
+    echo "$out"
+    echo 3 > /proc/sys/vm/drop_caches
+    a=$(sha256sum < /tmp/att.blk | cut -d' ' -f1)
+    b=$(dd if=/dev/nbd1 bs=64k skip=100 count=16 2>/dev/null | sha256sum | cut -d' ' -f1)
+    [ "$a" = "$b" ] || die "data differs after --reconnect" || return 1
+    dmesg
+    r=$(dmesg | grep -c 'reconnected socket' || true)
+    [ "$r" -ge 1 ] || die "the kernel logged no reconnected socket" || return 1
+    ioerr=$(dmesg | grep -c -e 'I/O error' || true)
+    [ "$ioerr" = 0 ] || die "$ioerr I/O error line(s) in dmesg" || return 1
+    cryptvol detach /dev/nbd1 || return 1
+    detail "daemon restarted under an attached /dev/nbd1; cryptvol attach --reconnect handed over new connections ($r reconnected socket(s)), 1 MiB written before reads back equal, no I/O error"
+}
+
 phase3() {
     check attach-netlink-mkfs c_att_attach
     check attach-restart-upgrade-fio c_att_restart
     check attach-fsck-detach c_att_fsck
+    check attach-reconnect-by-hand c_att_reconnect
     check attach-tls-refused c_att_tls
 }
 
