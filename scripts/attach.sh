@@ -1,5 +1,7 @@
 #!/bin/sh
-# attach.sh: attach a cryptvol export as a kernel block device /dev/nbdN with nbd-client.
+# attach.sh: attach a cryptvol export as a kernel block device /dev/nbdN with
+# `cryptvol attach --watch` (netlink; reconnects after daemon restarts and upgrades), or
+# with nbd-client (--with nbd-client, or when cryptvol is not installed).
 # POSIX sh; works with bash, dash and busybox. See docs/attach.md.
 set -eu
 
@@ -29,12 +31,17 @@ Device options:
   --read-only          attach read-only
   --state-dir DIR      where the EXPORT -> device link is recorded
                        (default /run/cryptvol/attach)
+  --with TOOL          cryptvol (default when the cryptvol binary is found: it stays
+                       running and reconnects the device after a daemon restart) or
+                       nbd-client
   -h, --help           show this help
 
 Every option can also be set in the environment (the systemd unit reads them from
 /etc/cryptvol/attach/EXPORT.env): CRYPTVOL_SOCKET, CRYPTVOL_HOST, CRYPTVOL_PORT,
 CRYPTVOL_BLOCK_SIZE, CRYPTVOL_CONNECTIONS, CRYPTVOL_DEVICE, CRYPTVOL_TIMEOUT,
-CRYPTVOL_READ_ONLY (yes/no), CRYPTVOL_ATTACH_STATE_DIR. Options override the environment.
+CRYPTVOL_READ_ONLY (yes/no), CRYPTVOL_ATTACH_STATE_DIR, CRYPTVOL_ATTACH_WITH,
+CRYPTVOL_DEAD_CONN_TIMEOUT (cryptvol attach --dead-conn-timeout, default 60).
+Options override the environment.
 
 Detach with: detach.sh EXPORT (or detach.sh /dev/nbdN).
 EOF
@@ -86,6 +93,7 @@ truthy() {
 sysfs=${CRYPTVOL_SYSFS:-/sys}
 nbd_client=${CRYPTVOL_NBD_CLIENT:-nbd-client}
 modprobe=${CRYPTVOL_MODPROBE:-modprobe}
+cryptvol=${CRYPTVOL_BIN:-cryptvol}
 
 socket=${CRYPTVOL_SOCKET:-}
 host=${CRYPTVOL_HOST:-}
@@ -99,6 +107,9 @@ if truthy "${CRYPTVOL_READ_ONLY:-no}"; then read_only=yes; fi
 state_dir=${CRYPTVOL_ATTACH_STATE_DIR:-/run/cryptvol/attach}
 export_name=''
 have_export=no
+with=${CRYPTVOL_ATTACH_WITH:-}
+dead_conn_timeout=${CRYPTVOL_DEAD_CONN_TIMEOUT:-60}
+block_size_given=$block_size
 
 need_arg() {
     [ "$2" -ge 2 ] || usage_error "option $1 needs a value"
@@ -110,7 +121,8 @@ while [ $# -gt 0 ]; do
         --unix) need_arg "$1" $#; socket=$2; host=''; shift 2 ;;
         --host) need_arg "$1" $#; host=$2; socket=''; shift 2 ;;
         --port) need_arg "$1" $#; port=$2; shift 2 ;;
-        --block-size) need_arg "$1" $#; block_size=$2; shift 2 ;;
+        --block-size) need_arg "$1" $#; block_size=$2; block_size_given=$2; shift 2 ;;
+        --with) need_arg "$1" $#; with=$2; shift 2 ;;
         --connections) need_arg "$1" $#; connections=$2; shift 2 ;;
         --device) need_arg "$1" $#; device=$2; shift 2 ;;
         --timeout) need_arg "$1" $#; timeout=$2; shift 2 ;;
@@ -129,6 +141,20 @@ if [ $# -gt 0 ]; then
 fi
 [ "$have_export" = yes ] || usage_error "missing EXPORT (the export name, e.g. data)"
 [ -n "$export_name" ] || usage_error "EXPORT must not be empty"
+
+if [ -z "$with" ]; then
+    # The stand-in nbd-client of the tests (CRYPTVOL_NBD_CLIENT) keeps the nbd-client path.
+    if [ -z "${CRYPTVOL_NBD_CLIENT:-}" ] && command -v "$cryptvol" >/dev/null 2>&1; then
+        with=cryptvol
+    else
+        with=nbd-client
+    fi
+fi
+case "$with" in
+    cryptvol | nbd-client) ;;
+    *) usage_error "invalid --with $with: cryptvol or nbd-client" ;;
+esac
+is_uint "$dead_conn_timeout" || usage_error "invalid CRYPTVOL_DEAD_CONN_TIMEOUT $dead_conn_timeout"
 
 if [ -n "$host" ]; then socket=''; elif [ -z "$socket" ]; then socket=/run/cryptvol/nbd.sock; fi
 if ! { is_uint "$port" && [ "$port" -ge 1 ] && [ "$port" -le 65535 ]; }; then
@@ -280,6 +306,35 @@ else
 fi
 
 # 5. Connect.
+if [ "$with" = cryptvol ]; then
+    if [ -n "$socket" ]; then connect="unix:$socket"; else
+        case "$host" in *:*) connect="[$host]:$port" ;; *) connect="$host:$port" ;; esac
+    fi
+    set -- attach "$export_name" --connect "$connect" --device "$device" --watch \
+        --dead-conn-timeout "$dead_conn_timeout"
+    [ -z "$connections" ] || set -- "$@" --connections "$connections"
+    [ -z "$timeout" ] || set -- "$@" --timeout "$timeout"
+    [ -z "$block_size_given" ] || set -- "$@" --block-size "$block_size_given"
+    [ "$read_only" = no ] || set -- "$@" --read-only
+    # It stays running (--watch): reconnects the device after a daemon restart, exits
+    # when the device is detached.
+    watch_log="$link.log"
+    "$cryptvol" "$@" > /dev/null 2> "$watch_log" < /dev/null &
+    watcher=$!
+    tries=0
+    while [ "$(dev_size "$name")" = 0 ]; do
+        if ! kill -0 "$watcher" 2>/dev/null; then
+            die "cryptvol attach failed to attach \"$export_name\" to $device:
+$(tail -n 5 "$watch_log")"
+        fi
+        tries=$((tries + 1))
+        [ "$tries" -le 300 ] || die "$device did not come up within 30 s (see $watch_log)"
+        sleep 0.1 2>/dev/null || sleep 1
+    done
+    ln -sfn "$device" "$link"
+    printf '%s\n' "$device"
+    exit 0
+fi
 set -- "$@" "$device" -N "$export_name" -b "$block_size"
 [ -z "$connections" ] || set -- "$@" -C "$connections"
 [ -z "$timeout" ] || set -- "$@" -t "$timeout"

@@ -52,6 +52,7 @@ urlencode() {
 # Test hooks (not for normal use): another sysfs root and nbd-client.
 sysfs=${CRYPTVOL_SYSFS:-/sys}
 nbd_client=${CRYPTVOL_NBD_CLIENT:-nbd-client}
+cryptvol=${CRYPTVOL_BIN:-cryptvol}
 
 state_dir=${CRYPTVOL_ATTACH_STATE_DIR:-/run/cryptvol/attach}
 wait_s=30
@@ -125,7 +126,14 @@ if [ "$(dev_size "$name")" = 0 ] && [ ! -e "$sysfs/block/$name/pid" ]; then
     exit 0
 fi
 
-if ! out=$("$nbd_client" -d "$device" 2>&1); then
+# `cryptvol detach` (netlink) when cryptvol is installed, else nbd-client -d; a device
+# attached with `cryptvol attach --watch` ends its watcher this way too.
+if [ -z "${CRYPTVOL_NBD_CLIENT:-}" ] && command -v "$cryptvol" >/dev/null 2>&1; then
+    if ! out=$("$cryptvol" detach "$device" 2>&1); then
+        die "cryptvol detach $device failed:
+$out"
+    fi
+elif ! out=$("$nbd_client" -d "$device" 2>&1); then
     die "nbd-client -d $device failed:
 $out"
 fi

@@ -22,6 +22,13 @@
 #   boot 2  re-attach after the restart (e2fsck, checksums), restart the server again
 #           while a device is attached and idle (the guest asks over the console and
 #           waits on a control port), re-attach; the read-only export refuses writes.
+#   boot 3  (cryptvol only) `cryptvol attach --watch` in the guest (netlink, 2 connections)
+#           to an export of a socket-activated daemon: scripts/kernel/socket-holder.py keeps
+#           the listening socket and runs `cryptvol serve` with LISTEN_FDS/LISTEN_PID, as
+#           systemd does. mkfs+mount, then a fio verify job (80 s) during which the guest asks
+#           the host to restart the daemon and later to upgrade it (another binary file);
+#           zero I/O errors, fio verify ok, e2fsck -fn clean, `cryptvol detach`; how long
+#           I/O waited is in the check's detail. A TLS-only server is refused clearly.
 #
 # Every check prints `KT-RESULT <name> PASS|FAIL <detail>`; the run passes only when every
 # expected check is present and PASS. Ends with `kernel-test: N passed, M failed`.
@@ -70,6 +77,7 @@ KT_GPORT_RW=10809   # the read-write server under test
 KT_GPORT_RO=10810   # boot 1: read-write server of the ro volume; boot 2: --read-only server
 KT_GPORT_CTL=10900  # control answers to the guest (cat of a file, per connection)
 KT_GPORT_TLS=10811  # a --tls require server with client certificates (both boots)
+KT_GPORT_ATT=10812  # boot 3: the socket-activated daemon behind socket-holder.py
 KT_TLS_HOSTNAME=cryptvol-kt  # the name in the server certificate the guest checks
 
 # Written into a file by the guest in boot 1; must not appear in the volume file at rest.
@@ -288,6 +296,12 @@ kt_build_initramfs() {
     # break-glass: the guest maps a volume file with device-mapper (dm-crypt table line).
     kt_stage_bin "$(command -v dmsetup || echo /sbin/dmsetup)" /usr/sbin/dmsetup "$stage"
     [ -r /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$stage/etc/"
+    # boot 3 runs `cryptvol attach` in the guest (a stripped copy: the guest has 1 GiB).
+    if [ "$KT_SERVER" = cryptvol ]; then
+        strip -o "$KT_WORK/cryptvol-guest" "$CRYPTVOL_BIN" || die "strip $CRYPTVOL_BIN failed"
+        kt_stage_bin "$KT_WORK/cryptvol-guest" /usr/bin/cryptvol "$stage"
+        rm -f "$KT_WORK/cryptvol-guest"
+    fi
     # The guest's TLS client credentials (nbd-client links GnuTLS; kt_stage_bin copied it).
     mkdir -p "$stage/kt/tls"
     cp "$KT_WORK"/pki/client/*.pem "$stage/kt/tls/"
@@ -324,6 +338,8 @@ RO_PORT=$KT_GPORT_RO
 CTL_PORT=$KT_GPORT_CTL
 TLS_PORT=$KT_GPORT_TLS
 TLS_HOSTNAME=$KT_TLS_HOSTNAME
+ATT_PORT=$KT_GPORT_ATT
+EXP_ATT=att
 EXP_TLS=tls
 EXP_FS=fs
 EXP_RAW=raw
@@ -558,6 +574,68 @@ kt_check_tls_log() {
     fi
 }
 
+# ------------------------------------------------------------------ socket activation
+
+KT_ATT_PORT=
+KT_ATT_HOLDER_PID=
+KT_ATT_UPGRADE_BIN=
+
+# kt_holder_start PORT NAME=FILE: scripts/kernel/socket-holder.py keeps 127.0.0.1:PORT
+# listening (as systemd does with cryptvol.socket) and runs `cryptvol serve` on it with
+# LISTEN_FDS/LISTEN_PID; restarts go through its FIFO.
+kt_holder_start() {
+    local port=$1 vol=$2
+    mkfifo "$KT_WORK/holder.fifo"
+    : > "$KT_WORK/holder.status"
+    KT_ATT_UPGRADE_BIN=$KT_WORK/upgrade/cryptvol
+    mkdir -p "$KT_WORK/upgrade"
+    cp "$CRYPTVOL_BIN" "$KT_ATT_UPGRADE_BIN"
+    NO_COLOR=1 python3 "$KT_HELPERS/socket-holder.py" "$port" "$KT_WORK/holder.fifo" "$KT_WORK/holder.status" \
+        "$CRYPTVOL_BIN" serve --allow-anyone --discard --unix "$KT_WORK/att-nbd.sock" \
+        --keystore "$KT_WORK/keystore" "$vol" >> "$KT_WORK/server-att.log" 2>&1 < /dev/null &
+    KT_ATT_HOLDER_PID=$!
+    KT_ATT_PORT=$port
+    local t0
+    t0=$(now)
+    until kt_listening "$port" && grep -q '^started' "$KT_WORK/holder.status"; do
+        kill -0 "$KT_ATT_HOLDER_PID" 2>/dev/null || { tail -n 20 "$KT_WORK/server-att.log" >&2; die "socket holder exited"; }
+        [ "$(elapsed "$t0" | cut -d. -f1)" -lt 30 ] || die "socket holder not listening after 30 s"
+        sleep 0.05
+    done
+}
+
+# kt_holder_restart TOKEN RESULT BIN: SIGTERM the daemon, start BIN on the same socket;
+# records RESULT and answers the guest with "done TOKEN".
+kt_holder_restart() {
+    local token=$1 name=$2 bin=$3 n t0 line
+    n=$(grep -c '^restarted' "$KT_WORK/holder.status" || true)
+    t0=$(now)
+    echo "restart $bin" > "$KT_WORK/holder.fifo"
+    until [ "$(grep -c '^restarted' "$KT_WORK/holder.status" || true)" -gt "$n" ]; do
+        if [ "$(elapsed "$t0" | cut -d. -f1)" -ge 60 ]; then
+            kt_result "$name" FAIL "the socket holder did not restart the daemon within 60 s"
+            echo "done $token" > "$KT_WORK/ctl"
+            return 0
+        fi
+        sleep 0.05
+    done
+    line=$(grep '^restarted' "$KT_WORK/holder.status" | tail -n 1)
+    case "$line" in
+        *stop_status=0*) kt_result "$name" PASS "SIGTERM: daemon exited 0, new daemon started on the held socket ($line; $(elapsed "$t0")s)" ;;
+        *) kt_result "$name" FAIL "daemon did not exit 0 on SIGTERM: $line" ;;
+    esac
+    echo "done $token" > "$KT_WORK/ctl"
+}
+
+kt_holder_stop() {
+    [ -n "$KT_ATT_HOLDER_PID" ] || return 0
+    echo stop > "$KT_WORK/holder.fifo"
+    wait "$KT_ATT_HOLDER_PID" 2>/dev/null || true
+    KT_ATT_HOLDER_PID=
+    KT_ATT_PORT=
+    rm -f "$KT_ATT_UPGRADE_BIN"
+}
+
 # ------------------------------------------------------------------ boots
 
 # kt_boot N RO_HOST_PORT [EXTRA_CPIO]: boots the guest in phase N, follows its console,
@@ -575,6 +653,7 @@ kt_boot() {
     net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_RO-cmd:$fwd $flog $KT_GPORT_RO $roport"
     net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_TLS-cmd:$fwd $flog $KT_GPORT_TLS ${KT_SERVER_PORT[tls]}"
     net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_CTL-cmd:cat $KT_WORK/ctl"
+    [ -n "$KT_ATT_PORT" ] && net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_ATT-cmd:$fwd $flog $KT_GPORT_ATT $KT_ATT_PORT"
 
     local t0
     t0=$(now)
@@ -612,6 +691,18 @@ kt_boot() {
                         kt_server_restart rw server-attached
                         echo "done restart-rw" > "$KT_WORK/ctl"
                         ;;
+                    KT-REQ\ restart-att)
+                        log "guest asks: restart the socket-activated daemon (same binary)"
+                        kt_holder_restart restart-att att-daemon-restart "$CRYPTVOL_BIN"
+                        ;;
+                    KT-REQ\ restart-att-manual)
+                        log "guest asks: restart the socket-activated daemon (for attach --reconnect)"
+                        kt_holder_restart restart-att-manual att-daemon-restart-manual "$CRYPTVOL_BIN"
+                        ;;
+                    KT-REQ\ upgrade-att)
+                        log "guest asks: upgrade the socket-activated daemon (another binary file)"
+                        kt_holder_restart upgrade-att att-daemon-upgrade "$KT_ATT_UPGRADE_BIN"
+                        ;;
                     KT-REQ\ *) log "unknown guest request: $line" ;;
                 esac
             done < <(tr -d '\r' < "$con" | sed -n "$((done_lines + 1)),${n}p")
@@ -644,6 +735,10 @@ kt_cleanup() {
         wait "$KT_QEMU_PID" 2>/dev/null
     fi
     kt_cleanup_servers
+    if [ -n "$KT_ATT_HOLDER_PID" ]; then
+        kill -TERM "$KT_ATT_HOLDER_PID" 2>/dev/null
+        pkill -TERM -P "$KT_ATT_HOLDER_PID" 2>/dev/null
+    fi
     if [ -n "$KT_WORK" ] && [ -d "$KT_WORK" ]; then
         if [ -n "${KT_LOG_DIR:-}" ]; then
             mkdir -p "$KT_LOG_DIR" && cp "$KT_WORK"/*.log "$KT_WORK"/results "$KT_LOG_DIR"/ 2>/dev/null
@@ -747,6 +842,17 @@ kt_main() {
     # ---- boot 2
     kt_boot 2 "$ro_port" "$KT_WORK/extra.cpio"
 
+    # ---- boot 3 (cryptvol only): cryptvol attach in the guest, the daemon behind a held
+    # socket restarted and upgraded under fio on the mounted filesystem.
+    if [ "$KT_SERVER" = cryptvol ]; then
+        kt_volume_create "$vdir/att.vol" 256M 4096
+        kt_holder_start "$(kt_free_port "$rw_port" "$prep_port" "$ro_port" "$tls_port")" att="$vdir/att.vol"
+        kt_boot 3 "$ro_port"
+        kt_holder_stop
+        grep -q '^stopped stop_status=0' "$KT_WORK/holder.status" ||
+            kt_result att-final-sigterm FAIL "$(tail -n 1 "$KT_WORK/holder.status")"
+    fi
+
     kt_server_stop rw || kt_result server-final-sigterm FAIL "status $KT_STOP_STATUS after ${KT_STOP_SECS}s"
     kt_server_stop ro || kt_result ro-server-sigterm FAIL "status $KT_STOP_STATUS after ${KT_STOP_SECS}s"
     kt_server_stop tls || kt_result tls-server-sigterm FAIL "status $KT_STOP_STATUS after ${KT_STOP_SECS}s"
@@ -760,6 +866,11 @@ kt_main() {
         boot2-setup restart-data-intact server-attached-sigterm server-attached-restart
         restart-while-attached ro-export-refuses-writes boot2-completed
         breakglass-prepare breakglass-dek breakglass-dm-crypt-mount
+    )
+    [ "$KT_SERVER" = cryptvol ] && expected+=(
+        boot3-setup attach-netlink-mkfs att-daemon-restart att-daemon-upgrade
+        attach-restart-upgrade-fio attach-fsck-detach att-daemon-restart-manual
+        attach-reconnect-by-hand attach-tls-refused boot3-completed
     )
     local pass=0 fail=0 name line st
     echo

@@ -11,6 +11,7 @@
 //! - [`ops`]: the commands' logic composed from the layers above (create, unlock, info,
 //!   keyslots and rekey, snapshots and restore, the data key of a re-encryption).
 //! - [`nbdclient`]: a small blocking NBD client (socket I/O over the [`nbd`] codec).
+//! - [`attach`]: `cryptvol attach`, the kernel's nbd device over netlink (reconnect, watch).
 //! - [`migrate`]: `import` (unencrypted disk → new volume, resumable) and `export`.
 //! - [`progress`]: progress bars / periodic log lines for long operations.
 //! - [`compliance`]: `cryptvol check`, the compliance scanner (headers and key metadata only).
@@ -22,6 +23,7 @@
 //!   settings, signals, listeners, control hooks).
 #![forbid(unsafe_op_in_unsafe_fn)]
 
+pub mod attach;
 pub mod blockdev;
 pub mod cli;
 pub mod compliance;

@@ -419,6 +419,132 @@ phase2() {
     check breakglass-dm-crypt-mount c_bg_dm
 }
 
+# ---------------------------------------------------------------- phase 3: cryptvol attach
+
+# The export on the socket-activated daemon (the host's socket-holder.py keeps the
+# listening socket; the daemon behind it is restarted and upgraded on request).
+ATT_DEV=/dev/nbd0
+ATT_LOG=/tmp/att-watch.log
+
+c_att_attach() {
+    echo "+ cryptvol attach $EXP_ATT --connect $HOST:$ATT_PORT --device $ATT_DEV --connections 2 --dead-conn-timeout 60 --timeout 10 --watch"
+    cryptvol attach "$EXP_ATT" --connect "$HOST:$ATT_PORT" --device "$ATT_DEV" --connections 2 \
+        --dead-conn-timeout 60 --timeout 10 --watch > /tmp/att-watch.out 2> "$ATT_LOG" &
+    echo $! > /tmp/att-watch.pid
+    i=0
+    while [ "$(cat /sys/block/nbd0/size 2>/dev/null || echo 0)" = 0 ]; do
+        i=$((i + 1))
+        [ $i -gt 600 ] && { cat "$ATT_LOG"; die "nbd0 not configured 60 s after cryptvol attach" || return 1; }
+        kill -0 "$(cat /tmp/att-watch.pid)" 2>/dev/null || { cat "$ATT_LOG"; die "cryptvol attach exited: $(tail -n 1 "$ATT_LOG")" || return 1; }
+        sleep 0.1
+    done
+    sleep 1
+    cat "$ATT_LOG"
+    out=$(cat /tmp/att-watch.out)
+    [ "$out" = "$ATT_DEV" ] || die "cryptvol attach printed '$out', want $ATT_DEV" || return 1
+    l=$(lbs "$ATT_DEV")
+    [ "$l" = 4096 ] || die "logical block size $l, want 4096 (the export's preferred size)" || return 1
+    c=$(conns_to "$ATT_PORT")
+    [ "$c" -ge 2 ] || die "expected 2 connections, found $c" || return 1
+    mkfs.ext4 -F -q -b 4096 -L ktatt "$ATT_DEV" || die "mkfs.ext4 failed" || return 1
+    mount -t ext4 "$ATT_DEV" /mnt/a || die "mount failed" || return 1
+    detail "cryptvol attach --connections 2 --watch: $ATT_DEV $(blockdev --getsize64 $ATT_DEV) bytes, lbs $l, $c TCP connections, flags $(printf 0x%x "$(srv_flags $ATT_DEV)"), mkfs.ext4+mount ok"
+}
+
+c_att_restart() {
+    grep -q ' /mnt/a ' /proc/mounts || die "fs not mounted" || return 1
+    dmesg -c > /dev/null
+    echo "+ fio attverify (time_based 80 s, verify_backlog) in the background"
+    fio --name=attverify --directory=/mnt/a --filename=fio.dat --size=32M --rw=randwrite \
+        --bsrange=4k-64k --iodepth=8 --ioengine=libaio --direct=1 --verify=crc32c --do_verify=1 \
+        --verify_fatal=1 --verify_backlog=512 --time_based --runtime=80 > /tmp/att-fio.log 2>&1 &
+    fpid=$!
+    sleep 20
+    kill -0 $fpid 2>/dev/null || { cat /tmp/att-fio.log; die "fio ended before the restart" || return 1; }
+    ctl_wait restart-att || return 1
+    sleep 20
+    ctl_wait upgrade-att || return 1
+    st=0
+    wait $fpid || st=$?
+    cat /tmp/att-fio.log
+    echo "--- watch log"
+    cat "$ATT_LOG"
+    echo "--- dmesg"
+    dmesg
+    [ "$st" = 0 ] || die "fio failed (status $st)" || return 1
+    grep -q 'err= 0' /tmp/att-fio.log || die "fio reported errors" || return 1
+    ioerr=$(dmesg | grep -c -e 'I/O error' -e 'EXT4-fs error' -e 'Buffer I/O' || true)
+    [ "$ioerr" = 0 ] || die "$ioerr I/O error line(s) in dmesg" || return 1
+    waits=$(grep -o 'reconnected after [0-9.]* s' "$ATT_LOG" | sed 's/reconnected after //; s/ s$/s/' | tr '\n' ' ')
+    nrec=$(grep -c 'reconnected after' "$ATT_LOG" || true)
+    [ "$nrec" -ge 2 ] || die "the watcher reconnected $nrec time(s), want at least 2 (restart and upgrade)" || return 1
+    clat=$(grep -o 'clat ([mun]sec): min=[^,]*, max=[^,]*' /tmp/att-fio.log | sed 's/.*(\(.*\)): .*max=\(.*\)/\2 \1/' | head -n 1)
+    hits=$(dmesg | grep -c 'reconnected socket' || true)
+    detail "fio randwrite 80 s verify=crc32c on ext4 over cryptvol attach: restart + upgrade of the daemon, fio ok (err=0), 0 I/O errors in dmesg; I/O waited (LINK_DEAD to reconnect): ${waits}; fio max completion latency $clat (requests the stopping daemon had not read wait for --timeout 10, then are resent); $hits socket(s) reconnected"
+}
+
+c_att_fsck() {
+    umount /mnt/a || die "umount failed" || return 1
+    e2fsck -fn "$ATT_DEV" || die "e2fsck -fn reports problems (status $?)" || return 1
+    cryptvol detach "$ATT_DEV" || die "cryptvol detach failed" || return 1
+    i=0
+    while [ "$(cat /sys/block/nbd0/size)" != 0 ]; do
+        i=$((i + 1)); [ $i -gt 100 ] && { die "nbd0 still has a size after cryptvol detach" || return 1; }
+        sleep 0.1
+    done
+    i=0
+    while kill -0 "$(cat /tmp/att-watch.pid)" 2>/dev/null; do
+        i=$((i + 1)); [ $i -gt 150 ] && { die "the watcher did not exit after the detach" || return 1; }
+        sleep 0.1
+    done
+    detail "umount, e2fsck -fn clean, cryptvol detach: size 0, the --watch process exited"
+}
+
+c_att_tls() {
+    if out=$(timeout "$ATTACH_TIMEOUT" cryptvol attach "$EXP_TLS" --connect "$HOST:$TLS_PORT" --device /dev/nbd7 2>&1); then
+        cryptvol detach /dev/nbd7
+        die "cryptvol attach to the TLS-only server succeeded" || return 1
+    fi
+    echo "$out"
+    echo "$out" | grep -q 'TLS cannot be handed to the kernel' || die "no clear TLS refusal: $out" || return 1
+    [ "$(cat /sys/block/nbd7/size)" = 0 ] || die "nbd7 has a size" || return 1
+    detail "refused: $(echo "$out" | cut -c1-120)..."
+}
+
+# cryptvol attach --reconnect by hand (no --watch): the daemon restarts while the device
+# is attached; new connections are handed over and the data reads back.
+c_att_reconnect() {
+    cryptvol attach "$EXP_ATT" --connect "$HOST:$ATT_PORT" --device /dev/nbd1 --dead-conn-timeout 60 ||
+        die "cryptvol attach on nbd1 failed" || return 1
+    dd if=/dev/urandom of=/tmp/att.blk bs=64k count=16 2>/dev/null || return 1
+    dd if=/tmp/att.blk of=/dev/nbd1 bs=64k seek=100 oflag=direct conv=fsync 2>/dev/null || die "write failed" || return 1
+    dmesg -c > /dev/null
+    ctl_wait restart-att-manual || return 1
+    sleep 1
+    out=$(cryptvol attach --reconnect /dev/nbd1 "$EXP_ATT" --connect "$HOST:$ATT_PORT" 2>&1) ||
+        die "cryptvol attach --reconnect failed: $out" || return 1
+    echo "$out"
+    echo 3 > /proc/sys/vm/drop_caches
+    a=$(sha256sum < /tmp/att.blk | cut -d' ' -f1)
+    b=$(dd if=/dev/nbd1 bs=64k skip=100 count=16 2>/dev/null | sha256sum | cut -d' ' -f1)
+    [ "$a" = "$b" ] || die "data differs after --reconnect" || return 1
+    dmesg
+    r=$(dmesg | grep -c 'reconnected socket' || true)
+    [ "$r" -ge 1 ] || die "the kernel logged no reconnected socket" || return 1
+    ioerr=$(dmesg | grep -c -e 'I/O error' || true)
+    [ "$ioerr" = 0 ] || die "$ioerr I/O error line(s) in dmesg" || return 1
+    cryptvol detach /dev/nbd1 || return 1
+    detail "daemon restarted under an attached /dev/nbd1; cryptvol attach --reconnect handed over new connections ($r reconnected socket(s)), 1 MiB written before reads back equal, no I/O error"
+}
+
+phase3() {
+    check attach-netlink-mkfs c_att_attach
+    check attach-restart-upgrade-fio c_att_restart
+    check attach-fsck-detach c_att_fsck
+    check attach-reconnect-by-hand c_att_reconnect
+    check attach-tls-refused c_att_tls
+}
+
 # ---------------------------------------------------------------- main
 
 setup() {
@@ -443,6 +569,7 @@ check "boot$PHASE-setup" setup
 case "$PHASE" in
     1) phase1 ;;
     2) phase2 ;;
+    3) phase3 ;;
     *) result "boot-phase" FAIL "unknown phase '$PHASE'" ;;
 esac
 if [ "$FAILED" -gt 0 ]; then

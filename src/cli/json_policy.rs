@@ -31,6 +31,8 @@ pub const JSON_COMMANDS: &[&str] = &[
     "export",
     "reencrypt",
     "status",
+    "exports list",
+    "break-glass",
 ];
 
 /// Commands that print no listing or record (a daemon, or a one-line confirmation of a
@@ -38,6 +40,22 @@ pub const JSON_COMMANDS: &[&str] = &[
 pub const NO_JSON_COMMANDS: &[(&str, &str)] = &[
     ("serve", "a daemon; `status --json` reports on it"),
     ("demo", "a daemon for trying cryptvol out"),
+    (
+        "exports add",
+        "confirmation; `exports list --json` shows the result",
+    ),
+    (
+        "exports remove",
+        "confirmation; `exports list --json` shows the result",
+    ),
+    ("resize", "confirmation; `info --json` shows the new size"),
+    (
+        "attach",
+        "prints the device name; `nbd-client -c` / sysfs show its state",
+    ),
+    ("detach", "confirmation"),
+    ("completions", "prints a shell script"),
+    ("man", "writes man pages into a directory"),
     (
         "key alias add",
         "confirmation; `key describe --json` shows the result",

@@ -4,6 +4,7 @@
 //! argument groups shared by several commands are in [`args`].
 
 mod args;
+mod attach;
 mod break_glass;
 mod check;
 mod control;
@@ -137,6 +138,12 @@ enum Command {
     /// Add, remove and list the exports of a running daemon without restarting it.
     #[command(subcommand)]
     Exports(exports::ExportsCommand),
+    /// Attach an export to a kernel nbd device (/dev/nbdN) over the kernel's netlink
+    /// interface; reconnect it after a daemon restart (--reconnect, or stay resident with
+    /// --watch), pick up a new size (--refresh-size), or detach it (--detach).
+    Attach(attach::AttachArgs),
+    /// Disconnect a kernel nbd device attached with `cryptvol attach` (or nbd-client).
+    Detach(attach::DetachArgs),
 }
 
 /// Entry point of the binary.
@@ -219,5 +226,7 @@ async fn run(cli: Cli, activated: Result<Vec<ActivatedSocket>, ServerError>) -> 
         Command::BreakGlass(a) => break_glass::break_glass(a).await,
         Command::Resize(a) => resize::resize(a).await,
         Command::Exports(c) => exports::exports(c).await,
+        Command::Attach(a) => attach::attach(a).await,
+        Command::Detach(a) => attach::detach(a).await,
     }
 }

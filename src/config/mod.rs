@@ -33,8 +33,8 @@
 //! `diff` (what a reload on SIGHUP changes, and the export of an `export-add` request).
 
 mod access;
-mod diff;
 mod common;
+mod diff;
 mod exports;
 mod file;
 mod limits;
@@ -44,8 +44,8 @@ mod resolve;
 mod settings;
 mod tls;
 
-pub use diff::{diff_exports, same_export, spec_from_add, ExportDiff};
 pub use common::{config_path, load_common, CommonSettings, CONFIG_ENV};
+pub use diff::{diff_exports, same_export, spec_from_add, ExportDiff};
 pub use exports::parse_volume_arg;
 pub use file::{load, parse, ConfigFile, ExportSection, KeysSection, ListenSection, TlsSection};
 pub use listen::{default_unix_socket, parse_mode, parse_tcp};

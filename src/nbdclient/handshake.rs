@@ -133,6 +133,7 @@ impl Handshake {
         let message = server_message(payload);
         let (server, export) = (self.server.clone(), self.export.clone());
         let reason = match reply_type {
+            REP_ERR_TLS_REQD => return NbdClientError::TlsRequired { server, export },
             REP_ERR_UNKNOWN => {
                 return NbdClientError::NoSuchExport {
                     server,
@@ -141,7 +142,6 @@ impl Handshake {
                 }
             }
             REP_ERR_POLICY => "denied by the server's policy",
-            REP_ERR_TLS_REQD => "the server requires TLS, which cryptvol does not speak",
             REP_ERR_SHUTDOWN => "the server is shutting down",
             REP_ERR_PLATFORM => "not supported on the server's platform",
             REP_ERR_INVALID => "the server called the request invalid",

@@ -62,6 +62,8 @@ pub enum NbdClientError {
         reason: String,
         message: String,
     },
+    #[error("the NBD server {server} requires TLS for export {export:?}, which this client does not speak (NBD_REP_ERR_TLS_REQD)")]
+    TlsRequired { server: String, export: String },
     #[error("NBD server {server}: {op} of {len} bytes at offset {offset} failed: {error}")]
     Request {
         server: String,
@@ -107,6 +109,22 @@ impl Stream {
             }
         };
         Ok(s)
+    }
+
+    /// The socket, in blocking mode with no timeouts (for a new owner such as the kernel).
+    fn into_fd(self) -> io::Result<std::os::fd::OwnedFd> {
+        Ok(match self {
+            Stream::Tcp(s) => {
+                s.set_read_timeout(None)?;
+                s.set_write_timeout(None)?;
+                s.into()
+            }
+            Stream::Unix(s) => {
+                s.set_read_timeout(None)?;
+                s.set_write_timeout(None)?;
+                s.into()
+            }
+        })
     }
 
     fn shutdown(&self) {
@@ -286,6 +304,28 @@ impl NbdClient {
         self.reply(cookie, "FLUSH", 0, 0)
     }
 
+    /// Ends this client without `NBD_CMD_DISC` and returns its socket, in the transmission
+    /// phase and with no timeouts, for another user of the connection (the kernel's nbd
+    /// driver, `cryptvol attach`). Fails for a connection already out of sync.
+    pub fn into_socket(mut self) -> Result<std::os::fd::OwnedFd, NbdClientError> {
+        if !self.healthy {
+            return Err(NbdClientError::Protocol {
+                server: self.server.clone(),
+                detail: "the connection is out of sync after an earlier error".into(),
+            });
+        }
+        self.healthy = false; // Drop must not send NBD_CMD_DISC nor shut the socket down
+        let placeholder = Stream::Unix(
+            UnixStream::pair()
+                .map_err(|e| self.io("handing the socket over", e))?
+                .0,
+        );
+        let stream = std::mem::replace(&mut self.stream, placeholder);
+        stream
+            .into_fd()
+            .map_err(|e| self.io("clearing the socket's timeouts", e))
+    }
+
     /// Sends `NBD_CMD_DISC` and closes the connection.
     pub fn disconnect(mut self) {
         self.close();
@@ -430,6 +470,27 @@ mod tests {
     /// one failed and one successful READ, then DISC.
     fn fake_server(listener: std::os::unix::net::UnixListener) {
         let (mut c, _) = listener.accept().unwrap();
+        fake_handshake(&mut c);
+        for error in [EIO, 0] {
+            let mut req = [0u8; 28];
+            c.read_exact(&mut req).unwrap();
+            let cookie: [u8; 8] = req[8..16].try_into().unwrap();
+            let mut reply = Vec::new();
+            reply.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+            reply.extend_from_slice(&error.to_be_bytes());
+            reply.extend_from_slice(&cookie);
+            if error == 0 {
+                reply.extend_from_slice(&[7u8; 512]);
+            }
+            c.write_all(&reply).unwrap();
+        }
+        let mut disc = [0u8; 28];
+        c.read_exact(&mut disc).unwrap();
+        assert_eq!(u16::from_be_bytes([disc[6], disc[7]]), CMD_DISC);
+    }
+
+    /// The handshake of [`fake_server`]: GO refused, EXPORT_NAME "e" of 8192 bytes.
+    fn fake_handshake(c: &mut UnixStream) {
         let mut g = Vec::new();
         g.extend_from_slice(&NBDMAGIC.to_be_bytes());
         g.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -465,22 +526,46 @@ mod tests {
         info.extend_from_slice(&(FLAG_HAS_FLAGS | FLAG_READ_ONLY).to_be_bytes());
         info.extend_from_slice(&[0u8; handshake::EXPORT_NAME_PADDING]);
         c.write_all(&info).unwrap();
-        for error in [EIO, 0] {
+    }
+
+    #[test]
+    fn into_socket_hands_over_the_transmission_phase() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            fake_handshake(&mut c);
+            // The next bytes are the new owner's request, not NBD_CMD_DISC; then EOF.
             let mut req = [0u8; 28];
             c.read_exact(&mut req).unwrap();
-            let cookie: [u8; 8] = req[8..16].try_into().unwrap();
-            let mut reply = Vec::new();
-            reply.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-            reply.extend_from_slice(&error.to_be_bytes());
-            reply.extend_from_slice(&cookie);
-            if error == 0 {
-                reply.extend_from_slice(&[7u8; 512]);
-            }
-            c.write_all(&reply).unwrap();
-        }
-        let mut disc = [0u8; 28];
-        c.read_exact(&mut disc).unwrap();
-        assert_eq!(u16::from_be_bytes([disc[6], disc[7]]), CMD_DISC);
+            let mut rest = Vec::new();
+            c.read_to_end(&mut rest).unwrap();
+            (req, rest)
+        });
+        let uri = NbdUri {
+            addr: NbdAddr::Unix(sock),
+            export: "e".into(),
+        };
+        let fd = NbdClient::connect(&uri).unwrap().into_socket().unwrap();
+        let mut s = UnixStream::from(fd);
+        assert_eq!(
+            s.read_timeout().unwrap(),
+            None,
+            "no timeout left for the new owner"
+        );
+        let read = encode_request(&Request {
+            flags: 0,
+            command: Command::Read,
+            cookie: 42,
+            offset: 4096,
+            len: 512,
+        });
+        s.write_all(&read).unwrap();
+        drop(s);
+        let (req, rest) = server.join().unwrap();
+        assert_eq!(req, read);
+        assert!(rest.is_empty(), "nothing after the request: {rest:?}");
     }
 
     #[test]
