@@ -27,6 +27,10 @@ have cpio          || need+=(cpio)
 have depmod        || need+=(kmod)
 [ -x /bin/busybox ] || need+=(busybox-static)
 have systemd-analyze || need+=(systemd)
+# tests/systemd_real.rs boots a real systemd in a container (scripts/systemd-test.sh).
+have systemd-nspawn || need+=(systemd-container)
+# The break-glass check of the kernel VM test maps a volume with dmsetup (dm-crypt).
+have dmsetup       || need+=(dmsetup)
 
 apt_updated=0
 apt_update() {

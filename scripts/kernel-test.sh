@@ -125,6 +125,7 @@ kt_ensure_deps() {
     have_cmd depmod && have_cmd modprobe || need+=(kmod)
     have_cmd flock || need+=(util-linux)
     have_cmd openssl || need+=(openssl)
+    have_cmd dmsetup || need+=(dmsetup)
     if [ "$KT_SERVER" = nbdkit ]; then have_cmd nbdkit || need+=(nbdkit); fi
     local qemu_missing=0
     have_cmd qemu-system-x86_64 || qemu_missing=1
