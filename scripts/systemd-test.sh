@@ -52,26 +52,44 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The container's PID 1 is nspawn's child.
+# The container's PID 1 is the child of nspawn that runs systemd. nspawn forks helper
+# processes while it sets the container up, so the first child seen may be a helper
+# that is gone a moment later: look for the one whose command is systemd, every time.
 leader=
-for _ in $(seq 1 300); do
-    leader=$(pgrep -P "$nspawn" | head -n1 || true)
-    [ -n "$leader" ] && break
-    kill -0 "$nspawn" 2>/dev/null || { cat "$log" >&2; die "systemd-nspawn exited"; }
-    sleep 0.1
-done
-[ -n "$leader" ] || die "the container did not start"
+find_leader() {
+    local p
+    for p in $(pgrep -P "$nspawn" || true); do
+        case $(cat "/proc/$p/comm" 2>/dev/null) in
+            systemd | init)
+                echo "$p"
+                return 0
+                ;;
+        esac
+    done
+    return 1
+}
 ct() { nsenter -t "$leader" -m -u -i -n -p -C -- "$@"; }
 
 # Wait until systemd inside has finished booting (running, or degraded: some host
-# services may not start in a container; they do not matter here).
+# services may not start in a container; they do not matter here). The bound is for a
+# busy CI machine; a quiet one boots in a few seconds.
 state=
-for _ in $(seq 1 600); do
-    state=$(ct systemctl is-system-running 2>/dev/null || true)
-    case $state in running|degraded) break ;; esac
+for _ in $(seq 1 1200); do
+    kill -0 "$nspawn" 2>/dev/null || { cat "$log" >&2; die "systemd-nspawn exited"; }
+    if leader=$(find_leader); then
+        state=$(ct systemctl is-system-running 2>/dev/null || true)
+        case $state in running|degraded) break ;; esac
+    fi
     sleep 0.2
 done
-case $state in running|degraded) ;; *) cat "$log" >&2; die "systemd did not boot (state: ${state:-none})" ;; esac
+case $state in
+    running|degraded) ;;
+    *)
+        cat "$log" >&2
+        ps -o pid,ppid,stat,comm --ppid "$nspawn" >&2 || true
+        die "systemd did not boot (state: ${state:-none}; container PID 1: ${leader:-not found})"
+        ;;
+esac
 pass "systemd $(ct systemctl --version | head -n1 | cut -d' ' -f2) booted in the container (state $state)"
 
 # Install: binary, units, config, a volume (keystore default for root: /var/lib/cryptvol/keys).
