@@ -27,8 +27,11 @@
 #           the listening socket and runs `cryptvol serve` with LISTEN_FDS/LISTEN_PID, as
 #           systemd does. mkfs+mount, then a fio verify job (80 s) during which the guest asks
 #           the host to restart the daemon and later to upgrade it (another binary file);
-#           zero I/O errors, fio verify ok, e2fsck -fn clean, `cryptvol detach`; how long
-#           I/O waited is in the check's detail. A TLS-only server is refused clearly.
+#           zero I/O errors, fio verify ok; then the host stops the daemon, grows the
+#           volume offline (`cryptvol resize +64M`) and starts it again, and the guest picks
+#           the size up (`cryptvol attach --refresh-size`) and grows the mounted ext4 with
+#           resize2fs; e2fsck -fn clean, `cryptvol detach`; how long I/O waited is in the
+#           check's detail. A TLS-only server is refused clearly.
 #
 # Every check prints `KT-RESULT <name> PASS|FAIL <detail>`; the run passes only when every
 # expected check is present and PASS. Ends with `kernel-test: N passed, M failed`.
@@ -292,6 +295,7 @@ kt_build_initramfs() {
     kt_stage_bin "$(command -v nbd-client || echo /usr/sbin/nbd-client)" /usr/sbin/nbd-client "$stage"
     kt_stage_bin "$(command -v mke2fs || echo /sbin/mke2fs)" /usr/sbin/mke2fs "$stage"
     kt_stage_bin "$(command -v e2fsck || echo /sbin/e2fsck)" /usr/sbin/e2fsck "$stage"
+    kt_stage_bin "$(command -v resize2fs || echo /sbin/resize2fs)" /usr/sbin/resize2fs "$stage"
     ln -s mke2fs "$stage/usr/sbin/mkfs.ext4"
     kt_stage_bin "$(command -v fio)" /usr/bin/fio "$stage"
     # break-glass: the guest maps a volume file with device-mapper (dm-crypt table line).
@@ -580,6 +584,7 @@ kt_check_tls_log() {
 KT_ATT_PORT=
 KT_ATT_HOLDER_PID=
 KT_ATT_UPGRADE_BIN=
+KT_ATT_GROW_BIN=
 
 # kt_holder_start PORT NAME=FILE: scripts/kernel/socket-holder.py keeps 127.0.0.1:PORT
 # listening (as systemd does with cryptvol.socket) and runs `cryptvol serve` on it with
@@ -591,6 +596,18 @@ kt_holder_start() {
     KT_ATT_UPGRADE_BIN=$KT_WORK/upgrade/cryptvol
     mkdir -p "$KT_WORK/upgrade"
     cp "$CRYPTVOL_BIN" "$KT_ATT_UPGRADE_BIN"
+    # The "grow" restart: the daemon is stopped, the volume grown offline by 64 MiB
+    # (cryptvol resize, while the guest's device stays attached and its I/O waits), then
+    # the daemon starts again (exec keeps the PID that LISTEN_PID names).
+    KT_ATT_GROW_BIN=$KT_WORK/grow/cryptvol
+    mkdir -p "$KT_WORK/grow"
+    cat > "$KT_ATT_GROW_BIN" <<GROW
+#!/bin/sh
+env -u LISTEN_FDS -u LISTEN_PID -u LISTEN_FDNAMES "$CRYPTVOL_BIN" resize --keystore "$KT_WORK/keystore" \\
+    "${vol#*=}" --size +64M >> "$KT_WORK/resize-att.log" 2>&1 3<&- || exit 1
+exec "$CRYPTVOL_BIN" "\$@"
+GROW
+    chmod 0755 "$KT_ATT_GROW_BIN"
     NO_COLOR=1 python3 "$KT_HELPERS/socket-holder.py" "$port" "$KT_WORK/holder.fifo" "$KT_WORK/holder.status" \
         "$CRYPTVOL_BIN" serve --allow-anyone --discard --unix "$KT_WORK/att-nbd.sock" \
         --keystore "$KT_WORK/keystore" "$vol" >> "$KT_WORK/server-att.log" 2>&1 < /dev/null &
@@ -699,6 +716,10 @@ kt_boot() {
                     KT-REQ\ restart-att-manual)
                         log "guest asks: restart the socket-activated daemon (for attach --reconnect)"
                         kt_holder_restart restart-att-manual att-daemon-restart-manual "$CRYPTVOL_BIN"
+                        ;;
+                    KT-REQ\ grow-att)
+                        log "guest asks: stop the daemon, grow its volume offline by 64 MiB, start it"
+                        kt_holder_restart grow-att att-daemon-grow "$KT_ATT_GROW_BIN"
                         ;;
                     KT-REQ\ upgrade-att)
                         log "guest asks: upgrade the socket-activated daemon (another binary file)"
@@ -870,7 +891,7 @@ kt_main() {
     )
     [ "$KT_SERVER" = cryptvol ] && expected+=(
         boot3-setup attach-netlink-mkfs att-daemon-restart att-daemon-upgrade
-        attach-restart-upgrade-fio attach-fsck-detach att-daemon-restart-manual
+        attach-restart-upgrade-fio att-daemon-grow attach-grow-resize2fs attach-fsck-detach att-daemon-restart-manual
         attach-reconnect-by-hand attach-tls-refused boot3-completed
     )
     local pass=0 fail=0 name line st

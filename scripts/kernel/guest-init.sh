@@ -483,6 +483,38 @@ c_att_restart() {
     detail "fio randwrite 80 s verify=crc32c on ext4 over cryptvol attach: restart + upgrade of the daemon, fio ok (err=0), 0 I/O errors in dmesg; I/O waited (LINK_DEAD to reconnect): ${waits}; fio max completion latency $clat (requests the stopping daemon had not read wait for --timeout 10, then are resent); $hits socket(s) reconnected"
 }
 
+# Grow a mounted ext4: the host stops the daemon, grows the volume offline (cryptvol
+# resize +64M) and starts it again on the held socket; the watcher reconnects; cryptvol
+# attach --refresh-size gives the kernel the new size; resize2fs grows the mounted fs.
+c_att_grow() {
+    grep -q ' /mnt/a ' /proc/mounts || die "fs not mounted" || return 1
+    old=$(blockdev --getsize64 "$ATT_DEV")
+    oldfs=$(df -k /mnt/a | awk 'NR == 2 { print $2 }')
+    # (not $n: check() keeps the check's name in it)
+    recs=$(grep -c 'reconnected after' "$ATT_LOG" || true)
+    dmesg -c > /dev/null
+    ctl_wait grow-att || return 1
+    i=0
+    until [ "$(grep -c 'reconnected after' "$ATT_LOG" || true)" -gt "$recs" ]; do
+        i=$((i + 1))
+        [ $i -gt 600 ] && { cat "$ATT_LOG"; die "the watcher did not reconnect within 60 s" || return 1; }
+        sleep 0.1
+    done
+    out=$(cryptvol attach --refresh-size "$ATT_DEV" "$EXP_ATT" --connect "$HOST:$ATT_PORT" 2>&1) ||
+        die "cryptvol attach --refresh-size failed: $out" || return 1
+    echo "$out"
+    new=$(blockdev --getsize64 "$ATT_DEV")
+    [ "$new" = $((old + 64 * 1024 * 1024)) ] || die "device size $new after the refresh, want $old + 64 MiB" || return 1
+    resize2fs "$ATT_DEV" || die "resize2fs failed" || return 1
+    newfs=$(df -k /mnt/a | awk 'NR == 2 { print $2 }')
+    [ "$newfs" -gt "$oldfs" ] || die "the filesystem did not grow ($oldfs -> $newfs KiB)" || return 1
+    dd if=/dev/urandom of=/mnt/a/after-grow bs=1M count=48 2>/dev/null && sync || die "writing after the grow failed" || return 1
+    dmesg
+    ioerr=$(dmesg | grep -c -e 'I/O error' -e 'EXT4-fs error' || true)
+    [ "$ioerr" = 0 ] || die "$ioerr I/O error line(s) in dmesg" || return 1
+    detail "volume grown offline while attached; --refresh-size: $old -> $new bytes; resize2fs on the mounted ext4: $oldfs -> $newfs KiB; 48 MiB written after, no I/O error"
+}
+
 c_att_fsck() {
     umount /mnt/a || die "umount failed" || return 1
     e2fsck -fn "$ATT_DEV" || die "e2fsck -fn reports problems (status $?)" || return 1
@@ -540,6 +572,7 @@ c_att_reconnect() {
 phase3() {
     check attach-netlink-mkfs c_att_attach
     check attach-restart-upgrade-fio c_att_restart
+    check attach-grow-resize2fs c_att_grow
     check attach-fsck-detach c_att_fsck
     check attach-reconnect-by-hand c_att_reconnect
     check attach-tls-refused c_att_tls
