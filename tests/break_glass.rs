@@ -262,7 +262,7 @@ fn a_user_who_does_not_own_the_volume_is_refused() {
     let vol = env.create("v.img", "8M", &[]);
     std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&vol, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let (uid, gid) = ensure_user();
+    let (uid, gid) = ensure_test_user();
     let out = run(Command::new("setpriv")
         .arg(format!("--reuid={uid}"))
         .arg(format!("--regid={gid}"))
@@ -279,33 +279,6 @@ fn a_user_who_does_not_own_the_volume_is_refused() {
         err.contains("only root or the owner of the volume file (uid 0)"),
         "{err}"
     );
-}
-
-/// The uid and gid of the unprivileged test user (created as in tests/keys_policy.rs).
-fn ensure_user() -> (u32, u32) {
-    const USER: &str = "cryptvol-test";
-    if !run(Command::new("id").arg(USER)).status.success() {
-        let out = run(Command::new("useradd").args([
-            "--system",
-            "--user-group",
-            "--no-create-home",
-            "--shell",
-            "/usr/sbin/nologin",
-            USER,
-        ]));
-        assert!(
-            out.status.success() || out.status.code() == Some(9),
-            "useradd {USER}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let id = |flag: &str| -> u32 {
-        run_ok(Command::new("id").args([flag, USER]))
-            .trim()
-            .parse()
-            .expect("numeric id")
-    };
-    (id("-u"), id("-g"))
 }
 
 trait ScriptCmd {
@@ -336,7 +309,7 @@ fn key_in(env: &Env, ks: &Path, alias: &str) -> String {
 
 #[test]
 fn the_owner_needs_the_key_policy_unwrap_grant() {
-    let (uid, gid) = ensure_user();
+    let (uid, gid) = ensure_test_user();
     let env = Env::new();
     std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let bin_copy = env.path("cryptvol");

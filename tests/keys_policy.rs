@@ -11,39 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const USER: &str = "cryptvol-test";
-
-fn id_of(flag: &str) -> u32 {
-    let out = run_ok(Command::new("id").args([flag, USER]));
-    out.trim().parse().expect("numeric id")
-}
-
-/// Creates the test user (and its group) once.
-fn ensure_user() -> (u32, u32) {
-    let euid = run_ok(Command::new("id").arg("-u"));
-    assert_eq!(
-        euid.trim(),
-        "0",
-        "the key policy test creates the Unix user {USER}: run the test suite as root (CI does)"
-    );
-    if !run(Command::new("id").arg(USER)).status.success() {
-        let out = run(Command::new("useradd").args([
-            "--system",
-            "--user-group",
-            "--no-create-home",
-            "--shell",
-            "/usr/sbin/nologin",
-            USER,
-        ]));
-        // 9: created concurrently by someone else.
-        assert!(
-            out.status.success() || out.status.code() == Some(9),
-            "useradd {USER} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    (id_of("-u"), id_of("-g"))
-}
+const USER: &str = TEST_USER;
 
 fn chown(p: &Path, uid: u32, gid: u32) {
     std::os::unix::fs::chown(p, Some(uid), Some(gid))
@@ -99,7 +67,7 @@ fn stderr_of(mut c: Command) -> String {
 
 #[test]
 fn a_daemon_user_may_only_do_what_the_key_policy_grants() {
-    let (uid, gid) = ensure_user();
+    let (uid, gid) = ensure_test_user();
     let env = Env::new();
     chmod(env.dir.path(), 0o755);
     // The binary, where the user can run it.

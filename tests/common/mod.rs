@@ -840,3 +840,40 @@ pub fn aws_user_env(
     .map(|(k, v)| (k.to_string(), v))
     .collect()
 }
+
+/// The unprivileged Unix user the permission tests run commands as (tests/keys_policy.rs,
+/// tests/break_glass.rs).
+pub const TEST_USER: &str = "cryptvol-test";
+
+/// Creates [`TEST_USER`] (and its group) once; returns its uid and gid.
+pub fn ensure_test_user() -> (u32, u32) {
+    let euid = run_ok(Command::new("id").arg("-u"));
+    assert_eq!(
+        euid.trim(),
+        "0",
+        "the permission tests create the Unix user {TEST_USER}: run the test suite as root (CI does)"
+    );
+    if !run(Command::new("id").arg(TEST_USER)).status.success() {
+        let out = run(Command::new("useradd").args([
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            TEST_USER,
+        ]));
+        // 9: created concurrently by someone else.
+        assert!(
+            out.status.success() || out.status.code() == Some(9),
+            "useradd {TEST_USER} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let id = |flag: &str| -> u32 {
+        run_ok(Command::new("id").args([flag, TEST_USER]))
+            .trim()
+            .parse()
+            .expect("numeric id")
+    };
+    (id("-u"), id("-g"))
+}
