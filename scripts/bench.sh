@@ -20,7 +20,10 @@
 #                      nbdkit-file,nbdkit-luks,qemu-nbd (the default: all seven), or
 #                      qemu-nbd variants:
 #                      qemu-nbd-none-threads, qemu-nbd-none-native, qemu-nbd-none-io_uring,
-#                      qemu-nbd-writeback-threads, qemu-nbd-writeback-io_uring.
+#                      qemu-nbd-writeback-threads, qemu-nbd-writeback-io_uring,
+#                      or the file engines: cryptvol-threads, cryptvol-uring (the
+#                      cryptvol volume served with --engine threads / uring; plain
+#                      `cryptvol` uses the default, auto).
 #                      cryptvol-nomap: a volume made with --no-allocation-map, prefilled
 #                      like cryptvol (the thin-volume target compares the two);
 #                      cryptvol-fresh: the write jobs on a new, never-written thin volume

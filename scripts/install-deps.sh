@@ -31,6 +31,17 @@ have systemd-analyze || need+=(systemd)
 have systemd-nspawn || need+=(systemd-container)
 # The break-glass check of the kernel VM test maps a volume with dmsetup (dm-crypt).
 have dmsetup       || need+=(dmsetup)
+# Saturating the CPUs beside the test command (docs/testing.md, "Under CPU saturation").
+have stress-ng     || need+=(stress-ng)
+# The RBD engine (cargo feature rbd) links librbd and librados; tests/rbd.rs runs a one-node
+# Ceph cluster (scripts/ceph-cluster.sh) with Debian's monitor, OSD and the ceph/rbd tools.
+[ -f /usr/include/rbd/librbd.h ] || need+=(librbd-dev)
+[ -f /usr/include/rados/librados.h ] || need+=(librados-dev)
+have ceph-mon      || need+=(ceph-mon)
+have ceph-osd      || need+=(ceph-osd)
+have rbd           || need+=(ceph-common)
+# libublk's build script (libublk-rs-sys) runs bindgen, which loads libclang.
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need+=(libclang-dev)
 
 apt_updated=0
 apt_update() {

@@ -27,11 +27,22 @@
 #           the listening socket and runs `cryptvol serve` with LISTEN_FDS/LISTEN_PID, as
 #           systemd does. mkfs+mount, then a fio verify job (80 s) during which the guest asks
 #           the host to restart the daemon and later to upgrade it (another binary file);
-#           zero I/O errors, fio verify ok; then the host stops the daemon, grows the
-#           volume offline (`cryptvol resize +64M`) and starts it again, and the guest picks
-#           the size up (`cryptvol attach --refresh-size`) and grows the mounted ext4 with
-#           resize2fs; e2fsck -fn clean, `cryptvol detach`; how long I/O waited is in the
-#           check's detail. A TLS-only server is refused clearly.
+#           zero I/O errors, fio verify ok; then the host grows the served volume ONLINE
+#           through the daemon's control socket (`cryptvol resize --control PATH att
+#           --size +64M`, no daemon stop), and the guest picks the size up (`cryptvol
+#           attach --refresh-size`) and grows the mounted ext4 with resize2fs; then the
+#           same offline (the host stops the daemon, `cryptvol resize FILE +64M`, starts it
+#           again; the watcher reconnects); e2fsck -fn clean, `cryptvol detach`; how long
+#           I/O waited is in the check's detail. A TLS-only server is refused clearly.
+#
+#   boot 4  (cryptvol only; another kernel: Debian's 6.12 cloud kernel from bookworm-backports,
+#           which has ublk_drv) the daemon runs in the guest with `--ublk vol:0` on a volume in
+#           the guest's RAM: mkfs+mount /dev/ublkb0, a fio verify job during which the daemon is
+#           killed with SIGKILL and a new one recovers the quiesced device (zero I/O errors,
+#           verify ok), e2fsck -fn clean; the daemon's CPU time per 4k I/O on /dev/ublkb0 and
+#           on /dev/nbd0 (same daemon, same volume, NBD over the guest's loopback) is printed
+#           (KT-CPU line and the check's detail); SIGTERM removes the device.
+#           See scripts/kernel/ublk-boot.sh and scripts/kernel/guest-ublk.sh.
 #
 # Every check prints `KT-RESULT <name> PASS|FAIL <detail>`; the run passes only when every
 # expected check is present and PASS. Ends with `kernel-test: N passed, M failed`.
@@ -48,6 +59,13 @@
 #   KT_KERNEL_PKG               kernel package (default linux-image-cloud-amd64, resolved to
 #                               its versioned package)
 #   KT_QEMU_TIMEOUT             seconds each boot may take (default 300)
+#   KT_ONLY=nbd|ublk|all        boots 1-3 (nbd; the default), boot 4 only (ublk; also "4"),
+#                               or all four. Boot 4 is not in the default run yet: it hung at
+#                               start-up in 2 of 4 boots (docs/ublk.md, "Known problem")
+#   KT_UBLK_KERNEL_PKG          boot 4's kernel package (default: what the newest 6.12
+#                               linux-image-cloud-amd64 of bookworm-backports depends on;
+#                               cached in $KT_CACHE_DIR/ublk)
+#   KT_UBLK_QEMU_TIMEOUT        seconds boot 4 may take (default 900)
 #   KT_LOG_DIR                  if set, console and server logs are copied there
 #   KT_KEEP_WORK=1              keep the temporary work directory
 #   KT_NO_INSTALL=1             never apt-get install; fail when something is missing
@@ -113,6 +131,8 @@ kt_apt_update() {
 
 # The Debian mirror the machine already uses (so no host name is baked in here).
 . "$(dirname "${BASH_SOURCE[0]}")/lib/debian-mirror.sh"
+# Boot 4: the ublk frontend on the bookworm-backports kernel (kt_ublk_boots).
+. "$(dirname "${BASH_SOURCE[0]}")/kernel/ublk-boot.sh"
 kt_debian_mirror() { debian_mirror; }
 
 # Installs what the test needs and is missing (a CI machine starts without most of it).
@@ -326,13 +346,14 @@ kt_build_initramfs() {
         local extra=
         case "$rel" in */nbd.ko*) extra="nbds_max=8" ;; esac
         echo "$rel $args $extra" >> "$stage/kt/modules.list"
-    done < <(for m in virtio_pci virtio_net nbd loop xts dm_crypt; do
+    done < <(for m in virtio_pci virtio_net nbd loop xts dm_crypt ${KT_EXTRA_MODULES:-}; do
         modprobe -C /dev/null -d "$KT_KROOT" -S "$KT_KVER" --show-depends "$m" || die "modprobe --show-depends $m failed"
     done)
     grep -q '/nbd\.ko' "$stage/kt/modules.list" || die "nbd.ko not found in $KT_KVER"
     grep -q '/virtio_net\.ko' "$stage/kt/modules.list" || die "virtio_net.ko not found in $KT_KVER"
 
     install -m 755 "$KT_HELPERS/guest-init.sh" "$stage/init"
+    install -m 644 "$KT_HELPERS/guest-ublk.sh" "$stage/kt/guest-ublk.sh"
     local s512_sect=512 rmw_sect=4096
     if [ "$KT_SERVER" = nbdkit ]; then s512_sect="n/a(nbdkit)"; rmw_sect="n/a(nbdkit)"; fi
     cat > "$stage/kt/conf" <<EOF
@@ -360,6 +381,11 @@ ATTACH_TIMEOUT=60
 FIO_TIMEOUT=150
 CTL_TRIES=240
 MARKER="$KT_MARKER"
+UBLK_VOL_SIZE=256M
+UBLK_START_TIMEOUT=90
+UBLK_FIO_SECS=60
+UBLK_KILL_AFTER=20
+UBLK_CPU_IOS=8192
 EOF
     (cd "$stage" && find . | cpio -o -H newc --quiet) > "$KT_WORK/base.cpio" || die "cpio failed"
 }
@@ -585,6 +611,7 @@ KT_ATT_PORT=
 KT_ATT_HOLDER_PID=
 KT_ATT_UPGRADE_BIN=
 KT_ATT_GROW_BIN=
+KT_ATT_EXPORT=
 
 # kt_holder_start PORT NAME=FILE: scripts/kernel/socket-holder.py keeps 127.0.0.1:PORT
 # listening (as systemd does with cryptvol.socket) and runs `cryptvol serve` on it with
@@ -608,8 +635,10 @@ env -u LISTEN_FDS -u LISTEN_PID -u LISTEN_FDNAMES "$CRYPTVOL_BIN" resize --keyst
 exec "$CRYPTVOL_BIN" "\$@"
 GROW
     chmod 0755 "$KT_ATT_GROW_BIN"
+    KT_ATT_EXPORT=${vol%%=*}
     NO_COLOR=1 python3 "$KT_HELPERS/socket-holder.py" "$port" "$KT_WORK/holder.fifo" "$KT_WORK/holder.status" \
         "$CRYPTVOL_BIN" serve --allow-anyone --discard --unix "$KT_WORK/att-nbd.sock" \
+        --control "$KT_WORK/att-control.sock" \
         --keystore "$KT_WORK/keystore" "$vol" >> "$KT_WORK/server-att.log" 2>&1 < /dev/null &
     KT_ATT_HOLDER_PID=$!
     KT_ATT_PORT=$port
@@ -645,6 +674,21 @@ kt_holder_restart() {
     echo "done $token" > "$KT_WORK/ctl"
 }
 
+# kt_grow_online TOKEN NAME: the served att volume grows by 64 MiB through the daemon's
+# control socket, with no restart (the guest's device stays attached and in use).
+kt_grow_online() {
+    local token=$1 name=$2 t0 out
+    t0=$(now)
+    if out=$("$CRYPTVOL_BIN" resize --control "$KT_WORK/att-control.sock" "$KT_ATT_EXPORT" \
+        --size +64M 2>&1); then
+        kt_result "$name" PASS "$out ($(elapsed "$t0")s, daemon not restarted)"
+    else
+        kt_result "$name" FAIL "cryptvol resize --control failed: $out"
+    fi
+    echo "$out" >> "$KT_WORK/resize-att.log"
+    echo "done $token" > "$KT_WORK/ctl"
+}
+
 kt_holder_stop() {
     [ -n "$KT_ATT_HOLDER_PID" ] || return 0
     echo stop > "$KT_WORK/holder.fifo"
@@ -665,11 +709,12 @@ kt_boot() {
     cat "$KT_WORK/base.cpio" ${extra:+"$extra"} > "$initrd"
     : > "$con"
     : > "$KT_WORK/ctl"
-    local rwport=${KT_SERVER_PORT[rw]}
+    local rwport=${KT_SERVER_PORT[rw]:-} tlsport=${KT_SERVER_PORT[tls]:-}
     local net="user,id=n0,restrict=on"
-    net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_RW-cmd:$fwd $flog $KT_GPORT_RW $rwport"
-    net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_RO-cmd:$fwd $flog $KT_GPORT_RO $roport"
-    net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_TLS-cmd:$fwd $flog $KT_GPORT_TLS ${KT_SERVER_PORT[tls]}"
+    # Boot 4 (ublk) has no host-side servers: the guest serves itself.
+    [ -n "$rwport" ] && net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_RW-cmd:$fwd $flog $KT_GPORT_RW $rwport"
+    [ -n "$roport" ] && net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_RO-cmd:$fwd $flog $KT_GPORT_RO $roport"
+    [ -n "$tlsport" ] && net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_TLS-cmd:$fwd $flog $KT_GPORT_TLS $tlsport"
     net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_CTL-cmd:cat $KT_WORK/ctl"
     [ -n "$KT_ATT_PORT" ] && net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_ATT-cmd:$fwd $flog $KT_GPORT_ATT $KT_ATT_PORT"
 
@@ -716,6 +761,10 @@ kt_boot() {
                     KT-REQ\ restart-att-manual)
                         log "guest asks: restart the socket-activated daemon (for attach --reconnect)"
                         kt_holder_restart restart-att-manual att-daemon-restart-manual "$CRYPTVOL_BIN"
+                        ;;
+                    KT-REQ\ grow-att-online)
+                        log "guest asks: grow the served volume online by 64 MiB (control socket)"
+                        kt_grow_online grow-att-online att-daemon-grow-online
                         ;;
                     KT-REQ\ grow-att)
                         log "guest asks: stop the daemon, grow its volume offline by 64 MiB, start it"
@@ -803,25 +852,13 @@ kt_break_glass() {
     fi
 }
 
-kt_main() {
-    local t_start
-    t_start=$(now)
-    case "$KT_SERVER" in cryptvol | nbdkit) ;; *) die "KT_SERVER must be cryptvol or nbdkit, not '$KT_SERVER'" ;; esac
-    [ "$(uname -m)" = x86_64 ] || die "needs an x86_64 host (boots an amd64 kernel)"
-    trap kt_cleanup EXIT
-    trap 'log "interrupted"; exit 130' INT
-    trap 'log "terminated"; exit 143' TERM
-    KT_WORK=$(mktemp -d "${TMPDIR:-/tmp}/kernel-test.XXXXXX")
-    : > "$KT_WORK/results"
-
-    kt_ensure_deps
-    [ "$KT_SERVER" = cryptvol ] && kt_cryptvol_bin
+# Boots 1-3 (the nbd driver) on the default kernel (KT_KERNEL_PKG), with their host-side
+# servers; adds their checks to KT_EXPECTED.
+kt_nbd_boots() {
     kt_ensure_kernel
-    kt_make_pki
     kt_build_initramfs
-    local t_ready
-    t_ready=$(now)
-    log "server: $KT_SERVER${CRYPTVOL_BIN:+ ($CRYPTVOL_BIN)}; kernel $KT_KVER; initramfs $(du -h "$KT_WORK/base.cpio" | cut -f1) (setup $(elapsed "$t_start")s)"
+    KT_T_READY=$(now)
+    log "server: $KT_SERVER${CRYPTVOL_BIN:+ ($CRYPTVOL_BIN)}; kernel $KT_KVER; initramfs $(du -h "$KT_WORK/base.cpio" | cut -f1) (setup $(elapsed "$KT_T_START")s)"
 
     local vdir=$KT_WORK/vols
     mkdir -p "$vdir" "$KT_WORK/keystore"
@@ -879,8 +916,7 @@ kt_main() {
     kt_server_stop ro || kt_result ro-server-sigterm FAIL "status $KT_STOP_STATUS after ${KT_STOP_SECS}s"
     kt_server_stop tls || kt_result tls-server-sigterm FAIL "status $KT_STOP_STATUS after ${KT_STOP_SECS}s"
 
-    # ---- summary
-    local expected=(
+    KT_EXPECTED+=(
         boot1-setup fs-attach-mkfs fs-write fs-fio-verify fs-discard fs-reattach raw-fio-verify
         bs512-fio-verify rmw-bs512-fio-verify multiconn-fio-verify ro-prepare
         tls-attach-mkfs-fsck tls-plaintext-refused boot1-completed tls-server-log
@@ -889,15 +925,43 @@ kt_main() {
         restart-while-attached ro-export-refuses-writes boot2-completed
         breakglass-prepare breakglass-dek breakglass-dm-crypt-mount
     )
-    [ "$KT_SERVER" = cryptvol ] && expected+=(
+    [ "$KT_SERVER" = cryptvol ] && KT_EXPECTED+=(
         boot3-setup attach-netlink-mkfs att-daemon-restart att-daemon-upgrade
-        attach-restart-upgrade-fio att-daemon-grow attach-grow-resize2fs attach-fsck-detach att-daemon-restart-manual
+        attach-restart-upgrade-fio att-daemon-grow-online attach-grow-resize2fs
+        att-daemon-grow attach-grow-offline-resize2fs attach-fsck-detach att-daemon-restart-manual
         attach-reconnect-by-hand attach-tls-refused boot3-completed
     )
+    return 0
+}
+
+kt_main() {
+    local t_start
+    t_start=$(now)
+    case "$KT_SERVER" in cryptvol | nbdkit) ;; *) die "KT_SERVER must be cryptvol or nbdkit, not '$KT_SERVER'" ;; esac
+    [ "$(uname -m)" = x86_64 ] || die "needs an x86_64 host (boots an amd64 kernel)"
+    trap kt_cleanup EXIT
+    trap 'log "interrupted"; exit 130' INT
+    trap 'log "terminated"; exit 143' TERM
+    KT_WORK=$(mktemp -d "${TMPDIR:-/tmp}/kernel-test.XXXXXX")
+    : > "$KT_WORK/results"
+
+    kt_ensure_deps
+    [ "$KT_SERVER" = cryptvol ] && kt_cryptvol_bin
+    kt_make_pki
+    KT_EXPECTED=()
+    KT_T_START=$t_start
+    KT_T_READY=$t_start
+    # KT_ONLY=nbd (default): boots 1-3; ublk (or 4): boot 4 only (scripts/kernel/ublk-boot.sh); all: both.
+    case "${KT_ONLY:-nbd}" in all | nbd) kt_nbd_boots ;; ublk | 4) ;; *) die "KT_ONLY must be nbd, ublk, 4 or all, not '$KT_ONLY'" ;; esac
+    if [ "$KT_SERVER" = cryptvol ]; then
+        case "${KT_ONLY:-nbd}" in all | ublk | 4) kt_ublk_boots ;; esac
+    fi
+
+    # ---- summary
     local pass=0 fail=0 name line st
     echo
-    echo "kernel-test summary ($KT_SERVER, kernel $KT_KVER, $(elapsed "$t_start")s total, $(elapsed "$t_ready")s after setup):"
-    for name in "${expected[@]}"; do
+    echo "kernel-test summary ($KT_SERVER, kernel $KT_KVER, $(elapsed "$t_start")s total, $(elapsed "$KT_T_READY")s after setup):"
+    for name in "${KT_EXPECTED[@]}"; do
         line=$(grep "^KT-RESULT $name " "$KT_WORK/results" | tail -n 1 || true)
         st=$(echo "$line" | awk '{ print $3 }')
         if [ -z "$line" ]; then
@@ -914,7 +978,7 @@ kt_main() {
     # Unexpected FAIL lines (e.g. a failed final stop) count too.
     while read -r line; do
         name=$(echo "$line" | awk '{ print $2 }')
-        case " ${expected[*]} " in *" $name "*) continue ;; esac
+        case " ${KT_EXPECTED[*]} " in *" $name "*) continue ;; esac
         printf '  %-28s FAIL  %s\n' "$name" "$(echo "$line" | cut -d' ' -f4-)"
         fail=$((fail + 1))
     done < <(grep '^KT-RESULT [^ ]* FAIL' "$KT_WORK/results" || true)

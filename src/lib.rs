@@ -18,7 +18,11 @@
 //! - [`snapshot`]: encrypted, incremental snapshots in a local or S3-compatible object store.
 //! - [`latency`]: a lock-free latency histogram (request and key-backend metrics).
 //! - [`fsutil`]: creating and rewriting files without following symlinks.
+//! - [`rbd`]: volumes on Ceph RBD: the `rbd:POOL/IMAGE` spec and, with the `rbd` feature,
+//!   the librbd engine (FFI of our own, exclusive lock, takeover, bounded waits).
 //! - [`config`]: the `serve` configuration file and how it combines with the command line.
+//! - [`ublk`]: the ublk frontend: a served volume as `/dev/ublkbN` (kernel userspace block
+//!   driver), through the same `BlockDevice` as the NBD session; user recovery.
 //! - [`cli`]: the clap front end: arguments, printing, and the daemon's wiring (`cli/serve.rs`:
 //!   settings, signals, listeners, control hooks).
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -30,6 +34,8 @@ pub mod compliance;
 pub mod config;
 pub mod crypto;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keys;
 pub mod latency;
 pub mod migrate;
@@ -37,7 +43,9 @@ pub mod nbd;
 pub mod nbdclient;
 pub mod ops;
 pub mod progress;
+pub mod rbd;
 pub mod server;
 pub mod size;
 pub mod snapshot;
+pub mod ublk;
 pub mod volume;

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const CLOSE: Duration = Duration::from_secs(10);
+/// Failure bound for the server to close a connection it must drop (it does so at once;
+/// generous for a loaded machine, nothing waits for it to pass).
+const CLOSE: Duration = PATIENCE;
 
 /// A 16 MiB volume with 0x77 in its first MiB.
 fn setup() -> (Env, Server) {
@@ -178,8 +180,9 @@ fn disconnect_in_the_middle_of_a_write_payload() {
             .expect("send");
         drop(r);
     }
-    // Give the server a moment to notice, then the first MiB must be untouched.
-    std::thread::sleep(Duration::from_millis(200));
+    // Once the server has ended those sessions (setup's qemu-io and the 4 above), the
+    // first MiB must be untouched.
+    srv.wait_log("client disconnected", 5, PATIENCE);
     qemu_io(&srv.uri("v"), &["read -P 0x77 0 1M"]);
     still_serves(&mut srv);
 }
@@ -220,11 +223,7 @@ fn a_thousand_connections_dropped_at_every_stage() {
             });
         }
     });
-    let took = start.elapsed();
-    assert!(
-        took < Duration::from_secs(60),
-        "1000 connections took {took:?}"
-    );
+    eprintln!("1000 connections took {:?}", start.elapsed());
     still_serves(&mut srv);
     // The connection slots were released: 100 more simultaneous connections are served.
     let mut open: Vec<Raw> = (0..100).map(|_| Raw::open(&srv, "v").0).collect();

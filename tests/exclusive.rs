@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Output, Stdio};
 
 use common::*;
 
@@ -47,18 +46,41 @@ fn lost_updates(a: (&Server, &str), b: (&Server, &str)) -> usize {
         .count()
 }
 
+/// Runs `cryptvol serve VOLUMES` on a scratch socket until it either exits or answers on
+/// that socket (the events waited for; the clock only bounds the wait): its output when
+/// it exited, `None` when it started serving (it is then killed).
+fn serve_outcome(env: &Env, volumes: &[&str]) -> Option<Output> {
+    let sock = env.path("t.sock");
+    let mut child = env
+        .cmd()
+        .arg("serve")
+        .arg("--unix")
+        .arg(&sock)
+        .args(volumes)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cryptvol serve");
+    let mut answered = false;
+    wait_until(PATIENCE, "the second server to exit or to answer", || {
+        answered = std::os::unix::net::UnixStream::connect(&sock).is_ok();
+        answered || matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if answered {
+        let _ = child.kill();
+        let _ = child.wait();
+        return None;
+    }
+    Some(child.wait_with_output().expect("wait for cryptvol serve"))
+}
+
 #[test]
 fn same_file_twice_in_one_server_is_refused() {
     let env = Env::new();
     let vol = env.create("v.img", "8M", &[]);
     let x = format!("x={}", s(&vol));
     let y = format!("y={}", s(&vol));
-    let out = run(Command::new("timeout")
-        .arg("5")
-        .arg(bin())
-        .env("CRYPTVOL_KEYSTORE", env.keystore())
-        .args(["serve", "--unix", s(&env.path("t.sock")), &x, &y]));
-    if out.status.code() == Some(124) {
+    let Some(out) = serve_outcome(&env, &[&x, &y]) else {
         // It started: show the consequence.
         let srv = env.serve(&[&x, &y], &[], false);
         let lost = lost_updates((&srv, "x"), (&srv, "y"));
@@ -66,7 +88,7 @@ fn same_file_twice_in_one_server_is_refused() {
             "serving one file as two exports was accepted; concurrent partial-sector writes \
              through the two exports lost {lost} byte updates"
         );
-    }
+    };
     assert!(!out.status.success());
 }
 
@@ -75,20 +97,14 @@ fn second_server_on_an_open_volume_is_refused() {
     let env = Env::new();
     let vol = env.create("v.img", "8M", &[]);
     let first = env.serve(&[s(&vol)], &[], false);
-    let out = run(Command::new("timeout")
-        .arg("5")
-        .arg(bin())
-        .env("CRYPTVOL_KEYSTORE", env.keystore())
-        .args(["serve", "--unix", s(&env.path("t.sock")), s(&vol)]));
-    if out.status.code() == Some(124) {
+    let Some(out) = serve_outcome(&env, &[s(&vol)]) else {
         let second = env.serve(&[s(&vol)], &[], false);
         let lost = lost_updates((&first, "v"), (&second, "v"));
         panic!(
             "a second server opened a volume that is already being served; concurrent \
              partial-sector writes through the two servers lost {lost} byte updates"
         );
-    }
+    };
     assert!(!out.status.success());
-    std::thread::sleep(Duration::from_millis(10));
     assert!(first.stop().contains("stopped"));
 }

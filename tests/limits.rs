@@ -245,8 +245,12 @@ fn tcp_flood_by_another_user_leaves_roots_unix_socket_answering() {
     let size = run_ok(Command::new("nbdinfo").args(["--size", &srv.uri("v")]));
     let took = start.elapsed();
     assert_eq!(size.trim(), (16u64 << 20).to_string());
+    // Locked out, it would wait for a slot behind the flood's connections, i.e. for
+    // their 30 s handshake timeout; answering well before that (whatever the load on
+    // the machine) is the observable difference.
+    eprintln!("root's nbdinfo during the flood: {took:?}");
     assert!(
-        took < Duration::from_secs(1),
+        took < Duration::from_secs(15),
         "root's nbdinfo on the Unix socket took {took:?} during the flood"
     );
     let log = srv.log_text();
@@ -288,16 +292,18 @@ fn handshake_timeout_cannot_be_extended_by_trickling_bytes() {
             closed = true;
             break;
         }
+        // Trickling all 1,012 bytes takes over 100 s: a connection still open after 60 s
+        // was extended by them (60 s is only the failure bound on a loaded machine).
         assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the handshake was extended past 10 s by trickling bytes"
+            start.elapsed() < Duration::from_secs(60),
+            "the handshake was extended past 60 s by trickling bytes"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(closed, "the server never closed the trickling connection");
     let took = start.elapsed();
     assert!(
-        took >= Duration::from_millis(1500) && took < Duration::from_secs(8),
+        took >= Duration::from_millis(1500),
         "closed after {took:?} with --handshake-timeout 2"
     );
     let log = srv.log_text();
@@ -315,14 +321,27 @@ fn idle_connection_is_closed_after_the_idle_timeout_and_a_busy_one_is_not() {
     let (mut busy, _, _) = Raw::open(&srv, "v");
     let start = Instant::now();
     let mut cookie = 0;
-    while start.elapsed() < Duration::from_secs(4) {
+    // The busy one sends requests until the server has closed the idle one (the event
+    // waited for; the deadline is only the failure bound).
+    idle.s.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 64];
+    loop {
+        match idle.s.read(&mut buf) {
+            Ok(0) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Ok(_) => panic!("the server sent something unasked on the idle connection"),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("idle connection: {e}"),
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the idle connection was not closed within {PATIENCE:?}"
+        );
         cookie += 1;
         busy.read(cookie, 0, 4096)
             .expect("read on the busy connection");
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(100));
     }
-    // The idle one was closed meanwhile (after 2 s; allow for a busy machine).
-    idle.expect_closed(Duration::from_secs(10));
     assert!(
         start.elapsed() >= Duration::from_secs(2),
         "closed before the idle timeout"

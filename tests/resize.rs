@@ -44,7 +44,7 @@ fn offline_grow_keeps_data_and_new_clients_see_and_use_the_new_size() {
     // A served volume is refused, saying what to do.
     let err = fails(env.cmd().args(["resize", s(&vol), "--size", "+64M"]));
     assert!(
-        err.contains("being served") && err.contains("stop serving it"),
+        err.contains("being served") && err.contains("resize --control"),
         "{err}"
     );
     srv.stop();

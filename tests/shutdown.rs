@@ -55,14 +55,12 @@ fn sigterm_with_requests_in_flight_keeps_acknowledged_data() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let t = Instant::now();
-    srv.stop(); // SIGTERM; asserts exit status 0
+    // SIGTERM; asserts exit status 0 and fails the test when the daemon has not exited
+    // within its bound (it finishes in-flight requests, not the client's whole stream).
+    srv.stop();
     let stop_took = t.elapsed();
     let sent = writer.join().expect("writer");
     let replies = reader.join().expect("reader");
-    assert!(
-        stop_took < Duration::from_secs(15),
-        "shutdown took {stop_took:?}"
-    );
     let mut ok: Vec<u64> = Vec::new();
     for (err, cookie) in &replies {
         assert!(
@@ -106,15 +104,13 @@ fn sigterm_with_idle_and_half_open_clients_exits_promptly() {
     let (mut idle, _, _) = Raw::open(&srv, "v");
     let mut half = Raw::start(&srv);
     let silent = Raw::connect(&srv);
+    // Idle clients would hold the daemon forever if it waited for them: srv.stop()
+    // fails the test when the daemon has not exited within its bound.
     let t = Instant::now();
     srv.stop();
-    assert!(
-        t.elapsed() < Duration::from_secs(10),
-        "shutdown with idle clients took {:?}",
-        t.elapsed()
-    );
-    idle.expect_closed(Duration::from_secs(5));
-    half.expect_closed(Duration::from_secs(5));
+    eprintln!("shutdown with idle clients took {:?}", t.elapsed());
+    idle.expect_closed(PATIENCE);
+    half.expect_closed(PATIENCE);
     drop(silent);
     let srv = env.serve(&[s(&vol)], &[], false);
     qemu_io(&srv.uri("v"), &["read -P 0x31 0 64k"]);

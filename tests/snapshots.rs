@@ -5,9 +5,9 @@
 
 mod common;
 
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use common::*;
 
@@ -534,13 +534,16 @@ fn copy_between_stores_as_is_and_reencrypted() {
     assert_eq!(plaintext_sha(&env, &rc), original);
 }
 
-/// Sends SIGINT to a running child after `after`, returns its stderr; asserts it failed.
-fn interrupt(mut child: Child, after: Duration) -> String {
-    std::thread::sleep(after);
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the operation finished before it could be interrupted"
-    );
+/// Sends SIGINT to a running child once `under_way` holds (progress the test can see),
+/// returns its stderr; asserts it failed.
+fn interrupt(mut child: Child, what: &str, mut under_way: impl FnMut() -> bool) -> String {
+    wait_until(PATIENCE, what, || {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the operation finished before it could be interrupted"
+        );
+        under_way()
+    });
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status();
@@ -570,7 +573,7 @@ fn ctrl_c_leaves_nothing_half_made_and_the_next_run_resumes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let err = interrupt(child, Duration::from_secs(2));
+    let err = interrupt(child, "8 chunks stored", || chunk_files(&store).len() >= 8);
     assert!(err.contains("interrupted"), "{err}");
     let partial_chunks = chunk_files(&store).len();
     assert!(
@@ -615,7 +618,10 @@ fn ctrl_c_leaves_nothing_half_made_and_the_next_run_resumes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let err = interrupt(child, Duration::from_secs(2));
+    let partial = env.path(".r.img.partial");
+    let err = interrupt(child, "8 MiB restored", || {
+        std::fs::metadata(&partial).is_ok_and(|m| m.blocks() * 512 >= 8 << 20)
+    });
     assert!(err.contains("interrupted"), "{err}");
     assert!(!r.exists());
     assert!(!env.path(".r.img.partial").exists());

@@ -472,13 +472,23 @@ fn socket_activation_applies_the_loopback_rule() {
 // sd_notify
 
 fn recv_msg(sock: &UnixDatagram, secs: u64) -> Option<String> {
-    sock.set_read_timeout(Some(Duration::from_secs(secs)))
-        .expect("timeout");
+    let deadline = Instant::now() + Duration::from_secs(secs);
     let mut buf = [0u8; 4096];
-    match sock.recv(&mut buf) {
-        Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => None,
-        Err(e) => panic!("recv: {e}"),
+    loop {
+        // A signal can interrupt the wait (EINTR): wait again for what is left.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        sock.set_read_timeout(Some(left)).expect("timeout");
+        match sock.recv(&mut buf) {
+            Ok(n) => return Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return None
+            }
+            Err(e) => panic!("recv on the notify socket: {e} ({:?})", e.kind()),
+        }
     }
 }
 

@@ -72,9 +72,13 @@ QEMU_VARIANTS = {
 #   throw-away one): the cost of TLS against plaintext in the same run.
 CRYPTVOL_VARIANTS = ["cryptvol-nomap", "cryptvol-fresh", "cryptvol-tls"]
 DEFAULT_SERVERS = ["cryptvol"] + CRYPTVOL_VARIANTS + ["nbdkit-file", "nbdkit-luks", "qemu-nbd"]
+# The file engines (docs/performance.md, "io_uring engine"): the `cryptvol` volume served
+# with `--engine threads` (pread/pwrite) and `--engine uring` (io_uring); `cryptvol` itself
+# runs with the default, auto (io_uring where the kernel allows it).
+ENGINE_VARIANTS = {"cryptvol-threads": "threads", "cryptvol-uring": "uring"}
 ALL_SERVERS = ["cryptvol"] + CRYPTVOL_VARIANTS + ["nbdkit-file", "nbdkit-luks"] + list(
     QEMU_VARIANTS
-)
+) + list(ENGINE_VARIANTS)
 # Allocation-map chunk (docs/format.md section 7a): a first write to a chunk writes all of it.
 CHUNK = 64 << 10
 
@@ -373,6 +377,10 @@ def server_for(name, a, w):
         backing = {"cryptvol": w.vol, "cryptvol-nomap": w.vol_nomap,
                    "cryptvol-fresh": w.vol_fresh}[name]
         cmd = [a.bin, "serve", "--unix", sock, "--keystore", w.keystore, f"vol={backing}"]
+    elif name in ENGINE_VARIANTS:
+        backing = w.vol
+        cmd = [a.bin, "serve", "--unix", sock, "--keystore", w.keystore,
+               "--engine", ENGINE_VARIANTS[name], f"vol={backing}"]
     elif name == "cryptvol-tls":
         backing = w.vol
         cmd = [a.bin, "serve", "--unix", sock, "--keystore", w.keystore,
@@ -852,8 +860,8 @@ def main(argv):
     for s in a.servers:
         if s == "cryptvol" or s in CRYPTVOL_VARIANTS:
             need.add(s)
-        if s == "cryptvol-tls":
-            need.add("cryptvol")  # the same (prefilled) volume, served with TLS
+        if s == "cryptvol-tls" or s in ENGINE_VARIANTS:
+            need.add("cryptvol")  # the same (prefilled) volume, served with TLS / an engine
         elif s == "nbdkit-luks" or s.startswith("qemu-nbd"):
             need.add("luks")
     if "luks" in need:

@@ -438,7 +438,13 @@ c_att_attach() {
         kill -0 "$(cat /tmp/att-watch.pid)" 2>/dev/null || { cat "$ATT_LOG"; die "cryptvol attach exited: $(tail -n 1 "$ATT_LOG")" || return 1; }
         sleep 0.1
     done
-    sleep 1
+    # It prints the device once attached: wait for that line (bounded), not for a second.
+    i=0
+    while [ ! -s /tmp/att-watch.out ]; do
+        i=$((i + 1))
+        [ $i -gt 600 ] && { cat "$ATT_LOG"; die "cryptvol attach printed nothing 60 s after nbd0 was configured" || return 1; }
+        sleep 0.1
+    done
     cat "$ATT_LOG"
     out=$(cat /tmp/att-watch.out)
     [ "$out" = "$ATT_DEV" ] || die "cryptvol attach printed '$out', want $ATT_DEV" || return 1
@@ -483,10 +489,48 @@ c_att_restart() {
     detail "fio randwrite 80 s verify=crc32c on ext4 over cryptvol attach: restart + upgrade of the daemon, fio ok (err=0), 0 I/O errors in dmesg; I/O waited (LINK_DEAD to reconnect): ${waits}; fio max completion latency $clat (requests the stopping daemon had not read wait for --timeout 10, then are resent); $hits socket(s) reconnected"
 }
 
-# Grow a mounted ext4: the host stops the daemon, grows the volume offline (cryptvol
-# resize +64M) and starts it again on the held socket; the watcher reconnects; cryptvol
-# attach --refresh-size gives the kernel the new size; resize2fs grows the mounted fs.
+# The attached device's new size after the host grew the volume: --refresh-size tells the
+# kernel (netlink RECONFIGURE), resize2fs grows the mounted fs, MiB ($2) written after,
+# no I/O error. $1: the device size before.
+grow_mounted() {
+    old=$1
+    out=$(cryptvol attach --refresh-size "$ATT_DEV" "$EXP_ATT" --connect "$HOST:$ATT_PORT" 2>&1) ||
+        die "cryptvol attach --refresh-size failed: $out" || return 1
+    echo "$out"
+    new=$(blockdev --getsize64 "$ATT_DEV")
+    [ "$new" = $((old + 64 * 1024 * 1024)) ] || die "device size $new after the refresh, want $old + 64 MiB" || return 1
+    resize2fs "$ATT_DEV" || die "resize2fs failed" || return 1
+    newfs=$(df -k /mnt/a | awk 'NR == 2 { print $2 }')
+    [ "$newfs" -gt "$oldfs" ] || die "the filesystem did not grow ($oldfs -> $newfs KiB)" || return 1
+    dd if=/dev/urandom of="/mnt/a/after-grow-$2" bs=1M count="$2" 2>/dev/null && sync || die "writing after the grow failed" || return 1
+    dmesg
+    ioerr=$(dmesg | grep -c -e 'I/O error' -e 'EXT4-fs error' || true)
+    [ "$ioerr" = 0 ] || die "$ioerr I/O error line(s) in dmesg" || return 1
+}
+
+# Grow a mounted ext4 online: the host grows the served volume through the daemon's
+# control socket (cryptvol resize --control PATH att --size +64M) with no restart, while
+# a writer keeps the fs busy; the watcher does not reconnect (nothing to reconnect).
 c_att_grow() {
+    grep -q ' /mnt/a ' /proc/mounts || die "fs not mounted" || return 1
+    old=$(blockdev --getsize64 "$ATT_DEV")
+    oldfs=$(df -k /mnt/a | awk 'NR == 2 { print $2 }')
+    recs=$(grep -c 'reconnected after' "$ATT_LOG" || true)
+    dmesg -c > /dev/null
+    (dd if=/dev/urandom of=/mnt/a/during-grow bs=1M count=24 2>/dev/null && sync) &
+    busy=$!
+    ctl_wait grow-att-online || return 1
+    wait "$busy" || die "writing during the online grow failed" || return 1
+    [ "$(blockdev --getsize64 "$ATT_DEV")" = "$old" ] || die "the device size changed before --refresh-size" || return 1
+    grow_mounted "$old" 48 || return 1
+    now_recs=$(grep -c 'reconnected after' "$ATT_LOG" || true)
+    [ "$now_recs" = "$recs" ] || die "the watcher reconnected ($recs -> $now_recs): the daemon was restarted" || return 1
+    detail "volume grown ONLINE through the control socket while attached and written to (no daemon restart, no reconnect); --refresh-size: $old -> $new bytes; resize2fs on the mounted ext4: $oldfs -> $newfs KiB; 48 MiB written after, no I/O error"
+}
+
+# The offline variant: the host stops the daemon, grows the volume (cryptvol resize FILE
+# +64M) and starts it again on the held socket; the watcher reconnects; then as above.
+c_att_grow_offline() {
     grep -q ' /mnt/a ' /proc/mounts || die "fs not mounted" || return 1
     old=$(blockdev --getsize64 "$ATT_DEV")
     oldfs=$(df -k /mnt/a | awk 'NR == 2 { print $2 }')
@@ -500,19 +544,8 @@ c_att_grow() {
         [ $i -gt 600 ] && { cat "$ATT_LOG"; die "the watcher did not reconnect within 60 s" || return 1; }
         sleep 0.1
     done
-    out=$(cryptvol attach --refresh-size "$ATT_DEV" "$EXP_ATT" --connect "$HOST:$ATT_PORT" 2>&1) ||
-        die "cryptvol attach --refresh-size failed: $out" || return 1
-    echo "$out"
-    new=$(blockdev --getsize64 "$ATT_DEV")
-    [ "$new" = $((old + 64 * 1024 * 1024)) ] || die "device size $new after the refresh, want $old + 64 MiB" || return 1
-    resize2fs "$ATT_DEV" || die "resize2fs failed" || return 1
-    newfs=$(df -k /mnt/a | awk 'NR == 2 { print $2 }')
-    [ "$newfs" -gt "$oldfs" ] || die "the filesystem did not grow ($oldfs -> $newfs KiB)" || return 1
-    dd if=/dev/urandom of=/mnt/a/after-grow bs=1M count=48 2>/dev/null && sync || die "writing after the grow failed" || return 1
-    dmesg
-    ioerr=$(dmesg | grep -c -e 'I/O error' -e 'EXT4-fs error' || true)
-    [ "$ioerr" = 0 ] || die "$ioerr I/O error line(s) in dmesg" || return 1
-    detail "volume grown offline while attached; --refresh-size: $old -> $new bytes; resize2fs on the mounted ext4: $oldfs -> $newfs KiB; 48 MiB written after, no I/O error"
+    grow_mounted "$old" 32 || return 1
+    detail "volume grown offline while attached (daemon stopped, watcher reconnected); --refresh-size: $old -> $new bytes; resize2fs on the mounted ext4: $oldfs -> $newfs KiB; 32 MiB written after, no I/O error"
 }
 
 c_att_fsck() {
@@ -573,6 +606,7 @@ phase3() {
     check attach-netlink-mkfs c_att_attach
     check attach-restart-upgrade-fio c_att_restart
     check attach-grow-resize2fs c_att_grow
+    check attach-grow-offline-resize2fs c_att_grow_offline
     check attach-fsck-detach c_att_fsck
     check attach-reconnect-by-hand c_att_reconnect
     check attach-tls-refused c_att_tls
@@ -603,6 +637,8 @@ case "$PHASE" in
     1) phase1 ;;
     2) phase2 ;;
     3) phase3 ;;
+    # shellcheck disable=SC1091 # staged by kernel-test.sh
+    4) . /kt/guest-ublk.sh && phase4 ;;
     *) result "boot-phase" FAIL "unknown phase '$PHASE'" ;;
 esac
 if [ "$FAILED" -gt 0 ]; then

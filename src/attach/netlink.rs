@@ -280,7 +280,11 @@ fn parse_one(ty: u16, seq: u32, body: &[u8]) -> Result<Message, ParseError> {
     match ty {
         NLMSG_ERROR => {
             let e = ne_u32(body, 0).ok_or_else(|| bad("short NLMSG_ERROR"))? as i32;
-            Ok(Message::Ack { seq, errno: -e })
+            // The kernel sends a negated errno; i32::MIN has no positive counterpart.
+            let errno = e
+                .checked_neg()
+                .ok_or_else(|| bad(format!("NLMSG_ERROR code {e} is no errno")))?;
+            Ok(Message::Ack { seq, errno })
         }
         NLMSG_DONE => Ok(Message::Done { seq }),
         family => {

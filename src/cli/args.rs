@@ -151,6 +151,33 @@ impl StoreArg {
     }
 }
 
+/// Who may open an export besides the daemon's own user: `serve` (the exports of VOLUME
+/// arguments) and `exports add` (the export added) take the same flags.
+#[derive(Args, Clone, Default)]
+pub(super) struct AllowArgs {
+    /// Let Unix-socket clients running as USER (name or uid) open the export(s) named on the command line, besides
+    /// the daemon's own user (repeatable; root is not implied).
+    #[arg(long = "allow-uid", value_name = "USER")]
+    pub(super) uid: Vec<String>,
+    /// Let Unix-socket clients whose primary group (from SO_PEERCRED; supplementary groups
+    /// are not visible) is GROUP (name or gid) open the export(s) named on the command line (repeatable).
+    #[arg(long = "allow-gid", value_name = "GROUP")]
+    pub(super) gid: Vec<String>,
+    /// Let TLS clients whose verified certificate has exactly this subject (e.g.
+    /// "CN=client1,O=Example") open the export(s) (repeatable). Without any --allow-tls-*,
+    /// every certificate the client CA verifies is allowed.
+    #[arg(long = "allow-tls-subject", value_name = "SUBJECT")]
+    pub(super) tls_subject: Vec<String>,
+    /// Let TLS clients whose verified certificate has exactly this subject alternative
+    /// name (DNS:NAME, EMAIL:ADDR, IP:ADDR or URI:URI) open the export(s) (repeatable).
+    #[arg(long = "allow-tls-san", value_name = "SAN")]
+    pub(super) tls_san: Vec<String>,
+    /// Let every client that can connect open the export(s), with no identity check.
+    /// Plaintext TCP clients have no identity and are refused without it.
+    #[arg(long = "allow-anyone")]
+    pub(super) anyone: bool,
+}
+
 /// The control socket of a running daemon.
 #[derive(Args, Clone)]
 pub(super) struct ControlArg {

@@ -90,6 +90,7 @@ pub(super) async fn demo(a: DemoArgs) -> Result<()> {
         server::Control::default(),
         signals,
         None,
+        Default::default(),
     )
     .await
 }

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
-use super::args::ControlArg;
+use super::args::{AllowArgs, ControlArg};
 use super::control::control_call;
 use super::print::print_json;
 use crate::config::parse_volume_arg;
@@ -36,21 +36,9 @@ pub(super) struct AddArgs {
     /// Punch holes in the backing file on TRIM (see `serve --discard`).
     #[arg(long)]
     discard: bool,
-    /// Let Unix-socket clients running as USER (name or uid) open it (repeatable).
-    #[arg(long, value_name = "USER")]
-    allow_uid: Vec<String>,
-    /// Let Unix-socket clients whose primary group is GROUP open it (repeatable).
-    #[arg(long, value_name = "GROUP")]
-    allow_gid: Vec<String>,
-    /// Let TLS clients with exactly this certificate subject open it (repeatable).
-    #[arg(long, value_name = "SUBJECT")]
-    allow_tls_subject: Vec<String>,
-    /// Let TLS clients with this subject alternative name open it (repeatable).
-    #[arg(long, value_name = "SAN")]
-    allow_tls_san: Vec<String>,
-    /// Let every client that can connect open it.
-    #[arg(long)]
-    allow_anyone: bool,
+    /// Who may open it.
+    #[command(flatten)]
+    allow: AllowArgs,
     #[command(flatten)]
     control: ControlArg,
 }
@@ -100,11 +88,11 @@ async fn add(a: AddArgs) -> Result<()> {
             .to_string(),
         read_only: a.read_only,
         discard: a.discard,
-        allow_uid: a.allow_uid,
-        allow_gid: a.allow_gid,
-        allow_tls_subject: a.allow_tls_subject,
-        allow_tls_san: a.allow_tls_san,
-        allow_anyone: a.allow_anyone,
+        allow_uid: a.allow.uid,
+        allow_gid: a.allow.gid,
+        allow_tls_subject: a.allow.tls_subject,
+        allow_tls_san: a.allow.tls_san,
+        allow_anyone: a.allow.anyone,
     };
     let m = call(&a.control, ExportsRequest::Add(req)).await?;
     let e: ExportEntry = serde_json::from_value(m.get("export").cloned().unwrap_or_default())

@@ -22,6 +22,7 @@ mod print;
 mod reencrypt;
 mod resize;
 mod serve;
+mod serve_ublk;
 mod signals;
 mod snapshots;
 mod volume;
@@ -133,7 +134,8 @@ enum Command {
     /// cryptsetup/dmsetup line that opens the volume file with dm-crypt (audited; root or
     /// the file's owner, and the key policy's unwrap permission).
     BreakGlass(break_glass::BreakGlassArgs),
-    /// Grow a volume (never shrink): a volume file that is not served.
+    /// Grow a volume (never shrink): a volume file that is not served, or a served export
+    /// online through the daemon's control socket (--control PATH EXPORT).
     Resize(resize::ResizeArgs),
     /// Add, remove and list the exports of a running daemon without restarting it.
     #[command(subcommand)]

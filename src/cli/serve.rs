@@ -9,8 +9,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::args::{parse_mode, parse_size_arg, KeystoreArgs, PassphraseArgs};
+use super::args::{parse_mode, parse_size_arg, AllowArgs, KeystoreArgs, PassphraseArgs};
 use super::live_exports::{ConfigReload, DaemonExports};
+use super::serve_ublk::UblkDevices;
 use super::signals::DaemonSignals;
 use crate::config::{self, CliOverrides, ExportSpec};
 use crate::keys::{Argon2Params, WrappedDek};
@@ -115,32 +116,17 @@ pub(super) struct ServeArgs {
     /// Bytes of request payload held in memory at once, across all connections [default: 64M].
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
     max_inflight: Option<u64>,
+    /// The backing files' I/O engine: uring (io_uring), threads (pread/pwrite), or auto
+    /// (the engine measured faster on buffered files: threads today; the choice is logged)
+    /// [default: the config file's `engine`, else auto].
+    #[arg(long, value_name = "ENGINE", value_parser = parse_engine_arg)]
+    engine: Option<crate::volume::EngineChoice>,
     /// Transmission threads per connection: requests of one connection served at once.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
-    /// Let Unix-socket clients running as USER (name or uid) open the exports of VOLUME
-    /// arguments, besides the daemon's own user (repeatable; root is not implied).
-    #[arg(long, value_name = "USER")]
-    allow_uid: Vec<String>,
-    /// Let Unix-socket clients whose primary group (from SO_PEERCRED; supplementary groups
-    /// are not visible) is GROUP (name or gid) open the exports of VOLUME arguments
-    /// (repeatable).
-    #[arg(long, value_name = "GROUP")]
-    allow_gid: Vec<String>,
-    /// Let TLS clients whose verified certificate has exactly this subject (e.g.
-    /// "CN=client1,O=Example") open the exports of VOLUME arguments (repeatable). Without
-    /// any --allow-tls-*, every certificate the client CA verifies is allowed.
-    #[arg(long, value_name = "SUBJECT")]
-    allow_tls_subject: Vec<String>,
-    /// Let TLS clients whose verified certificate has exactly this subject alternative
-    /// name (DNS:NAME, EMAIL:ADDR, IP:ADDR or URI:URI) open the exports of VOLUME arguments
-    /// (repeatable).
-    #[arg(long, value_name = "SAN")]
-    allow_tls_san: Vec<String>,
-    /// Let every client that can connect open the exports of VOLUME arguments, with no
-    /// identity check. Plaintext TCP clients have no identity and are refused without it.
-    #[arg(long)]
-    allow_anyone: bool,
+    /// Who may open the exports of VOLUME arguments.
+    #[command(flatten)]
+    allow: AllowArgs,
     /// Control socket for `cryptvol status`, `exports`, `reencrypt EXPORT`, `snapshot create
     /// EXPORT` (mode 0600) [default: the config file's `control`, else
     /// /run/cryptvol/control.sock when running as root, else none].
@@ -152,6 +138,12 @@ pub(super) struct ServeArgs {
     /// file's `metrics`, else none]. Port 0 picks a free port (logged).
     #[arg(long, value_name = "HOST:PORT")]
     metrics: Option<String>,
+    /// Also expose export EXPORT as /dev/ublkbN through the kernel's ublk driver (Linux
+    /// 6.0+, `modprobe ublk_drv`; repeatable). With :ID the device is /dev/ublkbID, and a
+    /// device ID that a killed daemon left quiesced is recovered: the I/O that waited is
+    /// served. See docs/ublk.md.
+    #[arg(long, value_name = "EXPORT[:ID]", value_parser = super::serve_ublk::parse_ublk_spec)]
+    ublk: Vec<super::serve_ublk::UblkSpec>,
     #[command(flatten)]
     keystore: KeystoreArgs,
     #[command(flatten)]
@@ -174,7 +166,16 @@ pub(super) async fn serve(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Resu
     };
     let reload = config_file
         .map(|path| ConfigReload::new(path, Box::new(move || overrides(&args)), d.specs, d.opener));
-    run_server(d.exports, d.listeners, d.config, d.control, signals, reload).await
+    run_server(
+        d.exports,
+        d.listeners,
+        d.config,
+        d.control,
+        signals,
+        reload,
+        d.ublk,
+    )
+    .await
 }
 
 /// What `serve` has ready once start-up is done.
@@ -187,6 +188,8 @@ struct Started {
     specs: Vec<ExportSpec>,
     /// Opens the exports added while serving.
     opener: Arc<DaemonExports>,
+    /// The `--ublk` devices, live.
+    ublk: UblkDevices,
 }
 
 /// Start-up: settings, TLS, keys, sockets, unlocked volumes, control socket, listeners.
@@ -226,6 +229,7 @@ async fn start(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<Started>
     let daemon_options = crate::volume::OpenOptions {
         read_only: a.read_only,
         discard: a.discard,
+        engine: settings.engine,
     };
     let opener = Arc::new(DaemonExports::new(&keys, daemon_options));
     let mut control = daemon_control(settings.control.clone(), &keys).await?;
@@ -233,6 +237,7 @@ async fn start(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<Started>
     control.metrics = open_metrics(settings.metrics.as_deref()).await?;
     let listeners = open_listeners(inherited, &settings.listeners, &control).await?;
     let config = server_config(&settings, a.threads, &keys, tls);
+    let ublk = UblkDevices::start(&a.ublk, &exports).await?;
     Ok(Started {
         exports,
         listeners,
@@ -240,6 +245,7 @@ async fn start(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<Started>
         control,
         specs: settings.exports,
         opener,
+        ublk,
     })
 }
 
@@ -268,17 +274,23 @@ fn overrides(a: &ServeArgs) -> CliOverrides {
         control: a.control.clone(),
         metrics: a.metrics.clone(),
         allow: config::AllowFlags {
-            uid: a.allow_uid.clone(),
-            gid: a.allow_gid.clone(),
-            tls_subject: a.allow_tls_subject.clone(),
-            tls_san: a.allow_tls_san.clone(),
-            anyone: a.allow_anyone,
+            uid: a.allow.uid.clone(),
+            gid: a.allow.gid.clone(),
+            tls_subject: a.allow.tls_subject.clone(),
+            tls_san: a.allow.tls_san.clone(),
+            anyone: a.allow.anyone,
         },
         tls: a.tls,
         tls_cert: a.tls_cert.clone(),
         tls_key: a.tls_key.clone(),
         tls_client_ca: a.tls_client_ca.clone(),
+        engine: a.engine,
     }
+}
+
+/// `--engine auto|threads|uring`.
+fn parse_engine_arg(s: &str) -> Result<crate::volume::EngineChoice, String> {
+    s.parse()
 }
 
 /// Loads the certificate, key and client CA when TLS is configured.
@@ -473,6 +485,7 @@ pub(super) async fn open_export(spec: &ExportSpec, keys: &KeyOptions) -> Result<
         size = header.size,
         sector_size = header.sector_size,
         read_only = opts.read_only,
+        engine = vol.engine_name(),
         access = %access_summary(&spec.access),
         "export opened"
     );
@@ -523,6 +536,7 @@ pub(super) async fn run_server(
     control: server::Control,
     mut signals: DaemonSignals,
     reload: Option<ConfigReload>,
+    mut ublk: UblkDevices,
 ) -> Result<()> {
     for l in &listeners {
         tracing::info!("listening on {}", l.describe());
@@ -550,7 +564,10 @@ pub(super) async fn run_server(
         systemd::notify_stopping();
         sd.shutdown();
     });
-    server::serve_live(live, listeners, config, shutdown, control).await?;
+    let served = server::serve_live(live, listeners, config, shutdown, control).await;
+    // The ublk devices stop after the NBD server (each then flushes its volume again).
+    ublk.stop().await;
+    served?;
     tracing::info!("stopped; all volumes flushed");
     Ok(())
 }

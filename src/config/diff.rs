@@ -71,6 +71,7 @@ pub fn spec_from_add(add: &ExportAdd, daemon: OpenOptions) -> Result<ExportSpec,
         options: OpenOptions {
             read_only: add.read_only || daemon.read_only,
             discard: add.discard || daemon.discard,
+            ..daemon
         },
         access: cli_policy(&allow)?,
     })
@@ -88,6 +89,7 @@ mod tests {
             options: OpenOptions {
                 read_only,
                 discard: false,
+                ..OpenOptions::default()
             },
             access: AccessPolicy::default(),
         }
@@ -151,6 +153,7 @@ mod tests {
         let daemon = OpenOptions {
             read_only: true,
             discard: false,
+            ..OpenOptions::default()
         };
         let s = spec_from_add(&add, daemon).unwrap();
         assert!(s.options.read_only && !s.options.discard);

@@ -49,6 +49,8 @@ fn add_file_exports(
                 options: OpenOptions {
                     read_only: e.read_only || cli.read_only,
                     discard: e.discard || cli.discard,
+                    // The engine is the daemon's (set by `resolve`).
+                    ..OpenOptions::default()
                 },
                 access,
             },
@@ -74,6 +76,7 @@ fn add_cli_exports(cli: &CliOverrides, exports: &mut Vec<ExportSpec>) -> Result<
         let options = OpenOptions {
             read_only: cli.read_only,
             discard: cli.discard,
+            ..OpenOptions::default()
         };
         add_export(
             exports,

@@ -27,6 +27,8 @@ pub struct ConfigFile {
     pub log_format: Option<String>,
     /// `HOST:PORT` of the Prometheus metrics endpoint (`GET /metrics`) [default: none].
     pub metrics: Option<String>,
+    /// The backing files' engine: "auto", "threads" or "uring" (`--engine` overrides it).
+    pub engine: Option<String>,
     /// The snapshot store of the `snapshot` commands and `create --from-snapshot`
     /// (file:///DIR, DIR or s3://BUCKET/PREFIX).
     pub snapshot_store: Option<String>,

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use crate::keys::PassphraseSource;
 use crate::nbd::TlsMode;
+use crate::volume::EngineChoice;
 
 /// The `--allow-*` flags (they apply to the exports of `VOLUME` arguments).
 #[derive(Debug, Default)]
@@ -61,4 +62,6 @@ pub struct CliOverrides {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
+    /// `--engine`.
+    pub engine: Option<EngineChoice>,
 }

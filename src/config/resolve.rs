@@ -16,6 +16,7 @@ use super::{ConfigError, DEFAULT_MAX_INFLIGHT};
 use crate::keys::PassphraseSource;
 use crate::nbd::TlsMode;
 use crate::size::parse_size;
+use crate::volume::EngineChoice;
 
 /// Where the configuration came from: the file (named in messages) and the directory
 /// its relative paths are relative to.
@@ -95,7 +96,11 @@ pub fn resolve(
     let addresses = choose_addresses(&origin, &cli, &listen)?;
     let limits = resolve_limits(&origin, &cli, &listen)?;
     let listeners = build_listeners(&origin, &addresses, socket_mode, exposure.allow_remote)?;
-    let exports = resolve_exports(&origin, &cli, file.exports)?;
+    let engine = resolve_engine(&origin, cli.engine, file.engine.as_deref())?;
+    let mut exports = resolve_exports(&origin, &cli, file.exports)?;
+    for e in &mut exports {
+        e.options.engine = engine;
+    }
     let max_inflight = max_inflight(&origin, cli.max_inflight, file.max_inflight.as_ref())?;
 
     let passphrase = cli.passphrase.or_else(|| {
@@ -117,8 +122,24 @@ pub fn resolve(
         max_inflight,
         control: cli.control.or(file.control.map(|c| origin.join(c))),
         metrics: cli.metrics.or(file.metrics),
+        engine,
         tls,
     })
+}
+
+/// The backing files' engine: `--engine`, else the file's `engine`, else auto.
+fn resolve_engine(
+    origin: &Origin,
+    cli: Option<EngineChoice>,
+    file: Option<&str>,
+) -> Result<EngineChoice, ConfigError> {
+    match (cli, file) {
+        (Some(e), _) => Ok(e),
+        (None, Some(s)) => s
+            .parse()
+            .map_err(|e: String| origin.invalid(&format!("engine: {e}"))),
+        (None, None) => Ok(EngineChoice::default()),
+    }
 }
 
 /// The in-flight memory budget: `--max-inflight`, else the file's `max_inflight`, else

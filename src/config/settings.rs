@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use crate::keys::PassphraseSource;
 use crate::nbd::TlsMode;
 use crate::server::{AccessPolicy, ListenerSpec, TlsFiles};
-use crate::volume::OpenOptions;
+use crate::volume::{EngineChoice, OpenOptions};
 
 /// TLS as configured (mode `on` or `require`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +68,9 @@ pub struct ServeSettings {
     /// The metrics endpoint's `HOST:PORT` (`--metrics` over the file's `metrics`);
     /// `None`: no metrics served.
     pub metrics: Option<String>,
+    /// The backing files' engine (`--engine` over the file's `engine`), also in every
+    /// export's open options.
+    pub engine: EngineChoice,
     /// `None`: TLS off.
     pub tls: Option<TlsSettings>,
 }

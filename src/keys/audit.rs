@@ -258,6 +258,33 @@ impl AuditWriter {
         self.write_line(&encode(event))
     }
 
+    /// One `resize` record for volume `volume`: grown as `detail` says, or (with
+    /// `failure`) a grow that was refused or failed, and why. Offline (`cryptvol resize
+    /// FILE`) and online (the daemon's `resize` request) grows write the same record.
+    pub fn write_resize(
+        &self,
+        volume: &uuid::Uuid,
+        detail: &str,
+        failure: Option<String>,
+    ) -> Result<(), KeyError> {
+        let ctx = EncryptionContext::for_volume(volume);
+        // The record's `error` field names a key error kind: a failed resize is recorded
+        // as the volume being in a state that does not allow it.
+        let failure = failure.map(|reason| KeyError::InvalidState {
+            key: volume.to_string(),
+            reason,
+        });
+        self.write(&AuditEvent {
+            operation: "resize",
+            backend: "volume",
+            key_id: "",
+            context: Some(&ctx),
+            principal: &Principal::current(),
+            outcome: failure.as_ref().map_or(Ok(()), Err),
+            detail: Some(detail),
+        })
+    }
+
     fn write_line(&self, line: &[u8]) -> Result<(), KeyError> {
         let Some(mut file) = self.file.as_ref() else {
             return Ok(());

@@ -611,6 +611,76 @@ impl ExecBackend {
         }
     }
 
+    /// The key a `describe` answer describes.
+    fn describe_reply(&self, out: &[u8], key: Option<&str>) -> Result<KeyDescription, KeyError> {
+        let r = self.parse(out, "describe", key)?;
+        let id = self.check_key_id(r.key_id.as_deref(), "describe")?;
+        Ok(KeyDescription {
+            backend: EXEC.to_string(),
+            key_id: self.slot_key_id(&id),
+            aliases: r.aliases.iter().map(|a| shown(a)).collect(),
+            state: r.state.clone().unwrap_or(KeyState::Enabled),
+            created_at: r.created_at.as_deref().map(shown).unwrap_or_default(),
+        })
+    }
+
+    /// The keyslot a `wrap` answer gives for a data key wrapped under `ctx`.
+    fn wrap_reply(
+        &self,
+        out: &[u8],
+        key: Option<&str>,
+        ctx: &EncryptionContext,
+    ) -> Result<WrappedDek, KeyError> {
+        let r = self.parse(out, "wrap", key)?;
+        let id = self.check_key_id(r.key_id.as_deref(), "wrap")?;
+        let blob = r
+            .blob_b64
+            .as_deref()
+            .and_then(|b| STANDARD.decode(b).ok())
+            .filter(|b| !b.is_empty() && b.len() <= MAX_BLOB_LEN)
+            .ok_or_else(|| {
+                exec_err(
+                    &self.name,
+                    format!(
+                        "its answer to wrap lacks blob_b64 (base64 of 1 to {MAX_BLOB_LEN} bytes)"
+                    ),
+                )
+            })?;
+        check_params(&self.name, &r.params)?;
+        Ok(WrappedDek {
+            backend: EXEC.to_string(),
+            key_id: self.slot_key_id(&id),
+            blob,
+            context: ctx.clone(),
+            params: r.params,
+        })
+    }
+
+    /// The data key an `unwrap` answer for `key` carries.
+    fn unwrap_reply(&self, out: &[u8], key: &str) -> Result<Dek, KeyError> {
+        let r = self.parse(out, "unwrap", Some(key))?;
+        if r.key_id.as_deref().is_some_and(|id| id != key) {
+            return Err(exec_err(
+                &self.name,
+                "its answer to unwrap names another key than the one asked",
+            ));
+        }
+        let b64 = r
+            .plaintext_b64
+            .ok_or_else(|| exec_err(&self.name, "its answer to unwrap lacks plaintext_b64"))?;
+        let mut raw = Zeroizing::new([0u8; DEK_LEN + 3]);
+        let n = STANDARD
+            .decode_slice(b64.as_bytes(), &mut raw[..])
+            .map_err(|_| exec_err(&self.name, "its plaintext_b64 is not base64 of 64 bytes"))?;
+        if n != DEK_LEN {
+            return Err(exec_err(
+                &self.name,
+                format!("its plaintext_b64 holds {n} bytes, not {DEK_LEN}"),
+            ));
+        }
+        Ok(Dek::from_slice(&raw[..DEK_LEN])?)
+    }
+
     /// Checks a key id the program returned.
     fn check_key_id(&self, id: Option<&str>, op: &str) -> Result<String, KeyError> {
         let id = id.unwrap_or("");
@@ -732,15 +802,7 @@ impl KeyBackend for ExecBackend {
 
     async fn describe_key(&self, key: Option<&str>) -> Result<KeyDescription, KeyError> {
         let out = self.call("describe", key, None, None, None).await?;
-        let r = self.parse(&out, "describe", key)?;
-        let id = self.check_key_id(r.key_id.as_deref(), "describe")?;
-        Ok(KeyDescription {
-            backend: EXEC.to_string(),
-            key_id: self.slot_key_id(&id),
-            aliases: r.aliases.iter().map(|a| shown(a)).collect(),
-            state: r.state.clone().unwrap_or(KeyState::Enabled),
-            created_at: r.created_at.as_deref().map(shown).unwrap_or_default(),
-        })
+        self.describe_reply(&out, key)
     }
 
     async fn wrap(
@@ -758,29 +820,7 @@ impl KeyBackend for ExecBackend {
         let out = self
             .call("wrap", key, Some(plaintext), None, Some(ctx))
             .await?;
-        let r = self.parse(&out, "wrap", key)?;
-        let id = self.check_key_id(r.key_id.as_deref(), "wrap")?;
-        let blob = r
-            .blob_b64
-            .as_deref()
-            .and_then(|b| STANDARD.decode(b).ok())
-            .filter(|b| !b.is_empty() && b.len() <= MAX_BLOB_LEN)
-            .ok_or_else(|| {
-                exec_err(
-                    &self.name,
-                    format!(
-                        "its answer to wrap lacks blob_b64 (base64 of 1 to {MAX_BLOB_LEN} bytes)"
-                    ),
-                )
-            })?;
-        check_params(&self.name, &r.params)?;
-        Ok(WrappedDek {
-            backend: EXEC.to_string(),
-            key_id: self.slot_key_id(&id),
-            blob,
-            context: ctx.clone(),
-            params: r.params,
-        })
+        self.wrap_reply(&out, key, ctx)
     }
 
     async fn unwrap(
@@ -814,29 +854,12 @@ impl KeyBackend for ExecBackend {
                 Some(&wrapped.context),
             )
             .await?;
-        let r = self.parse(&out, "unwrap", Some(key))?;
-        if r.key_id.as_deref().is_some_and(|id| id != key) {
-            return Err(exec_err(
-                &self.name,
-                "its answer to unwrap names another key than the one asked",
-            ));
-        }
-        let b64 = r
-            .plaintext_b64
-            .ok_or_else(|| exec_err(&self.name, "its answer to unwrap lacks plaintext_b64"))?;
-        let mut raw = Zeroizing::new([0u8; DEK_LEN + 3]);
-        let n = STANDARD
-            .decode_slice(b64.as_bytes(), &mut raw[..])
-            .map_err(|_| exec_err(&self.name, "its plaintext_b64 is not base64 of 64 bytes"))?;
-        if n != DEK_LEN {
-            return Err(exec_err(
-                &self.name,
-                format!("its plaintext_b64 holds {n} bytes, not {DEK_LEN}"),
-            ));
-        }
-        Ok(Dek::from_slice(&raw[..DEK_LEN])?)
+        self.unwrap_reply(&out, key)
     }
 }
+
+#[doc(hidden)]
+pub(crate) mod fuzz_hooks;
 
 #[cfg(test)]
 mod tests;

@@ -17,6 +17,10 @@ mod audit;
 mod aws_kms;
 mod clock;
 mod exec;
+#[doc(hidden)]
+pub(crate) use exec::fuzz_hooks as exec_fuzz_hooks;
+#[doc(hidden)]
+pub(crate) use local::fuzz_hooks as keystore_fuzz_hooks;
 mod keyref;
 mod local;
 mod passphrase;

@@ -78,6 +78,7 @@ pub async fn export(
     let opts = OpenOptions {
         read_only: true,
         discard: false,
+        ..OpenOptions::default()
     };
     let (vol, _, _) = ops::unlock(req.volume, keys, opts).await?;
     let cancel = cancel.clone();

@@ -129,20 +129,7 @@ impl Journal {
                 .map_err(|e| MigrateError::io(&self.path, e))?;
             text.truncate(complete);
         }
-        let mut records = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            let r: Record =
-                serde_json::from_str(line).map_err(|e| self.bad(format!("line {}: {e}", i + 1)))?;
-            records.push(r);
-        }
-        if let Some(Record::Start { version, .. }) = records.first() {
-            if *version != JOURNAL_VERSION {
-                return Err(self.bad(format!("unknown version {version}")));
-            }
-        } else if !records.is_empty() {
-            return Err(self.bad("it does not begin with a start record".into()));
-        }
-        Ok(records)
+        parse_records(&text).map_err(|detail| self.bad(detail))
     }
 
     fn bad(&self, detail: String) -> MigrateError {
@@ -191,6 +178,24 @@ impl Drop for Journal {
 }
 
 /// Whether `path` still names the open `file`.
+/// Parses the complete lines of a journal (`text` ends after a newline or is empty):
+/// its records, or why it is not a journal this version can resume from.
+pub(crate) fn parse_records(text: &str) -> Result<Vec<Record>, String> {
+    let mut records = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let r: Record = serde_json::from_str(line).map_err(|e| format!("line {}: {e}", i + 1))?;
+        records.push(r);
+    }
+    if let Some(Record::Start { version, .. }) = records.first() {
+        if *version != JOURNAL_VERSION {
+            return Err(format!("unknown version {version}"));
+        }
+    } else if !records.is_empty() {
+        return Err("it does not begin with a start record".into());
+    }
+    Ok(records)
+}
+
 fn same_file(file: &File, path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (file.metadata(), std::fs::metadata(path)) {

@@ -194,10 +194,28 @@ impl NbdClient {
             server: server.clone(),
             err,
         })?;
+        NbdClient::negotiate(stream, server, uri.export.clone())
+    }
+
+    /// Negotiates `export` over a connected Unix stream socket whose peer `server` names
+    /// in errors (the fuzz targets play the server's part this way).
+    pub(crate) fn over_unix_stream(
+        stream: UnixStream,
+        server: String,
+        export: String,
+    ) -> Result<NbdClient, NbdClientError> {
+        NbdClient::negotiate(Stream::Unix(stream), server, export)
+    }
+
+    fn negotiate(
+        stream: Stream,
+        server: String,
+        export: String,
+    ) -> Result<NbdClient, NbdClientError> {
         let mut hs = Handshake {
             stream,
             server,
-            export: uri.export.clone(),
+            export,
         };
         let details = hs.negotiate()?;
         tracing::debug!(server = %hs.server, ?details, "NBD export opened");

@@ -100,14 +100,20 @@ impl NbdUri {
     }
 }
 
+/// Prints a URI that parses back to the same address and export: the export name and
+/// the socket path are %-escaped (a name holding `?`, `#` or `%` stays a name).
 impl fmt::Display for NbdUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let export = percent_encode(&self.export);
         match &self.addr {
             NbdAddr::Tcp { host, port } if host.contains(':') => {
-                write!(f, "nbd://[{host}]:{port}/{}", self.export)
+                write!(f, "nbd://[{host}]:{port}/{export}")
             }
-            NbdAddr::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{}", self.export),
-            NbdAddr::Unix(p) => write!(f, "nbd+unix:///{}?socket={}", self.export, p.display()),
+            NbdAddr::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{export}"),
+            NbdAddr::Unix(p) => {
+                let socket = percent_encode(&p.to_string_lossy());
+                write!(f, "nbd+unix:///{export}?socket={socket}")
+            }
         }
     }
 }
@@ -135,6 +141,11 @@ fn parse_authority(a: &str) -> Result<(String, u16), String> {
     if host.is_empty() {
         return Err("missing host (nbd://HOST[:PORT]/EXPORT)".into());
     }
+    if host.contains(['[', ']']) || (host.contains(':') && !a.starts_with('[')) {
+        return Err(
+            "bad host: write an IPv6 address in brackets (nbd://[ADDR]:PORT/EXPORT)".into(),
+        );
+    }
     let port = match port {
         None | Some("") => DEFAULT_PORT,
         Some(p) => p
@@ -154,6 +165,20 @@ fn parse_query(q: Option<&str>) -> Option<Vec<(String, String)>> {
         out.push((percent_decode(k)?, percent_decode(v)?));
     }
     Some(out)
+}
+
+/// `%XX` for every byte but the unreserved characters and `/` (what [`percent_decode`]
+/// turns back into `s`).
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Decodes `%XX` escapes; `None` on a malformed escape or a result that is not UTF-8.
@@ -239,10 +264,39 @@ mod tests {
             ("http://h/x", "not an NBD URI"),
             ("/dev/sda", "expected nbd://"),
             ("nbd://u@h/x", "user names"),
+            // Found by the nbd_uri fuzz target: printed as [h]sp:880]:8809, which did not parse.
+            ("nbd://h]sp:880:8809/", "bad host"),
+            ("nbd://::1/x", "bad host"),
+            ("nbd://[[x]/y", "bad host"),
         ] {
             let e = NbdUri::parse(uri).unwrap_err().to_string();
             assert!(e.contains(needle), "{uri}: {e}");
         }
+    }
+
+    /// Found by the nbd_uri fuzz target: names holding `%`, `?` or `#` printed raw, so
+    /// the printed URI (an import's recorded source) named another export or did not parse.
+    #[test]
+    fn printed_uris_parse_back_to_the_same_uri() {
+        for uri in [
+            "nbd://h:1/a%25b",
+            "nbd://h:1/a%3Fb%23c",
+            "nbd://[::1]:2/%20x",
+            "nbd+unix:///e%26?socket=/tmp/a%26b%3D.sock",
+            "nbd://h/a/b",
+        ] {
+            let parsed = NbdUri::parse(uri).unwrap();
+            let printed = parsed.to_string();
+            assert_eq!(
+                NbdUri::parse(&printed).unwrap(),
+                parsed,
+                "{uri} printed as {printed}"
+            );
+        }
+        assert_eq!(
+            NbdUri::parse("nbd://h/a%25").unwrap().to_string(),
+            "nbd://h:10809/a%25"
+        );
     }
 
     #[test]

@@ -17,6 +17,8 @@
 //! - `break_glass`: handing a volume's data key to dm-crypt (`cryptvol break-glass`).
 
 mod break_glass;
+#[cfg(test)]
+mod crashstates_tests;
 mod create;
 mod info;
 mod key_choice;

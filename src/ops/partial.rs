@@ -35,6 +35,8 @@ pub(super) fn publish_partial(partial: &Path, path: &Path) -> Result<(), VolumeE
         }
         Err(e) => return Err(io(path, e)),
     }
+    #[cfg(test)]
+    crate::volume::crashstates::note_linked(partial);
     match std::fs::remove_file(partial) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

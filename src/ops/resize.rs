@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use crate::crypto::Dek;
-use crate::keys::{AuditEvent, AuditLog, AuditWriter, EncryptionContext, KeyError, Principal};
+use crate::keys::{AuditLog, AuditWriter, KeyError};
 use crate::progress::Progress;
 use crate::volume::{Growth, Header, OpenOptions, Volume, VolumeError};
 
@@ -66,7 +66,7 @@ pub async fn resize(
     let (vol, header, _) = match unlock(path, keys, rw).await {
         Err(OpsError::Volume(VolumeError::InUse { path })) => {
             return Err(OpsError::Volume(VolumeError::Resize {
-                detail: "it is being served by a running cryptvol (its open lock is held); stop serving it (stop the daemon or remove the export), resize, and serve it again; clients that reconnect see the new size".into(),
+                detail: "it is being served by a running cryptvol (its open lock is held); grow it online through the daemon instead: cryptvol resize --control PATH EXPORT --size SIZE".into(),
                 path,
             }))
         }
@@ -111,21 +111,6 @@ fn audit_resize(
     new_size: u64,
     error: Option<&VolumeError>,
 ) -> Result<(), KeyError> {
-    let ctx = EncryptionContext::for_volume(&header.uuid);
     let detail = format!("path={} size={}->{}", path.display(), header.size, new_size);
-    // The audit record's `error` field names a key error kind: a failed resize is
-    // recorded as the volume being in a state that does not allow it.
-    let failure = error.map(|e| KeyError::InvalidState {
-        key: header.uuid.to_string(),
-        reason: e.to_string(),
-    });
-    audit.write(&AuditEvent {
-        operation: "resize",
-        backend: "volume",
-        key_id: "",
-        context: Some(&ctx),
-        principal: &Principal::current(),
-        outcome: failure.as_ref().map_or(Ok(()), Err),
-        detail: Some(&detail),
-    })
+    audit.write_resize(&header.uuid, &detail, error.map(ToString::to_string))
 }

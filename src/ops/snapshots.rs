@@ -37,6 +37,7 @@ pub async fn snapshot_create(
     let ro = OpenOptions {
         read_only: true,
         discard: false,
+        ..OpenOptions::default()
     };
     let vol = match Volume::open(path, &header, dek_copy(&dek)?, ro) {
         Ok(v) => v,

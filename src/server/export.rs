@@ -13,6 +13,8 @@ use crate::volume::{Volume, VolumeError};
 
 /// One served volume.
 pub struct Export {
+    /// What the export is, as at creation: its `size` is not updated by an online grow;
+    /// handshakes use [`Export::info_now`].
     pub info: ExportInfo,
     /// What NBD sessions read and write: the volume, as a [`BlockDevice`].
     pub device: Arc<dyn BlockDevice>,
@@ -79,6 +81,15 @@ impl Export {
     pub fn with_policy(mut self, policy: AccessPolicy) -> Export {
         self.policy = policy;
         self
+    }
+
+    /// What a handshake offers now: the cached info with the volume's current size (an
+    /// online grow raises it; sessions already in transmission keep theirs).
+    pub fn info_now(&self) -> ExportInfo {
+        ExportInfo {
+            size: self.volume.size(),
+            ..self.info.clone()
+        }
     }
 
     /// Connections in transmission on this export.
@@ -175,7 +186,7 @@ impl ExportCatalog for AuthorizedCatalog<'_> {
         match authorize(&export.policy, self.peer, self.daemon_uid) {
             Ok(grant) => {
                 tracing::debug!(export = %name, peer = %self.peer, ?grant, "access granted");
-                Ok(export.info.clone())
+                Ok(export.info_now())
             }
             Err(reason) => Err(LookupError::Denied(reason)),
         }
@@ -184,7 +195,7 @@ impl ExportCatalog for AuthorizedCatalog<'_> {
         self.exports
             .iter()
             .filter(|e| authorize(&e.policy, self.peer, self.daemon_uid).is_ok())
-            .map(|e| e.info.clone())
+            .map(|e| e.info_now())
             .collect()
     }
     fn default_export(&self) -> Option<String> {

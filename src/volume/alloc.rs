@@ -15,12 +15,12 @@
 //!   persisted set bit ever points at a punched hole.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 
 use sha2::{Digest, Sha256};
+
+use super::engine::FileEngine;
 
 /// The required feature naming a volume with an allocation map.
 pub const FEATURE: &str = "allocation-map";
@@ -40,7 +40,7 @@ const OFF_INDEX: usize = 8;
 const OFF_COPY: usize = 16;
 const OFF_SEQ: usize = 24;
 const OFF_UUID: usize = 32;
-const OFF_CSUM: usize = 64;
+pub(super) const OFF_CSUM: usize = 64;
 /// Where the map area starts: right after the two header copies.
 const MAP_AREA_START: u64 = super::header::HEADER_AREA_SIZE;
 
@@ -126,7 +126,7 @@ impl MapLayout {
     }
 }
 
-fn page_checksum(page: &[u8; PAGE_SIZE]) -> [u8; 32] {
+pub(super) fn page_checksum(page: &[u8; PAGE_SIZE]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(&page[..OFF_CSUM]);
     h.update([0u8; 32]);
@@ -137,7 +137,7 @@ fn page_checksum(page: &[u8; PAGE_SIZE]) -> [u8; 32] {
 /// Encodes one page: header (magic, page index, copy, sequence, volume UUID, SHA-256)
 /// and the bitmap words `words` (little-endian, chunk `i` of the page = bit `i % 64`
 /// of word `i / 64`).
-fn encode_page(
+pub(super) fn encode_page(
     uuid: &uuid::Uuid,
     index: u64,
     copy: usize,
@@ -169,7 +169,7 @@ fn le64(b: &[u8], at: usize) -> u64 {
 
 /// Decodes a page read from copy `copy` at index `index`: its sequence number and
 /// words, or why it is not valid.
-fn decode_page(
+pub(super) fn decode_page(
     p: &[u8; PAGE_SIZE],
     uuid: &uuid::Uuid,
     index: u64,
@@ -259,17 +259,10 @@ struct Loaded {
     repair: BTreeSet<u64>,
 }
 
-fn read_page(file: &File, off: u64) -> std::io::Result<Box<[u8; PAGE_SIZE]>> {
+fn read_page(file: &dyn FileEngine, off: u64) -> std::io::Result<Box<[u8; PAGE_SIZE]>> {
     let mut p = Box::new([0u8; PAGE_SIZE]);
-    let mut done = 0;
-    while done < PAGE_SIZE {
-        match file.read_at(&mut p[done..], off + done as u64) {
-            Ok(0) => break, // beyond EOF reads as zeros (invalid page)
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    // Beyond EOF reads as zeros (an invalid page).
+    file.read_exact_at(&mut p[..], off)?;
     Ok(p)
 }
 
@@ -285,7 +278,11 @@ fn geometry_error(detail: String) -> std::io::Error {
 /// copies must lie inside the file (they are written when the volume is created), and
 /// the memory for the map is reserved fallibly, so that a forged count is a clear error
 /// instead of an abort.
-fn bounded_words(file: &File, layout: &MapLayout, size: u64) -> std::io::Result<(Vec<u64>, usize)> {
+fn bounded_words(
+    file: &dyn FileEngine,
+    layout: &MapLayout,
+    size: u64,
+) -> std::io::Result<(Vec<u64>, usize)> {
     let forged = |what: String| {
         geometry_error(format!(
             "allocation map of {} pages {what} (volume size {size} bytes); the header is damaged or forged",
@@ -296,7 +293,7 @@ fn bounded_words(file: &File, layout: &MapLayout, size: u64) -> std::io::Result<
         .pages
         .checked_mul(PAGE_SIZE as u64)
         .ok_or_else(|| forged("overflows".into()))?;
-    let len = super::io::file_len(file)?;
+    let len = file.len()?;
     for off in layout.copy_offsets {
         if off.checked_add(copy_bytes).is_none_or(|end| end > len) {
             return Err(forged(format!(
@@ -323,7 +320,12 @@ fn bounded_words(file: &File, layout: &MapLayout, size: u64) -> std::io::Result<
     Ok((words, pages))
 }
 
-fn load(file: &File, layout: &MapLayout, uuid: &uuid::Uuid, size: u64) -> std::io::Result<Loaded> {
+fn load(
+    file: &dyn FileEngine,
+    layout: &MapLayout,
+    uuid: &uuid::Uuid,
+    size: u64,
+) -> std::io::Result<Loaded> {
     let nchunks = layout.chunks(size);
     let (mut words, pages) = bounded_words(file, layout, size)?;
     let mut metas = Vec::new();
@@ -398,7 +400,7 @@ pub struct MapSummary {
 
 /// Reads the map of the volume at `file` without opening it for I/O.
 pub fn summarize(
-    file: &File,
+    file: &dyn FileEngine,
     layout: &MapLayout,
     uuid: &uuid::Uuid,
     size: u64,
@@ -409,28 +411,29 @@ pub fn summarize(
         chunk_size: layout.chunk_size,
         chunks: layout.chunks(size),
         allocated_chunks,
-        allocated_bytes: allocated_bytes(&l.words, layout, size),
+        allocated_bytes: allocated_bytes(&l.words, layout.chunk_size, size),
         health: l.health,
     })
 }
 
-fn allocated_bytes(words: &[u64], layout: &MapLayout, size: u64) -> u64 {
-    let cs = u64::from(layout.chunk_size);
+fn allocated_bytes(words: &[u64], chunk_size: u32, size: u64) -> u64 {
+    let cs = u64::from(chunk_size);
+    let chunks = size.div_ceil(cs);
     let n: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
-    let last = layout.chunks(size).saturating_sub(1);
+    let last = chunks.saturating_sub(1);
     let last_set = words
         .get((last / 64) as usize)
         .is_some_and(|w| w & (1 << (last % 64)) != 0);
-    let short = if last_set {
-        cs * layout.chunks(size) - size
-    } else {
-        0
-    };
+    let short = if last_set { cs * chunks - size } else { 0 };
     n * cs - short
 }
 
 /// Writes the initial map of a new volume (both copies, sequence 1, nothing allocated).
-pub fn write_initial(file: &File, layout: &MapLayout, uuid: &uuid::Uuid) -> std::io::Result<()> {
+pub fn write_initial(
+    file: &dyn FileEngine,
+    layout: &MapLayout,
+    uuid: &uuid::Uuid,
+) -> std::io::Result<()> {
     let zeros = vec![0u64; WORDS_PER_PAGE];
     for copy in 0..2 {
         for page in 0..layout.pages {
@@ -445,7 +448,7 @@ pub fn write_initial(file: &File, layout: &MapLayout, uuid: &uuid::Uuid) -> std:
 /// words are zero), without syncing: a resize writes the grown map at a new place
 /// before the header that points there is committed.
 pub(crate) fn write_copies(
-    file: &File,
+    file: &dyn FileEngine,
     layout: &MapLayout,
     uuid: &uuid::Uuid,
     words: &[u64],
@@ -473,23 +476,22 @@ pub(crate) fn write_copies(
 }
 
 struct Durable {
-    /// The map as last written (or being written) to disk.
+    /// Where the copies live (changes when an online grow moves the map).
+    layout: MapLayout,
     words: Vec<u64>,
     metas: Vec<PageMeta>,
-    /// Pages whose durable image differs from disk (or need repair).
     dirty: BTreeSet<u64>,
 }
 
-/// The in-memory map of an open volume.
 pub(crate) struct AllocMap {
-    layout: MapLayout,
+    chunk_size: u32,
     uuid: uuid::Uuid,
-    nchunks: u64,
-    /// What reads and writes consult: updated as soon as a chunk is written or cleared.
-    live: Vec<AtomicU64>,
-    /// Changes of `live` not yet handed to a persist (chunk → allocated).
+    /// Chunks of the data area (raised by an online grow).
+    nchunks: AtomicU64,
+    /// The bits reads and writes consult. The vector is replaced only by
+    /// [`AllocMap::grow`] (write lock), which runs while no write is in flight.
+    live: RwLock<Vec<AtomicU64>>,
     pending: Mutex<HashMap<u64, bool>>,
-    /// The durable image; its mutex also serialises persists.
     durable: Mutex<Durable>,
     health: MapHealth,
 }
@@ -498,22 +500,27 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+fn word_is_set(live: &[AtomicU64], chunk: u64) -> bool {
+    live.get((chunk / 64) as usize)
+        .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (chunk % 64)) != 0)
+}
+
 impl AllocMap {
-    /// Loads the map of an open volume file.
     pub fn open(
-        file: &File,
+        file: &dyn FileEngine,
         layout: MapLayout,
         uuid: uuid::Uuid,
         size: u64,
     ) -> std::io::Result<AllocMap> {
         let l = load(file, &layout, &uuid, size)?;
         Ok(AllocMap {
-            layout,
+            chunk_size: layout.chunk_size,
             uuid,
-            nchunks: layout.chunks(size),
-            live: l.words.iter().map(|&w| AtomicU64::new(w)).collect(),
+            nchunks: AtomicU64::new(layout.chunks(size)),
+            live: RwLock::new(l.words.iter().map(|&w| AtomicU64::new(w)).collect()),
             pending: Mutex::new(HashMap::new()),
             durable: Mutex::new(Durable {
+                layout,
                 words: l.words,
                 metas: l.metas,
                 dirty: l.repair,
@@ -522,24 +529,26 @@ impl AllocMap {
         })
     }
 
+    fn live(&self) -> RwLockReadGuard<'_, Vec<AtomicU64>> {
+        self.live.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub fn chunk_size(&self) -> u64 {
-        u64::from(self.layout.chunk_size)
+        u64::from(self.chunk_size)
     }
     pub fn chunks(&self) -> u64 {
-        self.nchunks
+        self.nchunks.load(Ordering::Acquire)
     }
     pub fn health(&self) -> &MapHealth {
         &self.health
     }
 
     pub fn is_allocated(&self, chunk: u64) -> bool {
-        self.live
-            .get((chunk / 64) as usize)
-            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (chunk % 64)) != 0)
+        word_is_set(&self.live(), chunk)
     }
 
-    /// Whether every chunk in `[first, end)` is allocated (word at a time).
     pub fn all_allocated(&self, first: u64, end: u64) -> bool {
+        let live = self.live();
         let mut c = first;
         while c < end {
             let bit = c % 64;
@@ -549,7 +558,7 @@ impl AllocMap {
             } else {
                 ((1u64 << n) - 1) << bit
             };
-            match self.live.get((c / 64) as usize) {
+            match live.get((c / 64) as usize) {
                 Some(w) if w.load(Ordering::Acquire) & mask == mask => {}
                 _ => return false,
             }
@@ -558,11 +567,11 @@ impl AllocMap {
         true
     }
 
-    /// Maximal runs `(first, end, allocated)` of chunks covering `[first, end)`.
     pub fn runs(&self, first: u64, end: u64) -> Vec<(u64, u64, bool)> {
+        let live = self.live();
         let mut out: Vec<(u64, u64, bool)> = Vec::new();
-        for c in first..end.min(self.nchunks) {
-            let a = self.is_allocated(c);
+        for c in first..end.min(self.chunks()) {
+            let a = word_is_set(&live, c);
             match out.last_mut() {
                 Some(last) if last.2 == a => last.1 = c + 1,
                 _ => out.push((c, c + 1, a)),
@@ -571,58 +580,78 @@ impl AllocMap {
         out
     }
 
-    /// Marks `chunk` allocated. Call only after its whole ciphertext was written,
-    /// while holding the range lock over the chunk.
     pub fn set_allocated(&self, chunk: u64) {
-        if let Some(w) = self.live.get((chunk / 64) as usize) {
+        if let Some(w) = self.live().get((chunk / 64) as usize) {
             w.fetch_or(1 << (chunk % 64), Ordering::AcqRel);
             lock(&self.pending).insert(chunk, true);
         }
     }
 
-    /// Marks `chunk` unallocated (reads as zeros from now on). Range lock held.
     pub fn set_unallocated(&self, chunk: u64) {
-        if let Some(w) = self.live.get((chunk / 64) as usize) {
+        if let Some(w) = self.live().get((chunk / 64) as usize) {
             w.fetch_and(!(1 << (chunk % 64)), Ordering::AcqRel);
             lock(&self.pending).insert(chunk, false);
         }
     }
 
-    /// Whether changes wait to be persisted.
-    /// The live bits (one word per 64 chunks), for a resize that rewrites the map.
     pub fn words(&self) -> Vec<u64> {
-        self.live
+        self.live()
             .iter()
             .map(|w| w.load(Ordering::Acquire))
             .collect()
     }
 
     pub fn is_dirty(&self) -> bool {
-        !lock(&self.pending).is_empty() || !lock(&self.durable).dirty.is_empty()
+        // One lock at a time: `persist` takes `durable`, then `pending`.
+        let pending = !lock(&self.pending).is_empty();
+        pending || !lock(&self.durable).dirty.is_empty()
     }
 
-    /// Number of allocated chunks and bytes right now.
     pub fn allocated(&self, size: u64) -> (u64, u64) {
-        let words: Vec<u64> = self
-            .live
-            .iter()
-            .map(|w| w.load(Ordering::Acquire))
-            .collect();
+        let words = self.words();
         let n = words.iter().map(|w| u64::from(w.count_ones())).sum();
-        (n, allocated_bytes(&words, &self.layout, size))
+        (n, allocated_bytes(&words, self.chunk_size, size))
     }
 
-    /// Makes every completed write durable, then the map that points to it:
-    /// takes the pending map changes, runs `sync_data` (fdatasync of the file, which
-    /// covers every write that completed before the changes were taken), writes the
-    /// changed pages (each into its non-newest copy), and syncs again. With nothing
-    /// pending this is exactly one `sync_data`.
+    /// Takes a grow of the data area to `size` bytes into memory, once its header is
+    /// committed: the bit vector covers the new chunks (clear), and with `relocated` the
+    /// map now lives at `layout`, where both copies of every page were written (at
+    /// sequence 1) from the current bits. The caller holds the volume's whole range lock
+    /// and has flushed the map, so no change is pending.
+    pub fn grow(&self, layout: MapLayout, size: u64, relocated: bool) {
+        let mut d = lock(&self.durable);
+        let mut live = self.live.write().unwrap_or_else(PoisonError::into_inner);
+        let nwords = usize::try_from(layout.pages)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(WORDS_PER_PAGE);
+        while live.len() < nwords {
+            live.push(AtomicU64::new(0));
+        }
+        if d.words.len() < nwords {
+            d.words.resize(nwords, 0);
+        }
+        if relocated {
+            let pages = usize::try_from(layout.pages).unwrap_or(usize::MAX);
+            d.metas = vec![
+                PageMeta {
+                    seq: [Some(1), Some(1)],
+                };
+                pages
+            ];
+            d.words = live.iter().map(|w| w.load(Ordering::Acquire)).collect();
+            d.dirty.clear();
+        }
+        d.layout = layout;
+        self.nchunks.store(layout.chunks(size), Ordering::Release);
+    }
+
     pub fn persist(
         &self,
-        file: &File,
+        file: &dyn FileEngine,
         sync_data: &dyn Fn() -> std::io::Result<()>,
     ) -> std::io::Result<()> {
         let mut d = lock(&self.durable);
+        let layout = d.layout;
         let changes: HashMap<u64, bool> = std::mem::take(&mut *lock(&self.pending));
         if changes.is_empty() && d.dirty.is_empty() {
             drop(d);
@@ -665,7 +694,7 @@ impl AllocMap {
             let copy = meta.target();
             let seq = meta.next_seq();
             let bytes = encode_page(&self.uuid, page, copy, seq, words);
-            let off = self.layout.page_offset(copy, page);
+            let off = layout.page_offset(copy, page);
             if super::crash_point_active("alloc-map-page-torn") {
                 // Tear the page first (a half-written copy), then maybe crash; if the
                 // crash point lets this hit through, the full write below repairs it.
@@ -686,7 +715,7 @@ impl AllocMap {
             let other = 1 - copy;
             if meta.seq[other].is_none() {
                 let bytes = encode_page(&self.uuid, page, other, seq + 1, words);
-                file.write_all_at(&bytes[..], self.layout.page_offset(other, page))?;
+                file.write_all_at(&bytes[..], layout.page_offset(other, page))?;
                 if let Some(m) = d.metas.get_mut(page as usize) {
                     m.seq[other] = Some(seq + 1);
                 }

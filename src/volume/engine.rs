@@ -1,21 +1,24 @@
-//! The backing file's I/O engine: the one way a [`Volume`](super::Volume) reads, writes,
-//! syncs and punches its data area. [`FileEngine`] is the seam a second engine
-//! (io_uring, `O_DIRECT`) plugs into without touching the volume's logic;
-//! [`StdFileEngine`] is the engine over `std::fs::File` (pread/pwrite, fdatasync,
-//! `fallocate(PUNCH_HOLE | KEEP_SIZE)`).
+//! The backing store's I/O engine: the one way a [`Volume`](super::Volume) and its
+//! metadata read, write, size and sync the backing file. [`FileEngine`] is the seam a
+//! second engine (io_uring, `O_DIRECT`, a network block store) plugs into without
+//! touching the volume's logic; [`StdFileEngine`] is the engine over `std::fs::File`
+//! (pread/pwrite, fdatasync/fsync, `ftruncate`, `fallocate(PUNCH_HOLE | KEEP_SIZE)`).
 //!
 //! What goes through the engine: every data-area read and write (sector ciphertext,
-//! copy-before-write reads, re-encryption zones), data syncs (the flush, with the
-//! allocation map's persistence calling the engine's sync between its two steps) and
-//! hole punching. What does not: the header (`header/`, through its own path with
-//! `flock`), the allocation map's pages (`alloc.rs`, given the `File`), the in-use lock
-//! and the file-identity check at open (`open.rs`). The engine knows offsets in the
-//! file only: no sectors, no keys.
+//! copy-before-write reads, re-encryption zones), data syncs, hole punching, and the
+//! metadata: both header copies (read, written and synced by `header/recovery.rs`,
+//! `header/write.rs`, `header/create.rs`), the allocation map's pages (`alloc.rs`) and
+//! the file's length (`header/create.rs`, `resize.rs`). What does not: opening the file
+//! (`O_NOFOLLOW`/`O_EXCL` rules), the header `flock`, the in-use lock and the
+//! file-identity check at open (`open.rs`), and directory syncs. Engines are made by
+//! [`engine_for`], the one place a test build can put a recording engine in between
+//! (`crashstates.rs`). The engine knows offsets in the file only: no sectors, no keys.
 
 use std::fs::File;
 use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::Path;
 use std::sync::Arc;
 
 use nix::errno::Errno;
@@ -40,11 +43,42 @@ pub(crate) trait FileEngine: Send + Sync + std::fmt::Debug {
 
     /// The file's length (a block device's size).
     fn len(&self) -> std::io::Result<u64>;
+
+    /// Sets the file's length (a new volume's size, a grow); new bytes read as zeros.
+    fn set_len(&self, len: u64) -> std::io::Result<()>;
+
+    /// Makes completed writes and the file's metadata durable (fsync).
+    fn sync_all(&self) -> std::io::Result<()>;
+    /// The engine's name in logs (`serve`'s "export opened" line).
+    fn name(&self) -> &'static str {
+        "unnamed"
+    }
 }
 
-/// The engine over a `std::fs::File`, shared with what reads the file outside the
-/// engine (the allocation map).
-#[derive(Debug)]
+/// The engine for an open backing file at `path`: a [`StdFileEngine`] (in test builds,
+/// wrapped in a recording engine when a crash-state test records `path`'s directory).
+pub(crate) fn engine_for(file: Arc<File>, path: &Path) -> Box<dyn FileEngine> {
+    let engine = StdFileEngine::new(file);
+    #[cfg(test)]
+    if let Some(recording) = super::crashstates::recording_engine(path, &engine) {
+        return recording;
+    }
+    let _ = path;
+    Box::new(engine)
+}
+
+/// [`engine_for`] over a borrowed file (a header read or write under its `flock`): the
+/// engine gets its own descriptor of the same open file.
+pub(crate) fn engine_for_borrowed(
+    file: &File,
+    path: &Path,
+) -> std::io::Result<Box<dyn FileEngine>> {
+    Ok(engine_for(Arc::new(file.try_clone()?), path))
+}
+
+/// The engine over a `std::fs::File`, shared with what must hold the file itself (the
+/// in-use lock).
+#[derive(Debug, Clone)]
 pub(crate) struct StdFileEngine {
     file: Arc<File>,
 }
@@ -57,9 +91,45 @@ impl StdFileEngine {
 
 impl FileEngine for StdFileEngine {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        FileEngine::read_exact_at(&*self.file, buf, offset)
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        FileEngine::write_all_at(&*self.file, buf, offset)
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        FileEngine::sync_data(&*self.file)
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        FileEngine::punch_hole(&*self.file, offset, len)
+    }
+
+    fn len(&self) -> std::io::Result<u64> {
+        FileEngine::len(&*self.file)
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        FileEngine::set_len(&*self.file, len)
+    }
+
+    fn sync_all(&self) -> std::io::Result<()> {
+        FileEngine::sync_all(&*self.file)
+    }
+
+    fn name(&self) -> &'static str {
+        "threads"
+    }
+}
+
+/// The same operations on a plain `File` (what [`StdFileEngine`] does, and what tests
+/// of the map and header code use directly).
+impl FileEngine for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         let mut done = 0;
         while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+            match self.read_at(&mut buf[done..], offset + done as u64) {
                 Ok(0) => {
                     buf[done..].fill(0);
                     break;
@@ -73,11 +143,11 @@ impl FileEngine for StdFileEngine {
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        FileExt::write_all_at(self, buf, offset)
     }
 
     fn sync_data(&self) -> std::io::Result<()> {
-        self.file.sync_data()
+        File::sync_data(self)
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
@@ -86,7 +156,7 @@ impl FileEngine for StdFileEngine {
         };
         let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
         loop {
-            match nix::fcntl::fallocate(self.file.as_raw_fd(), flags, start, len) {
+            match nix::fcntl::fallocate(self.as_raw_fd(), flags, start, len) {
                 Ok(()) => return Ok(()),
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EOPNOTSUPP) => return Ok(()),
@@ -96,7 +166,19 @@ impl FileEngine for StdFileEngine {
     }
 
     fn len(&self) -> std::io::Result<u64> {
-        file_len(&self.file)
+        file_len(self)
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        File::set_len(self, len)
+    }
+
+    fn sync_all(&self) -> std::io::Result<()> {
+        File::sync_all(self)
+    }
+
+    fn name(&self) -> &'static str {
+        "threads"
     }
 }
 
@@ -134,6 +216,21 @@ mod tests {
         e.read_exact_at(&mut buf, 8).expect("read");
         assert_eq!(&buf, b"\0\0abcd\0\0");
         e.sync_data().expect("sync");
+    }
+
+    #[test]
+    fn set_len_grows_the_file_with_zeros_and_syncs() {
+        let (_f, e) = engine();
+        e.write_all_at(b"xy", 0).expect("write");
+        e.set_len(8192).expect("set_len");
+        e.sync_all().expect("sync_all");
+        assert_eq!(e.len().expect("len"), 8192);
+        let mut buf = [0xFFu8; 4];
+        e.read_exact_at(&mut buf, 8190).expect("read");
+        assert_eq!(
+            &buf, b"\0\0\0\0",
+            "the end of the file and past it read as zeros"
+        );
     }
 
     #[test]

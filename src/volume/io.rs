@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use super::alloc::{AllocMap, MapHealth};
 use super::cipher::Cipher;
 use super::cow::CowState;
-pub(super) use super::engine::file_len;
 use super::engine::FileEngine;
 use super::rangelock::{RangeGuard, RangeLocks};
 use super::reencrypt::ReencryptState;
@@ -32,10 +31,11 @@ use super::VolumeError;
 pub struct Volume {
     /// What the volume is and how it was opened.
     pub(super) geo: Geometry,
-    /// The data area's I/O engine: every read, write, sync and punch of it.
+    /// The backing file's I/O engine: every read, write, sync and punch of the data
+    /// area, and of the allocation map's pages and the file's length.
     pub(super) engine: Box<dyn FileEngine>,
-    /// The backing file itself, for what does not go through the engine: the
-    /// allocation map's pages, and the in-use lock (held while this is open).
+    /// The backing file itself, for what does not go through the engine: the in-use
+    /// lock (held while this is open) and the file's type (a grow).
     pub(super) file: Arc<File>,
     /// The cipher engines (two while a re-encryption is in progress).
     pub(super) cipher: Cipher,
@@ -64,7 +64,9 @@ pub struct Volume {
 pub(super) struct Geometry {
     /// The backing file's path, as given to `open`.
     pub path: String,
-    pub size: u64,
+    /// The data area's size: atomic because an online grow (`resize_online.rs`) changes
+    /// it while the volume is served; every request reads it once per range check.
+    pub size: AtomicU64,
     pub sector_size: u32,
     /// Byte offset of the data area in the backing file.
     pub data_offset: u64,
@@ -83,7 +85,7 @@ impl std::fmt::Debug for Volume {
         f.debug_struct("Volume")
             .field("path", &self.geo.path)
             .field("uuid", &self.geo.uuid)
-            .field("size", &self.geo.size)
+            .field("size", &self.size())
             .field("sector_size", &self.geo.sector_size)
             .field("data_offset", &self.geo.data_offset)
             .field("read_only", &self.geo.read_only)
@@ -106,8 +108,8 @@ impl Volume {
     /// Allocated bytes of the data area right now (the whole size without a map).
     pub fn allocated_bytes(&self) -> u64 {
         match &self.map {
-            Some(m) => m.allocated(self.geo.size).1,
-            None => self.geo.size,
+            Some(m) => m.allocated(self.size()).1,
+            None => self.size(),
         }
     }
 
@@ -116,8 +118,10 @@ impl Volume {
         self.map.as_ref().map(AllocMap::health)
     }
 
+    /// The data area's size now (an online grow may raise it at any time; it never
+    /// shrinks while the volume is open).
     pub fn size(&self) -> u64 {
-        self.geo.size
+        self.geo.size.load(Ordering::Acquire)
     }
 
     pub fn sector_size(&self) -> u32 {
@@ -145,6 +149,11 @@ impl Volume {
     /// The backing file's path, as given to `open`.
     pub fn path(&self) -> &str {
         &self.geo.path
+    }
+
+    /// The name of the engine driving the backing file ("threads", "io_uring").
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
     }
 
     pub(super) fn ss(&self) -> u64 {
@@ -211,7 +220,7 @@ impl Volume {
     /// of a thin chunk sees the old data or zeros, never the punched hole: a read during
     /// which a hole was punched is redone under the range lock.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), VolumeError> {
-        sectors::check_range(offset, buf.len() as u64, self.geo.size)?;
+        sectors::check_range(offset, buf.len() as u64, self.size())?;
         // While re-encrypting, a zone being converted is range-locked by the step:
         // wait for it rather than decrypt a half-converted zone with the wrong key.
         let reencrypting = self.reenc.active.load(Ordering::Acquire);
@@ -311,7 +320,7 @@ impl Volume {
     /// covering exactly that range (runs of equal state merged, chunk-granular).
     /// Without an allocation map everything is allocated.
     pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<super::Extent>, VolumeError> {
-        sectors::check_range(offset, len, self.geo.size)?;
+        sectors::check_range(offset, len, self.size())?;
         if len == 0 {
             return Ok(Vec::new());
         }
@@ -359,7 +368,7 @@ impl Volume {
     pub fn flush(&self) -> Result<(), VolumeError> {
         match &self.map {
             Some(map) if !self.geo.read_only => map
-                .persist(&self.file, &|| self.engine.sync_data())
+                .persist(&*self.engine, &|| self.engine.sync_data())
                 .map_err(|e| self.io_err(e)),
             _ => self.sync_data(),
         }
@@ -369,7 +378,7 @@ impl Volume {
         if self.geo.read_only {
             return Err(VolumeError::ReadOnly);
         }
-        sectors::check_range(offset, len, self.geo.size)
+        sectors::check_range(offset, len, self.size())
     }
 }
 

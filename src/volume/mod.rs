@@ -5,7 +5,15 @@
 mod alloc;
 mod cipher;
 mod cow;
+#[cfg(test)]
+pub(crate) mod crashstates;
 mod engine;
+mod engine_select;
+#[cfg(test)]
+mod engine_suite;
+mod engine_uring;
+#[doc(hidden)]
+pub(crate) mod fuzz_hooks;
 pub(crate) mod geometry;
 mod header;
 mod io;
@@ -13,12 +21,14 @@ mod open;
 mod rangelock;
 mod reencrypt;
 mod resize;
+mod resize_online;
 mod sectors;
 mod snapshot_view;
 mod tracking;
 mod write;
 
 pub use alloc::{MapHealth, MapLayout, MapSummary, CHUNKS_PER_PAGE, DEFAULT_CHUNK_SIZE};
+pub use engine_select::EngineChoice;
 pub use header::{
     create, create_with, read_header, write_header, CopyStatus, Header, HeaderHealth, Hotzone,
     Reencryption, FORMAT_VERSION, HEADER_COPY_SIZE, KNOWN_REQUIRED_FEATURES, MAX_KEYSLOTS,
@@ -31,6 +41,9 @@ pub use resize::Growth;
 pub use snapshot_view::{test_delay as snapshot_test_delay, SnapshotView};
 pub use tracking::SNAPSHOT_CHUNK;
 pub use write::WRITE_CHUNK;
+// The backing-store seam, for engines outside this module (src/rbd/file_engine.rs).
+#[cfg(feature = "rbd")]
+pub(crate) use engine::FileEngine;
 
 /// One run of the allocation map, as [`Volume::extents`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +101,8 @@ pub fn map_summary(
         source,
     };
     let file = std::fs::File::open(path).map_err(io)?;
-    alloc::summarize(&file, layout, &header.uuid, header.size)
+    let engine = engine::engine_for(std::sync::Arc::new(file), path);
+    alloc::summarize(&*engine, layout, &header.uuid, header.size)
         .map(Some)
         .map_err(|e| map_error(path, e))
 }

@@ -12,7 +12,8 @@ use std::sync::{Arc, OnceLock};
 use super::alloc::AllocMap;
 use super::cipher::Cipher;
 use super::cow::CowState;
-use super::engine::{FileEngine, StdFileEngine};
+use super::engine::FileEngine;
+use super::engine_select::{open_engine, EngineChoice};
 use super::geometry;
 use super::header::check_file_uuid;
 use super::io::Geometry;
@@ -27,6 +28,8 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Punch holes on discard (leaks which blocks are unused).
     pub discard: bool,
+    /// The backing file's engine (`serve --engine`) [default: auto].
+    pub engine: EngineChoice,
 }
 
 impl Volume {
@@ -58,20 +61,24 @@ impl Volume {
         let end = check_geometry(path, header)?;
         let cipher = cipher_for(header, &dek, next.as_ref())?;
         let file = open_backing_file(path, header, opts)?;
-        let engine = StdFileEngine::new(file.clone());
-        check_data_area_fits(path, header, &engine, end)?;
-        let map = load_map(path, header, &file)?;
+        let engine =
+            open_engine(file.clone(), opts.engine, path).map_err(|why| VolumeError::Io {
+                path: path.display().to_string(),
+                source: std::io::Error::other(why),
+            })?;
+        check_data_area_fits(path, header, &*engine, end)?;
+        let map = load_map(path, header, &*engine)?;
         let vol = Volume {
             geo: Geometry {
                 path: path.display().to_string(),
-                size: header.size,
+                size: AtomicU64::new(header.size),
                 sector_size: header.sector_size,
                 data_offset: header.data_offset,
                 uuid: header.uuid,
                 read_only: opts.read_only,
                 discard: opts.discard && !opts.read_only,
             },
-            engine: Box::new(engine),
+            engine,
             file,
             cipher,
             locks: RangeLocks::default(),
@@ -212,7 +219,11 @@ fn check_data_area_fits(
 
 /// Loads the allocation map of a thin volume (`None` without one), warning about
 /// damaged pages (the next flush rewrites them).
-fn load_map(path: &Path, header: &Header, file: &File) -> Result<Option<AllocMap>, VolumeError> {
+fn load_map(
+    path: &Path,
+    header: &Header,
+    file: &dyn FileEngine,
+) -> Result<Option<AllocMap>, VolumeError> {
     let Some(layout) = &header.allocation_map else {
         return Ok(None);
     };

@@ -28,7 +28,7 @@ pub struct Growth {
     pub map_relocated: bool,
 }
 
-fn resize_err(path: &str, detail: String) -> VolumeError {
+pub(super) fn resize_err(path: &str, detail: String) -> VolumeError {
     VolumeError::Resize {
         path: path.to_string(),
         detail,
@@ -130,10 +130,22 @@ impl Volume {
         dek: &Dek,
         new_size: u64,
     ) -> Result<(Header, Growth), VolumeError> {
-        let path = self.geo.path.clone();
         if self.geo.read_only {
             return Err(VolumeError::ReadOnly);
         }
+        self.grow_on_disk(header, dek, new_size)
+    }
+
+    /// Steps 1–4 of this module on disk, for [`Volume::grow_offline`] and
+    /// [`Volume::grow_online`] (which holds the whole-volume range lock around it). The
+    /// in-memory size and map are left as they were.
+    pub(super) fn grow_on_disk(
+        &self,
+        header: &Header,
+        dek: &Dek,
+        new_size: u64,
+    ) -> Result<(Header, Growth), VolumeError> {
+        let path = self.geo.path.clone();
         check_growth(&path, header, new_size)?;
         let new_layout = match &header.allocation_map {
             Some(old) => Some(
@@ -148,8 +160,8 @@ impl Volume {
         crash_point("resize-after-extend");
         let relocated = new_layout.is_some_and(|l| Some(l) != header.allocation_map);
         if let (true, Some(layout), Some(map)) = (relocated, &new_layout, &self.map) {
-            alloc::write_copies(&self.file, layout, &self.geo.uuid, &map.words())
-                .and_then(|()| self.file.sync_all())
+            alloc::write_copies(&*self.engine, layout, &self.geo.uuid, &map.words())
+                .and_then(|()| self.engine.sync_all())
                 .map_err(|e| self.io_err(e))?;
         }
         crash_point("resize-before-header");
@@ -173,7 +185,7 @@ impl Volume {
             return Ok(());
         };
         let cs = map.chunk_size();
-        let old = self.geo.size;
+        let old = self.size();
         if old.is_multiple_of(cs) || !map.is_allocated(old / cs) {
             return Ok(());
         }
@@ -199,9 +211,9 @@ impl Volume {
                 format!("the block device holds {len} bytes and the grown volume needs {end}; grow the device first"),
             ));
         }
-        self.file
+        self.engine
             .set_len(end)
-            .and_then(|()| self.file.sync_all())
+            .and_then(|()| self.engine.sync_all())
             .map_err(|e| self.io_err(e))
     }
 }

@@ -168,14 +168,31 @@ impl SnapshotView {
 /// Test-only slow-down of each snapshot chunk read or restore write (so that tests can
 /// write while a snapshot is read out, or interrupt one reliably however fast the build):
 /// `CRYPTVOL_TEST_SNAPSHOT_DELAY_MS`, honoured only with `CRYPTVOL_FAULT_INJECTION=1`.
+/// With `CRYPTVOL_TEST_SNAPSHOT_GATE=FILE` too, each one first waits until FILE exists
+/// (at most [`TEST_GATE_LIMIT`]), so that a test can order its writes before any chunk
+/// is read by an event rather than by the clock.
 pub fn test_delay() {
     if std::env::var_os("CRYPTVOL_FAULT_INJECTION").is_some_and(|v| v == "1") {
+        if let Some(gate) = std::env::var_os("CRYPTVOL_TEST_SNAPSHOT_GATE") {
+            wait_for_gate(std::path::Path::new(&gate));
+        }
         if let Some(ms) = std::env::var("CRYPTVOL_TEST_SNAPSHOT_DELAY_MS")
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
         {
             std::thread::sleep(std::time::Duration::from_millis(ms.min(10_000)));
         }
+    }
+}
+
+/// The longest a test gate ([`test_delay`]) holds a chunk back.
+const TEST_GATE_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Waits until `gate` exists, at most [`TEST_GATE_LIMIT`] (test-only).
+fn wait_for_gate(gate: &std::path::Path) {
+    let deadline = std::time::Instant::now() + TEST_GATE_LIMIT;
+    while !gate.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 

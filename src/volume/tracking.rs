@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 use sha2::{Digest, Sha256};
 
@@ -21,7 +21,8 @@ pub const SNAPSHOT_CHUNK: u64 = 512 * 1024;
 /// sidecar says "in use" while the volume is open, so after a crash the tracking is
 /// known to be incomplete and the next snapshot reads everything.
 pub(super) struct Tracking {
-    words: Vec<AtomicU64>,
+    /// One bit per snapshot chunk; replaced (longer) by an online grow.
+    words: RwLock<Vec<AtomicU64>>,
     meta: Mutex<TrackMeta>,
     sidecar: PathBuf,
 }
@@ -36,7 +37,7 @@ const CBT_MAGIC: &[u8; 8] = b"CVCBT001";
 /// The sidecar's bytes: the fields in the canonical encoding (profile
 /// [`SIDECAR_V1`]: a `u16` base-id length, a `u64` word count), then their SHA-256.
 /// A base id longer than `u16::MAX` bytes is an error, never truncated.
-fn cbt_encode(
+pub(super) fn cbt_encode(
     uuid: &uuid::Uuid,
     in_use: bool,
     base: Option<&str>,
@@ -116,12 +117,17 @@ impl Tracking {
         size.div_ceil(SNAPSHOT_CHUNK).div_ceil(64) as usize
     }
 
+    fn words(&self) -> RwLockReadGuard<'_, Vec<AtomicU64>> {
+        self.words.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub(super) fn mark(&self, first_byte: u64, end_byte: u64) {
         if end_byte <= first_byte {
             return;
         }
+        let words = self.words();
         for c in first_byte / SNAPSHOT_CHUNK..end_byte.div_ceil(SNAPSHOT_CHUNK) {
-            if let Some(w) = self.words.get((c / 64) as usize) {
+            if let Some(w) = words.get((c / 64) as usize) {
                 let bit = 1u64 << (c % 64);
                 if w.load(Ordering::Relaxed) & bit == 0 {
                     w.fetch_or(bit, Ordering::Relaxed);
@@ -134,7 +140,7 @@ impl Tracking {
     pub(super) fn take(&self) -> (Option<String>, Vec<u64>) {
         let base = lock_ignoring_poison(&self.meta).base.clone();
         let words = self
-            .words
+            .words()
             .iter()
             .map(|w| w.swap(0, Ordering::AcqRel))
             .collect();
@@ -143,7 +149,7 @@ impl Tracking {
 
     /// Puts taken bits back (a snapshot that did not complete).
     pub(super) fn restore(&self, words: &[u64]) {
-        for (w, &b) in self.words.iter().zip(words) {
+        for (w, &b) in self.words().iter().zip(words) {
             w.fetch_or(b, Ordering::AcqRel);
         }
     }
@@ -151,7 +157,7 @@ impl Tracking {
     pub(super) fn save(&self, uuid: &uuid::Uuid, in_use: bool) -> std::io::Result<()> {
         let base = lock_ignoring_poison(&self.meta).base.clone();
         let words: Vec<u64> = self
-            .words
+            .words()
             .iter()
             .map(|w| w.load(Ordering::Acquire))
             .collect();
@@ -159,6 +165,19 @@ impl Tracking {
             &self.sidecar,
             &cbt_encode(uuid, in_use, base.as_deref(), &words)?,
         )
+    }
+
+    /// The volume grew to `size` bytes: the bits cover the new chunks, and the base is
+    /// forgotten, so the next snapshot reads every chunk (a parent of the old size is not
+    /// used anyway) and tracking restarts relative to it.
+    pub(super) fn grow(&self, size: u64) {
+        let n = Tracking::nwords(size);
+        let mut words = self.words.write().unwrap_or_else(PoisonError::into_inner);
+        while words.len() < n {
+            words.push(AtomicU64::new(0));
+        }
+        drop(words);
+        lock_ignoring_poison(&self.meta).base = None;
     }
 
     /// Tracking continues relative to snapshot `id` from now on.
@@ -193,7 +212,7 @@ impl Volume {
             }
         };
         let t = Tracking {
-            words: words.into_iter().map(AtomicU64::new).collect(),
+            words: RwLock::new(words.into_iter().map(AtomicU64::new).collect()),
             meta: Mutex::new(TrackMeta { base }),
             sidecar,
         };

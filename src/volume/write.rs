@@ -141,7 +141,7 @@ impl Volume {
         let ss = self.ss();
         Span {
             first: c0 * cs / ss,
-            end: (c1 * cs).min(self.geo.size) / ss,
+            end: (c1 * cs).min(self.size()) / ss,
         }
     }
 
@@ -161,7 +161,7 @@ impl Volume {
             if !map.is_allocated(c) {
                 continue; // already reads as zeros
             }
-            let (a, b) = (c * cs, ((c + 1) * cs).min(self.geo.size));
+            let (a, b) = (c * cs, ((c + 1) * cs).min(self.size()));
             let (lo, hi) = (offset.max(a), end.min(b));
             if lo == a && hi == b {
                 map.set_unallocated(c);
@@ -203,12 +203,12 @@ impl Volume {
     /// (`cryptvol create --preallocate`): afterwards the file shows no sign of which
     /// blocks are ever written. `progress` is called with the bytes done so far.
     pub fn preallocate(&self, progress: &dyn Fn(u64)) -> Result<(), VolumeError> {
-        self.check_writable(0, self.geo.size)?;
+        self.check_writable(0, self.size())?;
         let Some(map) = &self.map else {
             // Without a map, encrypted zeros over everything is the same thing.
             let mut done = 0;
-            while done < self.geo.size {
-                let n = (self.geo.size - done).min(WRITE_CHUNK as u64);
+            while done < self.size() {
+                let n = (self.size() - done).min(WRITE_CHUNK as u64);
                 self.write_range(done, n, Source::Zeros, false)?;
                 done += n;
                 progress(done);
@@ -228,7 +228,7 @@ impl Volume {
                 self.allocate_run(map, a, b, 0, 0, &[])?;
             }
             c = e;
-            progress((c * cs).min(self.geo.size));
+            progress((c * cs).min(self.size()));
         }
         self.flush()
     }
@@ -364,7 +364,7 @@ impl Volume {
         let ss = self.ss();
         let step = (WRITE_CHUNK as u64 / cs).max(1) * cs;
         let mut pos = a * cs;
-        let stop = (b * cs).min(self.geo.size);
+        let stop = (b * cs).min(self.size());
         while pos < stop {
             let n = (stop - pos).min(step);
             with_scratch(n as usize, |sc| {

@@ -877,3 +877,87 @@ pub fn ensure_test_user() -> (u32, u32) {
     };
     (id("-u"), id("-g"))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Waiting on progress, not on time (issue 17 item 5). Tests wait for something observable
+// (a log line, a file's contents, a counter, a process state); the timeout is only the
+// failure bound, generous because a debug build on a saturated 2-core machine can stall
+// for many seconds. Nothing should ever wait for a timeout to expire.
+
+/// The usual failure bound of a wait on a busy machine.
+pub const PATIENCE: Duration = Duration::from_secs(120);
+
+/// Polls `cond` until it holds; fails the test naming `what` when `timeout` passes first.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Lines in a file so far (0 when it does not exist yet).
+pub fn line_count(p: &Path) -> usize {
+    std::fs::read(p).map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count())
+}
+
+/// Waits for a child process to exit; kills it and fails the test after `timeout`.
+pub fn wait_child(child: &mut Child, timeout: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Server {
+    /// Waits until the server's log holds `needle` at least `n` times; fails after `timeout`.
+    pub fn wait_log(&self, needle: &str, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.log_text().matches(needle).count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not log {needle:?} {n} time(s) within {timeout:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Server {
+    /// The value of one sample (`name{labels}` exactly as exposed) of the daemon's
+    /// Prometheus endpoint (`serve --metrics 127.0.0.1:0`); 0 when not exposed yet.
+    pub fn metric(&self, sample: &str) -> f64 {
+        use std::io::Write;
+        const LISTENING: &str = "metrics endpoint listening on http://";
+        self.wait_log(LISTENING, 1, PATIENCE);
+        let log = self.log_text();
+        let addr = log
+            .lines()
+            .find_map(|l| l.split(LISTENING).nth(1)?.split('/').next())
+            .expect("metrics address in the log");
+        let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+        s.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            .expect("send the scrape");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read the scrape");
+        out.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+            .map_or(0.0, |v| v.trim().parse().expect("sample value"))
+    }
+}

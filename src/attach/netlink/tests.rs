@@ -221,3 +221,19 @@ fn malformed_input_is_an_error_not_a_panic() {
     let attrs = parse_attrs(&list).unwrap();
     assert!(parse_status(&attrs).is_err());
 }
+
+/// Found by the netlink_reply fuzz target: an NLMSG_ERROR code of i32::MIN overflowed
+/// the negation (a panic with overflow checks, a negative "errno" without).
+#[test]
+fn an_error_code_with_no_errno_is_malformed() {
+    let mut ack = Vec::new();
+    ack.extend_from_slice(&36u32.to_ne_bytes());
+    ack.extend_from_slice(&2u16.to_ne_bytes());
+    ack.extend_from_slice(&[0; 2]);
+    ack.extend_from_slice(&9u32.to_ne_bytes());
+    ack.extend_from_slice(&[0; 4]);
+    ack.extend_from_slice(&i32::MIN.to_ne_bytes());
+    ack.extend_from_slice(&[0; 16]);
+    let e = parse_messages(&ack).unwrap_err();
+    assert!(e.to_string().contains("no errno"), "{e}");
+}

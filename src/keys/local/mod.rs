@@ -72,6 +72,8 @@ mod aliases;
 mod default_key;
 mod directory;
 mod files;
+#[doc(hidden)]
+pub(crate) mod fuzz_hooks;
 mod policy;
 mod record;
 mod states;

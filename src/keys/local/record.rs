@@ -206,6 +206,82 @@ impl<'a> KeyFileIn<'a> {
     }
 }
 
+/// The bytes of a key file (format version 2) holding `key` with all its materials, in
+/// a zeroizing buffer; errors name `dir`, the keystore.
+pub(super) fn encode_key_file(key: &MasterKey, dir: &Path) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    let meta = &key.meta;
+    let mut encoded = Vec::with_capacity(key.materials.len());
+    for (v, m) in &key.materials {
+        encoded.push((*v, encode_material(m.expose())?));
+    }
+    let mut materials = Vec::with_capacity(encoded.len());
+    for (v, b64) in &encoded {
+        let created_at = meta
+            .versions
+            .iter()
+            .find(|x| x.version == *v)
+            .map(|x| x.created_at.as_str())
+            .unwrap_or("");
+        let material = std::str::from_utf8(b64)
+            .map_err(|e| ks_err(dir, format!("cannot encode key material: {e}")))?;
+        materials.push(MaterialOut {
+            version: *v,
+            created_at,
+            material,
+        });
+    }
+    let out = KeyFileOut {
+        version: KEY_FORMAT_VERSION,
+        key_id: &meta.key_id,
+        spec: KEY_SPEC,
+        state: &meta.state,
+        created_at: &meta.created_at,
+        creator_uid: meta.creator_uid,
+        deletion_date: meta.deletion_date(),
+        deletion_unix: meta.deletion_unix,
+        policy: &meta.policy,
+        materials,
+    };
+    // Preallocated well beyond the size needed, so no reallocation copies the
+    // material into memory that would not be zeroized.
+    let mut json = Zeroizing::new(Vec::with_capacity(16384 + 256 * key.materials.len()));
+    serde_json::to_writer_pretty(&mut *json, &out)
+        .map_err(|e| ks_err(dir, format!("cannot encode the key file: {e}")))?;
+    json.push(b'\n');
+    Ok(json)
+}
+
+/// Parses the key file at `path` (its bytes, its owner's uid) that should hold `key_id`;
+/// with `material` false the material is not decoded.
+pub(super) fn parse_key_file(
+    path: &Path,
+    key_id: &str,
+    bytes: &[u8],
+    owner: u32,
+    material: bool,
+) -> Result<MasterKey, KeyError> {
+    let file: KeyFileIn<'_> =
+        serde_json::from_slice(bytes).map_err(|e| json_err(path, "the key file", &e))?;
+    file.check_identity(path, key_id)?;
+    let entries = file.material_entries(path)?;
+    if file.state == KeyState::PendingDeletion && file.deletion_unix.is_none() {
+        return Err(ks_err(
+            path,
+            "the key is pending deletion but has no deletion_unix time",
+        ));
+    }
+    let mut materials = Vec::new();
+    if material {
+        for (v, _, m) in &entries {
+            materials.push((*v, decode_material(path, m)?));
+        }
+    }
+    Ok(MasterKey {
+        meta: file.into_meta(entries, owner),
+        materials,
+    })
+}
+
 /// `mk-` followed by exactly 32 lowercase hex digits.
 pub(super) fn is_key_id(s: &str) -> bool {
     s.strip_prefix(KEY_ID_PREFIX).is_some_and(|hex| {
@@ -278,71 +354,14 @@ impl LocalKeystore {
     pub(super) fn load_key(&self, key_id: &str, material: bool) -> Result<MasterKey, KeyError> {
         let path = self.key_path(key_id);
         let content = read_private_file(&path)?.ok_or_else(|| not_found(key_id))?;
-        let file: KeyFileIn<'_> = serde_json::from_slice(&content.bytes)
-            .map_err(|e| json_err(&path, "the key file", &e))?;
-        file.check_identity(&path, key_id)?;
-        let entries = file.material_entries(&path)?;
-        if file.state == KeyState::PendingDeletion && file.deletion_unix.is_none() {
-            return Err(ks_err(
-                &path,
-                "the key is pending deletion but has no deletion_unix time",
-            ));
-        }
-        let mut materials = Vec::new();
-        if material {
-            for (v, _, m) in &entries {
-                materials.push((*v, decode_material(&path, m)?));
-            }
-        }
-        Ok(MasterKey {
-            meta: file.into_meta(entries, content.owner),
-            materials,
-        })
+        parse_key_file(&path, key_id, &content.bytes, content.owner, material)
     }
 
     /// Writes a key file (format version 2) with all its materials; the caller holds the
     /// lock.
     pub(super) fn write_key(&self, key: &MasterKey) -> Result<(), KeyError> {
-        let meta = &key.meta;
-        let mut encoded = Vec::with_capacity(key.materials.len());
-        for (v, m) in &key.materials {
-            encoded.push((*v, encode_material(m.expose())?));
-        }
-        let mut materials = Vec::with_capacity(encoded.len());
-        for (v, b64) in &encoded {
-            let created_at = meta
-                .versions
-                .iter()
-                .find(|x| x.version == *v)
-                .map(|x| x.created_at.as_str())
-                .unwrap_or("");
-            let material = std::str::from_utf8(b64)
-                .map_err(|e| ks_err(&self.dir, format!("cannot encode key material: {e}")))?;
-            materials.push(MaterialOut {
-                version: *v,
-                created_at,
-                material,
-            });
-        }
-        let out = KeyFileOut {
-            version: KEY_FORMAT_VERSION,
-            key_id: &meta.key_id,
-            spec: KEY_SPEC,
-            state: &meta.state,
-            created_at: &meta.created_at,
-            creator_uid: meta.creator_uid,
-            deletion_date: meta.deletion_date(),
-            deletion_unix: meta.deletion_unix,
-            policy: &meta.policy,
-            materials,
-        };
-        // Preallocated well beyond the size needed, so no reallocation copies the
-        // material into memory that would not be zeroized.
-        let mut json = Zeroizing::new(Vec::with_capacity(16384 + 256 * key.materials.len()));
-        serde_json::to_writer_pretty(&mut *json, &out)
-            .map_err(|e| ks_err(&self.dir, format!("cannot encode the key file: {e}")))?;
-        json.push(b'\n');
-        self.write_private_file(&format!("{}.json", meta.key_id), &json)
+        let json = encode_key_file(key, &self.dir)?;
+        self.write_private_file(&format!("{}.json", key.meta.key_id), &json)
     }
 
     /// Generates and stores a new Enabled master key owned by the acting principal; the

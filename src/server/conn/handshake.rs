@@ -7,8 +7,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::refusals::Refusals;
 use super::stream::Transport;
 use crate::nbd::{
-    self, parse_client_flags, parse_option_header, server_greeting, Negotiated, Negotiation, Next,
-    TlsMode, MAX_OPTION_LEN,
+    self, parse_client_flags, parse_option_header, server_greeting, ExportInfo, Negotiated,
+    Negotiation, Next, TlsMode, MAX_OPTION_LEN,
 };
 use crate::server::export::AuthorizedCatalog;
 use crate::server::peer::PeerIdentity;
@@ -44,6 +44,9 @@ pub(super) enum HandshakeFailure {
 pub(super) struct Handshake<S> {
     pub(super) transport: Transport<S>,
     pub(super) export: String,
+    /// What the handshake told the client (its size holds for the whole session, even
+    /// if the export grows meanwhile).
+    pub(super) info: ExportInfo,
     pub(super) negotiated: Negotiated,
 }
 
@@ -78,10 +81,11 @@ where
         r => r?,
     };
     let Some(tls) = tls.filter(|_| step.is_none()) else {
-        let (export, negotiated) = step.ok_or(HandshakeFailure::Closed)?;
+        let (info, negotiated) = step.ok_or(HandshakeFailure::Closed)?;
         return Ok(Handshake {
             transport: Transport::Plain(s),
-            export,
+            export: info.name.clone(),
+            info,
             negotiated,
         });
     };
@@ -105,12 +109,13 @@ where
         }
         None => tracing::info!(conn = id, peer = %peer, "TLS established (no client certificate)"),
     }
-    let (export, negotiated) = options(&mut s, &mut neg, shared, peer, &mut refusals)
+    let (info, negotiated) = options(&mut s, &mut neg, shared, peer, &mut refusals)
         .await?
         .ok_or(HandshakeFailure::Closed)?;
     Ok(Handshake {
         transport: Transport::Tls(Box::new(s)),
-        export,
+        export: info.name.clone(),
+        info,
         negotiated,
     })
 }
@@ -124,7 +129,7 @@ pub(super) async fn options<S>(
     shared: &Shared,
     peer: &PeerIdentity,
     refusals: &mut Refusals,
-) -> Result<Option<(String, Negotiated)>, HandshakeFailure>
+) -> Result<Option<(ExportInfo, Negotiated)>, HandshakeFailure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -159,7 +164,7 @@ where
         s.flush().await?;
         match outcome.next {
             Next::Continue => {}
-            Next::Transmit { export, .. } => return Ok(Some((export.name, neg.negotiated()))),
+            Next::Transmit { export, .. } => return Ok(Some((export, neg.negotiated()))),
             Next::StartTls => return Ok(None),
             Next::Close => return Err(HandshakeFailure::Closed),
         }

@@ -40,7 +40,8 @@ impl Conn {
             }
         };
         self.requests.fetch_add(1, Ordering::Relaxed);
-        match validate_negotiated(&req, &self.info, &self.negotiated) {
+        let checked = validate_negotiated(&req, &self.bounds(), &self.negotiated);
+        match checked {
             Ok(valid) => self.accept(&mut rd, req.cookie, valid, buf),
             Err(rej) => {
                 if !self.discard_payload(&mut rd, u64::from(req.payload_len())) {

@@ -24,6 +24,7 @@ pub(crate) async fn run<S: IntoBlocking>(
     let Some(Handshake {
         transport,
         export,
+        info,
         negotiated,
     }) = negotiate(stream, &shared, &mut peer, id).await
     else {
@@ -62,7 +63,7 @@ pub(crate) async fn run<S: IntoBlocking>(
     let conn = match Conn::new(
         stream,
         exp.device.clone(),
-        exp.info.clone(),
+        info,
         negotiated,
         id,
         &shared,

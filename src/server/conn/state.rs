@@ -4,7 +4,7 @@
 
 use std::io::BufReader;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 use tokio::sync::oneshot;
 
@@ -29,7 +29,11 @@ pub(super) struct Conn {
     pub(super) reader: Mutex<BufReader<BlockingStream>>,
     pub(super) writer: Mutex<BlockingStream>,
     pub(super) device: Arc<dyn BlockDevice>,
-    pub(super) info: nbd::ExportInfo,
+    /// What requests are checked against: the export as the handshake described it, with
+    /// the size raised when the export grows online (the client keeps the size it was
+    /// told, but one told more out of band, as a kernel device by `cryptvol attach
+    /// --refresh-size`, uses its open connections for the grown space).
+    pub(super) info: RwLock<nbd::ExportInfo>,
     /// Structured replies and metadata contexts, as the handshake settled them.
     pub(super) negotiated: Negotiated,
     pub(super) budget: Arc<ByteBudget>,
@@ -72,7 +76,7 @@ impl Conn {
             reader: Mutex::new(BufReader::with_capacity(64 * 1024, stream)),
             writer: Mutex::new(writer),
             device,
-            info,
+            info: RwLock::new(info),
             negotiated,
             budget: shared.budget.clone(),
             buffers: shared.buffers.clone(),
@@ -190,5 +194,24 @@ impl Conn {
                 }
             }
         }
+    }
+}
+
+impl Conn {
+    /// The export as requests are checked against now: the handshake's, its size raised
+    /// to the export's current one after an online grow (sizes never shrink).
+    pub(super) fn bounds(&self) -> RwLockReadGuard<'_, nbd::ExportInfo> {
+        let size = self.device.size();
+        {
+            let info = self.info.read().unwrap_or_else(PoisonError::into_inner);
+            if info.size >= size {
+                return info;
+            }
+        }
+        {
+            let mut info = self.info.write().unwrap_or_else(PoisonError::into_inner);
+            info.size = info.size.max(size);
+        }
+        self.info.read().unwrap_or_else(PoisonError::into_inner)
     }
 }

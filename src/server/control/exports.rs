@@ -49,7 +49,7 @@ fn entry(e: &Export) -> ExportEntry {
     ExportEntry {
         name: e.info.name.clone(),
         path: e.volume.path().to_string(),
-        size: e.info.size,
+        size: e.volume.size(),
         read_only: e.info.read_only,
         connections: e.connections(),
     }

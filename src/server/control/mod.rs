@@ -16,13 +16,14 @@
 //! | `export-add` | `name`, `path` (absolute), `read_only`, `discard`, `allow_uid`, `allow_gid`, `allow_tls_subject`, `allow_tls_san`, `allow_anyone` | `export` (see [`ExportEntry`]) |
 //! | `export-remove` | `name`, `force` (default false) | `export`, `disconnected` |
 //! | `export-list` | | `exports` (see [`ExportList`]) |
+//! | `resize` | `export`, `size` or `add` (bytes) | see [`ResizeReply`] |
 //!
 //!
 //! Modules: [`protocol`] (the requests and replies as pure types and functions: parsing
 //! and validation, unit-tested), [`path`] (where the socket is), [`hooks`] (what the CLI
 //! plugs in), [`socket`] (the listener and the per-connection handler), one module per
 //! request family ([`status`], [`reencryption`], [`snapshot`], [`exports`] with its
-//! pure types in [`exports_protocol`]) and [`client`] (a small
+//! pure types in [`exports_protocol`], [`resize`] with [`resize_protocol`]) and [`client`] (a small
 //! blocking client for the CLI).
 
 mod client;
@@ -32,6 +33,8 @@ mod hooks;
 mod path;
 mod protocol;
 mod reencryption;
+mod resize;
+mod resize_protocol;
 mod snapshot;
 mod socket;
 mod status;
@@ -46,6 +49,7 @@ pub use protocol::{
     MAX_DESCRIPTION_LEN, MAX_EXPORT_LEN, MAX_PARENT_LEN, MAX_REQUEST_BYTES, MAX_STORE_LEN, OPS,
     SNAPSHOT_CHUNK_SIZE,
 };
+pub use resize_protocol::{ResizeReply, ResizeRequest, ResizeTo};
 pub use socket::ControlSocket;
 pub(crate) use socket::{control_loop, ControlState};
 

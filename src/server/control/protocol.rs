@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::exports_protocol::ExportsRequest;
+use super::resize_protocol::ResizeRequest;
 
 /// Longest request line accepted (the newline included): room for the longest export
 /// name, store and description below, even with every character escaped.
@@ -22,7 +23,7 @@ pub const SNAPSHOT_CHUNK_SIZE: u64 = 512 * 1024;
 /// The default control socket of a daemon running as root.
 pub const DEFAULT_CONTROL_PATH: &str = "/run/cryptvol/control.sock";
 /// The operations, as named on the wire.
-pub const OPS: [&str; 7] = [
+pub const OPS: [&str; 8] = [
     "status",
     "reencrypt",
     "reencrypt-status",
@@ -30,6 +31,7 @@ pub const OPS: [&str; 7] = [
     "export-add",
     "export-remove",
     "export-list",
+    "resize",
 ];
 
 /// One control request.
@@ -51,6 +53,8 @@ pub enum Request {
     },
     /// Live export management: `export-add`, `export-remove`, `export-list`.
     Exports(ExportsRequest),
+    /// Grow a served export (`resize`).
+    Resize(ResizeRequest),
 }
 
 impl Request {
@@ -62,6 +66,7 @@ impl Request {
             Request::ReencryptStatus { .. } => "reencrypt-status",
             Request::Snapshot { .. } => "snapshot",
             Request::Exports(r) => r.op(),
+            Request::Resize(_) => ResizeRequest::OP,
         }
     }
 
@@ -88,6 +93,7 @@ impl Request {
                 "parent": parent,
             }),
             Request::Exports(r) => r.to_value(),
+            Request::Resize(r) => r.to_value(),
         };
         format!("{v}\n")
     }
@@ -211,6 +217,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
                 parent: f.parent,
             }
         }
+        ResizeRequest::OP => Request::Resize(ResizeRequest::parse(v)?),
         other => match ExportsRequest::parse(other, v) {
             Some(r) => Request::Exports(r?),
             None => return Err(ProtocolError::UnknownOp(shorten(&op, 64))),
@@ -242,6 +249,7 @@ pub fn validate(req: &Request) -> Result<(), ProtocolError> {
             Ok(())
         }
         Request::Exports(r) => r.validate(),
+        Request::Resize(r) => r.validate(),
     }
 }
 

@@ -152,6 +152,7 @@ async fn handle(mut stream: UnixStream, st: Arc<ControlState>) {
             parent,
         } => snapshot(&mut stream, &st, export, store, description, parent).await,
         Request::Exports(r) => super::exports::handle(&st, r).await,
+        Request::Resize(r) => super::resize::resize(&st, r).await,
     };
     let line = match end {
         Ok(body) => ok_line(body),

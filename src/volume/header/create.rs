@@ -1,10 +1,11 @@
 //! Creating a new volume file: the first header (sequence 1, key check value and MAC
 //! from the DEK), both copies, the empty allocation map of a thin volume, and the
-//! sparse data area, written and synced before the file counts as created.
+//! sparse data area, written and synced before the file counts as created (the map and
+//! the length first, the header last).
 
 use std::fs::File;
 use std::io::ErrorKind;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::copy::encode_copy;
@@ -13,6 +14,7 @@ use super::{alloc, io_err, Header, VolumeError, VolumeSpec, CIPHER, DEFAULT_DATA
 use super::{FORMAT_VERSION, HEADER_COPY_SIZE};
 use crate::crypto::Dek;
 use crate::keys::WrappedDek;
+use crate::volume::engine::{engine_for_borrowed, FileEngine};
 use crate::volume::geometry;
 
 /// Creates a new thin volume file (refusing to overwrite) with the given keyslots; the
@@ -52,7 +54,9 @@ pub fn create_with(
         return Err(VolumeError::InvalidHeader { path: p(), detail });
     };
     let file = create_new_file(path)?;
-    if let Err(e) = write_new_volume(&file, path, &header, [&primary, &secondary]) {
+    let written = engine_for_borrowed(&file, path)
+        .and_then(|engine| write_new_volume(&*engine, path, &header, [&primary, &secondary]));
+    if let Err(e) = written {
         drop(file);
         let _ = std::fs::remove_file(path);
         return Err(io_err(path, e));
@@ -113,21 +117,27 @@ fn create_new_file(path: &Path) -> Result<File, VolumeError> {
         })
 }
 
-/// Writes both copies, the initial allocation map, sizes the file to the end of the
-/// data area and syncs the file and its directory.
+/// Writes the initial allocation map and sizes the file to the end of the data area,
+/// syncs, and only then writes both header copies and syncs the file and its
+/// directory. A crash before a sync may leave any subset of the unsynced writes on
+/// disk: with the map and the header in one batch, a valid header over a missing map
+/// (whose pages then count as damaged, i.e. allocated) made a new volume read garbage
+/// instead of zeros (found by the crash-state enumeration, `volume/crashstates.rs`).
+/// Now a valid header implies a durable map and a full-length file.
 fn write_new_volume(
-    file: &File,
+    engine: &dyn FileEngine,
     path: &Path,
     header: &Header,
     [primary, secondary]: [&[u8]; 2],
 ) -> std::io::Result<()> {
-    file.write_all_at(primary, 0)?;
-    file.write_all_at(secondary, HEADER_COPY_SIZE)?;
     if let Some(layout) = &header.allocation_map {
-        alloc::write_initial(file, layout, &header.uuid)?;
+        alloc::write_initial(engine, layout, &header.uuid)?;
     }
-    file.set_len(header.data_offset + header.size)?;
-    file.sync_all()?;
+    engine.set_len(header.data_offset + header.size)?;
+    engine.sync_all()?;
+    engine.write_all_at(primary, 0)?;
+    engine.write_all_at(secondary, HEADER_COPY_SIZE)?;
+    engine.sync_all()?;
     sync_parent_dir(path)
 }
 

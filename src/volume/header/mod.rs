@@ -23,6 +23,8 @@ use crate::keys::WrappedDek;
 
 mod copy;
 mod create;
+#[doc(hidden)]
+pub(crate) mod fuzz_hooks;
 mod mac;
 mod metadata;
 mod recovery;

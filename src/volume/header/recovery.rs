@@ -3,8 +3,6 @@
 //! and the reasons both copies are unusable become the matching [`VolumeError`].
 
 use std::fs::File;
-use std::io::ErrorKind;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use nix::errno::Errno;
@@ -12,6 +10,7 @@ use nix::fcntl::{Flock, FlockArg};
 
 use super::copy::{decode_copy, CopyRead, COPY_LEN};
 use super::{io_err, Header, VolumeError, FORMAT_VERSION, HEADER_AREA_SIZE};
+use crate::volume::engine::{engine_for_borrowed, FileEngine};
 
 /// Health of one header copy.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -135,32 +134,32 @@ impl Copies {
     }
 }
 
-/// Reads up to `buf.len()` bytes at `offset`, stopping early only at end of file.
-/// Returns the number of bytes read.
-fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
+/// Reads both copies through `engine` (bytes past the end of the file are absent).
+pub(super) fn read_copies(engine: &dyn FileEngine, path: &Path) -> Result<Copies, VolumeError> {
+    let file_len = engine.len().map_err(|e| io_err(path, e))?;
+    let mut buf = vec![0u8; HEADER_AREA_SIZE as usize];
+    engine
+        .read_exact_at(&mut buf, 0)
+        .map_err(|e| io_err(path, e))?;
+    let n = usize::try_from(file_len.min(HEADER_AREA_SIZE)).unwrap_or(buf.len());
+    Ok(decode_copies(&buf[..n], file_len))
 }
 
-pub(super) fn read_copies(file: &File, path: &Path) -> Result<Copies, VolumeError> {
-    let file_len = file.metadata().map_err(|e| io_err(path, e))?.len();
-    let mut buf = vec![0u8; HEADER_AREA_SIZE as usize];
-    let n = read_full_at(file, &mut buf, 0).map_err(|e| io_err(path, e))?;
-    let buf = &buf[..n];
+/// Decodes both copies from the first bytes of a volume file (`buf`: at most
+/// [`HEADER_AREA_SIZE`] bytes, fewer when the file is shorter) of `file_len` bytes.
+pub(super) fn decode_copies(buf: &[u8], file_len: u64) -> Copies {
     let primary = decode_copy(buf, 0);
     let secondary = decode_copy(buf.get(COPY_LEN..).unwrap_or(&[]), 1);
-    Ok(Copies {
+    Copies {
         reads: [primary, secondary],
         file_len,
-    })
+    }
+}
+
+/// [`read_copies`] of an open file, through its engine ([`engine_for_borrowed`]).
+pub(super) fn read_file_copies(file: &File, path: &Path) -> Result<Copies, VolumeError> {
+    let engine = engine_for_borrowed(file, path).map_err(|e| io_err(path, e))?;
+    read_copies(&*engine, path)
 }
 
 /// Takes an flock, retrying on EINTR.
@@ -180,8 +179,8 @@ pub fn read_header(path: &Path) -> Result<(Header, HeaderHealth), VolumeError> {
     // A shared lock keeps us from reading a copy while a writer is replacing it; a
     // filesystem without flock support is read unlocked.
     let copies = match flock(file, FlockArg::LockShared) {
-        Ok(locked) => read_copies(&locked, path)?,
-        Err((file, _)) => read_copies(&file, path)?,
+        Ok(locked) => read_file_copies(&locked, path)?,
+        Err((file, _)) => read_file_copies(&file, path)?,
     };
     copies.resolve(path)
 }
@@ -192,7 +191,7 @@ pub(crate) fn check_file_uuid(
     path: &Path,
     uuid: uuid::Uuid,
 ) -> Result<(), VolumeError> {
-    let copies = read_copies(file, path)?;
+    let copies = read_file_copies(file, path)?;
     for h in [copies.good(0), copies.good(1)].into_iter().flatten() {
         if h.uuid != uuid {
             return Err(VolumeError::InvalidHeader {

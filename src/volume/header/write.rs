@@ -2,8 +2,6 @@
 //! check the key and that nothing newer is on disk, bump the sequence, recompute the
 //! MAC, and write the two copies one after the other, the invalid one first.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use nix::fcntl::FlockArg;
@@ -13,6 +11,7 @@ use super::mac::{compute_kcv, compute_mac};
 use super::recovery::{flock, read_copies, CopyStatus, HeaderHealth};
 use super::{io_err, Header, VolumeError, HEADER_COPY_SIZE};
 use crate::crypto::Dek;
+use crate::volume::engine::{engine_for_borrowed, FileEngine};
 
 /// Which copy to write first: the one that is not the current valid winner, so that
 /// a crash while writing it leaves the winner untouched, and a crash while writing the
@@ -33,7 +32,7 @@ pub(super) struct WritePlan {
 /// Checks `header` against `dek` and the copies on disk and encodes the new copies
 /// (sequence bumped, MAC recomputed) without writing anything.
 pub(super) fn plan_write(
-    file: &File,
+    file: &dyn FileEngine,
     path: &Path,
     header: &Header,
     dek: &Dek,
@@ -120,7 +119,8 @@ pub fn write_header(path: &Path, header: &mut Header, dek: &Dek) -> Result<(), V
         .map_err(|e| io_err(path, e))?;
     let file = flock(file, FlockArg::LockExclusive)
         .map_err(|(_, errno)| io_err(path, std::io::Error::from_raw_os_error(errno as i32)))?;
-    let plan = plan_write(&file, path, header, dek)?;
+    let engine = engine_for_borrowed(&file, path).map_err(|e| io_err(path, e))?;
+    let plan = plan_write(&*engine, path, header, dek)?;
     for (i, (offset, bytes)) in plan.writes.iter().enumerate() {
         let step = if i == 0 {
             "header-copy-1"
@@ -132,13 +132,14 @@ pub fn write_header(path: &Path, header: &mut Header, dek: &Dek) -> Result<(), V
         // new metadata) reached the disk.
         let torn = format!("{step}-torn");
         if crate::volume::crash_point_active(&torn) {
-            let _ = file
+            let _ = engine
                 .write_all_at(&bytes[..2048], *offset)
-                .and_then(|()| file.sync_data());
+                .and_then(|()| engine.sync_data());
             crate::volume::crash_point(&torn);
         }
-        file.write_all_at(bytes, *offset)
-            .and_then(|()| file.sync_data())
+        engine
+            .write_all_at(bytes, *offset)
+            .and_then(|()| engine.sync_data())
             .map_err(|e| io_err(path, e))?;
         crate::volume::crash_point(step);
     }

@@ -43,6 +43,7 @@ pub(in crate::volume) fn open_discard(path: &Path, h: &Header, dek: &Dek) -> Vol
         OpenOptions {
             read_only: false,
             discard: true,
+            ..OpenOptions::default()
         },
     )
     .expect("open")

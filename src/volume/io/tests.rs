@@ -23,6 +23,7 @@ fn out_of_range_and_read_only() {
         OpenOptions {
             read_only: true,
             discard: true,
+            ..OpenOptions::default()
         },
     )
     .expect("open ro");
@@ -245,6 +246,7 @@ fn run_model(ss: u32, thin: bool, discard: bool, ops: &[Op]) -> Result<(), TestC
             OpenOptions {
                 read_only: false,
                 discard,
+                ..OpenOptions::default()
             },
         )
         .expect("open")

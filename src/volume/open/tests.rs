@@ -81,10 +81,8 @@ fn damaged_map_pages_are_reported_and_repaired() {
         .write(true)
         .open(&path)
         .expect("open");
-    f.write_all_at(&[0xEE; 64], layout.copy_offsets[0] + 500)
-        .expect("damage");
-    f.write_all_at(&[0xEE; 64], layout.copy_offsets[1] + 500)
-        .expect("damage");
+    FileExt::write_all_at(&f, &[0xEE; 64], layout.copy_offsets[0] + 500).expect("damage");
+    FileExt::write_all_at(&f, &[0xEE; 64], layout.copy_offsets[1] + 500).expect("damage");
     drop(f);
     let sum = crate::volume::map_summary(&path, &h)
         .expect("summary")
@@ -110,6 +108,7 @@ fn a_volume_is_open_for_writing_once() {
     let ro = |read_only| OpenOptions {
         read_only,
         discard: false,
+        ..OpenOptions::default()
     };
     let key = || Dek::from_slice(dek.expose()).expect("dek");
     let rw = Volume::open(&path, &h, key(), ro(false)).expect("first writer");

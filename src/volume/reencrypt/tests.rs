@@ -158,6 +158,7 @@ fn an_interrupted_step_is_finished_at_open() {
     let ro = OpenOptions {
         read_only: true,
         discard: false,
+        ..OpenOptions::default()
     };
     assert!(matches!(
         Volume::open_with_next(&path, &h2, copy(&dek), Some(copy(&new)), ro),
@@ -250,6 +251,7 @@ fn reencrypt_refusals() {
     let ro = OpenOptions {
         read_only: true,
         discard: false,
+        ..OpenOptions::default()
     };
     let v = Volume::open(&path, &h, copy(&dek), ro).expect("open ro");
     assert!(matches!(
