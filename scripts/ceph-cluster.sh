@@ -24,14 +24,15 @@ cmd=$1
 dir=$2
 timeout=${CEPH_CLUSTER_TIMEOUT:-300}
 
-starting=0
+# The daemons this invocation started: a failed start stops these and nothing else (a
+# monitor that was already running, say while only the OSD is restarted, keeps running).
+started=()
 die() {
     echo "ceph-cluster: $*" >&2
-    # A failed start leaves nothing running.
-    if [ "$starting" = 1 ]; then
-        stop_daemon osd
-        stop_daemon mon
-    fi
+    local d
+    for d in osd mon; do
+        case " ${started[*]-} " in *" $d "*) stop_daemon "$d" ;; esac
+    done
     exit 1
 }
 
@@ -160,12 +161,14 @@ start_mon() {
     pid_alive "$dir/run/mon.pid" && return 0
     ceph-mon --conf "$dir/ceph.conf" -i a -f >>"$dir/log/mon.a.stderr" 2>&1 &
     echo $! > "$dir/run/mon.pid"
+    started+=(mon)
 }
 
 start_osd() {
     pid_alive "$dir/run/osd.pid" && return 0
     ceph-osd --conf "$dir/ceph.conf" -i 0 -f >>"$dir/log/osd.0.stderr" 2>&1 &
     echo $! > "$dir/run/osd.pid"
+    started+=(osd)
 }
 
 # wait_for WHAT CHECK: polls CHECK (each try is itself bounded by the client timeouts)
@@ -228,7 +231,6 @@ case "$cmd" in
         mkdir -p "$dir"
         dir=$(cd "$dir" && pwd)
         export CEPH_CONF="$dir/ceph.conf"
-        starting=1
         deadline=$((SECONDS + timeout))
         if [ ! -f "$dir/bootstrapped" ]; then
             rm -rf "${dir:?}"/{mon,osd,run,log,ceph.conf,monmap,bootstrapped} "$dir"/*.keyring
@@ -241,7 +243,6 @@ case "$cmd" in
         wait_for "the OSD to be up" osd_up
         create_pool
         wait_for "the pool rbd to serve I/O" pool_active
-        starting=0
         print_env
         ;;
     stop)

@@ -1,7 +1,9 @@
 //! The RBD engine against a real one-node Ceph cluster (scripts/ceph-cluster.sh), started
 //! once for this test program and stopped when it exits: image I/O round trips (blocking
 //! and async), the exclusive lock refusing a second opener with the holder's name, the
-//! takeover that blocklists the old owner, and bounded waits with the OSD killed.
+//! takeover that blocklists the old owner, and bounded waits with the OSD stopped or the
+//! cluster full. A watchdog aborts the program if it runs past [`PROGRAM_LIMIT`]: librados
+//! can block forever, and a hung test would hold CI until its own limit.
 //! Built only with `--features rbd` (scripts/test.sh turns it on).
 
 mod common;
@@ -33,8 +35,21 @@ fn cluster_start(dir: &std::path::Path) -> String {
     common::run_ok(Command::new(script()).arg("start").arg(dir))
 }
 
+/// The longest this test program may run (about 2 minutes on an idle machine); past it a
+/// watchdog aborts the process, naming the limit, and the reaper stops the cluster.
+const PROGRAM_LIMIT: Duration = Duration::from_secs(20 * 60);
+
+fn start_watchdog() {
+    std::thread::spawn(|| {
+        std::thread::sleep(PROGRAM_LIMIT);
+        eprintln!("tests/rbd.rs: still running after {PROGRAM_LIMIT:?}; aborting (a librados call hung?)");
+        std::process::abort();
+    });
+}
+
 fn cluster() -> &'static TestCluster {
     CLUSTER.get_or_init(|| {
+        start_watchdog();
         let dir = std::env::temp_dir().join(format!("cryptvol-rbd-test-{}", std::process::id()));
         stop_when_we_exit(&dir);
         let started = Instant::now();
@@ -98,7 +113,7 @@ fn new_image(c: &Cluster, test: &str, size: u64) -> ImageSpec {
 
 #[test]
 fn spec_names_the_image_the_rbd_tool_sees() {
-    let _g = SHARED.read().unwrap();
+    let _g = SHARED.read().unwrap_or_else(|e| e.into_inner());
     let c = connect();
     let spec = new_image(&c, "visible", 8 * MIB);
     let out = common::run_ok(
@@ -116,7 +131,7 @@ fn spec_names_the_image_the_rbd_tool_sees() {
 
 #[test]
 fn blocking_round_trip_read_write_discard_flush_resize() {
-    let _g = SHARED.read().unwrap();
+    let _g = SHARED.read().unwrap_or_else(|e| e.into_inner());
     let c = connect();
     let spec = new_image(&c, "roundtrip", 16 * MIB);
     let img = RbdImage::open(&c, &spec).expect("open");
@@ -172,7 +187,7 @@ fn blocking_round_trip_read_write_discard_flush_resize() {
 
 #[test]
 fn async_writes_at_queue_depth_32_read_back() {
-    let _g = SHARED.read().unwrap();
+    let _g = SHARED.read().unwrap_or_else(|e| e.into_inner());
     let c = connect();
     let spec = new_image(&c, "async", 16 * MIB);
     let img = std::sync::Arc::new(RbdImage::open(&c, &spec).expect("open"));
@@ -204,7 +219,7 @@ fn async_writes_at_queue_depth_32_read_back() {
 
 #[test]
 fn second_opener_is_refused_naming_the_holder() {
-    let _g = SHARED.read().unwrap();
+    let _g = SHARED.read().unwrap_or_else(|e| e.into_inner());
     let first = connect();
     let spec = new_image(&first, "lock", 8 * MIB);
     let held = RbdImage::open(&first, &spec).unwrap();
@@ -263,7 +278,7 @@ fn second_opener_is_refused_naming_the_holder() {
 
 #[test]
 fn takeover_blocklists_the_old_owner() {
-    let _g = SHARED.read().unwrap();
+    let _g = SHARED.read().unwrap_or_else(|e| e.into_inner());
     let old = connect_with(Duration::from_secs(10));
     let spec = new_image(&old, "takeover", 8 * MIB);
     let stale = RbdImage::open(&old, &spec).unwrap();
@@ -308,7 +323,7 @@ fn missing_config_and_image_are_clear_errors() {
     .expect_err("no config");
     assert!(err.to_string().contains("CEPH_CONF"), "{err}");
 
-    let _g = SHARED.read().unwrap();
+    let _g = SHARED.read().unwrap_or_else(|e| e.into_inner());
     let c = connect();
     let spec = ImageSpec::parse("rbd:rbd/no-such-image").unwrap();
     let err = RbdImage::open(&c, &spec).expect_err("missing image");
@@ -327,17 +342,38 @@ fn osd_pid() -> u32 {
         .unwrap()
 }
 
+/// The OSD stopped (SIGSTOP: alive, holding its sockets, answering nothing, as a hung or
+/// partitioned OSD does) and continued when dropped, also when the test fails, so the
+/// other tests keep a working cluster. A stopped OSD resumes at once; a killed one would
+/// need a restart that takes minutes on a busy machine.
+struct StoppedOsd(u32);
+
+impl StoppedOsd {
+    fn new() -> StoppedOsd {
+        let pid = osd_pid();
+        common::run_ok(Command::new("kill").args(["-STOP", &pid.to_string()]));
+        StoppedOsd(pid)
+    }
+}
+
+impl Drop for StoppedOsd {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
 #[test]
-fn with_the_osd_killed_io_times_out_within_the_bound() {
-    let _g = SHARED.write().unwrap();
+fn with_the_osd_stopped_io_times_out_within_the_bound() {
+    let _g = SHARED.write().unwrap_or_else(|e| e.into_inner());
     let bound = Duration::from_secs(5);
     let c = connect_with(bound);
     let spec = new_image(&c, "timeout", 8 * MIB);
     let img = RbdImage::open(&c, &spec).unwrap();
     img.write_at(&[7; 4096], 0).unwrap();
 
-    let pid = osd_pid();
-    common::run_ok(Command::new("kill").args(["-9", &pid.to_string()]));
+    let stopped = StoppedOsd::new();
     let t = Instant::now();
     let write = img.write_at(&[8; 4096], 4096);
     let write_took = t.elapsed();
@@ -345,14 +381,11 @@ fn with_the_osd_killed_io_times_out_within_the_bound() {
     let mut buf = vec![0u8; 4096];
     let read = img.read_at(&mut buf, 8 * 4096);
     let read_took = t.elapsed();
-    // Restart the OSD before asserting, so a failure here leaves the others a cluster.
-    let restarted = Instant::now();
-    cluster_start(&cluster().dir);
-    eprintln!("osd restarted in {:?}", restarted.elapsed());
+    drop(stopped);
 
     for (what, r, took) in [("write", write, write_took), ("read", read, read_took)] {
         let err = r.expect_err(what);
-        eprintln!("{what} with the OSD killed failed after {took:?}: {err}");
+        eprintln!("{what} with the OSD stopped failed after {took:?}: {err}");
         assert!(
             matches!(err, RbdError::Timeout { secs: 5, .. }),
             "{what}: {err}"
@@ -366,8 +399,11 @@ fn with_the_osd_killed_io_times_out_within_the_bound() {
         let io: std::io::Error = err.into();
         assert_eq!(io.kind(), std::io::ErrorKind::TimedOut);
     }
-    // The image works again once the OSD is back.
-    img.write_at(&[9; 4096], 4096).unwrap();
+    // The image works again once the OSD runs again (bounded: the client's timeouts).
+    let deadline = Instant::now() + common::PATIENCE;
+    while let Err(e) = img.write_at(&[9; 4096], 4096) {
+        assert!(Instant::now() < deadline, "the OSD never came back: {e}");
+    }
 }
 
 /// Runs `ceph` as client.admin against the test cluster.
@@ -437,7 +473,7 @@ impl Drop for FullCluster {
 
 #[test]
 fn with_the_cluster_full_writes_time_out_within_the_bound() {
-    let _g = SHARED.write().unwrap();
+    let _g = SHARED.write().unwrap_or_else(|e| e.into_inner());
     let bound = Duration::from_secs(5);
     let c = connect_with(bound);
     let spec = new_image(&c, "full", 8 * MIB);
