@@ -42,7 +42,9 @@ const PROGRAM_LIMIT: Duration = Duration::from_secs(20 * 60);
 fn start_watchdog() {
     std::thread::spawn(|| {
         std::thread::sleep(PROGRAM_LIMIT);
-        eprintln!("tests/rbd.rs: still running after {PROGRAM_LIMIT:?}; aborting (a librados call hung?)");
+        eprintln!(
+            "tests/rbd.rs: still running after {PROGRAM_LIMIT:?}; aborting (a librados call hung?)"
+        );
         std::process::abort();
     });
 }
