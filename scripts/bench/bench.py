@@ -885,6 +885,7 @@ def main(argv):
     jobs = [j for j in JOBS if j[0] in a.jobs]
     need = set()
     main_servers = a.servers if "main" in a.modes else []
+    a.servers = main_servers  # prepare() writes plain.img only for nbdkit-file
     for s in main_servers:
         if s == "cryptvol" or s in CRYPTVOL_VARIANTS:
             need.add(s)
