@@ -22,9 +22,11 @@ gets the bench module itself (`b`) for its Server, server_for, run, log and Benc
 """
 
 import contextlib
+import datetime
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -123,6 +125,7 @@ class Proc:
             logf.write(f"\n=== {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n".encode())
             logf.flush()
             self.t_spawn = time.monotonic()
+            self.t_spawn_wall = time.time()
             try:
                 self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
                                              stderr=subprocess.STDOUT, preexec_fn=child,
@@ -191,6 +194,12 @@ class Notify:
         self.s.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+def control(w, name):
+    """A control socket of the server's own: the default (/run/cryptvol/control.sock for
+    root) may be held by another server on the machine, and the fallback is logged."""
+    return ["--control", os.path.join(w.root, f"ctl-{name}.sock")]
 
 
 def listener(path):
@@ -369,13 +378,50 @@ class Moto:
         return median(ts)
 
 
-def attach_once(a, b, w, name, cmd, export, env=None):
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z\s+[A-Z]+\s+(.*)$")
+
+
+def log_marks(path, t0_wall):
+    """Seconds from the spawn (wall clock) to cryptvol's first log line, its last
+    "export opened" and "listening on" (where the start-up time goes)."""
+    marks = {}
+    try:
+        with open(path, errors="replace") as f:
+            for line in f:
+                m = LOG_LINE.match(line)
+                if not m:
+                    continue
+                t = datetime.datetime.fromisoformat(m.group(1)[:26]).replace(
+                    tzinfo=datetime.timezone.utc).timestamp() - t0_wall
+                marks.setdefault("first_log_s", t)
+                if m.group(2).startswith("export opened"):
+                    marks["opened_s"] = t
+                elif m.group(2).startswith("listening on"):
+                    marks.setdefault("listening_s", t)
+    except OSError:
+        pass
+    return marks
+
+
+def exec_floor(a, n):
+    """Median seconds to spawn `cryptvol --version` and see it exit: the process start
+    (exec, dynamic loading, runtime set-up) every attach pays before any cryptvol work."""
+    ts = []
+    for _ in range(n):
+        t0 = time.monotonic()
+        subprocess.run([a.bin, "--version"], stdout=subprocess.DEVNULL, check=True)
+        ts.append(time.monotonic() - t0)
+    return median(ts)
+
+
+def attach_once(a, b, w, name, cmd, export, env=None, rep=0):
     """Seconds from spawning the server to the greeting and to the first 4 KiB block read
     through a socket-activated listener."""
     sock = w.sock(f"attach-{name}")
     ls = listener(sock)
+    logpath = os.path.join(w.logs, f"attach-{name}-{rep}.log")
     try:
-        p = Proc(b, cmd, os.path.join(w.logs, f"attach-{name}.log"), env=env, listen=ls)
+        p = Proc(b, cmd, logpath, env=env, listen=ls)
         t0 = p.t_spawn
         try:
             c = nbdclient.Client(sock, export, timeout=120)
@@ -389,7 +435,10 @@ def attach_once(a, b, w, name, cmd, export, env=None):
             raise b.BenchError(f"attach {name}: {e}; log {p.logpath}")
         finally:
             p.stop()
-        return {"server": name, "greeting_s": c.t_greeting - t0, "first_block_s": t1 - t0}
+        r = {"server": name, "greeting_s": c.t_greeting - t0, "first_block_s": t1 - t0}
+        if name.startswith("cryptvol"):
+            r.update(log_marks(logpath, p.t_spawn_wall))
+        return r
     finally:
         ls.close()
         with contextlib.suppress(FileNotFoundError):
@@ -420,22 +469,23 @@ def attach_setup(a, b, w):
         with open(w.plain, "wb") as f:
             f.truncate(a.size)
     st["kms_decrypt_s"] = st["moto"].decrypt_latency(key, 5 if a.quick else 20)
+    st["exec_floor_s"] = exec_floor(a, 5 if a.quick else 20)
     return st
 
 
 def attach(a, b, w, st, rep):
     servers = [
-        ("cryptvol-local", [a.bin, "serve", "--keystore", w.keystore,
+        ("cryptvol-local", [a.bin, "serve", "--keystore", w.keystore, *control(w, "local"),
                             f"vol={st['vol_local']}"], "vol", None),
-        ("cryptvol-kms", [a.bin, "serve", "--keystore", w.keystore, f"vol={st['vol_kms']}"],
-         "vol", st["aws_env"]),
+        ("cryptvol-kms", [a.bin, "serve", "--keystore", w.keystore, *control(w, "kms"),
+                          f"vol={st['vol_kms']}"], "vol", st["aws_env"]),
         (PEER, ["nbdkit", "-f", "--exit-with-parent", "file", w.plain], "", None),
     ]
     if rep % 2 == 0:
         servers.reverse()
     runs = []
     for name, cmd, export, env in servers:
-        r = attach_once(a, b, w, name, cmd, export, env)
+        r = attach_once(a, b, w, name, cmd, export, env, rep)
         r.update(mode="attach", repeat=rep)
         runs.append(r)
         b.log(f"[{rep}/{a.repeat}] attach  {name:<15} greeting {r['greeting_s'] * 1e3:7.1f} ms"
@@ -466,7 +516,7 @@ def serve_until_ready(a, b, w, name, vols, timeout=300):
     sock = w.sock(name)
     notify = Notify(os.path.join(w.root, f"{name}.notify"))
     try:
-        cmd = [a.bin, "serve", "--unix", sock, "--keystore", w.keystore] + [
+        cmd = [a.bin, "serve", "--unix", sock, "--keystore", w.keystore, *control(w, name)] + [
             f"{n}={path}" for n, path in vols]
         p = Proc(b, cmd, os.path.join(w.logs, f"{name}.log"), env={"NOTIFY_SOCKET": notify.path})
         t = notify.wait_ready(p, timeout)
@@ -640,6 +690,7 @@ def run_modes(a, b, w):
         if "attach" in sel:
             st["attach"] = attach_setup(a, b, w)
             out["kms_decrypt_s"] = st["attach"]["kms_decrypt_s"]
+            out["exec_floor_s"] = st["attach"]["exec_floor_s"]
         if "exports" in sel:
             st["exports"] = exports_setup(a, b, w)
         if "thin" in sel:

@@ -48,7 +48,7 @@ def summarise(res):
     s["scaling"] = _scaling(_by(runs, "scaling"))
     s["latency"] = _latency(_by(runs, "latency"))
     s["rss"] = _rss(_by(runs, "rss"))
-    s["attach"] = _attach(_by(runs, "attach"), m.get("kms_decrypt_s"))
+    s["attach"] = _attach(_by(runs, "attach"), m.get("kms_decrypt_s"), m.get("exec_floor_s"))
     s["exports"] = _exports(_by(runs, "exports"))
     s["thin"] = _thin(_by(runs, "thin"))
     m["summary"] = s
@@ -114,7 +114,7 @@ def _rss(runs):
     return out
 
 
-def _attach(runs, kms_decrypt_s):
+def _attach(runs, kms_decrypt_s, exec_floor_s=None):
     out = {}
     for srv in sorted({r["server"] for r in runs}):
         rs = [r for r in runs if r["server"] == srv]
@@ -122,11 +122,16 @@ def _attach(runs, kms_decrypt_s):
                     "first_block_ms": _median([r["first_block_s"] * 1e3 for r in rs]),
                     "min_first_block_ms": min(r["first_block_s"] * 1e3 for r in rs),
                     "n": len(rs)}
+        for k in ("first_log_s", "opened_s", "listening_s"):
+            out[srv][k.replace("_s", "_ms")] = _median(
+                [r[k] * 1e3 for r in rs if r.get(k) is not None])
     peer = out.get(PEER, {}).get("first_block_ms")
     for srv, v in out.items():
         v["ratio"] = _ratio(v["first_block_ms"], peer) if srv != PEER else None
     if kms_decrypt_s is not None:
         out["kms_decrypt_ms"] = kms_decrypt_s * 1e3
+    if exec_floor_s is not None:
+        out["exec_floor_ms"] = exec_floor_s * 1e3
     return out
 
 
@@ -349,6 +354,19 @@ def _render_attach(at):
                    f"{_f(v['first_block_ms'], '.1f', ' ms'):>10} "
                    f"{_f(v['min_first_block_ms'], '.1f', ' ms'):>9} "
                    f"{_f(v['ratio'], '.2f', 'x'):>8}")
+    marks = [(srv, at[srv]) for srv in ("cryptvol-local", "cryptvol-kms")
+             if at.get(srv, {}).get("listening_ms") is not None]
+    if marks:
+        out.append("where cryptvol's start-up goes (from its log's timestamps, ms after the "
+                   "spawn; medians):")
+        for srv, v in marks:
+            out.append(f"  {srv:<15} first log line {_f(v.get('first_log_ms'), '.1f')}, export "
+                       f"opened {_f(v.get('opened_ms'), '.1f')}, listening "
+                       f"{_f(v.get('listening_ms'), '.1f')}, first block "
+                       f"{_f(v.get('first_block_ms'), '.1f')}")
+        if at.get("exec_floor_ms") is not None:
+            out.append(f"  (`cryptvol --version`, spawn to exit: "
+                       f"{at['exec_floor_ms']:.1f} ms: the process start every attach pays)")
     if at.get("kms_decrypt_ms") is not None:
         k = at.get("cryptvol-kms", {}).get("first_block_ms")
         lo = at.get("cryptvol-local", {}).get("first_block_ms")
