@@ -225,9 +225,16 @@ def _targets(res, s):
                      "the latency mode was not run (--modes)"))
     rss = (s.get("rss") or {}).get("cryptvol") or {}
     v = rss.get("peak_kib")
+    src = "VmHWM, rss mode"
+    if not v:
+        # Without the rss mode: the main table's peaks (VmHWM per job) of cryptvol.
+        main = [r.get("peak_rss_kib") for r in res.get("runs", [])
+                if r.get("server") == "cryptvol" and r.get("peak_rss_kib")]
+        v, src = (max(main), "VmHWM, main jobs") if main else (None, src)
     ts.append(_t(f"daemon peak RSS under the benchmark <= {RSS_LIMIT_MIB} MiB",
                  v / 1024 if v else None, bool(v) and v / 1024 <= RSS_LIMIT_MIB,
-                 f"{v / 1024:.1f} MiB (VmHWM)" if v else "", "the rss mode was not run"))
+                 f"{v / 1024:.1f} MiB ({src})" if v else "",
+                 "neither the rss mode nor the main table ran cryptvol"))
     at = (s.get("attach") or {}).get("cryptvol-local") or {}
     v = at.get("first_block_ms")
     ts.append(_t(f"attach with the local keystore <= {ATTACH_LIMIT_MS:.0f} ms", v,
