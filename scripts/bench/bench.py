@@ -972,7 +972,8 @@ def main(argv):
                 log(f"XTS comparison failed: {e}")
                 results["xts"] = {"error": str(e)}
         else:
-            results["xts"] = {"skipped": "--quick (pass --xts to include it)"}
+            results["xts"] = {"skipped": "--quick (pass --xts to include it)" if a.quick
+                              else "--modes without main"}
     except KeyboardInterrupt:
         log("interrupted; stopping servers")
         modes.Proc.stop_all()
