@@ -10,6 +10,7 @@ import os
 import statistics
 import sys
 
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree (run alone)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import modes_report  # noqa: E402  (the extended modes' tables and issue 18 targets)
 
