@@ -304,7 +304,7 @@ def _render_scaling(sc):
                        f"{_f(r['cryptvol_scale'], '.2f', 'x'):>8} "
                        f"{_f(r['peer_scale'], '.2f', 'x'):>10}")
     out += ["(ratio: cryptvol / nbdkit file; scale: IOPS / the same server's IOPS on one "
-            "connection. fio's N processes and the server share the machine's cores.)", ""]
+            "connection. fio's N threads and the server share the machine's cores.)", ""]
     return out
 
 
