@@ -425,6 +425,9 @@ def attach_once(a, b, w, name, cmd, export, env=None, rep=0):
     logpath = os.path.join(w.logs, f"attach-{name}-{rep}.log")
     try:
         p = Proc(b, cmd, logpath, env=env, listen=ls)
+        # Only the server holds the listener now: if it dies, the client's connection is
+        # reset at once instead of waiting in a backlog nobody accepts from.
+        ls.close()
         t0 = p.t_spawn
         try:
             c = nbdclient.Client(sock, export, timeout=120)
@@ -634,6 +637,7 @@ def thin(a, b, w, st, rep):
         try:
             pp = Proc(b, ["nbdkit", "-f", "--exit-with-parent", "file", plain],
                       os.path.join(w.logs, "thin-nbdkit.log"), listen=ls)
+            ls.close()  # only the server holds it (see attach_once)
             try:
                 c = nbdclient.Client(sockp, "")
                 r["peer_first_write_s"] = timed_writes(c, offsets)
