@@ -7,6 +7,11 @@
 #
 #   scripts/bench.sh             full run (1 GiB volumes, 3 runs per job, XTS vs openssl)
 #   scripts/bench.sh --quick     a check in under 2 minutes (1 run of 2 s per job, no XTS)
+#   scripts/bench.sh --modes attach,exports --quick   only some of the extended modes
+#
+# Beside the main job table, the extended modes (issue 18 item 4, scripts/bench/modes.py)
+# measure multi-connection scaling, qd1 latency percentiles, attach time, daemon RSS under
+# load and the cost of many exports and of a 16 TiB thin volume.
 #
 # Options:
 #   --quick            1 run of 1 s ramp + 2 s per job, XTS comparison skipped
@@ -34,6 +39,27 @@
 #   --fresh-max SIZE   most the backing file may grow in one fresh run (default 2G; quick
 #                      512M); the 4k job writes at most 1/16 of it (64 KiB chunk per 4 KiB)
 #   --xts / --no-xts   force / skip the XTS engine vs `openssl speed` comparison
+#   --modes LIST       subset of main,scaling,latency,attach,rss,exports,thin (default: all;
+#                      main is the job table above; the others, issue 18 item 4, each print
+#                      their own table with medians of --repeat runs, ratios to plain
+#                      nbdkit file where it is a peer, and the issue's targets met/missed):
+#                      scaling: 4k randread/randwrite qd32 over 1, 2, 4 NBD connections
+#                               (fio --numjobs), cryptvol and nbdkit file;
+#                      latency: qd1 4k randread/randwrite clat p50/p99/p99.9, same two;
+#                      attach:  spawn of the server to the first block a client reads
+#                               (socket-activated listener), cryptvol with the local
+#                               keystore and with AWS KMS (moto_server), nbdkit file;
+#                      rss:     the daemon's idle RSS and peak VmHWM under fio jobs;
+#                      exports: cryptvol serving 1, 10, 200 volumes: start to READY=1
+#                               (sd_notify) and RSS, per export;
+#                      thin:    a 16 TiB thin volume: create time, map memory (RSS against
+#                               a 1 GiB volume), first write to a fresh chunk vs a later one
+#   --conns LIST       connection counts of the scaling mode (default 1,2,4)
+#   --export-counts L  export counts of the exports mode (default 1,10,200)
+#   --thin-size SIZE   the thin mode's volume (default 16T; on a filesystem that cannot hold
+#                      it, e.g. ext4, the volume goes to /dev/shm and the output says so)
+#   --thin-dir DIR     where the thin mode's volume lives (default: the work directory)
+#   --thin-writes N    first and later writes timed by the thin mode (default 64; quick 16)
 #   --out DIR          results directory (default bench/results/, git-ignored); each run
 #                      writes DIR/<timestamp>/{results.json,chart.png,fio/,logs/} and
 #                      points DIR/latest at it
@@ -56,10 +82,12 @@ while [ $# -gt 0 ]; do
         --no-install) install=0 ;;
         --no-build) build=0 ;;
         --quick|--xts|--no-xts|--no-chart|--keep-work) args+=("$1") ;;
-        --size|--runtime|--ramp|--repeat|--jobs|--servers|--out|--fresh-size|--fresh-max)
+        --size|--runtime|--ramp|--repeat|--jobs|--servers|--out|--fresh-size|--fresh-max|\
+        --modes|--conns|--export-counts|--thin-size|--thin-dir|--thin-writes)
             if [ $# -lt 2 ]; then echo "bench.sh: $1 needs a value (see --help)" >&2; exit 2; fi
             args+=("$1" "$2"); shift ;;
-        --size=*|--runtime=*|--ramp=*|--repeat=*|--jobs=*|--servers=*|--out=*|--fresh-size=*|--fresh-max=*)
+        --size=*|--runtime=*|--ramp=*|--repeat=*|--jobs=*|--servers=*|--out=*|--fresh-size=*|--fresh-max=*|\
+        --modes=*|--conns=*|--export-counts=*|--thin-size=*|--thin-dir=*|--thin-writes=*)
             args+=("$1") ;;
         *) echo "bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac

@@ -27,6 +27,7 @@ import time
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # noqa: E402  (scripts/bench/report.py)
+import modes  # noqa: E402  (scripts/bench/modes.py: the extended modes)
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -127,6 +128,15 @@ def parse_list(s, known, aliases=None, what="item"):
     return out
 
 
+def parse_thin_size(p, s):
+    """The thin mode's volume size: any multiple of 1 GiB from 1 GiB to 64 TiB."""
+    m = re.fullmatch(r"\s*(\d+)\s*([GT])(i?B)?\s*", s, re.IGNORECASE)
+    n = int(m.group(1)) << (30 if m.group(2).upper() == "G" else 40) if m else 0
+    if not GIB <= n <= 64 << 40:
+        p.error(f"--thin-size {s!r}: use e.g. 16T or 512G (1G to 64T)")
+    return n
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="scripts/bench.sh",
@@ -149,6 +159,12 @@ def parse_args(argv):
     p.add_argument("--keep-work", action="store_true")
     p.add_argument("--fresh-size", type=parse_size, default=None)
     p.add_argument("--fresh-max", type=parse_size, default=None)
+    p.add_argument("--modes", default=None)
+    p.add_argument("--conns", default=None)
+    p.add_argument("--export-counts", default=None)
+    p.add_argument("--thin-size", default=None)
+    p.add_argument("--thin-dir", default=None)
+    p.add_argument("--thin-writes", type=int, default=None)
     a = p.parse_args(argv)
     try:
         a.jobs = parse_list(a.jobs, [j[0] for j in JOBS], JOB_ALIASES, "job") if a.jobs else [
@@ -159,6 +175,17 @@ def parse_args(argv):
         )
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
+    try:
+        a.modes = parse_list(a.modes, modes.MODES, None, "mode") if a.modes else list(modes.MODES)
+        a.conns = modes.parse_counts(a.conns or "1,2,4", "--conns", 1, 64)
+        a.export_counts = modes.parse_counts(a.export_counts or "1,10,200", "--export-counts")
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        p.error(str(e))
+    a.thin_size = parse_thin_size(p, a.thin_size or "16T")
+    a.thin_writes = a.thin_writes or (16 if a.quick else 64)
+    if not 1 <= a.thin_writes <= 4096:
+        p.error("--thin-writes must be from 1 to 4096")
+    a.thin_dir = os.path.abspath(a.thin_dir) if a.thin_dir else None
     a.size = a.size or GIB
     a.runtime = a.runtime or (2 if a.quick else 5)
     a.ramp = a.ramp if a.ramp is not None else (1 if a.quick else 2)
@@ -857,7 +884,9 @@ def main(argv):
     w = Work(os.path.join(a.run_dir, "work"), os.path.join(a.run_dir, "logs"))
     jobs = [j for j in JOBS if j[0] in a.jobs]
     need = set()
-    for s in a.servers:
+    main_servers = a.servers if "main" in a.modes else []
+    a.servers = main_servers  # prepare() writes plain.img only for nbdkit-file
+    for s in main_servers:
         if s == "cryptvol" or s in CRYPTVOL_VARIANTS:
             need.add(s)
         if s == "cryptvol-tls" or s in ENGINE_VARIANTS:
@@ -866,6 +895,9 @@ def main(argv):
             need.add("luks")
     if "luks" in need:
         need.add("nbdkit-luks")  # the LUKS image is prefilled through nbdkit-luks
+    need |= modes.needs(a)
+    if modes.needs(a) and "nbdkit-file" not in a.servers:
+        a.servers = a.servers + ["nbdkit-file"]  # the extended modes' peer needs plain.img
 
     def on_signal(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -882,13 +914,14 @@ def main(argv):
             "quick": a.quick, "size_bytes": a.size, "runtime_s": a.runtime, "ramp_s": a.ramp,
             "repeat": a.repeat, "jobs": a.jobs, "servers": a.servers,
             "fresh_size_bytes": a.fresh_size, "fresh_max_bytes": a.fresh_max,
+            "modes": a.modes,
         },
         "environment": environment(a),
         "jobs": {j[0]: {"rw": j[1], "bs": j[2], "iodepth": j[3], "title": j[4]} for j in jobs},
         "runs": [],
     }
     fresh_jobs = [j for j in jobs if j[0] in FRESH_JOBS]
-    if "cryptvol-fresh" in a.servers:
+    if "cryptvol-fresh" in main_servers:
         if fresh_jobs:
             results["fresh"] = {
                 "size_bytes": a.fresh_size,
@@ -899,14 +932,15 @@ def main(argv):
             log("cryptvol-fresh runs only the write jobs "
                 f"({', '.join(FRESH_JOBS)}); none is selected, so it is skipped")
     try:
-        log(f"results in {a.run_dir}; {len(a.servers)} servers x {len(jobs)} jobs x "
-            f"{a.repeat} repeat(s), {a.ramp} s ramp + {a.runtime} s each")
+        log(f"results in {a.run_dir}; modes {','.join(a.modes)}; {len(main_servers)} servers "
+            f"x {len(jobs)} jobs x {a.repeat} repeat(s), {a.ramp} s ramp + {a.runtime} s each")
+        modes.preflight(a, sys.modules[__name__])
         results["images"] = prepare(a, w, need)
-        results["servers"] = {s: " ".join(server_for(s, a, w).cmd) for s in a.servers}
+        results["servers"] = {s: " ".join(server_for(s, a, w).cmd) for s in main_servers}
         # Repeats are the outer loop so that a burst of load from elsewhere on the
         # machine spreads over all servers rather than hitting one.
         for rep in range(1, a.repeat + 1):
-            for sname in pass_order(a.servers, rep):
+            for sname in pass_order(main_servers, rep):
                 if sname == "cryptvol-fresh":
                     for job in fresh_jobs:
                         r = run_fresh(a, w, job, rep)
@@ -930,16 +964,19 @@ def main(argv):
                                 f"{time.monotonic() - ts0:.1f} s, outside the measurement)")
                 finally:
                     srv.stop()
-        if a.xts:
+        results["modes"] = modes.run_modes(a, sys.modules[__name__], w)
+        if a.xts and "main" in a.modes:
             try:
                 results["xts"] = xts_check(a)
             except BenchError as e:
                 log(f"XTS comparison failed: {e}")
                 results["xts"] = {"error": str(e)}
         else:
-            results["xts"] = {"skipped": "--quick (pass --xts to include it)"}
+            results["xts"] = {"skipped": "--quick (pass --xts to include it)" if a.quick
+                              else "--modes without main"}
     except KeyboardInterrupt:
         log("interrupted; stopping servers")
+        modes.Proc.stop_all()
         Server.stop_all()
         return 130
     except BenchError as e:
@@ -955,7 +992,7 @@ def main(argv):
     report.summarise(results)
     print(report.render_text(results))
     save(a, results)
-    if not a.no_chart:
+    if not a.no_chart and results["runs"]:  # the chart draws the main job table
         png = os.path.join(a.run_dir, "chart.png")
         err = report.chart(results, png)
         if err:

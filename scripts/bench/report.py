@@ -10,6 +10,10 @@ import os
 import statistics
 import sys
 
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree (run alone)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import modes_report  # noqa: E402  (the extended modes' tables and issue 18 targets)
+
 MIB = 1 << 20
 PEERS = ["nbdkit-file", "nbdkit-luks", "qemu-nbd"]
 # cryptvol's own variants (bench.py): the no-map baseline and the fresh-volume runs.
@@ -146,6 +150,7 @@ def summarise(res):
         t.update(status="n/a", why=x.get("skipped") or x.get("error") or "not run")
     targets.append(t)
     res["targets"] = targets
+    modes_report.summarise(res)
     return res
 
 
@@ -228,6 +233,8 @@ def render_text(res):
         f"cryptvol {env.get('git')}"
     )
     out.append("")
+    if not res["runs"]:  # only extended modes (--modes without main)
+        return "\n".join(out + modes_report.render(res))
     servers = server_order(res)
     sw = max([14] + [len(s) for s in servers])
     hdr = (f"{'job':<30} {'server':<{sw}} {'IOPS':>8} {'MB/s':>8} {'p50 us':>8} {'p99 us':>8} "
@@ -290,6 +297,7 @@ def render_text(res):
             val = f"{t['measured']:.2f}x"
         out.append(f"  [{tag}] {t['target']}: {val}")
     out.append("")
+    out.extend(modes_report.render(res))
     out.append("IOPS/MB/s: fio's figures for the whole run after the ramp (MB = 10^6 bytes). "
                "Latency: fio total latency (submit to completion). CPU s/GiB: the server "
                "process's user+system CPU (all threads) per GiB moved. Peak RSS: VmHWM "
