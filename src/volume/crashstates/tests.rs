@@ -347,9 +347,11 @@ fn a_grow_leaves_the_old_or_the_new_size_with_the_data_intact() {
 }
 
 /// What a sparse multi-GiB volume must read: `writes` over zeros. Reading the whole
-/// volume per state would be GiBs, so the check reads windows: each write's chunks,
-/// each map page's first and last chunk, and the chunks around both ends of the old and
-/// the new size (those that lie inside the state's size).
+/// volume per state would be GiBs, so the check reads each write whole and the first
+/// and last 4 KiB of the chunks that matter: each write's, each map page's first and
+/// last, and those around both ends of the old and the new size (where they lie inside
+/// the state's size). A chunk with a clear bit reads zeros whole; one with a set bit
+/// over garbage shows it in any sector.
 struct SparseModel {
     writes: Vec<(u64, Vec<u8>)>,
 }
@@ -372,27 +374,37 @@ impl SparseModel {
     fn windows(&self, sizes: [u64; 2], size: u64) -> Vec<(u64, u64)> {
         let c = Self::CHUNK;
         let page_span = crate::volume::alloc::CHUNKS_PER_PAGE * c;
-        let mut starts: Vec<u64> = self
+        let mut chunks: Vec<u64> = self
             .writes
             .iter()
             .flat_map(|(w, d)| [w / c * c, (w + d.len() as u64 - 1) / c * c])
             .collect();
         for end in (1..=size.div_ceil(page_span)).map(|p| p * page_span) {
-            starts.extend([end - page_span, end - c, end]);
+            chunks.extend([end - page_span, end - c, end]);
         }
         for s in sizes {
-            starts.extend([
+            chunks.extend([
                 s.saturating_sub(c) / c * c,
                 s / c * c,
                 s.saturating_sub(1) / c * c,
             ]);
         }
-        starts.sort_unstable();
-        starts.dedup();
-        starts
-            .into_iter()
-            .filter(|&s| s < size)
-            .map(|s| (s, c.min(size - s)))
+        // Each write whole, and the first and last 4 KiB of every chunk named.
+        let mut out: Vec<(u64, u64)> = self
+            .writes
+            .iter()
+            .map(|(w, d)| (*w, d.len() as u64))
+            .collect();
+        out.extend(
+            chunks
+                .into_iter()
+                .flat_map(|s| [(s, 4096), (s + c - 4096, 4096)]),
+        );
+        out.sort_unstable();
+        out.dedup();
+        out.into_iter()
+            .filter(|&(s, _)| s < size)
+            .map(|(s, len)| (s, len.min(size - s)))
             .collect()
     }
 
