@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -108,15 +108,18 @@ fn checker_reports_lost_and_garbled_blocks() {
     let srv = env.serve_on(&sock, &[s(&vol)], &[], false);
     let uri = srv.uri("check");
     let mut work = start_work(&uri, &state, &journals, &prog);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while progress(&prog).0 < 300 || progress(&prog).1 < 3 {
-        assert!(Instant::now() < deadline, "the client made no progress");
-        assert!(
-            work.try_wait().expect("poll").is_none(),
-            "client ended early"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        Duration::from_secs(300),
+        "300 acknowledged writes and 3 completed flushes from the client",
+        || {
+            assert!(
+                work.try_wait().expect("poll").is_none(),
+                "client ended early"
+            );
+            let (acked, flushed) = progress(&prog);
+            acked >= 300 && flushed >= 3
+        },
+    );
     srv.signal("KILL");
     srv.wait_exit(Duration::from_secs(60));
     let out = work.wait_with_output().expect("client");

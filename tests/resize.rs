@@ -9,25 +9,6 @@ use common::*;
 const OLD: u64 = 64 * 1024 * 1024 + 4096; // the last 64 KiB chunk is short
 const NEW: u64 = 2 * OLD;
 
-fn nbdinfo_size(uri: &str) -> u64 {
-    require("nbdinfo");
-    let out = run_ok(std::process::Command::new("nbdinfo").args(["--size", uri]));
-    out.trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("nbdinfo --size said {out:?}: {e}"))
-}
-
-fn nbdsh_ok(uri: &str, script: &str) -> String {
-    let out = nbdsh(uri, script);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
 #[test]
 fn offline_grow_keeps_data_and_new_clients_see_and_use_the_new_size() {
     let env = Env::new();
@@ -160,51 +141,26 @@ fn a_thick_volume_grows_thin_or_thick_with_preallocate() {
 /// header copy is complete and the new size after, and the data intact.
 #[test]
 fn a_resize_killed_at_any_step_leaves_the_old_or_the_new_size() {
-    const GIB: u64 = 1 << 30;
     let env = Env::new();
-    let base = env.create("base.vol", "1G", &[]);
-    let srv = env.serve(&[s(&base)], &[], false);
-    nbdsh_ok(
-        &srv.uri(""),
-        &format!("h.pwrite(b'D' * 65536, {})\nh.flush()", GIB - 65536),
-    );
-    srv.stop();
-    let steps = [
-        ("resize-after-extend", GIB),
-        ("resize-before-header", GIB),
-        ("header-copy-1-torn", GIB),
-        ("header-copy-1", 3 * GIB),
-        ("header-copy-2-torn", 3 * GIB),
-        ("header-copy-2", 3 * GIB),
-    ];
-    for (step, want) in steps {
-        let vol = env.path(&format!("{step}.vol"));
-        run_ok(std::process::Command::new("cp").args(["--sparse=always", s(&base), s(&vol)]));
+    let base = grow_faults::base(&env);
+    for (step, grown) in grow_faults::STEPS {
+        let want = grow_faults::want(grown);
+        let vol = grow_faults::copy_for(&env, &base, step);
+        let to = grow_faults::TO.to_string();
         let out = run(env
             .cmd()
-            .args(["resize", s(&vol), "--size", "3G"])
-            .env("CRYPTVOL_FAULT_INJECTION", "1")
-            .env("CRYPTVOL_TEST_CRASH_AT", step));
+            .args(["resize", s(&vol), "--size", &to])
+            .envs(grow_faults::env(step)));
         assert!(!out.status.success(), "{step}: resize was not killed");
-        assert_eq!(info_json(&env, &vol)["size"], want, "{step}");
+        grow_faults::assert_size(&env, &vol, step, want);
         let srv = env.serve(&[s(&vol)], &[], false);
-        assert_eq!(nbdinfo_size(&srv.uri("")), want, "{step}");
-        nbdsh_ok(
-            &srv.uri(""),
-            &format!("assert h.pread(65536, {}) == b'D' * 65536", GIB - 65536),
-        );
+        grow_faults::assert_served(&srv.uri(""), step, want);
         srv.stop();
-        if want == GIB {
+        if !grown {
             // The interrupted grow can simply be run again.
-            run_ok(env.cmd().args(["resize", s(&vol), "--size", "3G"]));
-            assert_eq!(info_json(&env, &vol)["size"], 3 * GIB, "{step}");
+            run_ok(env.cmd().args(["resize", s(&vol), "--size", &to]));
+            assert_eq!(info_json(&env, &vol)["size"], grow_faults::TO, "{step}");
         }
-        let out = run(env.cmd().arg("check").arg(&vol));
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{step}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        grow_faults::assert_check_clean(&env, &vol, step);
     }
 }

@@ -6,11 +6,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -19,25 +18,6 @@ const OLD: u64 = 64 * MIB + 4096; // the last 64 KiB chunk is short
 const MID: u64 = OLD + 64 * MIB;
 /// Past 2 GiB the allocation map needs a second page: the second grow moves it.
 const BIG: u64 = 3 << 30;
-
-fn nbdinfo_size(uri: &str) -> u64 {
-    require("nbdinfo");
-    let out = run_ok(Command::new("nbdinfo").args(["--size", uri]));
-    out.trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("nbdinfo --size said {out:?}: {e}"))
-}
-
-fn nbdsh_ok(uri: &str, script: &str) -> String {
-    let out = nbdsh(uri, script);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
 
 /// An nbdsh client that writes and reads back 4 KiB blocks all over the first half of the
 /// size of its handshake (the test's own marks are in the last chunk) until `stop` exists,
@@ -95,25 +75,21 @@ fn verified(progress: &Path) -> u64 {
 
 /// Waits until the verifier has verified more than `than` blocks.
 fn wait_progress(progress: &Path, than: u64, client: &mut Child) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let n = verified(progress);
-        if n > than {
-            return n;
-        }
-        if let Ok(Some(status)) = client.try_wait() {
-            let mut err = String::new();
-            if let Some(e) = client.stderr.as_mut() {
-                let _ = e.read_to_string(&mut err);
+    wait_until(
+        Duration::from_secs(180),
+        &format!("the verifying client to pass {than} blocks"),
+        || {
+            if let Ok(Some(status)) = client.try_wait() {
+                let mut err = String::new();
+                if let Some(e) = client.stderr.as_mut() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!("the verifying client exited early ({status}):\n{err}");
             }
-            panic!("the verifying client exited early ({status}):\n{err}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the verifying client made no progress past {than} blocks"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+            verified(progress) > than
+        },
+    );
+    verified(progress)
 }
 
 fn resize(env: &Env, ctl: &Path, size: &str) -> std::process::Output {
@@ -122,39 +98,9 @@ fn resize(env: &Env, ctl: &Path, size: &str) -> std::process::Output {
         .args(["resize", "--control", s(ctl), "g", "--size", size]))
 }
 
-/// The metrics endpoint's address, from the daemon's log.
-fn metrics_addr(srv: &Server) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let log = srv.log_text();
-        let found = log.lines().find_map(|l| {
-            let rest = l.split("metrics endpoint listening on http://").nth(1)?;
-            rest.split('/').next().map(str::to_string)
-        });
-        if let Some(addr) = found {
-            return addr;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no metrics address logged:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The size gauge of export `g` in one scrape.
-fn scraped_size(addr: &str) -> u64 {
-    let mut s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read response");
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("cryptvol_volume_size_bytes{export=\"g\"}"))
-        .unwrap_or_else(|| panic!("no size gauge in the scrape:\n{out}"));
-    line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64
+/// The size gauge of export `g`, scraped from the metrics endpoint.
+fn scraped_size(srv: &Server) -> u64 {
+    srv.metric("cryptvol_volume_size_bytes{export=\"g\"}") as u64
 }
 
 #[test]
@@ -169,8 +115,7 @@ fn online_grow_under_verified_io_is_seen_by_new_connections_and_survives_a_resta
         &["--control", s(&ctl), "--metrics", "127.0.0.1:0"],
         false,
     );
-    let addr = metrics_addr(&srv);
-    assert_eq!(scraped_size(&addr), OLD);
+    assert_eq!(scraped_size(&srv), OLD);
     nbdsh_ok(
         &srv.uri("g"),
         &format!("h.pwrite(b'Z' * 8192, {})\nh.flush()", OLD - 8192),
@@ -196,7 +141,7 @@ fn online_grow_under_verified_io_is_seen_by_new_connections_and_survives_a_resta
         assert!(text.contains("keep the old one"), "{text}");
         // A new connection sees the new size; the gauge follows.
         assert_eq!(nbdinfo_size(&srv.uri("g")), want);
-        assert_eq!(scraped_size(&addr), want);
+        assert_eq!(scraped_size(&srv), want);
         // The client kept verifying through the grow.
         seen = wait_progress(&progress, seen, &mut client);
     }
@@ -308,26 +253,12 @@ fn read_only_and_unknown_exports_are_refused() {
 
 #[test]
 fn a_daemon_killed_at_any_step_of_an_online_grow_leaves_the_old_or_the_new_size() {
-    const GIB: u64 = 1 << 30;
     let env = Env::new();
-    let base = env.create("base.vol", "1G", &[]);
-    let srv = env.serve(&[s(&base)], &[], false);
-    nbdsh_ok(
-        &srv.uri(""),
-        &format!("h.pwrite(b'D' * 65536, {})\nh.flush()", GIB - 65536),
-    );
-    srv.stop();
+    let base = grow_faults::base(&env);
     // The offline grow's fault points: the online grow runs the same steps on disk.
-    let steps = [
-        ("resize-after-extend", GIB),
-        ("resize-before-header", GIB),
-        ("header-copy-1-torn", GIB),
-        ("header-copy-1", 3 * GIB),
-        ("header-copy-2", 3 * GIB),
-    ];
-    for (step, want) in steps {
-        let vol = env.path(&format!("{step}.vol"));
-        run_ok(Command::new("cp").args(["--sparse=always", s(&base), s(&vol)]));
+    for (step, grown) in grow_faults::STEPS {
+        let want = grow_faults::want(grown);
+        let vol = grow_faults::copy_for(&env, &base, step);
         let ctl = env.path(&format!("{step}.ctl"));
         let sock = env.path(&format!("{step}.sock"));
         let export = format!("g={}", s(&vol));
@@ -336,12 +267,10 @@ fn a_daemon_killed_at_any_step_of_an_online_grow_leaves_the_old_or_the_new_size(
             &[&export],
             &["--control", s(&ctl)],
             false,
-            &[
-                ("CRYPTVOL_FAULT_INJECTION", "1"),
-                ("CRYPTVOL_TEST_CRASH_AT", step),
-            ],
+            &grow_faults::env(step),
         );
-        let out = resize(&env, &ctl, "3G");
+        let to = grow_faults::TO.to_string();
+        let out = resize(&env, &ctl, &to);
         assert!(
             !out.status.success(),
             "{step}: the grow was not interrupted"
@@ -351,26 +280,16 @@ fn a_daemon_killed_at_any_step_of_an_online_grow_leaves_the_old_or_the_new_size(
             !status.success(),
             "{step}: the daemon was not killed ({status})"
         );
-        assert_eq!(info_json(&env, &vol)["size"], want, "{step}");
+        grow_faults::assert_size(&env, &vol, step, want);
         let srv = env.serve(&[&export], &["--control", s(&ctl)], false);
-        assert_eq!(nbdinfo_size(&srv.uri("g")), want, "{step}");
-        nbdsh_ok(
-            &srv.uri("g"),
-            &format!("assert h.pread(65536, {}) == b'D' * 65536", GIB - 65536),
-        );
-        if want == GIB {
+        grow_faults::assert_served(&srv.uri("g"), step, want);
+        if !grown {
             // The interrupted grow can simply be run again, online.
-            let out = resize(&env, &ctl, "3G");
+            let out = resize(&env, &ctl, &to);
             assert!(out.status.success(), "{step}: {out:?}");
-            assert_eq!(nbdinfo_size(&srv.uri("g")), 3 * GIB, "{step}");
+            assert_eq!(nbdinfo_size(&srv.uri("g")), grow_faults::TO, "{step}");
         }
         srv.stop();
-        let out = run(env.cmd().arg("check").arg(&vol));
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{step}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        grow_faults::assert_check_clean(&env, &vol, step);
     }
 }

@@ -37,40 +37,17 @@ figures is printed. Exit status: 0 ok, 1 violations, 2 cannot run.
 import json
 import os
 import random
-import struct
 import sys
 import threading
 
 import nbd
 
-BS = 4096
-MAGIC = b"CVCRASH2"
+sys.dont_write_bytecode = True  # no __pycache__ beside the scripts
+# The block encoding, shared with tests/nbdsh/crash.py (tests/crash_cycles.rs uses
+# crashclient.record).
+from blocks import BS, classify, connect, record  # noqa: E402
+
 READ_PIECE = 1 << 20
-
-
-def record(block, gen):
-    head = MAGIC + struct.pack("<QQ", block, gen)
-    filler = bytes(((block * 131 + gen * 7 + i) & 0xFF) for i in range(256))
-    body = head + filler * ((BS - len(head)) // 256 + 1)
-    return body[:BS]
-
-
-def classify(block, data):
-    """0 for zeros, the generation for a valid record of `block`, None for garbage."""
-    if data == bytes(BS):
-        return 0
-    if data[:8] != MAGIC:
-        return None
-    b, gen = struct.unpack("<QQ", data[8:24])
-    if b != block or gen == 0 or data != record(block, gen):
-        return None
-    return gen
-
-
-def connect(uri):
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    return h
 
 
 def load_state(path):

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::keys::{Argon2Params, KeyRef, WrappedDek};
 use crate::snapshot::{self, SnapshotId, Store};
-use crate::volume::crashstates::{enumerate, report, scratch_dir, Counts, Recorder, State};
+use crate::volume::crashstates::{enumerate, report, scratch_dir, Counts, Image, Recorder, State};
 use crate::volume::{self, Header, OpenOptions, VolumeError, VolumeSpec};
 
 use super::{KeyOptions, NewKey};
@@ -116,12 +116,12 @@ impl Bench {
         op: impl FnOnce(),
         check: impl FnMut(&State) -> Result<(), String>,
     ) -> Counts {
-        let base = existed.then(|| std::fs::read(path).expect("image"));
+        let base = existed.then(|| Image::read_file(path).expect("image"));
         let rec = Recorder::start(&self.vols);
         op();
         let events = rec.take(path);
         drop(rec);
-        let counts = enumerate(base.as_deref(), &events, &self.scratch(), check)
+        let counts = enumerate(base.as_ref(), &events, &self.scratch(), check)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         report(name, &counts);
         counts

@@ -28,12 +28,16 @@
 //! reproducible.
 //!
 //! A subset is applied in the order the events were recorded. Each state is written to
-//! a scratch file and handed to the caller's check, once per distinct (epoch, subset).
+//! a scratch file (sparse: images hold only the pages read as data or written, see
+//! [`Image`]) and handed to the caller's check, once per distinct (epoch, subset).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::engine::{FileEngine, StdFileEngine};
+
+mod image;
+pub(crate) use image::Image;
 
 /// The disk's atomic write unit: writes are split at these boundaries.
 pub(crate) const SECTOR: u64 = 512;
@@ -201,21 +205,11 @@ impl FileEngine for RecordingEngine {
 }
 
 /// Applies one event to an image.
-fn apply(img: &mut Vec<u8>, event: &Event) {
+fn apply(img: &mut Image, event: &Event) {
     match event {
-        Event::Write { offset, bytes } => {
-            let (start, end) = (*offset as usize, *offset as usize + bytes.len());
-            if img.len() < end {
-                img.resize(end, 0);
-            }
-            img[start..end].copy_from_slice(bytes);
-        }
-        Event::SetLen(len) => img.resize(*len as usize, 0),
-        Event::Punch { offset, len } => {
-            let start = (*offset as usize).min(img.len());
-            let end = (*offset as usize + *len as usize).min(img.len());
-            img[start..end].fill(0);
-        }
+        Event::Write { offset, bytes } => img.write(*offset, bytes),
+        Event::SetLen(len) => img.set_len(*len),
+        Event::Punch { offset, len } => img.zero(*offset, offset.saturating_add(*len)),
         Event::Sync | Event::Linked => {}
     }
 }
@@ -223,7 +217,7 @@ fn apply(img: &mut Vec<u8>, event: &Event) {
 /// The events of one epoch as units (writes split at sector boundaries), without the
 /// sectors a write leaves as they are in `durable` and nothing else here writes. Each
 /// unit comes with the index of the event it is part of.
-fn units(events: &[Event], durable: &[u8]) -> Vec<(usize, Event)> {
+fn units(events: &[Event], durable: &Image) -> Vec<(usize, Event)> {
     let mut out = Vec::new();
     for (i, e) in events.iter().enumerate() {
         let Event::Write { offset, bytes } = e else {
@@ -252,9 +246,7 @@ fn units(events: &[Event], durable: &[u8]) -> Vec<(usize, Event)> {
     let written: Vec<Option<u64>> = out.iter().map(|(_, e)| sector_of(e)).collect();
     let unchanged = |i: usize, e: &Event| match e {
         Event::Write { offset, bytes } => {
-            let (s, t) = (*offset as usize, *offset as usize + bytes.len());
-            t <= durable.len()
-                && durable[s..t] == bytes[..]
+            durable.read(*offset, bytes.len()).as_deref() == Some(&bytes[..])
                 && written.iter().filter(|w| **w == written[i]).count() == 1
         }
         _ => false,
@@ -358,10 +350,10 @@ pub(crate) struct State<'a> {
 }
 
 /// Builds every crash state of `events` over `base` (`None`: the file did not exist
-/// before) at `scratch`, and runs `check` on each; stops at the first failure, which
-/// names the epoch and the subset.
+/// before; [`Image::read_file`] reads a volume file) at `scratch`, and runs `check` on
+/// each; stops at the first failure, which names the epoch and the subset.
 pub(crate) fn enumerate(
-    base: Option<&[u8]>,
+    base: Option<&Image>,
     events: &[Event],
     scratch: &Path,
     mut check: impl FnMut(&State) -> Result<(), String>,
@@ -372,7 +364,7 @@ pub(crate) fn enumerate(
         ..Counts::default()
     };
     let last_change = epochs.iter().rposition(|e| !e.is_empty()).unwrap_or(0);
-    let mut durable: Option<Vec<u8>> = base.map(<[u8]>::to_vec);
+    let mut durable: Option<Image> = base.cloned();
     let mut linked = false;
     // A new file may be absent after a crash (its directory entry not yet durable), or
     // present with any subset of what was written to it (below, from empty).
@@ -419,7 +411,7 @@ pub(crate) fn enumerate(
 struct EpochAt<'a> {
     index: usize,
     of: usize,
-    start: &'a [u8],
+    start: &'a Image,
     linked: bool,
     last: bool,
 }
@@ -439,13 +431,13 @@ fn check_epoch(
         if (empty && at.index > 0) || !seen.insert(mask.clone()) {
             continue;
         }
-        let mut img = at.start.to_vec();
+        let mut img = at.start.clone();
         let mut linked = at.linked;
         for ((_, u), _) in units.iter().zip(&mask).filter(|(_, &m)| m) {
             apply(&mut img, u);
             linked |= matches!(u, Event::Linked);
         }
-        std::fs::write(scratch, &img).map_err(|e| format!("scratch: {e}"))?;
+        img.save(scratch).map_err(|e| format!("scratch: {e}"))?;
         let state = State {
             path: scratch,
             complete: at.last && mask.iter().all(|&b| b),

@@ -961,3 +961,107 @@ impl Server {
             .map_or(0.0, |v| v.trim().parse().expect("sample value"))
     }
 }
+
+/// The size that `nbdinfo --size URI` reports.
+pub fn nbdinfo_size(uri: &str) -> u64 {
+    require("nbdinfo");
+    let out = run_ok(Command::new("nbdinfo").args(["--size", uri]));
+    out.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("nbdinfo --size said {out:?}: {e}"))
+}
+
+/// Runs an nbdsh script against `uri` and returns its stdout; fails the test if it fails.
+pub fn nbdsh_ok(uri: &str, script: &str) -> String {
+    let out = nbdsh(uri, script);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A grow killed at its fault points (`volume::crash_point`, armed by
+/// `CRYPTVOL_FAULT_INJECTION=1 CRYPTVOL_TEST_CRASH_AT=STEP`), offline (tests/resize.rs) or
+/// online (tests/resize_online.rs): from 1 GiB to 3 GiB, which also moves the allocation
+/// map, with 64 KiB of `D` flushed at the old end.
+pub mod grow_faults {
+    use super::*;
+
+    pub const FROM: u64 = 1 << 30;
+    pub const TO: u64 = 3 << 30;
+    /// The steps, and whether a kill there leaves the new size (once the first header
+    /// copy is complete).
+    pub const STEPS: [(&str, bool); 6] = [
+        ("resize-after-extend", false),
+        ("resize-before-header", false),
+        ("header-copy-1-torn", false),
+        ("header-copy-1", true),
+        ("header-copy-2-torn", true),
+        ("header-copy-2", true),
+    ];
+
+    /// The environment that kills a cryptvol process at `step`.
+    pub fn env(step: &str) -> [(&'static str, &str); 2] {
+        [
+            ("CRYPTVOL_FAULT_INJECTION", "1"),
+            ("CRYPTVOL_TEST_CRASH_AT", step),
+        ]
+    }
+
+    /// The size a kill at `step` must leave.
+    pub fn want(grown: bool) -> u64 {
+        if grown {
+            TO
+        } else {
+            FROM
+        }
+    }
+
+    /// The volume every step starts from (made once; copy it with [`copy_for`]).
+    pub fn base(env: &Env) -> PathBuf {
+        let base = env.create("base.vol", &FROM.to_string(), &[]);
+        let srv = env.serve(&[s(&base)], &[], false);
+        nbdsh_ok(
+            &srv.uri(""),
+            &format!("h.pwrite(b'D' * 65536, {})\nh.flush()", FROM - 65536),
+        );
+        srv.stop();
+        base
+    }
+
+    /// A sparse copy of `base` for `step`.
+    pub fn copy_for(env: &Env, base: &Path, step: &str) -> PathBuf {
+        let vol = env.path(&format!("{step}.vol"));
+        run_ok(Command::new("cp").args(["--sparse=always", s(base), s(&vol)]));
+        vol
+    }
+
+    /// After the kill at `step`, the volume not served: `info` shows `want`.
+    pub fn assert_size(env: &Env, vol: &Path, step: &str, want: u64) {
+        assert_eq!(info_json(env, vol)["size"], want, "{step}");
+    }
+
+    /// After the kill at `step`, the volume served again at `uri`: a new connection sees
+    /// `want`, and the data written before reads back.
+    pub fn assert_served(uri: &str, step: &str, want: u64) {
+        assert_eq!(nbdinfo_size(uri), want, "{step}");
+        nbdsh_ok(
+            uri,
+            &format!("assert h.pread(65536, {}) == b'D' * 65536", FROM - 65536),
+        );
+    }
+
+    /// `cryptvol check` finds the volume clean.
+    pub fn assert_check_clean(env: &Env, vol: &Path, step: &str) {
+        let out = run(env.cmd().arg("check").arg(vol));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{step}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}

@@ -24,38 +24,15 @@ flushed generation lost to zeros) fails the check.
 import json
 import os
 import random
-import struct
 import sys
 
 import nbd
 
-BS = 4096
-MAGIC = b"CVCRASH1"
-
-
-def record(block, gen):
-    head = MAGIC + struct.pack("<QQ", block, gen)
-    filler = bytes(((block * 31 + gen * 7 + i) & 0xFF) for i in range(256))
-    body = head + filler * ((BS - len(head)) // 256 + 1)
-    return body[:BS]
-
-
-def classify(block, data):
-    """0 for zeros, the generation for a valid record, None for anything else."""
-    if data == bytes(BS):
-        return 0
-    if data[:8] != MAGIC:
-        return None
-    b, gen = struct.unpack("<QQ", data[8:24])
-    if b != block or data != record(block, gen):
-        return None
-    return gen
-
-
-def connect(uri):
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    return h
+# The block encoding is scripts/crash/blocks.py's (crash-test.sh's client uses it too).
+sys.dont_write_bytecode = True  # no __pycache__ beside the scripts
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "scripts", "crash"))
+from blocks import BS, classify, connect, record  # noqa: E402
 
 
 def work(uri, state_path, log_path, seed):
