@@ -236,6 +236,32 @@ pub(crate) fn open_rbd_path(
     Some(spec.and_then(|s| open_engine(path, &s, access)))
 }
 
+/// The first `len` bytes (fewer when the image is shorter) and the length of the RBD
+/// image `path` names, without a lock (`cryptvol check` of an image that may be served).
+pub fn read_image_prefix(path: &Path, len: usize) -> Result<(Vec<u8>, u64), VolumeError> {
+    let engine = match open_rbd_path(path, Access::Inspect) {
+        Some(engine) => engine?,
+        None => {
+            return Err(VolumeError::Io {
+                path: path.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "not an rbd:POOL/IMAGE path",
+                ),
+            })
+        }
+    };
+    let io = |source| VolumeError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let size = engine.len().map_err(io)?;
+    let n = usize::try_from(size).map_or(len, |s| s.min(len));
+    let mut buf = vec![0u8; n];
+    engine.read_exact_at(&mut buf, 0).map_err(io)?;
+    Ok((buf, size))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
