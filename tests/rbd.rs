@@ -42,7 +42,9 @@ const PROGRAM_LIMIT: Duration = Duration::from_secs(20 * 60);
 fn start_watchdog() {
     std::thread::spawn(|| {
         std::thread::sleep(PROGRAM_LIMIT);
-        eprintln!("tests/rbd.rs: still running after {PROGRAM_LIMIT:?}; aborting (a librados call hung?)");
+        eprintln!(
+            "tests/rbd.rs: still running after {PROGRAM_LIMIT:?}; aborting (a librados call hung?)"
+        );
         std::process::abort();
     });
 }
@@ -540,7 +542,12 @@ fn serve_rbd(env: &common::Env, volume: &str, extra: &[&str]) -> common::Server 
 
 /// `rbd ARGS` against the test cluster; its stdout.
 fn rbd_tool(args: &[&str]) -> String {
-    common::run_ok(Command::new("rbd").arg("--conf").arg(&cluster().conf).args(args))
+    common::run_ok(
+        Command::new("rbd")
+            .arg("--conf")
+            .arg(&cluster().conf)
+            .args(args),
+    )
 }
 
 /// `rados -p rbd ARGS` against the test cluster; its stdout.
@@ -556,9 +563,13 @@ fn rados(args: &[&str]) -> String {
 
 /// The RADOS object name prefix of an image's data (`rbd_data.ID`).
 fn data_prefix(image: &str) -> String {
-    let info: serde_json::Value =
-        serde_json::from_str(&rbd_tool(&["info", "--format", "json", &format!("rbd/{image}")]))
-            .expect("rbd info json");
+    let info: serde_json::Value = serde_json::from_str(&rbd_tool(&[
+        "info",
+        "--format",
+        "json",
+        &format!("rbd/{image}"),
+    ]))
+    .expect("rbd info json");
     info["block_name_prefix"]
         .as_str()
         .expect("block_name_prefix")
@@ -595,8 +606,7 @@ fn nbd_read(c: &mut common::Raw, offset: u64, len: usize) -> Vec<u8> {
 /// 64 bytes of each of its 4 KiB blocks) at any 512-byte-aligned offset, or its very first
 /// 64 bytes anywhere; with the number of objects read.
 fn objects_with_plaintext(plain: &[u8], scratch: &std::path::Path) -> (Vec<String>, usize) {
-    let needles: std::collections::HashSet<&[u8]> =
-        plain.chunks(4096).map(|b| &b[..64]).collect();
+    let needles: std::collections::HashSet<&[u8]> = plain.chunks(4096).map(|b| &b[..64]).collect();
     let list = rados(&["ls"]);
     let objects: Vec<&str> = list.lines().filter(|l| !l.is_empty()).collect();
     let mut found = Vec::new();
@@ -634,11 +644,18 @@ fn rbd_volume_create_serve_read_back_check_and_no_plaintext_at_rest() {
     let data = common::pattern(MIB as usize, PLAINTEXT_SEED);
     let at = 3 * MIB + 4096;
     let server = serve_rbd(&env, &format!("vol1={spec}"), &[]);
-    assert!(server.log_text().contains("engine=\"rbd\""), "{}", server.log_text());
+    assert!(
+        server.log_text().contains("engine=\"rbd\""),
+        "{}",
+        server.log_text()
+    );
     let (mut c, size, _) = common::Raw::open(&server, "vol1");
     assert_eq!(size, 64 * MIB);
     nbd_write(&mut c, at, &data);
-    assert!(nbd_read(&mut c, at, data.len()) == data, "read back differs");
+    assert!(
+        nbd_read(&mut c, at, data.len()) == data,
+        "read back differs"
+    );
     c.disconnect();
     server.stop();
 
@@ -649,7 +666,10 @@ fn rbd_volume_create_serve_read_back_check_and_no_plaintext_at_rest() {
         nbd_read(&mut c, at, data.len()) == data,
         "data read back by a second server differs"
     );
-    assert!(nbd_read(&mut c, 0, 4096).iter().all(|&b| b == 0), "thin: never written reads as zeros");
+    assert!(
+        nbd_read(&mut c, 0, 4096).iter().all(|&b| b == 0),
+        "thin: never written reads as zeros"
+    );
     c.disconnect();
     server.stop();
 
@@ -673,7 +693,10 @@ fn rbd_volume_create_serve_read_back_check_and_no_plaintext_at_rest() {
         "read {read} RADOS objects; {} of the volume's image; plaintext in {found:?}",
         volume_objects.len()
     );
-    assert!(!volume_objects.is_empty(), "the volume's image has no data objects");
+    assert!(
+        !volume_objects.is_empty(),
+        "the volume's image has no data objects"
+    );
     assert!(
         !found.is_empty() && found.iter().all(|o| o.starts_with(&control_prefix)),
         "plaintext expected only in the control image ({control_prefix}): {found:?}"
@@ -690,7 +713,10 @@ fn rbd_volume_create_serve_read_back_check_and_no_plaintext_at_rest() {
     assert!(line.contains(&format!("{spec}: COMPLIANT")), "{line}");
     let control2 = ImageSpec::parse(&format!("rbd:rbd/{}", image_name("plain"))).unwrap();
     RbdImage::create(&rc, &control2, 4 * MIB).unwrap();
-    RbdImage::open(&rc, &control2).unwrap().write_at(&data, 0).unwrap();
+    RbdImage::open(&rc, &control2)
+        .unwrap()
+        .write_at(&data, 0)
+        .unwrap();
     let out = common::run(cv(&env).arg("check").arg(control2.to_string()));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
@@ -765,17 +791,32 @@ fn second_serve_is_refused_naming_the_holder_and_takeover_fences_the_old_server(
     let mine = common::pattern(4096, PLAINTEXT_SEED + 3);
     nbd_write(&mut fresh, 0, &mine);
 
-    // The old server wakes up: its client's writes fail (EPERM), with the cause logged,
-    // and never reach the image.
+    // The old server wakes up: its client's write fails (EPERM), at the latest at the
+    // flush (librbd's write-back cache may take the write itself), with the cause logged,
+    // and never reaches the image.
     old.signal("CONT");
-    let e = stale.write(1, 0, &common::pattern(4096, PLAINTEXT_SEED + 4));
+    let write = stale.write(1, 0, &common::pattern(4096, PLAINTEXT_SEED + 4));
+    stale
+        .request(0, common::proto::CMD_FLUSH, 2, 0, 0, &[])
+        .expect("send FLUSH");
+    let (flush, _) = stale.reply().expect("FLUSH reply");
+    eprintln!("fenced server: write -> {write}, flush -> {flush}");
+    for e in [write, flush] {
+        assert!(
+            e == 0 || e == common::proto::EPERM || e == 5,
+            "a fenced server's error must be EPERM or EIO, got {e}"
+        );
+    }
     assert!(
-        e == common::proto::EPERM || e == 5,
-        "a fenced server's write must fail with EPERM or EIO, got {e}:\n{}",
+        flush != 0,
+        "a fenced server's flush must fail (write {write}, flush {flush}):\n{}",
         old.log_text()
     );
     old.wait_log("blocklisted", 1, common::PATIENCE);
-    assert!(nbd_read(&mut fresh, 0, 4096) == mine, "a fenced write reached the image");
+    assert!(
+        nbd_read(&mut fresh, 0, 4096) == mine,
+        "a fenced write reached the image"
+    );
     drop(stale);
     drop(old);
 
@@ -784,7 +825,10 @@ fn second_serve_is_refused_naming_the_holder_and_takeover_fences_the_old_server(
     drop(new);
     let third = serve_rbd(&env, &volume, &["--takeover"]);
     let (mut c, _, _) = common::Raw::open(&third, "vol1");
-    assert!(nbd_read(&mut c, 0, 4096) == mine, "the data after a second takeover");
+    assert!(
+        nbd_read(&mut c, 0, 4096) == mine,
+        "the data after a second takeover"
+    );
     assert!(
         nbd_read(&mut c, 4096, 4096) == common::pattern(4096, PLAINTEXT_SEED + 2),
         "the first server's data after two takeovers"

@@ -110,11 +110,9 @@ mod imp {
             return Ok(c.clone());
         }
         let s = settings();
-        let client_id = s.client_id.or_else(|| {
-            std::env::var(CEPH_ID_ENV)
-                .ok()
-                .filter(|v| !v.is_empty())
-        });
+        let client_id = s
+            .client_id
+            .or_else(|| std::env::var(CEPH_ID_ENV).ok().filter(|v| !v.is_empty()));
         let opts = ClusterOptions {
             conf: s.conf,
             client_id,
@@ -272,7 +270,9 @@ mod tests {
         assert!(rbd_spec(Path::new("./rbd:vol")).is_none());
         let spec = rbd_spec(Path::new("rbd:rbd/vol1")).unwrap().unwrap();
         assert_eq!((spec.pool.as_str(), spec.image.as_str()), ("rbd", "vol1"));
-        let bad = rbd_spec(Path::new("rbd:rbd/vol1@snap")).unwrap().unwrap_err();
+        let bad = rbd_spec(Path::new("rbd:rbd/vol1@snap"))
+            .unwrap()
+            .unwrap_err();
         assert!(bad.to_string().contains("snapshots"), "{bad}");
         assert!(is_rbd_path(Path::new("rbd:x")) && !is_rbd_path(Path::new("x")));
     }

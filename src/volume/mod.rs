@@ -28,10 +28,8 @@ mod snapshot_view;
 mod tracking;
 mod write;
 
-pub use backing::{
-    is_rbd_path, read_image_prefix, set_rbd_settings, RbdSettings, CEPH_ID_ENV,
-};
 pub use alloc::{MapHealth, MapLayout, MapSummary, CHUNKS_PER_PAGE, DEFAULT_CHUNK_SIZE};
+pub use backing::{is_rbd_path, read_image_prefix, set_rbd_settings, RbdSettings, CEPH_ID_ENV};
 pub use engine_select::EngineChoice;
 pub use header::{
     create, create_with, read_header, write_header, CopyStatus, Header, HeaderHealth, Hotzone,

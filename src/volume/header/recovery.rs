@@ -175,7 +175,9 @@ pub(super) fn flock(file: File, arg: FlockArg) -> Result<Flock<File>, (File, Err
 
 /// Reads and validates both header copies without any key. The highest valid sequence wins.
 pub fn read_header(path: &Path) -> Result<(Header, HeaderHealth), VolumeError> {
-    if let Some(engine) = crate::volume::backing::open_rbd_path(path, crate::volume::backing::Access::Inspect) {
+    if let Some(engine) =
+        crate::volume::backing::open_rbd_path(path, crate::volume::backing::Access::Inspect)
+    {
         return read_copies(&*engine?, path)?.resolve(path);
     }
     let file = File::open(path).map_err(|e| io_err(path, e))?;
