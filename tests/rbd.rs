@@ -501,3 +501,338 @@ fn with_the_cluster_full_writes_time_out_within_the_bound() {
     // Writes work again once there is room.
     img.write_at(&[7; 4096], 4096).unwrap();
 }
+
+// ---------------------------------------------------------------------------------------
+// cryptvol commands on rbd:POOL/IMAGE volumes: create, info, check, serve through NBD, no
+// plaintext in any RADOS object, fencing (a second server refused naming the holder,
+// takeover blocklisting the old one).
+
+/// The seed of the data the NBD tests write: no other test writes this pattern.
+const PLAINTEXT_SEED: u64 = 0x5eed_c0de_7e57_0001;
+
+/// `cryptvol` with `env`'s keystore, reaching the test cluster through `CEPH_CONF`.
+fn cv(env: &common::Env) -> Command {
+    let mut c = env.cmd();
+    c.env("CEPH_CONF", &cluster().conf);
+    c
+}
+
+/// A unique image name for one test.
+fn image_name(test: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "cv-{test}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// `cryptvol serve` of `volume` (NAME=rbd:...) on its own Unix and control sockets, once
+/// it accepts connections.
+fn serve_rbd(env: &common::Env, volume: &str, extra: &[&str]) -> common::Server {
+    let tag = image_name("srv");
+    let sock = env.path(&format!("{tag}.sock"));
+    let ctl = env.path(&format!("{tag}.ctl"));
+    let mut args = vec!["--control", common::s(&ctl)];
+    args.extend_from_slice(extra);
+    let conf = cluster().conf.display().to_string();
+    env.serve_env(&sock, &[volume], &args, false, &[("CEPH_CONF", &conf)])
+}
+
+/// `rbd ARGS` against the test cluster; its stdout.
+fn rbd_tool(args: &[&str]) -> String {
+    common::run_ok(
+        Command::new("rbd")
+            .arg("--conf")
+            .arg(&cluster().conf)
+            .args(args),
+    )
+}
+
+/// `rados -p rbd ARGS` against the test cluster; its stdout.
+fn rados(args: &[&str]) -> String {
+    common::run_ok(
+        Command::new("rados")
+            .arg("--conf")
+            .arg(&cluster().conf)
+            .args(["-p", "rbd"])
+            .args(args),
+    )
+}
+
+/// The RADOS object name prefix of an image's data (`rbd_data.ID`).
+fn data_prefix(image: &str) -> String {
+    let info: serde_json::Value = serde_json::from_str(&rbd_tool(&[
+        "info",
+        "--format",
+        "json",
+        &format!("rbd/{image}"),
+    ]))
+    .expect("rbd info json");
+    info["block_name_prefix"]
+        .as_str()
+        .expect("block_name_prefix")
+        .to_string()
+}
+
+/// Writes `data` at `offset` through an NBD connection in 64 KiB requests, then flushes.
+fn nbd_write(c: &mut common::Raw, offset: u64, data: &[u8]) {
+    for (i, chunk) in data.chunks(64 * 1024).enumerate() {
+        let at = offset + (i * 64 * 1024) as u64;
+        assert_eq!(c.write(i as u64, at, chunk), 0, "NBD write at {at}");
+    }
+    c.request(0, common::proto::CMD_FLUSH, 9999, 0, 0, &[])
+        .expect("send FLUSH");
+    assert_eq!(c.reply().expect("FLUSH reply"), (0, 9999), "NBD flush");
+}
+
+/// Reads `len` bytes at `offset` through an NBD connection in 64 KiB requests.
+fn nbd_read(c: &mut common::Raw, offset: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut at = offset;
+    while out.len() < len {
+        let n = (len - out.len()).min(64 * 1024);
+        let got = c
+            .read(at, at, n as u32)
+            .unwrap_or_else(|e| panic!("NBD read at {at}: error {e}"));
+        out.extend_from_slice(&got);
+        at += n as u64;
+    }
+    out
+}
+
+/// Every object of pool `rbd` whose bytes hold a 64-byte piece of `plain` (the first
+/// 64 bytes of each of its 4 KiB blocks) at any 512-byte-aligned offset, or its very first
+/// 64 bytes anywhere; with the number of objects read.
+fn objects_with_plaintext(plain: &[u8], scratch: &std::path::Path) -> (Vec<String>, usize) {
+    let needles: std::collections::HashSet<&[u8]> = plain.chunks(4096).map(|b| &b[..64]).collect();
+    let list = rados(&["ls"]);
+    let objects: Vec<&str> = list.lines().filter(|l| !l.is_empty()).collect();
+    let mut found = Vec::new();
+    for obj in &objects {
+        let file = scratch.join("object");
+        rados(&["get", obj, common::s(&file)]);
+        let bytes = std::fs::read(&file).expect("read the fetched object");
+        let aligned = (0..bytes.len().saturating_sub(63))
+            .step_by(512)
+            .any(|at| needles.contains(&bytes[at..at + 64]));
+        if aligned || common::contains(&bytes, &plain[..64]) {
+            found.push(obj.to_string());
+        }
+    }
+    (found, objects.len())
+}
+
+#[test]
+fn rbd_volume_create_serve_read_back_check_and_no_plaintext_at_rest() {
+    // Alone on the cluster: every object of the pool is read, none may vanish meanwhile.
+    let _g = SHARED.write().unwrap_or_else(|e| e.into_inner());
+    let env = common::Env::new();
+    let name = image_name("vol");
+    let spec = format!("rbd:rbd/{name}");
+    let created = common::run_ok(cv(&env).args(["create", "--size", "64M", &spec]));
+    assert!(created.contains(&spec), "{created}");
+    let again = common::fails(cv(&env).args(["create", "--size", "64M", &spec]));
+    assert!(again.contains("already exists"), "{again}");
+
+    let info: serde_json::Value =
+        serde_json::from_str(&common::run_ok(cv(&env).args(["info", "--json", &spec])))
+            .expect("info --json");
+    assert_eq!(info["size"], 64 * MIB, "{info}");
+
+    let data = common::pattern(MIB as usize, PLAINTEXT_SEED);
+    let at = 3 * MIB + 4096;
+    let server = serve_rbd(&env, &format!("vol1={spec}"), &[]);
+    assert!(
+        server.log_text().contains("engine=\"rbd\""),
+        "{}",
+        server.log_text()
+    );
+    let (mut c, size, _) = common::Raw::open(&server, "vol1");
+    assert_eq!(size, 64 * MIB);
+    nbd_write(&mut c, at, &data);
+    assert!(
+        nbd_read(&mut c, at, data.len()) == data,
+        "read back differs"
+    );
+    c.disconnect();
+    server.stop();
+
+    // A new server reads the same data back: it lives on the image, encrypted.
+    let server = serve_rbd(&env, &format!("vol1={spec}"), &[]);
+    let (mut c, _, _) = common::Raw::open(&server, "vol1");
+    assert!(
+        nbd_read(&mut c, at, data.len()) == data,
+        "data read back by a second server differs"
+    );
+    assert!(
+        nbd_read(&mut c, 0, 4096).iter().all(|&b| b == 0),
+        "thin: never written reads as zeros"
+    );
+    c.disconnect();
+    server.stop();
+
+    // No plaintext at rest: the same bytes written in the clear to a control image are
+    // found (the scan works), and in no object of the volume's image.
+    let rc = connect();
+    let control = ImageSpec::parse(&format!("rbd:rbd/{}", image_name("plain"))).unwrap();
+    RbdImage::create(&rc, &control, 4 * MIB).unwrap();
+    let plain = RbdImage::open(&rc, &control).unwrap();
+    plain.write_at(&data, 0).unwrap();
+    plain.flush().unwrap();
+    let volume_prefix = data_prefix(&name);
+    let control_prefix = data_prefix(&control.image);
+    let (found, read) = objects_with_plaintext(&data, env.dir.path());
+    let volume_objects: Vec<String> = rados(&["ls"])
+        .lines()
+        .filter(|o| o.starts_with(&volume_prefix))
+        .map(str::to_string)
+        .collect();
+    eprintln!(
+        "read {read} RADOS objects; {} of the volume's image; plaintext in {found:?}",
+        volume_objects.len()
+    );
+    assert!(
+        !volume_objects.is_empty(),
+        "the volume's image has no data objects"
+    );
+    assert!(
+        !found.is_empty() && found.iter().all(|o| o.starts_with(&control_prefix)),
+        "plaintext expected only in the control image ({control_prefix}): {found:?}"
+    );
+    assert!(
+        !found.iter().any(|o| o.starts_with(&volume_prefix)),
+        "PLAINTEXT AT REST in the volume's objects: {found:?}"
+    );
+    drop(plain);
+    RbdImage::remove(&rc, &control).unwrap();
+
+    // `cryptvol check` of the image: compliant; an image in the clear is not.
+    let line = common::run_ok(cv(&env).args(["check", &spec]));
+    assert!(line.contains(&format!("{spec}: COMPLIANT")), "{line}");
+    let control2 = ImageSpec::parse(&format!("rbd:rbd/{}", image_name("plain"))).unwrap();
+    RbdImage::create(&rc, &control2, 4 * MIB).unwrap();
+    RbdImage::open(&rc, &control2)
+        .unwrap()
+        .write_at(&data, 0)
+        .unwrap();
+    let out = common::run(cv(&env).arg("check").arg(control2.to_string()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("NON_COMPLIANT"), "{stdout}");
+}
+
+/// `cryptvol serve` of `volume` expected to fail at start-up (bounded); its stderr.
+fn serve_refused(env: &common::Env, volume: &str) -> String {
+    let tag = image_name("refused");
+    let out = common::run(
+        Command::new("timeout")
+            .arg("120")
+            .arg(common::bin())
+            .env("CRYPTVOL_KEYSTORE", env.keystore())
+            .env("CEPH_CONF", &cluster().conf)
+            .arg("serve")
+            .arg("--unix")
+            .arg(env.path(&format!("{tag}.sock")))
+            .arg("--control")
+            .arg(env.path(&format!("{tag}.ctl")))
+            .arg(volume),
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && out.status.code() != Some(124),
+        "a second serve must be refused at start-up ({}): {err}",
+        out.status
+    );
+    err
+}
+
+#[test]
+fn second_serve_is_refused_naming_the_holder_and_takeover_fences_the_old_server() {
+    let _g = SHARED.read().unwrap_or_else(|e| e.into_inner());
+    let env = common::Env::new();
+    let name = image_name("fence");
+    let volume = format!("vol1=rbd:rbd/{name}");
+    common::run_ok(cv(&env).args(["create", "--size", "64M", &format!("rbd:rbd/{name}")]));
+    let old = serve_rbd(&env, &volume, &[]);
+    let (mut stale, _, _) = common::Raw::open(&old, "vol1");
+    nbd_write(&mut stale, 0, &common::pattern(4096, PLAINTEXT_SEED + 1));
+
+    // The holder as `rbd lock ls` names it.
+    let locks: serde_json::Value = serde_json::from_str(&rbd_tool(&[
+        "lock",
+        "ls",
+        "--format",
+        "json",
+        &format!("rbd/{name}"),
+    ]))
+    .expect("rbd lock ls json");
+    let lock = &locks[0];
+    let holder = format!(
+        "{} ({})",
+        lock["locker"].as_str().expect("locker"),
+        lock["address"].as_str().expect("address")
+    );
+    assert!(holder.starts_with("client."), "{locks}");
+
+    let err = serve_refused(&env, &volume);
+    assert!(err.contains(&format!("is locked by {holder}")), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // The first server still writes.
+    nbd_write(&mut stale, 4096, &common::pattern(4096, PLAINTEXT_SEED + 2));
+
+    // Its host hangs (SIGSTOP: the process keeps its lock and its cluster session), and a
+    // new server takes the image over.
+    old.signal("STOP");
+    let new = serve_rbd(&env, &volume, &["--takeover"]);
+    new.wait_log("took the image over", 1, common::PATIENCE);
+    let (mut fresh, _, _) = common::Raw::open(&new, "vol1");
+    let mine = common::pattern(4096, PLAINTEXT_SEED + 3);
+    nbd_write(&mut fresh, 0, &mine);
+
+    // The old server wakes up: its client's write fails (EPERM), at the latest at the
+    // flush (librbd's write-back cache may take the write itself), with the cause logged,
+    // and never reaches the image.
+    old.signal("CONT");
+    let write = stale.write(1, 0, &common::pattern(4096, PLAINTEXT_SEED + 4));
+    stale
+        .request(0, common::proto::CMD_FLUSH, 2, 0, 0, &[])
+        .expect("send FLUSH");
+    let (flush, _) = stale.reply().expect("FLUSH reply");
+    eprintln!("fenced server: write -> {write}, flush -> {flush}");
+    for e in [write, flush] {
+        assert!(
+            e == 0 || e == common::proto::EPERM || e == 5,
+            "a fenced server's error must be EPERM or EIO, got {e}"
+        );
+    }
+    assert!(
+        flush != 0,
+        "a fenced server's flush must fail (write {write}, flush {flush}):\n{}",
+        old.log_text()
+    );
+    old.wait_log("blocklisted", 1, common::PATIENCE);
+    assert!(
+        nbd_read(&mut fresh, 0, 4096) == mine,
+        "a fenced write reached the image"
+    );
+    drop(stale);
+    drop(old);
+
+    // The new server dies (SIGKILL); a third takes over and finds the data.
+    drop(fresh);
+    drop(new);
+    let third = serve_rbd(&env, &volume, &["--takeover"]);
+    let (mut c, _, _) = common::Raw::open(&third, "vol1");
+    assert!(
+        nbd_read(&mut c, 0, 4096) == mine,
+        "the data after a second takeover"
+    );
+    assert!(
+        nbd_read(&mut c, 4096, 4096) == common::pattern(4096, PLAINTEXT_SEED + 2),
+        "the first server's data after two takeovers"
+    );
+    c.disconnect();
+    third.stop();
+}

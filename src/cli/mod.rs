@@ -80,6 +80,15 @@ struct Cli {
     /// keep their meaning [config: [keys] bare_key_refs].
     #[arg(long, value_name = "local|aws-kms", env = defaults::BARE_KEY_REFS_ENV)]
     bare_key_refs: Option<crate::keys::BareRefs>,
+    /// Ceph configuration file for rbd:POOL/IMAGE volumes [default: $CEPH_CONF, else
+    /// /etc/ceph/ceph.conf]; the cephx keyring is the one it names (keys never go on the
+    /// command line).
+    #[arg(long, global = true, value_name = "PATH")]
+    ceph_conf: Option<std::path::PathBuf>,
+    /// Ceph user (without `client.`) for rbd:POOL/IMAGE volumes [default: $CEPH_ID, else
+    /// admin].
+    #[arg(long, global = true, value_name = "ID")]
+    ceph_id: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -168,6 +177,11 @@ pub fn main() -> ExitCode {
     if let Err(e) = crate::crypto::harden_process() {
         tracing::warn!("could not harden the process against core dumps: {e}");
     }
+    crate::volume::set_rbd_settings(crate::volume::RbdSettings {
+        conf: cli.ceph_conf.clone(),
+        client_id: cli.ceph_id.clone(),
+        takeover: matches!(&cli.command, Command::Serve(a) if a.takeover()),
+    });
     // Socket activation: adopt the sockets systemd passed while this process still has a
     // single thread (the LISTEN_* variables are removed from the environment).
     let activated = match cli.command {

@@ -47,6 +47,11 @@ impl ServeArgs {
     pub(super) fn config_path(&self) -> Option<&Path> {
         self.config.as_deref()
     }
+
+    /// `--takeover`: take RBD images over from a dead server.
+    pub(super) fn takeover(&self) -> bool {
+        self.takeover
+    }
 }
 
 /// `cryptvol serve`.
@@ -148,7 +153,15 @@ pub(super) struct ServeArgs {
     keystore: KeystoreArgs,
     #[command(flatten)]
     pass: PassphraseArgs,
-    /// Volumes to serve: FILE (export name = file stem) or NAME=FILE.
+    /// Failover for rbd:POOL/IMAGE volumes whose server's host is dead: take each image's
+    /// exclusive lock over from its holder, which is blocklisted by the cluster (its
+    /// writes fail from then on, for the cluster's blocklist time, one hour by default).
+    /// Only when the old server is really gone or must be fenced: without this flag an
+    /// image held by another server is refused, naming the holder.
+    #[arg(long)]
+    takeover: bool,
+    /// Volumes to serve: FILE (export name = file stem) or NAME=FILE; FILE may be an RBD
+    /// image, rbd:POOL/IMAGE (export name = the image name).
     #[arg(value_name = "VOLUME", required_unless_present = "config")]
     volumes: Vec<String>,
 }

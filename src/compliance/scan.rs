@@ -43,6 +43,8 @@ enum Entry {
     Item(PathBuf, Metadata),
     Unreadable(PathBuf, String),
     Skipped(PathBuf, String, &'static str),
+    /// An RBD image (`rbd:POOL/IMAGE`), read through the volume layer's backing store.
+    Image(PathBuf),
 }
 
 /// Scans paths and evaluates each item. Key lookups are cached per key.
@@ -220,6 +222,10 @@ impl Scanner {
                 let (subject, content) = self.inspect(&p, &md).await;
                 (p, subject, content)
             }
+            Entry::Image(p) => {
+                let (subject, content) = self.inspect_image(&p).await;
+                (p, subject, content)
+            }
         };
         self.report(&path, subject, content)
     }
@@ -265,7 +271,9 @@ impl Scanner {
         let broken = |p| (Subject::BrokenVolume(p), "cryptvol".to_string());
         match volume::read_header(path) {
             Ok((header, health)) => {
-                let facts = self.volume_facts(path, md, &header, health).await;
+                let facts = self
+                    .volume_facts(path, device_len(path, md), &header, health)
+                    .await;
                 (Subject::Volume(facts), "cryptvol".to_string())
             }
             Err(VolumeError::NotAVolume { .. }) => match probe(path, md) {
@@ -291,10 +299,36 @@ impl Scanner {
         }
     }
 
+    /// Facts about an RBD image: a volume's, or what its first bytes hold.
+    async fn inspect_image(&mut self, path: &Path) -> (Subject, String) {
+        let (prefix, len) = match volume::read_image_prefix(path, PROBE_LEN) {
+            Ok(p) => p,
+            Err(e) => return (Subject::Unreadable(e.to_string()), "unreadable".to_string()),
+        };
+        match volume::read_header(path) {
+            Ok((header, health)) => {
+                let facts = self.volume_facts(path, Some(len), &header, health).await;
+                (Subject::Volume(facts), "cryptvol".to_string())
+            }
+            Err(VolumeError::NotAVolume { .. }) => {
+                // Only the first bytes are read: an image of zeros there is reported
+                // as unrecognised data, not scanned to its end.
+                let kind = if prefix.is_empty() {
+                    DataKind::Empty
+                } else {
+                    detect(&prefix).unwrap_or(DataKind::Unrecognised)
+                };
+                let name = kind.name();
+                (Subject::Foreign(kind), name)
+            }
+            Err(e) => (Subject::Unreadable(e.to_string()), "unreadable".to_string()),
+        }
+    }
+
     async fn volume_facts(
         &mut self,
         path: &Path,
-        md: &Metadata,
+        file_len: Option<u64>,
         h: &Header,
         health: HeaderHealth,
     ) -> VolumeFacts {
@@ -312,7 +346,7 @@ impl Scanner {
             health,
             required_features: h.required_features.clone(),
             needed_len: h.data_offset.saturating_add(h.size),
-            file_len: device_len(path, md),
+            file_len,
             slots,
             map_problem: match &map {
                 Ok(Some(m)) if !m.health.is_healthy() => {
@@ -497,6 +531,10 @@ fn walk(
     out: &mut Vec<Entry>,
 ) {
     let p = path.to_path_buf();
+    if volume::is_rbd_path(path) {
+        out.push(Entry::Image(p));
+        return;
+    }
     let md = match std::fs::metadata(path) {
         Ok(md) => md,
         Err(e) => {

@@ -50,6 +50,9 @@ pub async fn create_volume_with(
         let (header, _) = create_with_dek(path, spec, key, keys, !opts.no_allocation_map).await?;
         return Ok(header);
     }
+    if crate::volume::is_rbd_path(path) {
+        return Err(super::not_on_rbd(path, "create --preallocate").into());
+    }
     // A preallocation takes a while: build it under a hidden name, published only when
     // complete (an interrupted one is removed by the next run).
     if path.exists() {

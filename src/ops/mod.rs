@@ -92,3 +92,14 @@ fn key_suffix(slot: &WrappedDek) -> String {
         format!(", key {}", slot.key_id.escape_debug())
     }
 }
+
+/// The refusal of a command not built for `rbd:` volumes yet (docs/rbd.md, "What is next").
+pub(crate) fn not_on_rbd(path: &std::path::Path, what: &str) -> crate::volume::VolumeError {
+    crate::volume::VolumeError::Io {
+        path: path.display().to_string(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            format!("{what} is not built for RBD volumes yet"),
+        ),
+    }
+}

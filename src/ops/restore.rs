@@ -39,6 +39,9 @@ pub async fn restore_snapshot(
     keys: &KeyOptions,
     target: Option<NewKey<'_>>,
 ) -> Result<RestoreOutcome, OpsError> {
+    if crate::volume::is_rbd_path(path) {
+        return Err(super::not_on_rbd(path, "create --from-snapshot").into());
+    }
     if path.exists() {
         return Err(VolumeError::AlreadyExists {
             path: path.display().to_string(),

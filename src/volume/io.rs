@@ -35,8 +35,9 @@ pub struct Volume {
     /// area, and of the allocation map's pages and the file's length.
     pub(super) engine: Box<dyn FileEngine>,
     /// The backing file itself, for what does not go through the engine: the in-use
-    /// lock (held while this is open) and the file's type (a grow).
-    pub(super) file: Arc<File>,
+    /// lock (held while this is open) and the file's type (a grow). `None` for a volume
+    /// on an RBD image (the engine holds the image and its exclusive lock).
+    pub(super) file: Option<Arc<File>>,
     /// The cipher engines (two while a re-encryption is in progress).
     pub(super) cipher: Cipher,
     pub(super) locks: RangeLocks,

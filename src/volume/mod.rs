@@ -3,6 +3,7 @@
 //! Knows nothing about NBD or key backends beyond the [`WrappedDek`] it stores.
 
 mod alloc;
+mod backing;
 mod cipher;
 mod cow;
 #[cfg(test)]
@@ -28,6 +29,7 @@ mod tracking;
 mod write;
 
 pub use alloc::{MapHealth, MapLayout, MapSummary, CHUNKS_PER_PAGE, DEFAULT_CHUNK_SIZE};
+pub use backing::{is_rbd_path, read_image_prefix, set_rbd_settings, RbdSettings, CEPH_ID_ENV};
 pub use engine_select::EngineChoice;
 pub use header::{
     create, create_with, read_header, write_header, CopyStatus, Header, HeaderHealth, Hotzone,
@@ -100,8 +102,13 @@ pub fn map_summary(
         path: path.display().to_string(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(io)?;
-    let engine = engine::engine_for(std::sync::Arc::new(file), path);
+    let engine = match backing::open_rbd_path(path, backing::Access::Inspect) {
+        Some(engine) => engine?,
+        None => {
+            let file = std::fs::File::open(path).map_err(io)?;
+            engine::engine_for(std::sync::Arc::new(file), path)
+        }
+    };
     alloc::summarize(&*engine, layout, &header.uuid, header.size)
         .map(Some)
         .map_err(|e| map_error(path, e))

@@ -15,7 +15,7 @@ use super::cow::CowState;
 use super::engine::FileEngine;
 use super::engine_select::{open_engine, EngineChoice};
 use super::geometry;
-use super::header::check_file_uuid;
+use super::header::{check_engine_uuid, check_file_uuid};
 use super::io::Geometry;
 use super::rangelock::RangeLocks;
 use super::reencrypt::ReencryptState;
@@ -60,12 +60,19 @@ impl Volume {
         let next = check_keys(path, header, &dek, next)?;
         let end = check_geometry(path, header)?;
         let cipher = cipher_for(header, &dek, next.as_ref())?;
-        let file = open_backing_file(path, header, opts)?;
-        let engine =
-            open_engine(file.clone(), opts.engine, path).map_err(|why| VolumeError::Io {
-                path: path.display().to_string(),
-                source: std::io::Error::other(why),
-            })?;
+        let (file, engine) = match super::backing::rbd_spec(path) {
+            Some(spec) => (None, open_image(path, &spec?, header, opts)?),
+            None => {
+                let file = open_backing_file(path, header, opts)?;
+                let engine = open_engine(file.clone(), opts.engine, path).map_err(|why| {
+                    VolumeError::Io {
+                        path: path.display().to_string(),
+                        source: std::io::Error::other(why),
+                    }
+                })?;
+                (Some(file), engine)
+            }
+        };
         check_data_area_fits(path, header, &*engine, end)?;
         let map = load_map(path, header, &*engine)?;
         let vol = Volume {
@@ -191,6 +198,24 @@ fn open_backing_file(
     check_file_uuid(&file, path, header.uuid)?;
     lock_in_use(&file, &p, opts.read_only)?;
     Ok(Arc::new(file))
+}
+
+/// Opens the RBD image `spec` (its exclusive lock is the in-use lock of a writable open)
+/// and checks it is the header's volume.
+fn open_image(
+    path: &Path,
+    spec: &crate::rbd::ImageSpec,
+    header: &Header,
+    opts: OpenOptions,
+) -> Result<Box<dyn FileEngine>, VolumeError> {
+    let access = if opts.read_only {
+        super::backing::Access::ReadOnly
+    } else {
+        super::backing::Access::Write
+    };
+    let engine = super::backing::open_engine(path, spec, access)?;
+    check_engine_uuid(&*engine, path, header.uuid)?;
+    Ok(engine)
 }
 
 /// Checks the file holds the whole data area (up to `end`).

@@ -200,12 +200,16 @@ impl Volume {
     /// Makes the backing file at least `end` bytes long (sparse) and syncs it; a block
     /// device must already be that large.
     fn extend_file(&self, end: u64) -> Result<(), VolumeError> {
-        let meta = self.file.metadata().map_err(|e| self.io_err(e))?;
+        let is_file = match &self.file {
+            Some(file) => file.metadata().map_err(|e| self.io_err(e))?.is_file(),
+            // An RBD image grows like a file.
+            None => true,
+        };
         let len = self.engine.len().map_err(|e| self.io_err(e))?;
         if len >= end {
             return Ok(());
         }
-        if !meta.is_file() {
+        if !is_file {
             return Err(resize_err(
                 &self.geo.path,
                 format!("the block device holds {len} bytes and the grown volume needs {end}; grow the device first"),

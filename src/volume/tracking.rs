@@ -194,6 +194,11 @@ impl Volume {
         if self.read_only() || self.tracking.get().is_some() {
             return Ok(());
         }
+        if super::is_rbd_path(std::path::Path::new(self.path())) {
+            // Its sidecar would be a local file beside no file: off until it has a home.
+            tracing::debug!(path = %self.path(), "changed-chunk tracking is off for RBD volumes");
+            return Ok(());
+        }
         let sidecar = PathBuf::from(format!("{}.cbt", self.path()));
         let n = Tracking::nwords(self.size());
         let (base, words) = match read_sidecar(&sidecar, n) {

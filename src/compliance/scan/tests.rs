@@ -125,6 +125,7 @@ fn walking_reports_everything() {
             Entry::Item(p, _) => (p.strip_prefix(d).unwrap().display().to_string(), "item"),
             Entry::Unreadable(p, _) => (p.strip_prefix(d).unwrap().display().to_string(), "error"),
             Entry::Skipped(p, _, _) => (p.strip_prefix(d).unwrap().display().to_string(), "skip"),
+            Entry::Image(p) => (p.display().to_string(), "image"),
         })
         .collect();
     let want: Vec<(String, &str)> = [
@@ -138,4 +139,19 @@ fn walking_reports_everything() {
     .map(|(a, b)| (a.to_string(), *b))
     .collect();
     assert_eq!(names, want);
+}
+
+#[test]
+fn rbd_paths_are_images_not_files() {
+    let mut out = Vec::new();
+    walk(
+        Path::new("rbd:rbd/vol1"),
+        None,
+        &mut HashSet::new(),
+        &mut out,
+    );
+    assert!(
+        matches!(out.as_slice(), [Entry::Image(p)] if p == Path::new("rbd:rbd/vol1")),
+        "an rbd: path must be checked as an image, not looked up as a file"
+    );
 }

@@ -53,6 +53,10 @@ pub fn create_with(
         let detail = copies.into_iter().find_map(Result::err).unwrap_or_default();
         return Err(VolumeError::InvalidHeader { path: p(), detail });
     };
+    if let Some(spec) = crate::volume::backing::rbd_spec(path) {
+        create_image(path, &spec?, &header, [&primary, &secondary])?;
+        return Ok(header);
+    }
     let file = create_new_file(path)?;
     let written = engine_for_borrowed(&file, path)
         .and_then(|engine| write_new_volume(&*engine, path, &header, [&primary, &secondary]));
@@ -128,6 +132,17 @@ fn write_new_volume(
     engine: &dyn FileEngine,
     path: &Path,
     header: &Header,
+    copies: [&[u8]; 2],
+) -> std::io::Result<()> {
+    write_layout(engine, header, copies)?;
+    sync_parent_dir(path)
+}
+
+/// The writes of [`write_new_volume`] through `engine`, without the directory sync (a
+/// file's or an RBD image's).
+fn write_layout(
+    engine: &dyn FileEngine,
+    header: &Header,
     [primary, secondary]: [&[u8]; 2],
 ) -> std::io::Result<()> {
     if let Some(layout) = &header.allocation_map {
@@ -137,8 +152,26 @@ fn write_new_volume(
     engine.sync_all()?;
     engine.write_all_at(primary, 0)?;
     engine.write_all_at(secondary, HEADER_COPY_SIZE)?;
-    engine.sync_all()?;
-    sync_parent_dir(path)
+    engine.sync_all()
+}
+
+/// Creates the RBD image `spec` sized for the volume (refusing an existing image) and
+/// writes the same layout as a volume file, under the image's exclusive lock; a failed
+/// write removes the image.
+fn create_image(
+    path: &Path,
+    spec: &crate::rbd::ImageSpec,
+    header: &Header,
+    copies: [&[u8]; 2],
+) -> Result<(), VolumeError> {
+    let len = header.data_offset + header.size;
+    let engine = crate::volume::backing::create_engine(path, spec, len)?;
+    if let Err(e) = write_layout(&*engine, header, copies) {
+        drop(engine);
+        crate::volume::backing::remove(path, spec);
+        return Err(io_err(path, e));
+    }
+    Ok(())
 }
 
 fn sync_parent_dir(path: &Path) -> std::io::Result<()> {

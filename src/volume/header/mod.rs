@@ -36,6 +36,7 @@ mod write;
 pub use create::{create, create_with};
 pub(crate) use mac::compute_kcv;
 pub(crate) use metadata::fits_metadata;
+pub(crate) use recovery::check_engine_uuid;
 pub(crate) use recovery::check_file_uuid;
 pub use recovery::{read_header, CopyStatus, HeaderHealth};
 pub use reencrypt::{Hotzone, Reencryption};

@@ -175,6 +175,11 @@ pub(super) fn flock(file: File, arg: FlockArg) -> Result<Flock<File>, (File, Err
 
 /// Reads and validates both header copies without any key. The highest valid sequence wins.
 pub fn read_header(path: &Path) -> Result<(Header, HeaderHealth), VolumeError> {
+    if let Some(engine) =
+        crate::volume::backing::open_rbd_path(path, crate::volume::backing::Access::Inspect)
+    {
+        return read_copies(&*engine?, path)?.resolve(path);
+    }
     let file = File::open(path).map_err(|e| io_err(path, e))?;
     // A shared lock keeps us from reading a copy while a writer is replacing it; a
     // filesystem without flock support is read unlocked.
@@ -191,7 +196,17 @@ pub(crate) fn check_file_uuid(
     path: &Path,
     uuid: uuid::Uuid,
 ) -> Result<(), VolumeError> {
-    let copies = read_file_copies(file, path)?;
+    let engine = engine_for_borrowed(file, path).map_err(|e| io_err(path, e))?;
+    check_engine_uuid(&*engine, path, uuid)
+}
+
+/// [`check_file_uuid`] through an engine (an RBD image).
+pub(crate) fn check_engine_uuid(
+    engine: &dyn FileEngine,
+    path: &Path,
+    uuid: uuid::Uuid,
+) -> Result<(), VolumeError> {
+    let copies = read_copies(engine, path)?;
     for h in [copies.good(0), copies.good(1)].into_iter().flatten() {
         if h.uuid != uuid {
             return Err(VolumeError::InvalidHeader {

@@ -112,6 +112,15 @@ pub(super) fn plan_write(
 /// The copy that is not currently valid (damaged or stale) is written first; when both
 /// are valid, the primary goes first. On success `header` holds the new sequence and MAC.
 pub fn write_header(path: &Path, header: &mut Header, dek: &Dek) -> Result<(), VolumeError> {
+    if crate::volume::is_rbd_path(path) {
+        return Err(VolumeError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "header updates (rekey, keyslot, resize, re-encryption) of RBD volumes are not built yet",
+            ),
+        });
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
