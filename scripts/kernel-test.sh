@@ -16,6 +16,12 @@
 #           TLS: nbd-client -certfile/-keyfile/-cacertfile/-tlshostname attaches to a
 #           `--tls require --tls-client-ca` server (mkfs/mount/write, e2fsck, checksums),
 #           while a plaintext nbd-client is refused (certificates made here with openssl).
+#           (cryptvol only) an RBD-backed export: the host starts a one-node Ceph cluster
+#           (scripts/ceph-cluster.sh, stopped on exit), creates rbd:rbd/ktrbd and serves it
+#           (`ktrbd=rbd:rbd/ktrbd`, --ceph-conf) from its own server; the guest attaches it
+#           (-b 4096), mkfs.ext4+mount, fio verify, writes the marker, e2fsck -fn clean,
+#           detaches; after the boot the host checks that no RADOS object of the pool holds
+#           the marker (`rados get` of every object: rbd-no-plaintext).
 #   host    SIGTERM the server while the guest is detached, start it again (same volumes,
 #           same port); swap the read-write server of the read-only volume for a
 #           --read-only one.
@@ -100,12 +106,15 @@ KT_GPORT_CTL=10900  # control answers to the guest (cat of a file, per connectio
 KT_GPORT_TLS=10811  # a --tls require server with client certificates (both boots)
 KT_GPORT_ATT=10812  # boot 3: the socket-activated daemon behind socket-holder.py
 KT_TLS_HOSTNAME=cryptvol-kt  # the name in the server certificate the guest checks
+KT_GPORT_RBD=10813  # boot 1 (cryptvol only): the server of the RBD-backed export
 
 # Written into a file by the guest in boot 1; must not appear in the volume file at rest.
 KT_MARKER="kernel-test plaintext marker: hello from the guest kernel's nbd driver"
 
 KT_WORK=
 KT_QEMU_PID=
+KT_CEPH_DIR=   # the one-node Ceph cluster of boot 1's RBD export (cryptvol only)
+KT_CEPH_CONF=
 declare -A KT_SERVER_PID=() KT_SERVER_PORT=() KT_SERVER_MODE=() KT_SERVER_VOLS=()
 KT_STOP_STATUS=
 KT_STOP_SECS=
@@ -365,6 +374,8 @@ CTL_PORT=$KT_GPORT_CTL
 TLS_PORT=$KT_GPORT_TLS
 TLS_HOSTNAME=$KT_TLS_HOSTNAME
 ATT_PORT=$KT_GPORT_ATT
+RBD_PORT=$([ "$KT_SERVER" = cryptvol ] && echo "$KT_GPORT_RBD")
+EXP_RBD=ktrbd
 EXP_ATT=att
 EXP_TLS=tls
 EXP_FS=fs
@@ -452,6 +463,7 @@ kt_server_start() {
         cryptvol)
             local opts=() p=$KT_WORK/pki/server
             if [ "$mode" = ro ]; then opts+=(--read-only); else opts+=(--discard); fi
+            [ "$id" = rbd ] && opts+=(--ceph-conf "$KT_CEPH_CONF")
             if [ "$mode" = tls ]; then
                 # The guest's nbd-client proves its identity with a client certificate from
                 # the test CA: no allow list needed (any verified certificate is admitted).
@@ -605,6 +617,62 @@ kt_check_tls_log() {
     fi
 }
 
+# ------------------------------------------------------------------ RBD export
+
+# kt_rbd_start PORT: a one-node Ceph cluster in $KT_WORK/ceph (stopped by kt_cleanup),
+# rbd:rbd/ktrbd created with the test keystore and served as `ktrbd` on PORT.
+kt_rbd_start() {
+    local port=$1 t0
+    t0=$(now)
+    KT_CEPH_DIR=$KT_WORK/ceph
+    log "starting a one-node Ceph cluster in $KT_CEPH_DIR"
+    "$KT_ROOT/scripts/ceph-cluster.sh" start "$KT_CEPH_DIR" > "$KT_WORK/ceph-env" 2> "$KT_WORK/ceph-cluster.log" ||
+        { tail -n 20 "$KT_WORK/ceph-cluster.log" >&2; die "scripts/ceph-cluster.sh start failed"; }
+    KT_CEPH_CONF=$(sed -n 's/^CEPH_CONF=//p' "$KT_WORK/ceph-env")
+    [ -r "$KT_CEPH_CONF" ] || die "ceph-cluster.sh printed no readable CEPH_CONF"
+    log "Ceph cluster up in $(elapsed "$t0")s ($KT_CEPH_CONF)"
+    "$CRYPTVOL_BIN" --ceph-conf "$KT_CEPH_CONF" create --size 256M --sector-size 4096 \
+        --keystore "$KT_WORK/keystore" rbd:rbd/ktrbd > "$KT_WORK/create-ktrbd.log" 2>&1 ||
+        { cat "$KT_WORK/create-ktrbd.log" >&2; die "cryptvol create rbd:rbd/ktrbd failed"; }
+    kt_server_start rbd "$port" rw ktrbd=rbd:rbd/ktrbd
+}
+
+# kt_rbd_check: after boot 1, stop the RBD export's server (its writes reach the image)
+# and look for the guest's marker in every RADOS object of the pool.
+kt_rbd_check() {
+    if kt_server_stop rbd; then
+        kt_result rbd-server-sigterm PASS "server exited with status 0 ${KT_STOP_SECS}s after SIGTERM"
+    else
+        kt_result rbd-server-sigterm FAIL "status $KT_STOP_STATUS after ${KT_STOP_SECS}s (see server-rbd.log)"
+    fi
+    unset "KT_SERVER_PORT[rbd]"
+    local rados=(timeout 120 rados --conf "$KT_CEPH_CONF" -p rbd) objs=0 hits=0 bytes=0 o f
+    f=$KT_WORK/rados-obj
+    if ! "${rados[@]}" ls > "$KT_WORK/rados-ls" 2> "$KT_WORK/rados.log"; then
+        kt_result rbd-no-plaintext FAIL "rados ls failed: $(tail -n 1 "$KT_WORK/rados.log")"
+        return 0
+    fi
+    while IFS= read -r o; do
+        if ! "${rados[@]}" get "$o" "$f" 2>> "$KT_WORK/rados.log"; then
+            kt_result rbd-no-plaintext FAIL "rados get $o failed: $(tail -n 1 "$KT_WORK/rados.log")"
+            return 0
+        fi
+        objs=$((objs + 1))
+        bytes=$((bytes + $(stat -c %s "$f")))
+        hits=$((hits + $(grep -caF "$KT_MARKER" "$f" || true)))
+    done < "$KT_WORK/rados-ls"
+    rm -f "$f"
+    local data
+    data=$(grep -c '^rbd_data\.' "$KT_WORK/rados-ls" || true)
+    if [ "$hits" = 0 ] && [ "$data" -gt 0 ]; then
+        kt_result rbd-no-plaintext PASS "the guest's marker is in none of the pool's $objs RADOS objects ($data data objects, $bytes bytes read with rados get)"
+    elif [ "$hits" != 0 ]; then
+        kt_result rbd-no-plaintext FAIL "the guest's marker found $hits time(s) in the pool's $objs RADOS objects"
+    else
+        kt_result rbd-no-plaintext FAIL "no rbd_data objects in the pool ($objs objects): nothing was written to the image"
+    fi
+}
+
 # ------------------------------------------------------------------ socket activation
 
 KT_ATT_PORT=
@@ -709,12 +777,13 @@ kt_boot() {
     cat "$KT_WORK/base.cpio" ${extra:+"$extra"} > "$initrd"
     : > "$con"
     : > "$KT_WORK/ctl"
-    local rwport=${KT_SERVER_PORT[rw]:-} tlsport=${KT_SERVER_PORT[tls]:-}
+    local rwport=${KT_SERVER_PORT[rw]:-} tlsport=${KT_SERVER_PORT[tls]:-} rbdport=${KT_SERVER_PORT[rbd]:-}
     local net="user,id=n0,restrict=on"
     # Boot 4 (ublk) has no host-side servers: the guest serves itself.
     [ -n "$rwport" ] && net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_RW-cmd:$fwd $flog $KT_GPORT_RW $rwport"
     [ -n "$roport" ] && net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_RO-cmd:$fwd $flog $KT_GPORT_RO $roport"
     [ -n "$tlsport" ] && net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_TLS-cmd:$fwd $flog $KT_GPORT_TLS $tlsport"
+    [ -n "$rbdport" ] && net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_RBD-cmd:$fwd $flog $KT_GPORT_RBD $rbdport"
     net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_CTL-cmd:cat $KT_WORK/ctl"
     [ -n "$KT_ATT_PORT" ] && net+=",guestfwd=tcp:$KT_GUEST_HOST:$KT_GPORT_ATT-cmd:$fwd $flog $KT_GPORT_ATT $KT_ATT_PORT"
 
@@ -806,6 +875,7 @@ kt_cleanup() {
         wait "$KT_QEMU_PID" 2>/dev/null
     fi
     kt_cleanup_servers
+    [ -n "$KT_CEPH_DIR" ] && "$KT_ROOT/scripts/ceph-cluster.sh" stop "$KT_CEPH_DIR" >&2
     if [ -n "$KT_ATT_HOLDER_PID" ]; then
         kill -TERM "$KT_ATT_HOLDER_PID" 2>/dev/null
         pkill -TERM -P "$KT_ATT_HOLDER_PID" 2>/dev/null
@@ -881,10 +951,12 @@ kt_nbd_boots() {
         rmw="$vdir/rmw.vol" mc="$vdir/mc.vol"
     kt_server_start prep "$prep_port" rw ro="$vdir/ro.vol" bg="$vdir/bg.vol"
     kt_server_start tls "$tls_port" tls tls="$vdir/tls.vol"
+    [ "$KT_SERVER" = cryptvol ] && kt_rbd_start "$(kt_free_port "$rw_port" "$prep_port" "$ro_port" "$tls_port")"
 
     # ---- boot 1
     kt_boot 1 "$prep_port"
     kt_check_tls_log
+    [ "$KT_SERVER" = cryptvol ] && kt_rbd_check
 
     # Checksums written in boot 1, carried into boot 2.
     mkdir -p "$KT_WORK/extra/kt"
@@ -926,6 +998,7 @@ kt_nbd_boots() {
         breakglass-prepare breakglass-dek breakglass-dm-crypt-mount
     )
     [ "$KT_SERVER" = cryptvol ] && KT_EXPECTED+=(
+        rbd-attach-fs-fio rbd-server-sigterm rbd-no-plaintext
         boot3-setup attach-netlink-mkfs att-daemon-restart att-daemon-upgrade
         attach-restart-upgrade-fio att-daemon-grow-online attach-grow-resize2fs
         att-daemon-grow attach-grow-offline-resize2fs attach-fsck-detach att-daemon-restart-manual

@@ -301,6 +301,26 @@ c_bg_prep() {
     detail "'$EXP_BG' written in full (urandom, then ext4 with $(wc -l < /tmp/bg.sums) files)"
 }
 
+# The RBD-backed export (cryptvol only; RBD_PORT is empty for nbdkit): the host serves
+# rbd:rbd/ktrbd from a one-node Ceph cluster; after the boot it looks for the marker in
+# every RADOS object of the pool (rbd-no-plaintext).
+c_rbd() {
+    attach /dev/nbd6 "$RBD_PORT" "$EXP_RBD" -b 4096 || return 1
+    [ "$(lbs /dev/nbd6)" = 4096 ] || die "logical block size $(lbs /dev/nbd6), want 4096" || return 1
+    sz=$(blockdev --getsize64 /dev/nbd6)
+    mkfs.ext4 -F -q -b 4096 -L ktrbd /dev/nbd6 || die "mkfs.ext4 on the RBD export failed" || return 1
+    mount -t ext4 /dev/nbd6 /mnt/b || die "mount of the RBD export failed" || return 1
+    run_fio rbdverify --directory=/mnt/b --filename=fio.dat --size=16M \
+        --rw=randwrite --bsrange=4k-64k --iodepth=16 || return 1
+    mkdir -p /mnt/b/data
+    echo "$MARKER" > /mnt/b/data/hello.txt
+    sync
+    umount /mnt/b || die "umount of the RBD export failed" || return 1
+    e2fsck -fn /dev/nbd6 || die "e2fsck -fn on the RBD export reports problems (status $?)" || return 1
+    detach /dev/nbd6 || return 1
+    detail "'$EXP_RBD' (rbd:rbd/ktrbd, $sz bytes) -b 4096: mkfs.ext4+mount, fio randwrite 16M bs 4k-64k qd16 verify=crc32c ok, marker written, e2fsck -fn clean, detached"
+}
+
 phase1() {
     check fs-attach-mkfs c_fs_attach
     check fs-write c_fs_write
@@ -315,6 +335,7 @@ phase1() {
     check tls-attach-mkfs-fsck c_tls
     check tls-plaintext-refused c_tls_plain
     check breakglass-prepare c_bg_prep
+    [ -z "$RBD_PORT" ] || check rbd-attach-fs-fio c_rbd
     # Carry the checksums to the next boot (and the host's log).
     sed 's/^/KT-SUM fs /' /tmp/fs.sums 2>/dev/null | while IFS= read -r l; do say "$l"; done
     sed 's/^/KT-SUM ro /' /tmp/ro.sums 2>/dev/null | while IFS= read -r l; do say "$l"; done
