@@ -505,9 +505,11 @@ kt_server_start() {
             tail -n 20 "$logf" >&2
             die "server $id ($KT_SERVER) exited with status $st before listening on 127.0.0.1:$port"
         fi
-        if [ "$(elapsed "$t0" | cut -d. -f1)" -ge 30 ]; then
+        # A failure bound only (the wait is on the socket): generous, since an RBD-backed
+        # server first connects to the cluster, which takes seconds on a loaded machine.
+        if [ "$(elapsed "$t0" | cut -d. -f1)" -ge 120 ]; then
             tail -n 20 "$logf" >&2
-            die "server $id ($KT_SERVER) not listening on 127.0.0.1:$port after 30 s"
+            die "server $id ($KT_SERVER) not listening on 127.0.0.1:$port after 120 s"
         fi
         sleep 0.05
     done
