@@ -54,6 +54,7 @@ STALL_LIMIT = 180.0
 CMD_TIMEOUT = 300.0
 STARTUP_LIMIT = 60.0
 STOP_LIMIT = 120.0
+MAX_MATERIAL_VERSIONS = 90  # a local key refuses a rotation past 100 versions
 JOIN_LIMIT = 120.0  # clients and control finish their operation in flight within this
 
 
@@ -411,6 +412,9 @@ class Soak:
             self.stats.add("export_removes")
         self.stats.add("restores_verified")
         os.unlink(restored)
+        # Its changed-chunk sidecar goes with it (`check` flags an orphaned one).
+        if os.path.exists(restored + ".cbt"):
+            os.unlink(restored + ".cbt")
         prev = getattr(self, "last_snapshot", None)
         if prev:
             self.cv("snapshot", "delete", prev, "--store", self.store)
@@ -433,8 +437,19 @@ class Soak:
         self.stats.add("reencryptions")
 
     def rotate_and_second_export(self):
-        self.cv("key", "rotate", self.key)
-        self.stats.add("key_rotations")
+        # A key keeps at most MAX_MATERIAL_VERSIONS; before that, move to a new key
+        # (the documented way: create a key, rekey the volume to it).
+        self.key_versions = getattr(self, "key_versions", 1)
+        if self.key_versions >= MAX_MATERIAL_VERSIONS:
+            self.key_serial = getattr(self, "key_serial", 0) + 1
+            self.key = f"alias/soak-{self.key_serial}"
+            self.cv("key", "create", "--alias", self.key)
+            self.stats.add("keys_created")
+            self.key_versions = 1
+        else:
+            self.cv("key", "rotate", self.key)
+            self.stats.add("key_rotations")
+            self.key_versions += 1
         self.cv("rekey", self.second, "--to-key", self.key)
         self.stats.add("rewraps")
         self.cv("exports", "add", f"second={self.second}", "--control", self.ctl)
@@ -548,6 +563,7 @@ class Soak:
             "reencryptions": s.get("reencryptions", 0),
             "key_rotations": s.get("key_rotations", 0),
             "rewraps": s.get("rewraps", 0),
+            "keys_created": s.get("keys_created", 0),
             "export_adds": s.get("export_adds", 0),
             "export_removes": s.get("export_removes", 0),
             "check": check_result,
