@@ -352,8 +352,18 @@ class Soak:
                 valid = m.unpin(bs, lo)
             for i, b in enumerate(bs):
                 got = decode(b, data[i * BLOCK:(i + 1) * BLOCK])
-                if got not in valid[i]:
-                    raise Failure(f"shared read of block {b}: got {got!r}, valid {sorted(valid[i])[:8]}")
+                if got in valid[i]:
+                    continue
+                if len(valid[i]) > 1 and isinstance(got, str):
+                    # The owner's write of this block was in flight during the read: NBD
+                    # leaves such a read undefined, and cryptvol documents that it may see
+                    # a mix of both versions of the sector (buffered pread and pwrite of a
+                    # page are not atomic to each other), which decrypts to garbage. Such
+                    # reads are counted; the owner's own reads and the final and restore
+                    # checks stay exact.
+                    self.stats.add("torn_reads_during_a_write")
+                    continue
+                raise Failure(f"shared read of block {b}: got {got!r}, valid {sorted(valid[i])[:8]}")
             self.stats.add("read_shared")
             self.stats.add("bytes_read", k * BLOCK)
         elif r < 0.97:  # trim: a whole stripe (punches the chunk) or one block
@@ -562,6 +572,7 @@ class Soak:
             "restores_verified": s.get("restores_verified", 0),
             "reencryptions": s.get("reencryptions", 0),
             "key_rotations": s.get("key_rotations", 0),
+            "torn_reads_during_a_write": s.get("torn_reads_during_a_write", 0),
             "rewraps": s.get("rewraps", 0),
             "keys_created": s.get("keys_created", 0),
             "export_adds": s.get("export_adds", 0),
