@@ -246,8 +246,9 @@ impl Volume {
     }
 
     /// The body of [`Volume::read_at`]: unallocated chunks as zeros, the rest from the
-    /// file.
-    fn read_mapped(&self, buf: &mut [u8], offset: u64) -> Result<(), VolumeError> {
+    /// file. Takes no lock: the caller holds the range lock when a punch may be under
+    /// way (a snapshot view's chunk read does).
+    pub(super) fn read_mapped(&self, buf: &mut [u8], offset: u64) -> Result<(), VolumeError> {
         let Some(map) = &self.map else {
             return self.read_range(buf, offset);
         };

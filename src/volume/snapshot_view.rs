@@ -102,6 +102,15 @@ impl SnapshotView {
         }
         let buf = &mut buf[..(b - a) as usize];
         test_delay();
+        let ss = u64::from(v.sector_size());
+        // Lock order: the chunk's range lock, then the view's lock, as a writer takes
+        // them (range lock, then copy-before-write). Taking the view's lock first and
+        // then a range lock inside `read_at` (which it does when a punch or a
+        // re-encryption is under way) deadlocks with a writer of this chunk.
+        let _range = v.locks.lock(Span {
+            first: a / ss,
+            end: b.div_ceil(ss),
+        });
         let cow = lock_ignoring_poison(&v.cow.view).clone();
         let Some(cow) = cow else {
             return Err(VolumeError::Snapshot {
@@ -110,7 +119,6 @@ impl SnapshotView {
             });
         };
         let mut inner = cow.lock();
-        let ss = u64::from(v.sector_size());
         if let Some((off, bits)) = inner.preserved.remove(&index) {
             let f = inner.spill.as_ref().ok_or_else(|| VolumeError::Snapshot {
                 path: v.path().to_string(),
@@ -120,13 +128,20 @@ impl SnapshotView {
             v.decrypt(buf, a / ss)?;
             return Ok(zero_unallocated(v, buf, &bits));
         }
-        // Not written since the view started: read it live, holding the view's lock so
-        // that no writer can pass its copy-before-write step for this chunk meanwhile.
+        // Not written since the view started: read it live. The chunk's range lock keeps
+        // every writer (and trim) of it out meanwhile, so the map and the file agree and
+        // the map-aware read needs no lock of its own.
         let bits = v.alloc_bits(index);
         if bits.iter().all(|&x| !x) {
             buf.fill(0);
         } else {
-            v.read_at(buf, a)?;
+            if v.reenc.active.load(Ordering::Acquire) {
+                v.check_broken_zone(Span {
+                    first: a / ss,
+                    end: b.div_ceil(ss),
+                })?;
+            }
+            v.read_mapped(buf, a)?;
         }
         inner.done.insert(index);
         Ok(bits.iter().any(|&x| x))

@@ -84,3 +84,102 @@ fn snapshot_view_preserves_old_contents_and_tracks_changes() {
         "an in-use sidecar is not trusted"
     );
 }
+
+/// Regression (found by the soak, scripts/soak.sh): a view's chunk read took the
+/// view's lock, then (a punch being under way) the chunk's range lock inside
+/// `read_at`, while a writer of that chunk held the range lock and waited for the
+/// view's lock in its copy-before-write step. Each round one thread starts a view and
+/// reads every chunk of it again and again while the others write and punch the same
+/// chunks; a barrier ends the round. Bounded by a deadline: a deadlock fails the test
+/// instead of hanging it.
+#[test]
+fn view_reads_do_not_deadlock_with_writers_during_a_punch() {
+    use crate::volume::io::test_support::{open_discard, Rng};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Barrier;
+    use std::time::{Duration, Instant};
+
+    const CHUNKS: u64 = 4;
+    const ROUNDS: u64 = 60;
+    const READS_PER_ROUND: u64 = 3;
+    const OPS_PER_ROUND: u64 = 16;
+    const DEADLINE: Duration = Duration::from_secs(120);
+    const WORKERS: [(u64, bool); 4] = [(1, false), (2, false), (3, true), (4, true)];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let size = CHUNKS * SNAPSHOT_CHUNK;
+    let (path, h, dek) = new_volume(dir.path(), size, 4096);
+    let v = Arc::new(open_discard(&path, &h, &dek));
+    assert!(
+        v.is_thin() && v.discard_enabled(),
+        "a thin volume with discard"
+    );
+    // Two waits a round: after the view starts, and after everyone's I/O.
+    let barrier = Arc::new(Barrier::new(WORKERS.len() + 1));
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<&'static str>();
+    let (reads, punches) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut handles = Vec::new();
+    {
+        let (v, b, tx, reads) = (v.clone(), barrier.clone(), done_tx.clone(), reads.clone());
+        handles.push(std::thread::spawn(move || {
+            let mut buf = vec![0u8; SNAPSHOT_CHUNK as usize];
+            for _ in 0..ROUNDS {
+                let view = v.snapshot_view(SNAPSHOT_CHUNK).expect("view");
+                b.wait();
+                for _ in 0..READS_PER_ROUND {
+                    for c in 0..CHUNKS {
+                        view.read_chunk(c, &mut buf).expect("read chunk");
+                        reads.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                b.wait();
+            }
+            tx.send("reader").expect("send");
+        }));
+    }
+    for (seed, punch) in WORKERS {
+        let (v, b, tx, punches) = (v.clone(), barrier.clone(), done_tx.clone(), punches.clone());
+        handles.push(std::thread::spawn(move || {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let cs = v.chunk_size().expect("thin");
+            for _ in 0..ROUNDS {
+                b.wait();
+                for _ in 0..OPS_PER_ROUND {
+                    if punch {
+                        let c = rng.below(size / cs);
+                        v.discard(c * cs, cs).expect("punch");
+                        punches.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        let off = rng.below(size / 4096) * 4096;
+                        v.write_at(&[seed as u8; 4096], off, false).expect("write");
+                    }
+                }
+                b.wait();
+            }
+            tx.send(if punch { "puncher" } else { "writer" })
+                .expect("send");
+        }));
+    }
+    drop(done_tx);
+    let deadline = Instant::now() + DEADLINE;
+    let mut finished = Vec::new();
+    while finished.len() < handles.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match done_rx.recv_timeout(left) {
+            Ok(who) => finished.push(who),
+            Err(e) => panic!(
+                "deadlock: after {DEADLINE:?} only {finished:?} finished \
+                 ({} chunk reads, {} punches): {e}",
+                reads.load(Ordering::Relaxed),
+                punches.load(Ordering::Relaxed)
+            ),
+        }
+    }
+    for h in handles {
+        h.join().expect("thread");
+    }
+    assert_eq!(
+        reads.load(Ordering::Relaxed),
+        ROUNDS * READS_PER_ROUND * CHUNKS
+    );
+    assert_eq!(punches.load(Ordering::Relaxed), ROUNDS * OPS_PER_ROUND * 2);
+}
