@@ -12,6 +12,7 @@ use libublk::{sys, BufDesc, UblkFlags, UblkIORes};
 
 use super::params::{ublk_params, Geometry};
 use super::plan::{plan, state_name, Existing, Plan};
+use super::queues::{guard_queue, panic_text, wait_start, QueueFailures, StartReport};
 use super::request::{execute, Request};
 use super::UblkError;
 use crate::blockdev::BlockDevice;
@@ -91,17 +92,12 @@ impl UblkFrontend {
         let params = ublk_params(geometry)?;
         let (started_tx, started_rx) = mpsc::channel();
         let (stop, stop_rx) = mpsc::channel();
+        // The target thread reports the start here, and so does a queue thread that fails
+        // before the device is live (see `queues.rs`): the wait ends either way.
         let thread = spawn_target(opts.clone(), device.clone(), params, started_tx, stop_rx);
-        let (dev_id, recovered) = match started_rx.recv_timeout(opts.start_timeout * 2) {
-            Ok(Ok(started)) => started,
-            Ok(Err(e)) => return Err(e),
-            Err(e) => {
-                return Err(UblkError::StartTimeout {
-                    secs: opts.start_timeout.as_secs() * 2,
-                    detail: e.to_string(),
-                })
-            }
-        };
+        // On an error the target thread is left behind: the daemon exits, which ends it
+        // (it may be blocked in START_DEV, waiting for a queue that is gone).
+        let (dev_id, recovered) = wait_start(&started_rx, opts.start_timeout * 2)?;
         Ok(UblkFrontend {
             thread: Some(thread),
             stop,
@@ -209,7 +205,7 @@ fn spawn_target(
     opts: UblkOptions,
     device: Arc<dyn BlockDevice>,
     params: sys::ublk_params,
-    started: mpsc::Sender<Result<(u32, bool), UblkError>>,
+    started: mpsc::Sender<StartReport>,
     stop: mpsc::Receiver<()>,
 ) -> JoinHandle<Result<(), UblkError>> {
     std::thread::spawn(move || {
@@ -219,7 +215,7 @@ fn spawn_target(
         let failed = match run {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(e)) => e,
-            Err(p) => UblkError::driver("the ublk target thread", panic_text(&p)),
+            Err(p) => UblkError::driver("the ublk target thread", panic_text(p.as_ref())),
         };
         // Before start-up completed this reaches `start`; afterwards it is logged.
         let text = failed.to_string();
@@ -235,7 +231,7 @@ fn run_target(
     opts: &UblkOptions,
     device: Arc<dyn BlockDevice>,
     params: sys::ublk_params,
-    started: &mpsc::Sender<Result<(u32, bool), UblkError>>,
+    started: &mpsc::Sender<StartReport>,
     stop: mpsc::Receiver<()>,
 ) -> Result<(), UblkError> {
     let step = decide(opts)?;
@@ -264,20 +260,25 @@ fn run_target(
             tracing::error!("ublk STOP_DEV failed: {e}");
         }
     };
+    let failures = std::sync::Arc::new(QueueFailures::new(started.clone()));
+    let queue_failures = failures.clone();
     let q_fn = move |qid: u16, dev: &UblkDev| {
-        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if !guard_queue(qid, &queue_failures, || {
             serve_queue(qid, dev, device.as_ref())
-        }));
-        if let Err(p) = served {
-            tracing::error!(
-                queue = qid,
-                "ublk queue thread panicked: {}",
-                panic_text(&p)
-            );
+        }) {
+            // libublk's start waits for every queue's buffer registration and has no
+            // public way to hear of a failed queue: counting this one as registered with
+            // a failure (the mlock flag) makes that wait return an error instead of
+            // waiting forever. The start already heard of it through `failures`.
+            dev.notify_buffer_registration_complete(true);
         }
     };
-    ctrl.run_target(tgt_init, q_fn, device_fn)
-        .map_err(|e| UblkError::driver("START_DEV", e))?;
+    let ran = ctrl.run_target(tgt_init, q_fn, device_fn);
+    // A failed queue is the cause of whatever the start reported after it.
+    if let Some(e) = failures.first() {
+        return Err(e);
+    }
+    ran.map_err(|e| UblkError::driver("START_DEV", e))?;
     // libublk removes a device it added when `ctrl` drops; a recovered one was added by
     // another process, so it is removed here.
     if recovered {
@@ -287,27 +288,13 @@ fn run_target(
     Ok(())
 }
 
-/// A panic's message.
-fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_string()))
-        .unwrap_or_else(|| "panic".to_string())
-}
-
 /// One queue: fetch every tag, then serve each request synchronously on this thread
-/// until the device stops.
-fn serve_queue(qid: u16, dev: &UblkDev, device: &dyn BlockDevice) {
+/// until the device stops. A set-up error is returned (the caller records it).
+fn serve_queue(qid: u16, dev: &UblkDev, device: &dyn BlockDevice) -> Result<(), String> {
     let mut bufs = dev.alloc_queue_io_bufs();
-    let queue = match UblkQueue::new(qid, dev)
+    let queue = UblkQueue::new(qid, dev)
         .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
-    {
-        Ok(q) => q,
-        Err(e) => {
-            tracing::error!(queue = qid, "ublk queue set-up failed: {e}");
-            return;
-        }
-    };
+        .map_err(|e| format!("queue set-up (io_uring, buffers, FETCH_REQ) failed: {e}"))?;
     let size = device.size();
     queue.wait_and_handle_io(move |q, tag, _| {
         let Some(buf) = bufs.get_mut(usize::from(tag)) else {
@@ -325,4 +312,5 @@ fn serve_queue(qid: u16, dev: &UblkDev, device: &dyn BlockDevice) {
             tracing::warn!(queue = qid, tag, "ublk completion failed: {e}");
         }
     });
+    Ok(())
 }
