@@ -12,6 +12,11 @@
 #                       I/O on /dev/ublkb0 and on /dev/nbd0 (the same daemon and volume
 #                       over NBD on loopback TCP), for random writes and reads
 #   ublk-sigterm        SIGTERM: the daemon exits 0 and the device is removed
+#   ublk-queue-failure  a daemon whose queue 1 fails at set-up (the test hook
+#                       CRYPTVOL_TEST_UBLK_FAIL_QUEUE=1, then =1:panic) exits non-zero within
+#                       UBLK_T_QFAIL s, its error names queue 1 and the cause, and the
+#                       device it added (id 1) is removed: the start no longer waits forever
+#                       for a queue that is gone (the start-up hang of docs/ublk.md)
 #
 # Every check is bounded (ub_bounded, UBLK_T_* seconds from /kt/conf): a check that hangs
 # (a request the daemon never answers blocks mkfs or fio in the kernel) fails after its
@@ -30,7 +35,7 @@ UB_PORT=10809
 # Bounds of the checks in seconds of guest time (a passing boot under TCG on a loaded
 # 2-core host needs well under half of each); /kt/conf may set them.
 : "${UBLK_T_START:=300}" "${UBLK_T_RECOVER:=360}" "${UBLK_T_FSCK:=180}"
-: "${UBLK_T_CPU:=600}" "${UBLK_T_STOP:=120}"
+: "${UBLK_T_CPU:=600}" "${UBLK_T_STOP:=120}" "${UBLK_T_QFAIL:=60}"
 
 # The daemon's pid.
 ub_pid() { cat "$UB_DIR/pid" 2>/dev/null; }
@@ -38,18 +43,22 @@ ub_pid() { cat "$UB_DIR/pid" 2>/dev/null; }
 # Whole seconds since boot.
 ub_now() { cut -d. -f1 /proc/uptime; }
 
-# ub_serve: starts a daemon (`--ublk vol:0`, NBD on loopback TCP) that appends to UB_LOG;
+# ub_serve [SPEC [ENV]]: starts a daemon (`--ublk SPEC`, default vol:0, with the
+# environment assignment ENV if given; NBD on loopback TCP) that appends to UB_LOG;
 # its pid goes to UB_DIR/pid and, once it exits, its status to UB_DIR/exit.PID. It runs
 # under a wrapper that init adopts (double fork), so that a check bounded by ub_bounded
 # can be killed with its whole process tree without killing the daemon.
 ub_serve() {
     rm -f "$UB_DIR/pid" "$UB_DIR/pid.tmp"
     echo "=== serve at $(cut -d' ' -f1 /proc/uptime) s" >> "$UB_LOG"
-    echo "+ cryptvol serve --tcp 127.0.0.1:$UB_PORT --allow-anyone --discard --ublk vol:0 vol=$UB_VOL"
+    spec=${1:-vol:0}
+    envset=${2:-CRYPTVOL_KT=1}
+    echo "+ $envset cryptvol serve --tcp 127.0.0.1:$UB_PORT --allow-anyone --discard --ublk $spec vol=$UB_VOL"
     (
         (
-            RUST_BACKTRACE=1 NO_COLOR=1 cryptvol serve --tcp "127.0.0.1:$UB_PORT" --allow-anyone \
-                --discard --keystore "$UB_KS" --ublk vol:0 "vol=$UB_VOL" >> "$UB_LOG" 2>&1 < /dev/null &
+            env "$envset" RUST_BACKTRACE=1 NO_COLOR=1 cryptvol serve --tcp "127.0.0.1:$UB_PORT" \
+                --allow-anyone --discard --keystore "$UB_KS" --ublk "$spec" "vol=$UB_VOL" \
+                >> "$UB_LOG" 2>&1 < /dev/null &
             d=$!
             echo "$d" > "$UB_DIR/pid.tmp" && mv "$UB_DIR/pid.tmp" "$UB_DIR/pid"
             st=0
@@ -120,8 +129,8 @@ ub_diag() {
         say "KT-LOG ublk-diag: no daemon process (pid '${p}')"
     fi
     for s in /proc/[0-9]*/stat; do
-        st=$(sed 's/^.*) //' "$s" 2>/dev/null | cut -d' ' -f1)
-        [ "$st" = D ] || continue
+        pstate=$(sed 's/^.*) //' "$s" 2>/dev/null | cut -d' ' -f1)
+        [ "$pstate" = D ] || continue
         d=${s%/stat}
         say "KT-LOG ublk-diag: blocked (D): ${d#/proc/} $(cat "$d/comm" 2>/dev/null) wchan $(cat "$d/wchan" 2>/dev/null)"
     done
@@ -132,11 +141,12 @@ ub_diag() {
 # adopted its wrapper). A task blocked in the kernel on a request nobody answers dies only
 # once the request ends; nobody waits for that.
 ub_kill_tree() {
-    for s in /proc/[0-9]*/stat; do
-        pp=$(sed 's/^.*) //' "$s" 2>/dev/null | cut -d' ' -f2)
-        [ "$pp" = "$1" ] || continue
-        c=${s%/stat}
-        ub_kill_tree "${c#/proc/}"
+    local ks kpp kc
+    for ks in /proc/[0-9]*/stat; do
+        kpp=$(sed 's/^.*) //' "$ks" 2>/dev/null | cut -d' ' -f2)
+        [ "$kpp" = "$1" ] || continue
+        kc=${ks%/stat}
+        ub_kill_tree "${kc#/proc/}"
     done
     kill -KILL "$1" 2>/dev/null
 }
@@ -144,24 +154,26 @@ ub_kill_tree() {
 # ub_bounded SECS FUNCTION: runs FUNCTION in the background (its output goes where this
 # shell's does) and returns its status; if it has not ended within SECS, kills it and its
 # children and fails. Either failure puts the diagnostics (ub_diag) on the console.
+# (Its variables are its own: ub_diag and the checks use st, s, p... of their own.)
 ub_bounded() {
-    secs=$1; fn=$2
-    "$fn" &
-    job=$!
-    end=$(($(ub_now) + secs))
-    while ub_alive "$job"; do
-        if [ "$(ub_now)" -ge "$end" ]; then
-            ub_diag "$fn did not end within $secs s"
-            ub_kill_tree "$job"
+    local bsecs bfn bjob bend brc
+    bsecs=$1; bfn=$2
+    "$bfn" &
+    bjob=$!
+    bend=$(($(ub_now) + bsecs))
+    while ub_alive "$bjob"; do
+        if [ "$(ub_now)" -ge "$bend" ]; then
+            ub_diag "$bfn did not end within $bsecs s"
+            ub_kill_tree "$bjob"
             ub_log_tail
-            die "$fn did not end within $secs s (a hang: see the KT-LOG ublk-diag lines)" || return 1
+            die "$bfn did not end within $bsecs s (a hang: see the KT-LOG ublk-diag lines)" || return 1
         fi
         sleep 0.5
     done
-    st=0
-    wait "$job" || st=$?
-    [ "$st" = 0 ] || ub_diag "$fn failed (status $st)"
-    return "$st"
+    brc=0
+    wait "$bjob" || brc=$?
+    [ "$brc" = 0 ] || ub_diag "$bfn failed (status $brc)"
+    return "$brc"
 }
 
 c_ublk_start() {
@@ -282,18 +294,47 @@ c_ublk_stop() {
     detail "SIGTERM: the daemon exited 0 in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')s and removed /dev/ublkb0"
 }
 
+# ub_queue_failure HOOK: a daemon with CRYPTVOL_TEST_UBLK_FAIL_QUEUE=HOOK and --ublk vol:1
+# must exit non-zero, naming queue 1 and the cause, and leave no device 1. Sets QF_SECS.
+ub_queue_failure() {
+    : > "$UB_LOG"
+    t0=$(ub_now)
+    ub_serve vol:1 "CRYPTVOL_TEST_UBLK_FAIL_QUEUE=$1" || return 1
+    p=$(ub_pid)
+    ub_reap "$p" "$UBLK_T_QFAIL"
+    QF_SECS=$(($(ub_now) - t0))
+    cat "$UB_LOG"
+    [ "$REAPED" != 255 ] && [ "$REAPED" != 137 ] ||
+        die "hook $1: the daemon did not exit by itself within $UBLK_T_QFAIL s (status $REAPED): the start hung" || return 1
+    [ "$REAPED" != 0 ] || die "hook $1: the daemon exited 0" || return 1
+    grep -q 'ublk queue 1 failed: .*CRYPTVOL_TEST_UBLK_FAIL_QUEUE' "$UB_LOG" ||
+        die "hook $1: no 'ublk queue 1 failed: ...' naming the cause in the daemon log" || return 1
+    [ ! -e /sys/class/ublk-char/ublkc1 ] && [ ! -e /sys/block/ublkb1 ] ||
+        die "hook $1: device 1 is still there after the failed start" || return 1
+}
+
+c_ublk_queue_failure() {
+    ub_queue_failure 1 || return 1
+    e=$QF_SECS
+    ub_queue_failure 1:panic || return 1
+    grep -q 'ublk queue 1 failed: panicked: injected' "$UB_LOG" ||
+        die "the panic's message is not in the error" || return 1
+    detail "queue 1 failing at set-up (error, then panic): the daemon exited with status $REAPED in ${e}s and ${QF_SECS}s, the error names queue 1 and the cause, device 1 removed"
+}
+
 # Each check bounded (seconds from /kt/conf).
 b_ublk_start() { ub_bounded "$UBLK_T_START" c_ublk_start; }
 b_ublk_recover() { ub_bounded "$UBLK_T_RECOVER" c_ublk_recover; }
 b_ublk_fsck() { ub_bounded "$UBLK_T_FSCK" c_ublk_fsck; }
 b_ublk_cpu() { ub_bounded "$UBLK_T_CPU" c_ublk_cpu; }
 b_ublk_stop() { ub_bounded "$UBLK_T_STOP" c_ublk_stop; }
+b_ublk_queue_failure() { ub_bounded "$((2 * UBLK_T_QFAIL + 30))" c_ublk_queue_failure; }
 
 phase4() {
     [ -e /dev/ublk-control ] || { result ublk-start-mkfs FAIL "no /dev/ublk-control: ublk_drv not loaded"; return 0; }
     check ublk-start-mkfs b_ublk_start
     if [ "$FAILED" -gt 0 ]; then
-        for n in ublk-kill-recover ublk-fsck ublk-vs-nbd-cpu ublk-sigterm; do
+        for n in ublk-kill-recover ublk-fsck ublk-vs-nbd-cpu ublk-sigterm ublk-queue-failure; do
             result "$n" FAIL "skipped: ublk-start-mkfs failed"
         done
         return 0
@@ -302,4 +343,5 @@ phase4() {
     check ublk-fsck b_ublk_fsck
     check ublk-vs-nbd-cpu b_ublk_cpu
     check ublk-sigterm b_ublk_stop
+    check ublk-queue-failure b_ublk_queue_failure
 }

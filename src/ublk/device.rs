@@ -12,7 +12,10 @@ use libublk::{sys, BufDesc, UblkFlags, UblkIORes};
 
 use super::params::{ublk_params, Geometry};
 use super::plan::{plan, state_name, Existing, Plan};
-use super::queues::{guard_queue, panic_text, wait_start, QueueFailures, StartReport};
+use super::queues::{
+    guard_queue, injected_failure, panic_text, wait_start, InjectedFailure, QueueFailures,
+    StartReport, FAIL_QUEUE_ENV,
+};
 use super::request::{execute, Request};
 use super::UblkError;
 use crate::blockdev::BlockDevice;
@@ -95,9 +98,14 @@ impl UblkFrontend {
         // The target thread reports the start here, and so does a queue thread that fails
         // before the device is live (see `queues.rs`): the wait ends either way.
         let thread = spawn_target(opts.clone(), device.clone(), params, started_tx, stop_rx);
-        // On an error the target thread is left behind: the daemon exits, which ends it
-        // (it may be blocked in START_DEV, waiting for a queue that is gone).
-        let (dev_id, recovered) = wait_start(&started_rx, opts.start_timeout * 2)?;
+        let (dev_id, recovered) = match wait_start(&started_rx, opts.start_timeout * 2) {
+            Ok(started) => started,
+            Err(e) => {
+                drop(stop);
+                settle(thread, CLEAN_UP_TIME);
+                return Err(e);
+            }
+        };
         Ok(UblkFrontend {
             thread: Some(thread),
             stop,
@@ -132,6 +140,28 @@ impl UblkFrontend {
             .and_then(|()| self.device.persist_metadata())
             .map_err(|e| UblkError::driver("final flush", e))
     }
+}
+
+/// How long a failed start waits for the target thread to remove the device it added.
+const CLEAN_UP_TIME: Duration = Duration::from_secs(10);
+
+/// Gives the target thread of a failed start up to `bound` to end (it removes a device it
+/// added when its control device drops). A thread still blocked in the kernel then (in
+/// START_DEV, waiting for a queue that is gone) is left to the daemon's exit.
+fn settle(thread: JoinHandle<Result<(), UblkError>>, bound: Duration) {
+    let deadline = Instant::now() + bound;
+    while !thread.is_finished() {
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                "the ublk target thread is still busy {} s after the failed start",
+                bound.as_secs()
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its error is the one the start already returned (or came after it).
+    let _ = thread.join();
 }
 
 /// Add or recover, waiting (bounded) for a dead server's device to be quiesced.
@@ -291,6 +321,12 @@ fn run_target(
 /// One queue: fetch every tag, then serve each request synchronously on this thread
 /// until the device stops. A set-up error is returned (the caller records it).
 fn serve_queue(qid: u16, dev: &UblkDev, device: &dyn BlockDevice) -> Result<(), String> {
+    let hook = std::env::var(FAIL_QUEUE_ENV).ok();
+    match injected_failure(hook.as_deref(), qid) {
+        None => {}
+        Some(InjectedFailure::Error) => return Err(format!("injected by {FAIL_QUEUE_ENV}")),
+        Some(InjectedFailure::Panic) => panic!("injected by {FAIL_QUEUE_ENV}"),
+    }
     let mut bufs = dev.alloc_queue_io_bufs();
     let queue = UblkQueue::new(qid, dev)
         .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))

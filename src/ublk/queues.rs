@@ -118,6 +118,32 @@ pub(crate) fn wait_start(
     }
 }
 
+/// The test hook `CRYPTVOL_TEST_UBLK_FAIL_QUEUE=QID` (or `QID:panic`): queue `QID` fails
+/// (or panics) at set-up, so the kernel VM test can show that a failed queue ends the
+/// start with an error on the real driver. Unset in production.
+pub const FAIL_QUEUE_ENV: &str = "CRYPTVOL_TEST_UBLK_FAIL_QUEUE";
+
+/// What the test hook asks a queue to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectedFailure {
+    /// Return a set-up error.
+    Error,
+    /// Panic in the queue closure.
+    Panic,
+}
+
+/// Whether the hook's value `spec` targets queue `qid`, and how. Malformed values target
+/// no queue.
+pub fn injected_failure(spec: Option<&str>, qid: u16) -> Option<InjectedFailure> {
+    let spec = spec?;
+    let (id, how) = match spec.split_once(':') {
+        Some((id, "panic")) => (id, InjectedFailure::Panic),
+        Some(_) => return None,
+        None => (spec, InjectedFailure::Error),
+    };
+    (id.parse::<u16>().ok()? == qid).then_some(how)
+}
+
 /// A panic's message.
 pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<String>()
@@ -146,14 +172,21 @@ mod tests {
         });
         let t0 = Instant::now();
         let e = wait_start(&rx, HUNG).unwrap_err();
-        assert!(t0.elapsed() < HUNG / 2, "the start waited {:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() < HUNG / 2,
+            "the start waited {:?}",
+            t0.elapsed()
+        );
         assert!(!queue1.join().unwrap());
         let text = e.to_string();
         assert!(
             matches!(e, UblkError::QueueFailed { queue: 1, .. }),
             "{text}"
         );
-        assert!(text.contains("queue 1") && text.contains("ENOMEM"), "{text}");
+        assert!(
+            text.contains("queue 1") && text.contains("ENOMEM"),
+            "{text}"
+        );
         assert_eq!(failures.count(), 1);
     }
 
@@ -168,10 +201,16 @@ mod tests {
             })
         });
         let e = wait_start(&rx, HUNG).unwrap_err();
-        assert!(!queue.join().unwrap(), "the panic was caught in the queue thread");
+        assert!(
+            !queue.join().unwrap(),
+            "the panic was caught in the queue thread"
+        );
         let text = e.to_string();
         assert!(text.contains("queue 3"), "{text}");
-        assert!(text.contains("panicked: tag 7 beyond the queue depth"), "{text}");
+        assert!(
+            text.contains("panicked: tag 7 beyond the queue depth"),
+            "{text}"
+        );
         assert!(matches!(
             failures.first(),
             Some(UblkError::QueueFailed { queue: 3, .. })
@@ -196,6 +235,20 @@ mod tests {
         drop(rx);
         assert!(!guard_queue(2, &failures, || Err("ring gone".into())));
         assert!(failures.first().unwrap().to_string().contains("ring gone"));
+    }
+
+    #[test]
+    fn the_test_hook_targets_one_queue() {
+        assert_eq!(injected_failure(None, 1), None);
+        assert_eq!(injected_failure(Some("1"), 1), Some(InjectedFailure::Error));
+        assert_eq!(injected_failure(Some("1"), 0), None);
+        assert_eq!(
+            injected_failure(Some("0:panic"), 0),
+            Some(InjectedFailure::Panic)
+        );
+        assert_eq!(injected_failure(Some("0:other"), 0), None);
+        assert_eq!(injected_failure(Some("x"), 0), None);
+        assert_eq!(injected_failure(Some("99999"), 0), None);
     }
 
     #[test]
