@@ -304,6 +304,9 @@ ub_queue_failure() {
     ub_reap "$p" "$UBLK_T_QFAIL"
     QF_SECS=$(($(ub_now) - t0))
     cat "$UB_LOG"
+    # On the console too: how the start ended and whether the device removal had to wait.
+    grep -e 'WARN' -e 'ERROR' -e 'error:' "$UB_LOG" | cut -c1-300 |
+        while IFS= read -r l; do say "KT-LOG ublk-queue-failure ($1): $l"; done
     [ "$REAPED" != 255 ] && [ "$REAPED" != 137 ] ||
         die "hook $1: the daemon did not exit by itself within $UBLK_T_QFAIL s (status $REAPED): the start hung" || return 1
     [ "$REAPED" != 0 ] || die "hook $1: the daemon exited 0" || return 1
