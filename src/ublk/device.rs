@@ -305,17 +305,18 @@ fn run_target(
     };
     let ran = ctrl.run_target(tgt_init, q_fn, device_fn);
     // A failed queue is the cause of whatever the start reported after it.
-    if let Some(e) = failures.first() {
-        return Err(e);
+    let failed = failures.first();
+    if let Err(e) = ran {
+        return Err(failed.unwrap_or_else(|| UblkError::driver("START_DEV", e)));
     }
-    ran.map_err(|e| UblkError::driver("START_DEV", e))?;
     // libublk removes a device it added when `ctrl` drops; a recovered one was added by
     // another process, so it is removed here.
     if recovered {
         ctrl.del_dev()
             .map_err(|e| UblkError::driver("DEL_DEV", e))?;
     }
-    Ok(())
+    // A queue that failed after the start: the device is gone now, the failure reported.
+    failed.map_or(Ok(()), Err)
 }
 
 /// One queue: fetch every tag, then serve each request synchronously on this thread
