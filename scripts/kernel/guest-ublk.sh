@@ -12,6 +12,17 @@
 #                       I/O on /dev/ublkb0 and on /dev/nbd0 (the same daemon and volume
 #                       over NBD on loopback TCP), for random writes and reads
 #   ublk-sigterm        SIGTERM: the daemon exits 0 and the device is removed
+#   ublk-queue-failure  a daemon whose queue 1 fails at set-up (the test hook
+#                       CRYPTVOL_TEST_UBLK_FAIL_QUEUE=1, then =1:panic) exits non-zero within
+#                       UBLK_T_QFAIL s, its error names queue 1 and the cause, and the
+#                       device it added (id 1) is removed: the start no longer waits forever
+#                       for a queue that is gone (the start-up hang of docs/ublk.md)
+#
+# Every check is bounded (ub_bounded, UBLK_T_* seconds from /kt/conf): a check that hangs
+# (a request the daemon never answers blocks mkfs or fio in the kernel) fails after its
+# bound with the daemon's log, its threads' states and the kernel log on the console
+# (KT-LOG ublk-diag lines), instead of running into qemu's timeout. After a failed
+# start the later checks are reported as skipped.
 #
 # Uses check/detail/die/say from guest-init.sh and UBLK_* from /kt/conf.
 
@@ -21,9 +32,47 @@ UB_KS=$UB_DIR/keystore
 UB_LOG=$UB_DIR/serve.log
 UB_DEV=/dev/ublkb0
 UB_PORT=10809
+# Bounds of the checks in seconds of guest time (a passing boot under TCG on a loaded
+# 2-core host needs well under half of each); /kt/conf may set them.
+: "${UBLK_T_START:=300}" "${UBLK_T_RECOVER:=360}" "${UBLK_T_FSCK:=180}"
+: "${UBLK_T_CPU:=600}" "${UBLK_T_STOP:=120}" "${UBLK_T_QFAIL:=60}"
 
 # The daemon's pid.
-ub_pid() { cat "$UB_DIR/pid"; }
+ub_pid() { cat "$UB_DIR/pid" 2>/dev/null; }
+
+# Whole seconds since boot.
+ub_now() { cut -d. -f1 /proc/uptime; }
+
+# ub_serve [SPEC [ENV]]: starts a daemon (`--ublk SPEC`, default vol:0, with the
+# environment assignment ENV if given; NBD on loopback TCP) that appends to UB_LOG;
+# its pid goes to UB_DIR/pid and, once it exits, its status to UB_DIR/exit.PID. It runs
+# under a wrapper that init adopts (double fork), so that a check bounded by ub_bounded
+# can be killed with its whole process tree without killing the daemon.
+ub_serve() {
+    rm -f "$UB_DIR/pid" "$UB_DIR/pid.tmp"
+    echo "=== serve at $(cut -d' ' -f1 /proc/uptime) s" >> "$UB_LOG"
+    spec=${1:-vol:0}
+    envset=${2:-CRYPTVOL_KT=1}
+    echo "+ $envset cryptvol serve --tcp 127.0.0.1:$UB_PORT --allow-anyone --discard --ublk $spec vol=$UB_VOL"
+    (
+        (
+            env "$envset" RUST_BACKTRACE=1 NO_COLOR=1 cryptvol serve --tcp "127.0.0.1:$UB_PORT" \
+                --allow-anyone --discard --keystore "$UB_KS" --ublk "$spec" "vol=$UB_VOL" \
+                >> "$UB_LOG" 2>&1 < /dev/null &
+            d=$!
+            echo "$d" > "$UB_DIR/pid.tmp" && mv "$UB_DIR/pid.tmp" "$UB_DIR/pid"
+            st=0
+            wait "$d" || st=$?
+            echo "$st" > "$UB_DIR/exit.$d"
+        ) &
+    )
+    i=0
+    until [ -s "$UB_DIR/pid" ]; do
+        i=$((i + 1))
+        [ $i -gt 100 ] && { die "the daemon's wrapper wrote no pid in 10 s" || return 1; }
+        sleep 0.1
+    done
+}
 
 # ub_alive PID: the process exists and is not a zombie (the daemon is this shell's child).
 ub_alive() {
@@ -31,28 +80,100 @@ ub_alive() {
     [ -n "$s" ] && [ "$s" != Z ]
 }
 
-# ub_reap PID SECS: waits for the child PID to exit (SIGKILL after SECS); sets REAPED to its
-# status. (Not in a command substitution: a subshell cannot wait for this shell's child.)
+# ub_reap PID SECS: waits for the daemon PID to exit (SIGKILL after SECS, then up to 10 s
+# more); sets REAPED to its exit status (137: killed), or 255 if it never exited.
 ub_reap() {
-    ( sleep "$2"; kill -KILL "$1" 2>/dev/null ) > /dev/null 2>&1 &
-    guard=$!
-    REAPED=0
-    wait "$1" 2>/dev/null || REAPED=$?
-    kill "$guard" 2>/dev/null
+    end=$(($(ub_now) + $2))
+    killed=0
+    until [ -s "$UB_DIR/exit.$1" ]; do
+        if [ "$(ub_now)" -ge "$end" ]; then
+            [ "$killed" = 1 ] && { REAPED=255; return 0; }
+            echo "+ the daemon $1 is still running after $2 s: kill -9"
+            kill -KILL "$1" 2>/dev/null
+            killed=1
+            end=$(($(ub_now) + 10))
+        fi
+        sleep 0.1
+    done
+    REAPED=$(cat "$UB_DIR/exit.$1")
 }
 
 # The end of the daemon log without backtrace frames (a panic's message stays visible).
 ub_log_tail() { grep -v -e '^ *[0-9]*: *0x' -e '^ *at ' "$UB_LOG" | tail -n 20; }
 
-# ub_wait_log PATTERN N SECS: waits until PATTERN occurs N times in the daemon log.
+# ub_wait_log PATTERN N SECS: waits until PATTERN occurs N times in the daemon log (SECS of
+# wall-clock time: under TCG an iteration takes far longer than its sleep).
 ub_wait_log() {
-    i=0
+    end=$(($(ub_now) + $3))
     until [ "$(grep -c "$1" "$UB_LOG" || true)" -ge "$2" ]; do
-        i=$((i + 1))
-        [ $i -gt $(($3 * 10)) ] && { ub_log_tail; die "no '$1' (x$2) in the daemon log after $3 s" || return 1; }
+        [ "$(ub_now)" -ge "$end" ] && { ub_log_tail; die "no '$1' (x$2) in the daemon log after $3 s" || return 1; }
         ub_alive "$(ub_pid)" || { ub_log_tail; die "the daemon exited: $(tail -n 1 "$UB_LOG")" || return 1; }
-        sleep 0.1
+        sleep 0.2
     done
+}
+
+# ub_diag WHY: what the daemon and the kernel were doing, on the console (the check's own
+# log only shows its tail): the daemon log, each daemon thread's state and kernel wait
+# channel, the tasks blocked in the kernel, and the end of the kernel log.
+ub_diag() {
+    say "KT-LOG ublk-diag: $1"
+    grep -v -e '^ *[0-9]*: *0x' -e '^ *at ' "$UB_LOG" 2>/dev/null | tail -n 40 |
+        while IFS= read -r l; do say "KT-LOG ublk-diag: log: $l"; done
+    p=$(ub_pid)
+    if [ -n "$p" ] && [ -d "/proc/$p/task" ]; then
+        for t in /proc/"$p"/task/*; do
+            say "KT-LOG ublk-diag: thread ${t##*/} $(cat "$t/comm" 2>/dev/null) state $(sed 's/^.*) //' "$t/stat" 2>/dev/null | cut -d' ' -f1) wchan $(cat "$t/wchan" 2>/dev/null)"
+            [ -r "$t/stack" ] && sed 's/^/    /' "$t/stack" 2>/dev/null | head -n 12 | while IFS= read -r l; do say "KT-LOG ublk-diag:   $l"; done
+        done
+    else
+        say "KT-LOG ublk-diag: no daemon process (pid '${p}')"
+    fi
+    for s in /proc/[0-9]*/stat; do
+        pstate=$(sed 's/^.*) //' "$s" 2>/dev/null | cut -d' ' -f1)
+        [ "$pstate" = D ] || continue
+        d=${s%/stat}
+        say "KT-LOG ublk-diag: blocked (D): ${d#/proc/} $(cat "$d/comm" 2>/dev/null) wchan $(cat "$d/wchan" 2>/dev/null)"
+    done
+    dmesg | tail -n 25 | while IFS= read -r l; do say "KT-LOG ublk-diag: dmesg: $l"; done
+}
+
+# ub_kill_tree PID: SIGKILL to PID and its descendants (the daemon is not among them: init
+# adopted its wrapper). A task blocked in the kernel on a request nobody answers dies only
+# once the request ends; nobody waits for that.
+ub_kill_tree() {
+    local ks kpp kc
+    for ks in /proc/[0-9]*/stat; do
+        kpp=$(sed 's/^.*) //' "$ks" 2>/dev/null | cut -d' ' -f2)
+        [ "$kpp" = "$1" ] || continue
+        kc=${ks%/stat}
+        ub_kill_tree "${kc#/proc/}"
+    done
+    kill -KILL "$1" 2>/dev/null
+}
+
+# ub_bounded SECS FUNCTION: runs FUNCTION in the background (its output goes where this
+# shell's does) and returns its status; if it has not ended within SECS, kills it and its
+# children and fails. Either failure puts the diagnostics (ub_diag) on the console.
+# (Its variables are its own: ub_diag and the checks use st, s, p... of their own.)
+ub_bounded() {
+    local bsecs bfn bjob bend brc
+    bsecs=$1; bfn=$2
+    "$bfn" &
+    bjob=$!
+    bend=$(($(ub_now) + bsecs))
+    while ub_alive "$bjob"; do
+        if [ "$(ub_now)" -ge "$bend" ]; then
+            ub_diag "$bfn did not end within $bsecs s"
+            ub_kill_tree "$bjob"
+            ub_log_tail
+            die "$bfn did not end within $bsecs s (a hang: see the KT-LOG ublk-diag lines)" || return 1
+        fi
+        sleep 0.5
+    done
+    brc=0
+    wait "$bjob" || brc=$?
+    [ "$brc" = 0 ] || ub_diag "$bfn failed (status $brc)"
+    return "$brc"
 }
 
 c_ublk_start() {
@@ -60,7 +181,7 @@ c_ublk_start() {
     chmod 700 "$UB_KS"
     cryptvol create --size "$UBLK_VOL_SIZE" --sector-size 4096 --keystore "$UB_KS" "$UB_VOL" ||
         die "cryptvol create failed" || return 1
-    ub_serve
+    ub_serve || return 1
     ub_wait_log 'ublk device started' 1 "$UBLK_START_TIMEOUT" || { dmesg | tail -n 20; return 1; }
     cat "$UB_LOG"
     [ -b "$UB_DEV" ] || die "$UB_DEV is not a block device" || return 1
@@ -93,7 +214,8 @@ c_ublk_recover() {
     echo "+ kill -9 $old (under fio)"
     kill -9 "$old"
     ub_reap "$old" 30
-    ub_serve
+    [ "$REAPED" = 137 ] || die "the killed daemon's status is $REAPED, want 137" || return 1
+    ub_serve || return 1
     ub_wait_log 'ublk device recovered' 1 "$UBLK_START_TIMEOUT" || return 1
     t1=$(cut -d' ' -f1 /proc/uptime)
     waited=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
@@ -172,11 +294,57 @@ c_ublk_stop() {
     detail "SIGTERM: the daemon exited 0 in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')s and removed /dev/ublkb0"
 }
 
+# ub_queue_failure HOOK: a daemon with CRYPTVOL_TEST_UBLK_FAIL_QUEUE=HOOK and --ublk vol:1
+# must exit non-zero, naming queue 1 and the cause, and leave no device 1. Sets QF_SECS.
+ub_queue_failure() {
+    : > "$UB_LOG"
+    t0=$(ub_now)
+    ub_serve vol:1 "CRYPTVOL_TEST_UBLK_FAIL_QUEUE=$1" || return 1
+    p=$(ub_pid)
+    ub_reap "$p" "$UBLK_T_QFAIL"
+    QF_SECS=$(($(ub_now) - t0))
+    cat "$UB_LOG"
+    # On the console too: how the start ended and whether the device removal had to wait.
+    grep -e 'WARN' -e 'ERROR' -e 'error:' "$UB_LOG" | cut -c1-300 |
+        while IFS= read -r l; do say "KT-LOG ublk-queue-failure ($1): $l"; done
+    [ "$REAPED" != 255 ] && [ "$REAPED" != 137 ] ||
+        die "hook $1: the daemon did not exit by itself within $UBLK_T_QFAIL s (status $REAPED): the start hung" || return 1
+    [ "$REAPED" != 0 ] || die "hook $1: the daemon exited 0" || return 1
+    grep -q 'ublk queue 1 failed: .*CRYPTVOL_TEST_UBLK_FAIL_QUEUE' "$UB_LOG" ||
+        die "hook $1: no 'ublk queue 1 failed: ...' naming the cause in the daemon log" || return 1
+    [ ! -e /sys/class/ublk-char/ublkc1 ] && [ ! -e /sys/block/ublkb1 ] ||
+        die "hook $1: device 1 is still there after the failed start" || return 1
+}
+
+c_ublk_queue_failure() {
+    ub_queue_failure 1 || return 1
+    e=$QF_SECS
+    ub_queue_failure 1:panic || return 1
+    grep -q 'ublk queue 1 failed: panicked: injected' "$UB_LOG" ||
+        die "the panic's message is not in the error" || return 1
+    detail "queue 1 failing at set-up (error, then panic): the daemon exited with status $REAPED in ${e}s and ${QF_SECS}s, the error names queue 1 and the cause, device 1 removed"
+}
+
+# Each check bounded (seconds from /kt/conf).
+b_ublk_start() { ub_bounded "$UBLK_T_START" c_ublk_start; }
+b_ublk_recover() { ub_bounded "$UBLK_T_RECOVER" c_ublk_recover; }
+b_ublk_fsck() { ub_bounded "$UBLK_T_FSCK" c_ublk_fsck; }
+b_ublk_cpu() { ub_bounded "$UBLK_T_CPU" c_ublk_cpu; }
+b_ublk_stop() { ub_bounded "$UBLK_T_STOP" c_ublk_stop; }
+b_ublk_queue_failure() { ub_bounded "$((2 * UBLK_T_QFAIL + 30))" c_ublk_queue_failure; }
+
 phase4() {
     [ -e /dev/ublk-control ] || { result ublk-start-mkfs FAIL "no /dev/ublk-control: ublk_drv not loaded"; return 0; }
-    check ublk-start-mkfs c_ublk_start
-    check ublk-kill-recover c_ublk_recover
-    check ublk-fsck c_ublk_fsck
-    check ublk-vs-nbd-cpu c_ublk_cpu
-    check ublk-sigterm c_ublk_stop
+    check ublk-start-mkfs b_ublk_start
+    if [ "$FAILED" -gt 0 ]; then
+        for n in ublk-kill-recover ublk-fsck ublk-vs-nbd-cpu ublk-sigterm ublk-queue-failure; do
+            result "$n" FAIL "skipped: ublk-start-mkfs failed"
+        done
+        return 0
+    fi
+    check ublk-kill-recover b_ublk_recover
+    check ublk-fsck b_ublk_fsck
+    check ublk-vs-nbd-cpu b_ublk_cpu
+    check ublk-sigterm b_ublk_stop
+    check ublk-queue-failure b_ublk_queue_failure
 }

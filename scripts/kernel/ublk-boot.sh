@@ -70,5 +70,5 @@ kt_ublk_boots() {
     case "${KT_ONLY:-all}" in ublk | 4) KT_T_READY=$(now) ;; esac
     log "boot 4 (ublk): kernel $KT_KVER; initramfs $(du -h "$KT_WORK/base.cpio" | cut -f1)"
     KT_QEMU_TIMEOUT=${KT_UBLK_QEMU_TIMEOUT:-900} kt_boot 4 ""
-    KT_EXPECTED+=(boot4-setup ublk-start-mkfs ublk-kill-recover ublk-fsck ublk-vs-nbd-cpu ublk-sigterm boot4-completed)
+    KT_EXPECTED+=(boot4-setup ublk-start-mkfs ublk-kill-recover ublk-fsck ublk-vs-nbd-cpu ublk-sigterm ublk-queue-failure boot4-completed)
 }

@@ -12,6 +12,10 @@ use libublk::{sys, BufDesc, UblkFlags, UblkIORes};
 
 use super::params::{ublk_params, Geometry};
 use super::plan::{plan, state_name, Existing, Plan};
+use super::queues::{
+    guard_queue, injected_failure, panic_text, wait_start, InjectedFailure, QueueFailures,
+    StartReport, FAIL_QUEUE_ENV,
+};
 use super::request::{execute, Request};
 use super::UblkError;
 use crate::blockdev::BlockDevice;
@@ -91,15 +95,15 @@ impl UblkFrontend {
         let params = ublk_params(geometry)?;
         let (started_tx, started_rx) = mpsc::channel();
         let (stop, stop_rx) = mpsc::channel();
+        // The target thread reports the start here, and so does a queue thread that fails
+        // before the device is live (see `queues.rs`): the wait ends either way.
         let thread = spawn_target(opts.clone(), device.clone(), params, started_tx, stop_rx);
-        let (dev_id, recovered) = match started_rx.recv_timeout(opts.start_timeout * 2) {
-            Ok(Ok(started)) => started,
-            Ok(Err(e)) => return Err(e),
+        let (dev_id, recovered) = match wait_start(&started_rx, opts.start_timeout * 2) {
+            Ok(started) => started,
             Err(e) => {
-                return Err(UblkError::StartTimeout {
-                    secs: opts.start_timeout.as_secs() * 2,
-                    detail: e.to_string(),
-                })
+                drop(stop);
+                settle(thread, CLEAN_UP_TIME);
+                return Err(e);
             }
         };
         Ok(UblkFrontend {
@@ -136,6 +140,28 @@ impl UblkFrontend {
             .and_then(|()| self.device.persist_metadata())
             .map_err(|e| UblkError::driver("final flush", e))
     }
+}
+
+/// How long a failed start waits for the target thread to remove the device it added.
+const CLEAN_UP_TIME: Duration = Duration::from_secs(10);
+
+/// Gives the target thread of a failed start up to `bound` to end (it removes a device it
+/// added when its control device drops). A thread still blocked in the kernel then (in
+/// START_DEV, waiting for a queue that is gone) is left to the daemon's exit.
+fn settle(thread: JoinHandle<Result<(), UblkError>>, bound: Duration) {
+    let deadline = Instant::now() + bound;
+    while !thread.is_finished() {
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                "the ublk target thread is still busy {} s after the failed start",
+                bound.as_secs()
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its error is the one the start already returned (or came after it).
+    let _ = thread.join();
 }
 
 /// Add or recover, waiting (bounded) for a dead server's device to be quiesced.
@@ -209,7 +235,7 @@ fn spawn_target(
     opts: UblkOptions,
     device: Arc<dyn BlockDevice>,
     params: sys::ublk_params,
-    started: mpsc::Sender<Result<(u32, bool), UblkError>>,
+    started: mpsc::Sender<StartReport>,
     stop: mpsc::Receiver<()>,
 ) -> JoinHandle<Result<(), UblkError>> {
     std::thread::spawn(move || {
@@ -219,7 +245,7 @@ fn spawn_target(
         let failed = match run {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(e)) => e,
-            Err(p) => UblkError::driver("the ublk target thread", panic_text(&p)),
+            Err(p) => UblkError::driver("the ublk target thread", panic_text(p.as_ref())),
         };
         // Before start-up completed this reaches `start`; afterwards it is logged.
         let text = failed.to_string();
@@ -235,7 +261,7 @@ fn run_target(
     opts: &UblkOptions,
     device: Arc<dyn BlockDevice>,
     params: sys::ublk_params,
-    started: &mpsc::Sender<Result<(u32, bool), UblkError>>,
+    started: &mpsc::Sender<StartReport>,
     stop: mpsc::Receiver<()>,
 ) -> Result<(), UblkError> {
     let step = decide(opts)?;
@@ -264,50 +290,48 @@ fn run_target(
             tracing::error!("ublk STOP_DEV failed: {e}");
         }
     };
+    let failures = std::sync::Arc::new(QueueFailures::new(started.clone()));
+    let queue_failures = failures.clone();
     let q_fn = move |qid: u16, dev: &UblkDev| {
-        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if !guard_queue(qid, &queue_failures, || {
             serve_queue(qid, dev, device.as_ref())
-        }));
-        if let Err(p) = served {
-            tracing::error!(
-                queue = qid,
-                "ublk queue thread panicked: {}",
-                panic_text(&p)
-            );
+        }) {
+            // libublk's start waits for every queue's buffer registration and has no
+            // public way to hear of a failed queue: counting this one as registered with
+            // a failure (the mlock flag) makes that wait return an error instead of
+            // waiting forever. The start already heard of it through `failures`.
+            dev.notify_buffer_registration_complete(true);
         }
     };
-    ctrl.run_target(tgt_init, q_fn, device_fn)
-        .map_err(|e| UblkError::driver("START_DEV", e))?;
+    let ran = ctrl.run_target(tgt_init, q_fn, device_fn);
+    // A failed queue is the cause of whatever the start reported after it.
+    let failed = failures.first();
+    if let Err(e) = ran {
+        return Err(failed.unwrap_or_else(|| UblkError::driver("START_DEV", e)));
+    }
     // libublk removes a device it added when `ctrl` drops; a recovered one was added by
     // another process, so it is removed here.
     if recovered {
         ctrl.del_dev()
             .map_err(|e| UblkError::driver("DEL_DEV", e))?;
     }
-    Ok(())
-}
-
-/// A panic's message.
-fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_string()))
-        .unwrap_or_else(|| "panic".to_string())
+    // A queue that failed after the start: the device is gone now, the failure reported.
+    failed.map_or(Ok(()), Err)
 }
 
 /// One queue: fetch every tag, then serve each request synchronously on this thread
-/// until the device stops.
-fn serve_queue(qid: u16, dev: &UblkDev, device: &dyn BlockDevice) {
+/// until the device stops. A set-up error is returned (the caller records it).
+fn serve_queue(qid: u16, dev: &UblkDev, device: &dyn BlockDevice) -> Result<(), String> {
+    let hook = std::env::var(FAIL_QUEUE_ENV).ok();
+    match injected_failure(hook.as_deref(), qid) {
+        None => {}
+        Some(InjectedFailure::Error) => return Err(format!("injected by {FAIL_QUEUE_ENV}")),
+        Some(InjectedFailure::Panic) => panic!("injected by {FAIL_QUEUE_ENV}"),
+    }
     let mut bufs = dev.alloc_queue_io_bufs();
-    let queue = match UblkQueue::new(qid, dev)
+    let queue = UblkQueue::new(qid, dev)
         .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
-    {
-        Ok(q) => q,
-        Err(e) => {
-            tracing::error!(queue = qid, "ublk queue set-up failed: {e}");
-            return;
-        }
-    };
+        .map_err(|e| format!("queue set-up (io_uring, buffers, FETCH_REQ) failed: {e}"))?;
     let size = device.size();
     queue.wait_and_handle_io(move |q, tag, _| {
         let Some(buf) = bufs.get_mut(usize::from(tag)) else {
@@ -325,4 +349,5 @@ fn serve_queue(qid: u16, dev: &UblkDev, device: &dyn BlockDevice) {
             tracing::warn!(queue = qid, tag, "ublk completion failed: {e}");
         }
     });
+    Ok(())
 }

@@ -5,6 +5,8 @@
 //! - `request.rs`: pure: a ublk I/O descriptor as a `BlockDevice` call, and its result.
 //! - `params.rs`: pure: the block size, cache/FUA, discard and read-only parameters.
 //! - `plan.rs`: pure: add a new device, or recover a quiesced one the kernel kept.
+//! - `queues.rs`: pure: the record of failed queue threads, which ends the start wait
+//!   with an error instead of letting it wait forever for a queue that is gone.
 //! - `device.rs`: the `libublk` wiring: control device, one queue thread per CPU,
 //!   start, recovery (`UBLK_F_USER_RECOVERY` with reissue) and stop.
 //!
@@ -14,6 +16,7 @@
 mod device;
 pub mod params;
 pub mod plan;
+pub mod queues;
 pub mod request;
 
 pub use device::{UblkFrontend, UblkOptions};
@@ -33,6 +36,9 @@ pub enum UblkError {
     /// The device did not come up in time.
     #[error("ublk device did not start within {secs} s: {detail}")]
     StartTimeout { secs: u64, detail: String },
+    /// A queue thread failed or panicked (before the start: the device does not start).
+    #[error("ublk queue {queue} failed: {cause}")]
+    QueueFailed { queue: u16, cause: String },
     /// The kernel kept a device whose server died, but it is not ready for recovery.
     #[error("ublk device {id} is in state {state}, not quiesced, after {secs} s: cannot recover it (remove it, or choose another id)")]
     NotRecoverable { id: u32, state: String, secs: u64 },
