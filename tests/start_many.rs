@@ -39,7 +39,12 @@ fn many_exports_are_audited_before_serving_and_lose_tracking_on_kill_9() {
     let vols: Vec<PathBuf> = names.iter().map(|n| env.create(n, "8M", &[])).collect();
     let uuids: BTreeSet<String> = vols
         .iter()
-        .map(|v| info_json(&env, v)["uuid"].as_str().expect("uuid").to_string())
+        .map(|v| {
+            info_json(&env, v)["uuid"]
+                .as_str()
+                .expect("uuid")
+                .to_string()
+        })
         .collect();
     assert_eq!(uuids.len(), EXPORTS);
     assert!(unwrapped(&env).is_empty(), "unwrap records before serve");
@@ -47,7 +52,11 @@ fn many_exports_are_audited_before_serving_and_lose_tracking_on_kill_9() {
     let args: Vec<&str> = vols.iter().map(|v| s(v)).collect();
     let srv = env.serve(&args, &[], false);
     // The socket accepts: every unwrap must already be in the audit log.
-    assert_eq!(unwrapped(&env), uuids, "an export was served before its audit record");
+    assert_eq!(
+        unwrapped(&env),
+        uuids,
+        "an export was served before its audit record"
+    );
     assert_eq!(srv.log_text().matches("export opened").count(), EXPORTS);
     for i in 0..EXPORTS {
         let out = run(std::process::Command::new("nbdinfo")
@@ -65,7 +74,12 @@ fn many_exports_are_audited_before_serving_and_lose_tracking_on_kill_9() {
     let _ = srv.wait_exit(Duration::from_secs(60));
     for v in &vols {
         let b = std::fs::read(sidecar(v)).expect("sidecar");
-        assert_eq!(b.get(IN_USE_AT), Some(&1), "{} clean after kill -9", v.display());
+        assert_eq!(
+            b.get(IN_USE_AT),
+            Some(&1),
+            "{} clean after kill -9",
+            v.display()
+        );
     }
 
     // A clean stop marks them closed; the next start reads them and marks them in use
@@ -76,12 +90,22 @@ fn many_exports_are_audited_before_serving_and_lose_tracking_on_kill_9() {
     assert!(status.success(), "{status}");
     for v in &vols {
         let b = std::fs::read(sidecar(v)).expect("sidecar");
-        assert_eq!(b.get(IN_USE_AT), Some(&0), "{} not closed cleanly", v.display());
+        assert_eq!(
+            b.get(IN_USE_AT),
+            Some(&0),
+            "{} not closed cleanly",
+            v.display()
+        );
     }
     let srv = env.serve(&args, &[], false);
     for v in &vols {
         let b = std::fs::read(sidecar(v)).expect("sidecar");
-        assert_eq!(b.get(IN_USE_AT), Some(&1), "{} not in use again", v.display());
+        assert_eq!(
+            b.get(IN_USE_AT),
+            Some(&1),
+            "{} not in use again",
+            v.display()
+        );
     }
     drop(srv);
 }

@@ -93,9 +93,16 @@ fn a_loadable_sidecar_is_in_use_on_disk_once_tracking_starts() {
     let v = Volume::open(&path, &h, copy(&dek), OpenOptions::default()).expect("open");
     v.enable_change_tracking().expect("tracking");
     let t = v.tracking.get().expect("tracking on");
-    assert_eq!(lock_ignoring_poison(&t.meta).base.as_deref(), Some("snap-1"));
+    assert_eq!(
+        lock_ignoring_poison(&t.meta).base.as_deref(),
+        Some("snap-1")
+    );
     let on_disk = std::fs::read(sidecar_of(&path)).expect("sidecar");
-    assert_eq!(on_disk.get(IN_USE_AT as usize), Some(&1), "not marked in use");
+    assert_eq!(
+        on_disk.get(IN_USE_AT as usize),
+        Some(&1),
+        "not marked in use"
+    );
     assert!(!loadable_by_some_open(&on_disk, &h.uuid));
     assert!(cbt_decode(&on_disk, &h.uuid, n).is_none());
     // A clean close makes it loadable again, with the bits.
@@ -158,5 +165,8 @@ fn the_in_place_mark_refuses_changed_or_linked_files() {
     assert_eq!(std::fs::read(&link).expect("read"), clean);
     std::fs::remove_file(&link).expect("rm");
     mark_in_use_in_place(&p, &clean).expect("mark");
-    assert!(!loadable_by_some_open(&std::fs::read(&p).expect("read"), &uuid));
+    assert!(!loadable_by_some_open(
+        &std::fs::read(&p).expect("read"),
+        &uuid
+    ));
 }
