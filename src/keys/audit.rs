@@ -22,13 +22,13 @@
 //! written, the operation's result is withheld (for a state change, which is already
 //! done, the error says so).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::{clock, EncryptionContext, KeyError, Principal};
 
@@ -173,6 +173,13 @@ pub struct AuditWriter {
     group: Option<Arc<SyncGroup>>,
 }
 
+/// A file's identity: its device and inode numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Inode {
+    dev: u64,
+    ino: u64,
+}
+
 /// Group commit of one audit file: appends are numbered in the order their `write(2)`
 /// completed, and a sync records the highest number it covers. A writer whose record a
 /// sync that started after its write already covered does not sync again.
@@ -196,12 +203,13 @@ impl SyncGroup {
     /// The group of the file `md` describes (one per device and inode, for the process's
     /// life: a handful of audit files at most).
     fn of(md: &std::fs::Metadata) -> Arc<SyncGroup> {
-        static GROUPS: OnceLock<Mutex<HashMap<(u64, u64), Arc<SyncGroup>>>> = OnceLock::new();
-        let mut groups = GROUPS
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        groups.entry((md.dev(), md.ino())).or_default().clone()
+        static GROUPS: Mutex<BTreeMap<Inode, Arc<SyncGroup>>> = Mutex::new(BTreeMap::new());
+        let mut groups = GROUPS.lock().unwrap_or_else(PoisonError::into_inner);
+        let inode = Inode {
+            dev: md.dev(),
+            ino: md.ino(),
+        };
+        groups.entry(inode).or_default().clone()
     }
 
     /// Makes the append that just completed on `file` durable (syncing, or finding that
