@@ -143,7 +143,8 @@ fn loadable_by_some_open(b: &[u8], uuid: &uuid::Uuid) -> bool {
         let blen = usize::from(u16::from_le_bytes(b.get(25..27)?.try_into().ok()?));
         let at = 27 + blen + 8;
         let n = u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?);
-        usize::try_from(n).ok()
+        // The file's own count, bounded by its length before any arithmetic on it.
+        usize::try_from(n).ok().filter(|&n| n <= b.len() / 8)
     })();
     nwords.is_some_and(|n| cbt_decode(b, uuid, n).is_some())
 }

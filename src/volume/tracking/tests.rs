@@ -170,3 +170,16 @@ fn the_in_place_mark_refuses_changed_or_linked_files() {
         &uuid
     ));
 }
+
+/// A word count read from the file is bounded before it is used: a huge one is just
+/// not loadable (no overflow).
+#[test]
+fn a_huge_word_count_in_the_file_is_not_loadable() {
+    let uuid = uuid::Uuid::new_v4();
+    let mut b = cbt_encode(&uuid, false, Some("s"), &[1]).expect("encode");
+    let at = 27 + 1 + 8;
+    b[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(!loadable_by_some_open(&b, &uuid));
+    b[at..at + 8].copy_from_slice(&(u64::MAX / 8 + 1).to_le_bytes());
+    assert!(!loadable_by_some_open(&b, &uuid));
+}
