@@ -6,6 +6,12 @@
 //! `O_APPEND` (so concurrent writers never interleave inside a line) and synced. The file
 //! is created with mode 0600. The format is documented in `docs/keys.md`.
 //!
+//! Syncs are group-committed: writers of the same log file (same inode) that append at
+//! the same time share one `fdatasync` (see [`SyncGroup`]). Every writer still returns
+//! only once its own record is on disk, so an operation is never reported done before
+//! its record is durable; only the number of syncs drops (at `serve` start-up, the
+//! unwrap records of exports opened in parallel).
+//!
 //! A refused operation (a local key policy, an exec backend's `access_denied`, an AWS IAM
 //! or key policy) is a record with `result: "error"`, `error: "AccessDenied"` and a
 //! `denied` object naming who was refused (the Unix user, or the AWS principal ARN), the
@@ -16,10 +22,13 @@
 //! written, the operation's result is withheld (for a state change, which is already
 //! done, the error says so).
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::{clock, EncryptionContext, KeyError, Principal};
 
@@ -160,6 +169,62 @@ struct AccessLine<'a> {
 pub struct AuditWriter {
     file: Option<File>,
     path: PathBuf,
+    /// The group commit shared by every writer of this file (its inode).
+    group: Option<Arc<SyncGroup>>,
+}
+
+/// A file's identity: its device and inode numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Inode {
+    dev: u64,
+    ino: u64,
+}
+
+/// Group commit of one audit file: appends are numbered in the order their `write(2)`
+/// completed, and a sync records the highest number it covers. A writer whose record a
+/// sync that started after its write already covered does not sync again.
+///
+/// Why this keeps the durability of one `fdatasync` per record: a writer takes its
+/// number only after its `write(2)` returned; a syncer reads the highest number *before*
+/// calling `fdatasync`, so every record it counts was in the file before that sync
+/// began, and `fdatasync` on any descriptor of the inode writes all of its data. A sync
+/// that fails advances nothing: each writer still waiting then syncs itself and sees the
+/// error (fail closed, as before).
+#[derive(Debug, Default)]
+struct SyncGroup {
+    /// Appends whose `write(2)` completed.
+    written: AtomicU64,
+    /// The highest append number known to be on disk; held while syncing, so syncs of
+    /// one file run one at a time and the writers queued behind one share the next.
+    synced: Mutex<u64>,
+}
+
+impl SyncGroup {
+    /// The group of the file `md` describes (one per device and inode, for the process's
+    /// life: a handful of audit files at most).
+    fn of(md: &std::fs::Metadata) -> Arc<SyncGroup> {
+        static GROUPS: Mutex<BTreeMap<Inode, Arc<SyncGroup>>> = Mutex::new(BTreeMap::new());
+        let mut groups = GROUPS.lock().unwrap_or_else(PoisonError::into_inner);
+        let inode = Inode {
+            dev: md.dev(),
+            ino: md.ino(),
+        };
+        groups.entry(inode).or_default().clone()
+    }
+
+    /// Makes the append that just completed on `file` durable (syncing, or finding that
+    /// a sync begun after it already did).
+    fn commit(&self, file: &File) -> std::io::Result<()> {
+        let mine = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut synced = self.synced.lock().unwrap_or_else(PoisonError::into_inner);
+        if *synced >= mine {
+            return Ok(());
+        }
+        let upto = self.written.load(Ordering::SeqCst);
+        file.sync_data()?;
+        *synced = upto;
+        Ok(())
+    }
 }
 
 fn audit_err(path: &Path, reason: impl Into<String>) -> KeyError {
@@ -205,6 +270,7 @@ impl AuditLog {
                 return Ok(AuditWriter {
                     file: None,
                     path: self.path.clone(),
+                    group: None,
                 });
             }
         }
@@ -233,6 +299,7 @@ impl AuditLog {
         Ok(AuditWriter {
             file: Some(file),
             path: self.path.clone(),
+            group: Some(SyncGroup::of(&md)),
         })
     }
 
@@ -253,7 +320,8 @@ impl AuditLog {
 }
 
 impl AuditWriter {
-    /// Appends one record: one line, one `write(2)`, then fdatasync.
+    /// Appends one record: one line, one `write(2)`, then fdatasync (group-committed with
+    /// concurrent writers of the same file, see [`SyncGroup`]).
     pub fn write(&self, event: &AuditEvent<'_>) -> Result<(), KeyError> {
         self.write_line(&encode(event))
     }
@@ -300,7 +368,10 @@ impl AuditWriter {
             }
         });
         written
-            .and_then(|()| file.sync_data())
+            .and_then(|()| match &self.group {
+                Some(g) => g.commit(file),
+                None => file.sync_data(),
+            })
             .map_err(|e| audit_err(&self.path, format!("cannot append a record: {e}")))
     }
 }
@@ -560,5 +631,59 @@ mod tests {
         let link = tmp.path().join("l");
         std::os::unix::fs::symlink(&target, &link).unwrap();
         assert!(AuditLog::at(&link).open().is_err());
+    }
+
+    /// Group commit: writers of one file share one group; a sync covers every append
+    /// that completed before it began (here five by other writers, then this one).
+    #[test]
+    fn one_sync_covers_the_appends_before_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = AuditLog::at(&tmp.path().join("a.jsonl"));
+        let (a, b) = (log.open().unwrap(), log.open().unwrap());
+        let other = AuditLog::at(&tmp.path().join("b.jsonl")).open().unwrap();
+        let (ga, gb) = (a.group.clone().unwrap(), b.group.clone().unwrap());
+        assert!(Arc::ptr_eq(&ga, &gb));
+        assert!(!Arc::ptr_eq(&ga, other.group.as_ref().unwrap()));
+        // (The counters only grow: a group outlives an inode number reused by a new file.)
+        let before = ga.written.fetch_add(5, Ordering::SeqCst);
+        ga.commit(a.file.as_ref().unwrap()).unwrap();
+        assert_eq!(*ga.synced.lock().unwrap(), before + 6);
+    }
+
+    /// Writers appending at once all get their records in, whole, each line once.
+    #[test]
+    fn concurrent_records_are_all_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a.jsonl");
+        let log = AuditLog::at(&path);
+        std::thread::scope(|s| {
+            for t in 0..6 {
+                let log = &log;
+                s.spawn(move || {
+                    for i in 0..10 {
+                        let detail = format!("t={t} i={i}");
+                        log.record(&AuditEvent {
+                            operation: "unwrap",
+                            backend: "local",
+                            key_id: "mk-1",
+                            context: None,
+                            principal: &Principal::from_uid(0),
+                            outcome: Ok(()),
+                            detail: Some(&detail),
+                        })
+                        .unwrap();
+                    }
+                });
+            }
+        });
+        let mut details: Vec<String> = read_lines(&path)
+            .iter()
+            .map(|l| l["detail"].as_str().unwrap().to_string())
+            .collect();
+        details.sort();
+        details.dedup();
+        assert_eq!(details.len(), 60);
+        let g = log.open().unwrap().group.unwrap();
+        assert_eq!(*g.synced.lock().unwrap(), g.written.load(Ordering::SeqCst));
     }
 }

@@ -112,6 +112,76 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     )
 }
 
+/// [`write_atomically`] without any sync: only for an "in use" sidecar replacing one
+/// that is already invalid (or none). Whatever a crash leaves (no file, the old invalid
+/// one, an empty or partial new one, the new one) fails [`cbt_decode`], which is all an
+/// "in use" sidecar has to achieve; the sync bought nothing there but start-up time.
+fn write_unsynced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("cbt.tmp");
+    let result = (|| {
+        let mut f = crate::fsutil::replace_new_nofollow(&tmp, 0o600)?;
+        f.write_all(bytes)?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        // Only ever our own temporary: it was created with O_EXCL (or is not there).
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Offset of the "in use" flag in the sidecar (after the magic and the volume UUID).
+const IN_USE_AT: u64 = 8 + 16;
+
+/// Whether `b` is a cleanly closed sidecar of volume `uuid` that names a base, for the
+/// word count it records: a sidecar some later open could load (this open, or one after
+/// an online grow to that word count). Only such a sidecar must be invalidated durably.
+fn loadable_by_some_open(b: &[u8], uuid: &uuid::Uuid) -> bool {
+    let nwords = (|| {
+        let blen = usize::from(u16::from_le_bytes(b.get(25..27)?.try_into().ok()?));
+        let at = 27 + blen + 8;
+        let n = u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?);
+        // The file's own count, bounded by its length before any arithmetic on it.
+        usize::try_from(n).ok().filter(|&n| n <= b.len() / 8)
+    })();
+    nwords.is_some_and(|n| cbt_decode(b, uuid, n).is_some())
+}
+
+/// Marks the loadable sidecar at `path`, whose bytes were `seen`, "in use" durably by
+/// rewriting its flag byte in place and syncing that one block: no temporary, no rename,
+/// and (unlike a rename, which `Durability::DataOnly` does not sync) nothing a crash can
+/// undo once this returns. The file is opened without following links and must be our
+/// own regular file with one link whose bytes are still `seen`: the write only ever
+/// lands in a sidecar of this volume. A torn write of the one byte fails the checksum,
+/// which invalidates the sidecar as well.
+fn mark_in_use_in_place(path: &Path, seen: &[u8]) -> std::io::Result<()> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)?;
+    let md = f.metadata()?;
+    let ours = md.file_type().is_file()
+        && md.uid() == nix::unistd::geteuid().as_raw()
+        && md.nlink() == 1
+        && md.len() == seen.len() as u64;
+    let mut now = Vec::with_capacity(seen.len());
+    if ours {
+        (&f).take(seen.len() as u64).read_to_end(&mut now)?;
+    }
+    if !ours || now != seen {
+        return Err(std::io::Error::other(
+            "the sidecar changed or is not a private regular file",
+        ));
+    }
+    f.write_all_at(&[1], IN_USE_AT)?;
+    f.sync_data()
+}
+
 impl Tracking {
     pub(super) fn nwords(size: u64) -> usize {
         size.div_ceil(SNAPSHOT_CHUNK).div_ceil(64) as usize
@@ -155,16 +225,46 @@ impl Tracking {
     }
 
     pub(super) fn save(&self, uuid: &uuid::Uuid, in_use: bool) -> std::io::Result<()> {
+        write_atomically(&self.sidecar, &self.encode(uuid, in_use)?)
+    }
+
+    fn encode(&self, uuid: &uuid::Uuid, in_use: bool) -> std::io::Result<Vec<u8>> {
         let base = lock_ignoring_poison(&self.meta).base.clone();
         let words: Vec<u64> = self
             .words()
             .iter()
             .map(|w| w.load(Ordering::Acquire))
             .collect();
-        write_atomically(
-            &self.sidecar,
-            &cbt_encode(uuid, in_use, base.as_deref(), &words)?,
-        )
+        cbt_encode(uuid, in_use, base.as_deref(), &words)
+    }
+
+    /// Marks the sidecar "in use" at open, before any write is served, so that a crash
+    /// from now on leaves it invalid (the next snapshot then reads every chunk). `seen`:
+    /// the result of reading the sidecar. Only a sidecar that some open could load needs
+    /// a sync; it gets one, of its flag byte in place ([`mark_in_use_in_place`]). The new
+    /// content is then written without a sync ([`write_unsynced`]): the sidecar on disk
+    /// is already invalid (or absent), and a failure still turns tracking off as before
+    /// (an unwritable directory). A sidecar that could not be read (too large, a link,
+    /// not ours) is replaced durably, as before. Start-up used to pay an `fdatasync` here
+    /// for every export, even with no sidecar at all (issue 18: two fdatasyncs per export
+    /// at `serve`).
+    fn mark_in_use(
+        &self,
+        uuid: &uuid::Uuid,
+        seen: &std::io::Result<Vec<u8>>,
+    ) -> std::io::Result<()> {
+        match seen {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(_) => return self.save(uuid, true),
+            Ok(b) if !loadable_by_some_open(b, uuid) => {}
+            Ok(b) => {
+                if let Err(e) = mark_in_use_in_place(&self.sidecar, b) {
+                    tracing::debug!(sidecar = %self.sidecar.display(), "cannot mark the sidecar in use in place ({e}); replacing it durably");
+                    return self.save(uuid, true);
+                }
+            }
+        }
+        write_unsynced(&self.sidecar, &self.encode(uuid, true)?)
     }
 
     /// The volume grew to `size` bytes: the bits cover the new chunks, and the base is
@@ -201,8 +301,9 @@ impl Volume {
         }
         let sidecar = PathBuf::from(format!("{}.cbt", self.path()));
         let n = Tracking::nwords(self.size());
-        let (base, words) = match read_sidecar(&sidecar, n) {
-            Ok(b) => match cbt_decode(&b, &self.uuid(), n) {
+        let seen = read_sidecar(&sidecar, n);
+        let (base, words) = match &seen {
+            Ok(b) => match cbt_decode(b, &self.uuid(), n) {
                 Some((base, w)) => (Some(base), w),
                 None => {
                     tracing::info!(path = %self.path(), "changed-chunk tracking restarts (the volume was not closed cleanly, or no snapshot was tracked yet): the next snapshot reads the whole volume");
@@ -223,7 +324,7 @@ impl Volume {
         };
         // Tracking is an optimisation: without a writable sidecar (a read-only
         // directory, a filesystem without rename), snapshots simply read every chunk.
-        if let Err(e) = t.save(&self.uuid(), true) {
+        if let Err(e) = t.mark_in_use(&self.uuid(), &seen) {
             tracing::warn!(path = %self.path(), sidecar = %t.sidecar.display(), "changed-chunk tracking is off: cannot write its file ({e}); snapshots of this volume read every chunk (only changed ones are uploaded)");
             return Ok(());
         }

@@ -74,3 +74,112 @@ fn cbt_temporary_never_written_through_a_planted_symlink() {
         .file_type()
         .is_file());
 }
+
+fn sidecar_of(path: &std::path::Path) -> PathBuf {
+    PathBuf::from(format!("{}.cbt", path.display()))
+}
+
+/// Issue 18 (start time): a cleanly closed sidecar with a base is loaded, and marked
+/// "in use" on disk before `enable_change_tracking` returns (in place, then rewritten):
+/// a crash from then on leaves a sidecar no open can load.
+#[test]
+fn a_loadable_sidecar_is_in_use_on_disk_once_tracking_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, h, dek) = new_volume(dir.path(), 4 * SNAPSHOT_CHUNK, 4096);
+    let n = Tracking::nwords(4 * SNAPSHOT_CHUNK);
+    let clean = cbt_encode(&h.uuid, false, Some("snap-1"), &vec![0b101; n]).expect("encode");
+    std::fs::write(sidecar_of(&path), &clean).expect("sidecar");
+    assert!(loadable_by_some_open(&clean, &h.uuid));
+    let v = Volume::open(&path, &h, copy(&dek), OpenOptions::default()).expect("open");
+    v.enable_change_tracking().expect("tracking");
+    let t = v.tracking.get().expect("tracking on");
+    assert_eq!(
+        lock_ignoring_poison(&t.meta).base.as_deref(),
+        Some("snap-1")
+    );
+    let on_disk = std::fs::read(sidecar_of(&path)).expect("sidecar");
+    assert_eq!(
+        on_disk.get(IN_USE_AT as usize),
+        Some(&1),
+        "not marked in use"
+    );
+    assert!(!loadable_by_some_open(&on_disk, &h.uuid));
+    assert!(cbt_decode(&on_disk, &h.uuid, n).is_none());
+    // A clean close makes it loadable again, with the bits.
+    drop(v);
+    let closed = std::fs::read(sidecar_of(&path)).expect("sidecar");
+    assert_eq!(
+        cbt_decode(&closed, &h.uuid, n),
+        Some(("snap-1".to_string(), vec![0b101; n]))
+    );
+}
+
+/// A clean sidecar with another word count (it would load after an online grow to that
+/// size) is invalidated too, not skipped as "not this volume's".
+#[test]
+fn a_clean_sidecar_of_another_size_is_invalidated_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, h, dek) = new_volume(dir.path(), 4 * SNAPSHOT_CHUNK, 4096);
+    let n = Tracking::nwords(4 * SNAPSHOT_CHUNK);
+    let other = cbt_encode(&h.uuid, false, Some("snap-9"), &vec![1; n + 1]).expect("encode");
+    std::fs::write(sidecar_of(&path), &other).expect("sidecar");
+    assert!(loadable_by_some_open(&other, &h.uuid));
+    assert!(cbt_decode(&other, &h.uuid, n).is_none());
+    let v = Volume::open(&path, &h, copy(&dek), OpenOptions::default()).expect("open");
+    v.enable_change_tracking().expect("tracking");
+    let on_disk = std::fs::read(sidecar_of(&path)).expect("sidecar");
+    assert!(!loadable_by_some_open(&on_disk, &h.uuid), "still loadable");
+    assert!(cbt_decode(&on_disk, &h.uuid, n + 1).is_none());
+}
+
+/// Without a sidecar (or with an invalid one) tracking starts without a sync, but the
+/// file it writes is "in use" all the same, and never loadable.
+#[test]
+fn without_a_loadable_sidecar_the_new_one_is_in_use() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, h, dek) = new_volume(dir.path(), 4 * SNAPSHOT_CHUNK, 4096);
+    let v = Volume::open(&path, &h, copy(&dek), OpenOptions::default()).expect("open");
+    v.enable_change_tracking().expect("tracking");
+    assert!(v.tracking.get().is_some(), "tracking stayed off");
+    let on_disk = std::fs::read(sidecar_of(&path)).expect("sidecar written");
+    assert_eq!(on_disk.get(IN_USE_AT as usize), Some(&1));
+    assert!(!loadable_by_some_open(&on_disk, &h.uuid));
+}
+
+/// The in-place mark refuses a file whose bytes changed since they were read, or
+/// that has a second link (it would write into another file): the caller then replaces
+/// the sidecar by rename, as before.
+#[test]
+fn the_in_place_mark_refuses_changed_or_linked_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("v.img.cbt");
+    let uuid = uuid::Uuid::new_v4();
+    let clean = cbt_encode(&uuid, false, Some("s"), &[1, 2]).expect("encode");
+    std::fs::write(&p, &clean).expect("write");
+    let other = cbt_encode(&uuid, false, Some("t"), &[1, 2]).expect("encode");
+    assert!(mark_in_use_in_place(&p, &other).is_err());
+    assert_eq!(std::fs::read(&p).expect("read"), clean);
+    let link = dir.path().join("elsewhere");
+    std::fs::hard_link(&p, &link).expect("link");
+    assert!(mark_in_use_in_place(&p, &clean).is_err());
+    assert_eq!(std::fs::read(&link).expect("read"), clean);
+    std::fs::remove_file(&link).expect("rm");
+    mark_in_use_in_place(&p, &clean).expect("mark");
+    assert!(!loadable_by_some_open(
+        &std::fs::read(&p).expect("read"),
+        &uuid
+    ));
+}
+
+/// A word count read from the file is bounded before it is used: a huge one is just
+/// not loadable (no overflow).
+#[test]
+fn a_huge_word_count_in_the_file_is_not_loadable() {
+    let uuid = uuid::Uuid::new_v4();
+    let mut b = cbt_encode(&uuid, false, Some("s"), &[1]).expect("encode");
+    let at = 27 + 1 + 8;
+    b[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(!loadable_by_some_open(&b, &uuid));
+    b[at..at + 8].copy_from_slice(&(u64::MAX / 8 + 1).to_le_bytes());
+    assert!(!loadable_by_some_open(&b, &uuid));
+}
