@@ -245,7 +245,11 @@ pub(crate) fn open_direct_engine(
     let kind = decide(choice, cached_probe)?;
     let direct = open_direct(path, &file, read_only)?;
     tracing::debug!("{}: file engine {kind:?} with O_DIRECT", path.display());
-    Ok(Box::new(DirectFileEngine::new(kind, Arc::new(direct), file)))
+    Ok(Box::new(DirectFileEngine::new(
+        kind,
+        Arc::new(direct),
+        file,
+    )))
 }
 
 #[cfg(test)]
@@ -258,7 +262,10 @@ mod tests {
         let msg = open_error(&einval, "tmpfs");
         assert!(msg.contains("--direct") && msg.contains("(tmpfs)"), "{msg}");
         let other = open_error(&std::io::Error::from_raw_os_error(libc::EACCES), "ext4");
-        assert!(other.contains("--direct") && !other.contains("refuses"), "{other}");
+        assert!(
+            other.contains("--direct") && !other.contains("refuses"),
+            "{other}"
+        );
     }
 
     #[test]

@@ -372,8 +372,8 @@ mod direct {
     use crate::volume::engine_direct::{DirectFileEngine, ALIGN, BOUNCE_MAX};
 
     fn reopen_direct(file: &File) -> File {
-        let flags = nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
-            .expect("F_GETFL");
+        let flags =
+            nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).expect("F_GETFL");
         std::fs::OpenOptions::new()
             .read(true)
             .write(flags & libc::O_ACCMODE == libc::O_RDWR)
@@ -419,19 +419,26 @@ mod direct {
         e.read_exact_at(out, 0).expect("aligned read");
         let mut want = pattern(2 * ALIGN, 4);
         want[512..1024].fill(0xAB);
-        assert!(out == &want[..], "the direct read misses the buffered write");
+        assert!(
+            out == &want[..],
+            "the direct read misses the buffered write"
+        );
         // A direct write, read back by a buffered (unaligned) read.
         e.write_all_at(&[0xCD; ALIGN], 0).expect("direct write");
         let mut small = [0u8; 100];
         e.read_exact_at(&mut small, 500).expect("unaligned read");
-        assert_eq!(small, [0xCD; 100], "the buffered read misses the direct write");
+        assert_eq!(
+            small, [0xCD; 100],
+            "the buffered read misses the direct write"
+        );
 
         // The end of the file 100 bytes into a block: a direct read gets them, then zeros.
         let end = 40 * ALIGN as u64;
         e.write_all_at(&pattern(2 * ALIGN, 5), end).expect("write");
         e.set_len(end + 100).expect("shorten");
         let mut tail = vec![0xEEu8; 2 * ALIGN];
-        e.read_exact_at(&mut tail, end).expect("read across the end");
+        e.read_exact_at(&mut tail, end)
+            .expect("read across the end");
         assert!(tail[..100] == pattern(100, 5)[..]);
         assert!(tail[100..].iter().all(|&b| b == 0));
         e.sync_data().expect("sync");
