@@ -74,11 +74,11 @@ impl DirectFileEngine {
 }
 
 fn aligned_range(offset: u64, len: usize) -> bool {
-    offset % ALIGN as u64 == 0 && len % ALIGN == 0
+    offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN)
 }
 
 fn aligned_addr(p: *const u8) -> bool {
-    (p as usize) % ALIGN == 0
+    (p as usize).is_multiple_of(ALIGN)
 }
 
 /// Runs `f` on an aligned scratch slice of `len` (≤ [`BOUNCE_MAX`]) bytes: this
