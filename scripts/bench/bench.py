@@ -80,6 +80,10 @@ ENGINE_VARIANTS = {"cryptvol-threads": "threads", "cryptvol-uring": "uring"}
 ALL_SERVERS = ["cryptvol"] + CRYPTVOL_VARIANTS + ["nbdkit-file", "nbdkit-luks"] + list(
     QEMU_VARIANTS
 ) + list(ENGINE_VARIANTS)
+# O_DIRECT on the backing file (docs/performance.md, "O_DIRECT backing file"): the
+# `cryptvol` volume served with `--direct`, with the engine given.
+DIRECT_VARIANTS = {"cryptvol-direct": "auto", "cryptvol-uring-direct": "uring"}
+ALL_SERVERS += list(DIRECT_VARIANTS)
 # Allocation-map chunk (docs/format.md section 7a): a first write to a chunk writes all of it.
 CHUNK = 64 << 10
 
@@ -404,6 +408,10 @@ def server_for(name, a, w):
         backing = {"cryptvol": w.vol, "cryptvol-nomap": w.vol_nomap,
                    "cryptvol-fresh": w.vol_fresh}[name]
         cmd = [a.bin, "serve", "--unix", sock, "--keystore", w.keystore, f"vol={backing}"]
+    elif name in DIRECT_VARIANTS:
+        backing = w.vol
+        cmd = [a.bin, "serve", "--unix", sock, "--keystore", w.keystore,
+               "--engine", DIRECT_VARIANTS[name], "--direct", f"vol={backing}"]
     elif name in ENGINE_VARIANTS:
         backing = w.vol
         cmd = [a.bin, "serve", "--unix", sock, "--keystore", w.keystore,
@@ -889,6 +897,8 @@ def main(argv):
     for s in main_servers:
         if s == "cryptvol" or s in CRYPTVOL_VARIANTS:
             need.add(s)
+        if s in DIRECT_VARIANTS:
+            need.add("cryptvol")  # the same (prefilled) volume, served with --direct
         if s == "cryptvol-tls" or s in ENGINE_VARIANTS:
             need.add("cryptvol")  # the same (prefilled) volume, served with TLS / an engine
         elif s == "nbdkit-luks" or s.startswith("qemu-nbd"):

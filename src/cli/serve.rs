@@ -126,6 +126,12 @@ pub(super) struct ServeArgs {
     /// [default: the config file's `engine`, else auto].
     #[arg(long, value_name = "ENGINE", value_parser = parse_engine_arg)]
     engine: Option<crate::volume::EngineChoice>,
+    /// Read and write the backing files' data with O_DIRECT (aligned 4 KiB ranges; the
+    /// rest buffered), bypassing the page cache. A filesystem that refuses O_DIRECT
+    /// (tmpfs, some FUSE) makes the export fail to open [default: the config file's
+    /// `direct`, else off].
+    #[arg(long)]
+    direct: bool,
     /// Transmission threads per connection: requests of one connection served at once.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
@@ -243,6 +249,7 @@ async fn start(a: ServeArgs, activated: Vec<ActivatedSocket>) -> Result<Started>
         read_only: a.read_only,
         discard: a.discard,
         engine: settings.engine,
+        direct: settings.direct,
     };
     let opener = Arc::new(DaemonExports::new(&keys, daemon_options));
     let mut control = daemon_control(settings.control.clone(), &keys).await?;
@@ -298,6 +305,7 @@ fn overrides(a: &ServeArgs) -> CliOverrides {
         tls_key: a.tls_key.clone(),
         tls_client_ca: a.tls_client_ca.clone(),
         engine: a.engine,
+        direct: a.direct,
     }
 }
 

@@ -29,6 +29,8 @@ pub struct ConfigFile {
     pub metrics: Option<String>,
     /// The backing files' engine: "auto", "threads" or "uring" (`--engine` overrides it).
     pub engine: Option<String>,
+    /// Read and write the backing files' data with O_DIRECT (`--direct` turns it on).
+    pub direct: Option<bool>,
     /// The snapshot store of the `snapshot` commands and `create --from-snapshot`
     /// (file:///DIR, DIR or s3://BUCKET/PREFIX).
     pub snapshot_store: Option<String>,

@@ -64,4 +64,6 @@ pub struct CliOverrides {
     pub tls_client_ca: Option<PathBuf>,
     /// `--engine`.
     pub engine: Option<EngineChoice>,
+    /// `--direct`.
+    pub direct: bool,
 }

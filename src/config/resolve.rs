@@ -97,9 +97,11 @@ pub fn resolve(
     let limits = resolve_limits(&origin, &cli, &listen)?;
     let listeners = build_listeners(&origin, &addresses, socket_mode, exposure.allow_remote)?;
     let engine = resolve_engine(&origin, cli.engine, file.engine.as_deref())?;
+    let direct = cli.direct || file.direct.unwrap_or(false);
     let mut exports = resolve_exports(&origin, &cli, file.exports)?;
     for e in &mut exports {
         e.options.engine = engine;
+        e.options.direct = direct;
     }
     let max_inflight = max_inflight(&origin, cli.max_inflight, file.max_inflight.as_ref())?;
 
@@ -123,6 +125,7 @@ pub fn resolve(
         control: cli.control.or(file.control.map(|c| origin.join(c))),
         metrics: cli.metrics.or(file.metrics),
         engine,
+        direct,
         tls,
     })
 }

@@ -71,6 +71,9 @@ pub struct ServeSettings {
     /// The backing files' engine (`--engine` over the file's `engine`), also in every
     /// export's open options.
     pub engine: EngineChoice,
+    /// `O_DIRECT` data I/O (`--direct` or the file's `direct`), also in every export's
+    /// open options.
+    pub direct: bool,
     /// `None`: TLS off.
     pub tls: Option<TlsSettings>,
 }

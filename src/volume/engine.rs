@@ -31,6 +31,14 @@ pub(crate) trait FileEngine: Send + Sync + std::fmt::Debug {
     /// shortened file) read as zeros.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
 
+    /// One read of up to `buf.len()` bytes at `offset`: the number read (0 at the end of
+    /// the file). The `O_DIRECT` engine ([`DirectFileEngine`](super::engine_direct::DirectFileEngine))
+    /// reads through it so that a short read at the end of the file is not followed by a
+    /// read at an unaligned offset. The default reads the whole buffer.
+    fn read_some_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.read_exact_at(buf, offset).map(|()| buf.len())
+    }
+
     /// Writes all of `buf` at `offset`.
     fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()>;
 
@@ -94,6 +102,10 @@ impl FileEngine for StdFileEngine {
         FileEngine::read_exact_at(&*self.file, buf, offset)
     }
 
+    fn read_some_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        FileEngine::read_some_at(&*self.file, buf, offset)
+    }
+
     fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         FileEngine::write_all_at(&*self.file, buf, offset)
     }
@@ -140,6 +152,15 @@ impl FileEngine for File {
             }
         }
         Ok(())
+    }
+
+    fn read_some_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        loop {
+            match self.read_at(buf, offset) {
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {

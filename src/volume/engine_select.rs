@@ -82,7 +82,7 @@ pub(crate) fn decide(
 }
 
 /// The io_uring probe's outcome, computed once per process.
-fn cached_probe() -> Result<(), String> {
+pub(crate) fn cached_probe() -> Result<(), String> {
     static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
     PROBE.get_or_init(engine_uring::probe).clone()
 }

@@ -60,24 +60,27 @@ impl FileEngine for UringFileEngine {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         let mut done = 0;
         while done < buf.len() {
-            let part = &mut buf[done..];
-            let len = part.len().min(MAX_OP_LEN);
             let at = offset_plus(offset, done)?;
-            let sqe = opcode::Read::new(self.fd(), part.as_mut_ptr(), op_len(len))
-                .offset(at)
-                .build();
-            // SAFETY: `part` is borrowed mutably for the whole call and `run` returns only
-            // once the kernel has completed the operation, so the kernel writes into
-            // memory that is valid and not otherwise accessed.
-            match unsafe { run(sqe) }? {
+            match self.read_some_at(&mut buf[done..], at)? {
                 0 => {
-                    part.fill(0);
+                    buf[done..].fill(0);
                     break;
                 }
-                n => done += n as usize,
+                n => done += n,
             }
         }
         Ok(())
+    }
+
+    fn read_some_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let len = buf.len().min(MAX_OP_LEN);
+        let sqe = opcode::Read::new(self.fd(), buf.as_mut_ptr(), op_len(len))
+            .offset(offset)
+            .build();
+        // SAFETY: `buf` is borrowed mutably for the whole call and `run` returns only
+        // once the kernel has completed the operation, so the kernel writes into memory
+        // that is valid and not otherwise accessed.
+        unsafe { run(sqe) }.map(|n| n as usize)
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {

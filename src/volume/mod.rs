@@ -9,6 +9,7 @@ mod cow;
 #[cfg(test)]
 pub(crate) mod crashstates;
 mod engine;
+mod engine_direct;
 mod engine_select;
 #[cfg(test)]
 mod engine_suite;

@@ -13,6 +13,7 @@ use super::alloc::AllocMap;
 use super::cipher::Cipher;
 use super::cow::CowState;
 use super::engine::FileEngine;
+use super::engine_direct::open_direct_engine;
 use super::engine_select::{open_engine, EngineChoice};
 use super::geometry;
 use super::header::{check_engine_uuid, check_file_uuid};
@@ -30,6 +31,9 @@ pub struct OpenOptions {
     pub discard: bool,
     /// The backing file's engine (`serve --engine`) [default: auto].
     pub engine: EngineChoice,
+    /// Aligned data I/O with `O_DIRECT` (`serve --direct`); refused by filesystems
+    /// without it (see `engine_direct`).
+    pub direct: bool,
 }
 
 impl Volume {
@@ -64,11 +68,14 @@ impl Volume {
             Some(spec) => (None, open_image(path, &spec?, header, opts)?),
             None => {
                 let file = open_backing_file(path, header, opts)?;
-                let engine = open_engine(file.clone(), opts.engine, path).map_err(|why| {
-                    VolumeError::Io {
-                        path: path.display().to_string(),
-                        source: std::io::Error::other(why),
-                    }
+                let engine = if opts.direct {
+                    open_direct_engine(file.clone(), opts.engine, opts.read_only, path)
+                } else {
+                    open_engine(file.clone(), opts.engine, path)
+                }
+                .map_err(|why| VolumeError::Io {
+                    path: path.display().to_string(),
+                    source: std::io::Error::other(why),
                 })?;
                 (Some(file), engine)
             }

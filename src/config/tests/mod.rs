@@ -8,6 +8,7 @@ use crate::keys::PassphraseSource;
 use crate::nbd::TlsMode;
 use crate::server::{AccessPolicy, ListenerSpec, TlsFiles};
 
+mod direct;
 mod exports;
 mod file;
 mod listen;
