@@ -5,55 +5,7 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
-
-/// fio's nbd engine on `uri`: verified random writes (`--do_verify=1`) or a verify-only
-/// pass (`--verify_only`); asserts success, returns the output.
-fn fio_verify(env: &Env, uri: &str, extra: &[&str]) -> String {
-    let out = run(Command::new("fio")
-        .current_dir(env.dir.path())
-        .args([
-            "--name=direct",
-            "--ioengine=nbd",
-            "--rw=randwrite",
-            "--bsrange=512-256k",
-            "--iodepth=32",
-            "--numjobs=4",
-            "--size=8M",
-            "--offset_increment=16M",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--group_reporting",
-            "--randseed=1819",
-        ])
-        .arg(format!("--uri={uri}"))
-        .args(extra));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("verify:") && text.contains("err= 0"),
-        "fio {extra:?} failed ({}):\n{text}",
-        out.status
-    );
-    text
-}
-
-/// The `engine` field of the server's "export opened" log line.
-fn engine_in_log(log: &str) -> Option<String> {
-    let line = log.lines().find(|l| l.contains("export opened"))?;
-    let rest = &line[line.find("engine=")? + "engine=".len()..];
-    Some(
-        rest.split_whitespace()
-            .next()?
-            .trim_matches('"')
-            .to_string(),
-    )
-}
 
 #[test]
 fn direct_with_each_engine_under_fio_verify_and_read_back_buffered() {
@@ -64,7 +16,14 @@ fn direct_with_each_engine_under_fio_verify_and_read_back_buffered() {
     let vol = env.create("d.img", "64M", &["--sector-size", "512"]);
     for (engine, want) in [("threads", "threads+direct"), ("uring", "io_uring+direct")] {
         let srv = env.serve(&[s(&vol)], &["--direct", "--engine", engine], false);
-        let w = fio_verify(&env, &srv.uri("d"), &["--do_verify=1"]);
+        let w = fio_engine_verify(
+            &env,
+            &srv.uri("d"),
+            "direct",
+            "512-256k",
+            1819,
+            &["--do_verify=1"],
+        );
         assert!(w.contains("WRITE:"), "{w}");
         let log = srv.stop();
         assert_eq!(engine_in_log(&log).as_deref(), Some(want), "{log}");
@@ -72,7 +31,14 @@ fn direct_with_each_engine_under_fio_verify_and_read_back_buffered() {
 
         // What went direct, the buffered engine reads back.
         let srv = env.serve(&[s(&vol)], &[], false);
-        let v = fio_verify(&env, &srv.uri("d"), &["--verify_only"]);
+        let v = fio_engine_verify(
+            &env,
+            &srv.uri("d"),
+            "direct",
+            "512-256k",
+            1819,
+            &["--verify_only"],
+        );
         assert!(v.contains("READ:"), "{v}");
         let log = srv.stop();
         assert_eq!(engine_in_log(&log).as_deref(), Some("threads"), "{log}");

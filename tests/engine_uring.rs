@@ -4,55 +4,7 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
-
-/// fio's nbd engine on `uri`: verified random writes (`--do_verify=1`) or a verify-only
-/// pass (`--verify_only`) over four 8 MiB regions; asserts success, returns the output.
-fn fio_verify(env: &Env, uri: &str, extra: &[&str]) -> String {
-    let out = run(Command::new("fio")
-        .current_dir(env.dir.path())
-        .args([
-            "--name=uring",
-            "--ioengine=nbd",
-            "--rw=randwrite",
-            "--bsrange=4k-256k",
-            "--iodepth=32",
-            "--numjobs=4",
-            "--size=8M",
-            "--offset_increment=16M",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--group_reporting",
-            "--randseed=1818",
-        ])
-        .arg(format!("--uri={uri}"))
-        .args(extra));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("verify:") && text.contains("err= 0"),
-        "fio {extra:?} failed ({}):\n{text}",
-        out.status
-    );
-    text
-}
-
-/// The `engine` field of the server's "export opened" log line.
-fn engine_in_log(log: &str) -> Option<String> {
-    let line = log.lines().find(|l| l.contains("export opened"))?;
-    let rest = &line[line.find("engine=")? + "engine=".len()..];
-    Some(
-        rest.split_whitespace()
-            .next()?
-            .trim_matches('"')
-            .to_string(),
-    )
-}
 
 #[test]
 fn uring_engine_under_fio_verify_and_read_back_by_threads() {
@@ -60,7 +12,14 @@ fn uring_engine_under_fio_verify_and_read_back_by_threads() {
     let env = Env::new();
     let vol = env.create("ur.img", "64M", &[]);
     let srv = env.serve(&[s(&vol)], &["--engine", "uring"], false);
-    let w = fio_verify(&env, &srv.uri("ur"), &["--do_verify=1"]);
+    let w = fio_engine_verify(
+        &env,
+        &srv.uri("ur"),
+        "uring",
+        "4k-256k",
+        1818,
+        &["--do_verify=1"],
+    );
     assert!(w.contains("WRITE:"), "{w}");
     let log = srv.stop();
     assert_eq!(engine_in_log(&log).as_deref(), Some("io_uring"), "{log}");
@@ -68,14 +27,28 @@ fn uring_engine_under_fio_verify_and_read_back_by_threads() {
 
     // What io_uring wrote, the threads engine reads back (same format on disk)...
     let srv = env.serve(&[s(&vol)], &["--engine", "threads"], false);
-    let v = fio_verify(&env, &srv.uri("ur"), &["--verify_only"]);
+    let v = fio_engine_verify(
+        &env,
+        &srv.uri("ur"),
+        "uring",
+        "4k-256k",
+        1818,
+        &["--verify_only"],
+    );
     assert!(v.contains("READ:"), "{v}");
     let log = srv.stop();
     assert_eq!(engine_in_log(&log).as_deref(), Some("threads"), "{log}");
 
     // ...and a second io_uring run verifies it too (fresh daemon, fresh rings).
     let srv = env.serve(&[s(&vol)], &["--engine", "uring"], false);
-    fio_verify(&env, &srv.uri("ur"), &["--verify_only"]);
+    fio_engine_verify(
+        &env,
+        &srv.uri("ur"),
+        "uring",
+        "4k-256k",
+        1818,
+        &["--verify_only"],
+    );
     srv.stop();
 }
 

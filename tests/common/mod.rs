@@ -1065,3 +1065,57 @@ pub mod grow_faults {
         );
     }
 }
+
+/// fio's nbd engine on `uri` (tests of the file engines): verified random writes
+/// (`--do_verify=1`) or a verify-only pass (`--verify_only`) over four 8 MiB regions,
+/// with request sizes `bsrange`; asserts success, returns the output.
+pub fn fio_engine_verify(
+    env: &Env,
+    uri: &str,
+    name: &str,
+    bsrange: &str,
+    seed: u32,
+    extra: &[&str],
+) -> String {
+    let out = run(Command::new("fio")
+        .current_dir(env.dir.path())
+        .arg(format!("--name={name}"))
+        .args([
+            "--ioengine=nbd",
+            "--rw=randwrite",
+            "--iodepth=32",
+            "--numjobs=4",
+            "--size=8M",
+            "--offset_increment=16M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--group_reporting",
+        ])
+        .arg(format!("--bsrange={bsrange}"))
+        .arg(format!("--randseed={seed}"))
+        .arg(format!("--uri={uri}"))
+        .args(extra));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("verify:") && text.contains("err= 0"),
+        "fio {extra:?} failed ({}):\n{text}",
+        out.status
+    );
+    text
+}
+
+/// The `engine` field of a server's "export opened" log line.
+pub fn engine_in_log(log: &str) -> Option<String> {
+    let line = log.lines().find(|l| l.contains("export opened"))?;
+    let rest = &line[line.find("engine=")? + "engine=".len()..];
+    Some(
+        rest.split_whitespace()
+            .next()?
+            .trim_matches('"')
+            .to_string(),
+    )
+}
